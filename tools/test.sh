@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up and run finprint's checks: formatting, lints, and the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup.sh
+cargo fmt --check
+cargo clippy --release --all-targets --locked -- -D warnings
+cargo test --release --locked
