@@ -1,0 +1,172 @@
+//! Loading photos as 8-bit RGB, whatever the camera wrote: JPEG (also CMYK) or PNG (also
+//! 16-bit or with alpha), turned upright by its EXIF orientation. Every failure names the file.
+
+use super::DataError;
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use std::io::Cursor;
+use std::path::Path;
+
+/// Photos larger than this on either side are refused rather than decoded.
+pub const MAX_SIDE: u32 = 16_384;
+
+/// Load `path` as an upright 8-bit RGB image.
+pub fn load_rgb(path: &Path) -> Result<RgbImage, DataError> {
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    decode_rgb(&bytes).map_err(|message| DataError::BadImage {
+        path: path.to_path_buf(),
+        message,
+    })
+}
+
+/// Decode an image file held in memory as upright 8-bit RGB.
+pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
+    if bytes.is_empty() {
+        return Err("the file is empty".into());
+    }
+    if bytes.starts_with(&[0xFF, 0xD8]) && !has_jpeg_end(bytes) {
+        return Err("truncated JPEG (no end-of-image marker)".into());
+    }
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?;
+    if reader.format().is_none() {
+        return Err("unknown image format (expected JPEG or PNG)".into());
+    }
+    reader.limits(limits);
+    let mut decoder = reader.into_decoder().map_err(|e| e.to_string())?;
+    let orientation = decoder.orientation().map_err(|e| e.to_string())?;
+    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| e.to_string())?;
+    image.apply_orientation(orientation);
+    Ok(image.into_rgb8())
+}
+
+/// Whether a JPEG ends with its end-of-image marker (some writers pad a few bytes after it).
+fn has_jpeg_end(bytes: &[u8]) -> bool {
+    let tail = &bytes[bytes.len().saturating_sub(64)..];
+    tail.windows(2).any(|w| w == [0xFF, 0xD9])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{ImageEncoder, Rgb};
+
+    fn png(color: image::ExtendedColorType, width: u32, height: u32, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut out)
+            .write_image(data, width, height, color)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn png_with_alpha_keeps_its_colour() {
+        let bytes = png(image::ExtendedColorType::Rgba8, 1, 1, &[10, 20, 30, 0]);
+        let img = decode_rgb(&bytes).unwrap();
+        assert_eq!(*img.get_pixel(0, 0), Rgb([10, 20, 30]));
+    }
+
+    #[test]
+    fn sixteen_bit_png_is_scaled_to_eight_bits() {
+        let data: Vec<u8> = [65535u16, 32896, 0]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        let bytes = png(image::ExtendedColorType::Rgb16, 1, 1, &data);
+        let img = decode_rgb(&bytes).unwrap();
+        assert_eq!(*img.get_pixel(0, 0), Rgb([255, 128, 0]));
+    }
+
+    #[test]
+    fn cmyk_jpeg_decodes_to_rgb() {
+        // Pure cyan ink (C=255, M=Y=K=0) printed on white reads as RGB (0, 255, 255).
+        let (w, h) = (16u16, 16u16);
+        let cmyk: Vec<u8> = (0..w as usize * h as usize)
+            .flat_map(|_| [255u8, 0, 0, 0])
+            .collect();
+        let mut bytes = Vec::new();
+        jpeg_encoder::Encoder::new(&mut bytes, 95)
+            .encode(&cmyk, w, h, jpeg_encoder::ColorType::Cmyk)
+            .unwrap();
+        let img = decode_rgb(&bytes).unwrap();
+        let p = img.get_pixel(8, 8);
+        assert!(p[0] < 20 && p[1] > 235 && p[2] > 235, "{p:?}");
+    }
+
+    fn small_jpeg() -> Vec<u8> {
+        let rgb: Vec<u8> = (0..64 * 64 * 3).map(|i| (i % 251) as u8).collect();
+        let mut bytes = Vec::new();
+        jpeg_encoder::Encoder::new(&mut bytes, 90)
+            .encode(&rgb, 64, 64, jpeg_encoder::ColorType::Rgb)
+            .unwrap();
+        bytes
+    }
+
+    #[test]
+    fn truncated_jpeg_is_refused_with_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cut.jpg");
+        let bytes = small_jpeg();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let err = load_rgb(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("cut.jpg") && err.contains("truncated"),
+            "{err}"
+        );
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(load_rgb(&path).unwrap().dimensions(), (64, 64));
+    }
+
+    #[test]
+    fn corrupt_and_missing_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("noise.jpg");
+        let mut bytes = small_jpeg();
+        for b in &mut bytes[200..600] {
+            *b = 0x55;
+        }
+        bytes[2..6].copy_from_slice(&[0xFF, 0xFF, 0xFF, 0xFF]);
+        std::fs::write(&path, &bytes).unwrap();
+        let err = load_rgb(&path).unwrap_err().to_string();
+        assert!(err.contains("noise.jpg"), "{err}");
+
+        let text = dir.path().join("notes.png");
+        std::fs::write(&text, "not an image").unwrap();
+        let err = load_rgb(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("notes.png") && err.contains("unknown image format"),
+            "{err}"
+        );
+
+        let err = load_rgb(&dir.path().join("absent.jpg"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("absent.jpg"), "{err}");
+    }
+
+    #[test]
+    fn exif_orientation_turns_the_photo_upright() {
+        // A 2×1 JPEG tagged "rotate 90° clockwise" (orientation 6) must load as 1×2.
+        let mut bytes = Vec::new();
+        let mut enc = jpeg_encoder::Encoder::new(&mut bytes, 90);
+        // Minimal big-endian EXIF block with one IFD0 entry: Orientation (0x0112) = 6.
+        let exif: Vec<u8> = [
+            b"Exif\0\0".as_slice(),
+            b"MM\0\x2a\0\0\0\x08",
+            &[
+                0, 1, 0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0, 0, 0, 0, 0, 0,
+            ],
+        ]
+        .concat();
+        enc.add_app_segment(1, &exif).unwrap();
+        enc.encode(&[255, 0, 0, 0, 0, 255], 2, 1, jpeg_encoder::ColorType::Rgb)
+            .unwrap();
+        assert_eq!(decode_rgb(&bytes).unwrap().dimensions(), (1, 2));
+    }
+}
