@@ -1,0 +1,235 @@
+//! The seed's `HappyWhaleModel`: backbone → GeM → BatchNorm1d → Linear (embedding) → ArcFace,
+//! and its checkpoints (safetensors weights + a JSON config).
+//!
+//! Variable names follow the seed's PyTorch module, so its checkpoints converted to
+//! safetensors load as they are: `model.*` (the timm backbone), `pooling.p`, `neck.0.*`
+//! (BatchNorm1d), `neck.1.*` (Linear), `fc.weight` (ArcFace).
+
+use super::heads::{normalize, ArcFace, ArcFaceConfig, Gem};
+use super::{build_backbone, variant, Backbone};
+use crate::fsio;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
+
+/// Everything needed to rebuild a model before its weights are loaded.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// A backbone variant of the registry, e.g. `efficientnet_lite0`.
+    pub backbone: String,
+    /// Square input size in pixels.
+    pub img_size: i64,
+    /// Normalisation of 0..1 pixel values: `(x − mean) / std` per channel.
+    pub mean: [f64; 3],
+    pub std: [f64; 3],
+    pub embedding_size: i64,
+    /// Initial GeM exponent.
+    pub gem_p: f64,
+    pub arcface: ArcFaceConfig,
+    /// Individual ids; a class is an index into this list.
+    pub classes: Vec<String>,
+    /// Training images per class (sets dynamic margins).
+    pub class_counts: Vec<usize>,
+}
+
+impl ModelConfig {
+    /// A config with the backbone's own input size and normalisation.
+    pub fn for_backbone(
+        backbone: &str,
+        classes: Vec<String>,
+        class_counts: Vec<usize>,
+    ) -> Result<Self> {
+        let v = variant(backbone).with_context(|| format!("unknown backbone {backbone:?}"))?;
+        Ok(Self {
+            backbone: backbone.to_string(),
+            img_size: v.input_size,
+            mean: v.mean,
+            std: v.std,
+            embedding_size: 512,
+            gem_p: 3.0,
+            arcface: ArcFaceConfig::default(),
+            classes,
+            class_counts,
+        })
+    }
+}
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+#[derive(Debug)]
+pub struct HappyWhaleModel {
+    pub vs: nn::VarStore,
+    pub config: ModelConfig,
+    backbone: Box<dyn Backbone>,
+    pooling: Gem,
+    neck_bn: nn::BatchNorm,
+    neck_fc: nn::Linear,
+    fc: ArcFace,
+}
+
+impl HappyWhaleModel {
+    /// A model with fresh weights (the backbone's random init; see
+    /// [`Self::load_backbone_weights`] for pretrained ones).
+    pub fn new(config: ModelConfig, device: Device) -> Result<Self> {
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let backbone = build_backbone(&config.backbone, &(&root / "model"))?;
+        let features = backbone.num_features();
+        let pooling = Gem::new(&root / "pooling", config.gem_p);
+        let neck_bn = nn::batch_norm1d(&root / "neck" / "0", features, Default::default());
+        let neck_fc = nn::linear(
+            &root / "neck" / "1",
+            features,
+            config.embedding_size,
+            Default::default(),
+        );
+        let fc = ArcFace::new(
+            &root / "fc",
+            config.embedding_size,
+            config.classes.len().max(1) as i64,
+            config.arcface.clone(),
+            Some(&config.class_counts),
+        );
+        Ok(Self {
+            vs,
+            config,
+            backbone,
+            pooling,
+            neck_bn,
+            neck_fc,
+            fc,
+        })
+    }
+
+    pub fn backbone(&self) -> &dyn Backbone {
+        self.backbone.as_ref()
+    }
+
+    pub fn head(&self) -> &ArcFace {
+        &self.fc
+    }
+
+    /// Pooled features `[N, C]` of a backbone feature map.
+    pub fn pool(&self, feature_map: &Tensor) -> Tensor {
+        self.pooling.forward(feature_map)
+    }
+
+    /// The embedding `[N, E]` of pooled features (not normalised).
+    pub fn neck(&self, pooled: &Tensor, train: bool) -> Tensor {
+        self.neck_bn.forward_t(pooled, train).apply(&self.neck_fc)
+    }
+
+    /// The embedding `[N, E]` of a normalised image batch (not L2-normalised).
+    pub fn embed(&self, xs: &Tensor, train: bool) -> Tensor {
+        let map = self.backbone.forward_features(xs, train);
+        self.neck(&self.pool(&map), train)
+    }
+
+    /// ArcFace training logits `[N, classes]`.
+    pub fn forward(&self, xs: &Tensor, labels: &Tensor, train: bool) -> Tensor {
+        self.fc.forward(&self.embed(xs, train), labels)
+    }
+
+    /// L2-normalised embeddings for search, in eval mode without gradients.
+    pub fn extract(&self, xs: &Tensor) -> Tensor {
+        tch::no_grad(|| normalize(&self.embed(xs, false)))
+    }
+
+    /// Copy pretrained backbone weights (names as the backbone's own checkpoint, without the
+    /// `model.` prefix) from a safetensors file.
+    pub fn load_backbone_weights(&mut self, path: &Path) -> Result<()> {
+        let file: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(path)
+            .with_context(|| format!("cannot read weights {}", path.display()))?
+            .into_iter()
+            .collect();
+        let mut missing = Vec::new();
+        for (name, mut var) in self.vs.variables() {
+            let Some(own) = name.strip_prefix("model.") else {
+                continue;
+            };
+            match file.get(own) {
+                Some(src) if src.size() == var.size() => {
+                    tch::no_grad(|| var.copy_(&src.to_kind(Kind::Float)))
+                }
+                Some(src) => bail!(
+                    "{}: '{own}' has shape {:?}, the model expects {:?}",
+                    path.display(),
+                    src.size(),
+                    var.size()
+                ),
+                None => missing.push(own.to_string()),
+            }
+        }
+        if !missing.is_empty() {
+            missing.sort();
+            bail!(
+                "{}: {} backbone weights missing, e.g. {}",
+                path.display(),
+                missing.len(),
+                missing[..missing.len().min(5)].join(", ")
+            );
+        }
+        Ok(())
+    }
+
+    /// Write `dir/config.json` and `dir/model.safetensors`, each atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let config = serde_json::to_vec_pretty(&self.config)?;
+        // tch picks the format from the extension, so the temporary name keeps it.
+        let tmp = dir.join(format!("model.{}.tmp.safetensors", std::process::id()));
+        self.vs
+            .save(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, dir.join(WEIGHTS_FILE))
+            .with_context(|| format!("cannot write {}", dir.join(WEIGHTS_FILE).display()))?;
+        fsio::write_bytes_atomic(&dir.join(CONFIG_FILE), &config)
+    }
+
+    /// Rebuild a model saved by [`Self::save`].
+    pub fn load(dir: &Path, device: Device) -> Result<Self> {
+        let config_path = dir.join(CONFIG_FILE);
+        let text = std::fs::read(&config_path)
+            .with_context(|| format!("cannot read model config {}", config_path.display()))?;
+        let config: ModelConfig = serde_json::from_slice(&text)
+            .with_context(|| format!("{}: not a finprint model config", config_path.display()))?;
+        let mut model = Self::new(config, device)?;
+        let weights = dir.join(WEIGHTS_FILE);
+        model
+            .vs
+            .load(&weights)
+            .with_context(|| format!("cannot load weights {}", weights.display()))?;
+        Ok(model)
+    }
+}
+
+/// Where converted pretrained weights live: `$FINPRINT_WEIGHTS`, else `weights/` in the current
+/// folder, else the `weights/` of the source tree this binary was built from
+/// (`tools/fetch_weights.sh` fills it).
+pub fn weights_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("FINPRINT_WEIGHTS") {
+        return dir.into();
+    }
+    let local = std::path::PathBuf::from("weights");
+    if local.is_dir() {
+        return local;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("weights")
+}
+
+/// The pretrained weights file of `backbone`, which must exist.
+pub fn pretrained_weights(backbone: &str) -> Result<std::path::PathBuf> {
+    let v = variant(backbone).with_context(|| format!("unknown backbone {backbone:?}"))?;
+    let Some(file) = v.weights else {
+        bail!("no pretrained weights are known for {backbone}; train with --pretrained false");
+    };
+    let path = weights_dir().join(file);
+    anyhow::ensure!(
+        path.is_file(),
+        "pretrained weights {} not found: run `bash tools/fetch_weights.sh`, or train with --pretrained false",
+        path.display()
+    );
+    Ok(path)
+}
