@@ -1,0 +1,272 @@
+//! Embeddings: photos through a trained model to L2-normalised vectors (optionally the mean of
+//! the photo and its mirror image), and the file that keeps them with their image names.
+//!
+//! File layout: safetensors with one f32 tensor `embeddings` `[N, D]`, and the image names as
+//! a JSON list in the metadata entry `names` (row i belongs to `names[i]`).
+
+use crate::model::happywhale::HappyWhaleModel;
+use crate::model::heads::normalize;
+use crate::runtime::prefetched;
+use crate::train::augment::{batch_with, Pipeline};
+use anyhow::{bail, Context, Result};
+use image::RgbImage;
+use indicatif::ProgressBar;
+use std::collections::HashMap;
+use std::path::Path;
+use tch::{Kind, Tensor};
+
+/// Row-major `[names.len(), dim]` unit vectors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Embeddings {
+    pub names: Vec<String>,
+    pub dim: usize,
+    pub vectors: Vec<f32>,
+}
+
+impl Embeddings {
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.vectors[i * self.dim..(i + 1) * self.dim]
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes: Vec<u8> = self.vectors.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view = safetensors::tensor::TensorView::new(
+            safetensors::Dtype::F32,
+            vec![self.names.len(), self.dim],
+            &bytes,
+        )
+        .context("embedding tensor")?;
+        let metadata = HashMap::from([("names".to_string(), serde_json::to_string(&self.names)?)]);
+        let data = safetensors::serialize([("embeddings", view)], &Some(metadata))
+            .context("serialising embeddings")?;
+        crate::fsio::write_bytes_atomic(path, &data)
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let bad = |what: &str| {
+            anyhow::anyhow!(
+                "{}: not a finprint embeddings file ({what})",
+                path.display()
+            )
+        };
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|_| bad("header"))?;
+        let names: Vec<String> = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("names"))
+            .and_then(|n| serde_json::from_str(n).ok())
+            .ok_or_else(|| bad("no names"))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|_| bad("tensors"))?;
+        let t = st
+            .tensor("embeddings")
+            .map_err(|_| bad("no 'embeddings' tensor"))?;
+        if t.dtype() != safetensors::Dtype::F32
+            || t.shape().len() != 2
+            || t.shape()[0] != names.len()
+        {
+            bail!(bad("shape"));
+        }
+        let vectors = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Ok(Self {
+            names,
+            dim: t.shape()[1],
+            vectors,
+        })
+    }
+}
+
+/// Tensor `[N, D]` → row-major vector.
+pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous().view(-1)).context("tensor to vector")
+}
+
+/// A batch of CHW images `[n, 3, h, w]` as the model's input tensor.
+pub fn input_tensor(model: &HappyWhaleModel, chw: &[f32], n: usize) -> Tensor {
+    let s = model.config.img_size;
+    Tensor::from_slice(chw)
+        .view([n as i64, 3, s, s])
+        .to_device(model.vs.device())
+}
+
+/// Unit embeddings `[N, E]` of an input batch: the mean of the photo and its mirror image when
+/// `flip_tta`.
+pub fn embed_batch(model: &HappyWhaleModel, xs: &Tensor, flip_tta: bool) -> Tensor {
+    tch::no_grad(|| {
+        let e = model.embed(xs, false);
+        if flip_tta {
+            normalize(&(normalize(&e) + normalize(&model.embed(&xs.flip([3]), false))))
+        } else {
+            normalize(&e)
+        }
+    })
+}
+
+/// Embed `count` photos, `load(i)` giving photo i, in batches of `batch`, decoding the next
+/// batch while the model works.
+pub fn embed_images<F>(
+    model: &HappyWhaleModel,
+    count: usize,
+    load: F,
+    batch: usize,
+    flip_tta: bool,
+    progress: &ProgressBar,
+) -> Result<Vec<f32>>
+where
+    F: Fn(usize) -> Result<RgbImage> + Sync,
+{
+    let s = model.config.img_size as u32;
+    let mean = model.config.mean.map(|v| v as f32);
+    let std = model.config.std.map(|v| v as f32);
+    let pipeline = Pipeline::eval((s, s), mean, std)?;
+    let batch = batch.max(1);
+    let batches = count.div_ceil(batch);
+    let mut out = Vec::with_capacity(count * model.config.embedding_size as usize);
+    progress.set_length(count as u64);
+    prefetched(
+        batches,
+        2,
+        |b| {
+            let start = b * batch;
+            let n = batch.min(count - start);
+            batch_with(&pipeline, n, 0, |i| load(start + i)).map(|chw| (chw, n))
+        },
+        |_, (chw, n)| {
+            let xs = input_tensor(model, &chw, n);
+            out.extend(to_vec(&embed_batch(model, &xs, flip_tta))?);
+            progress.inc(n as u64);
+            Ok(())
+        },
+    )?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embeddings_round_trip_through_their_file() {
+        let e = Embeddings {
+            names: vec!["a.jpg".into(), "b,c.jpg".into()],
+            dim: 3,
+            vectors: vec![1.0, 0.0, 0.0, 0.0, 0.6, 0.8],
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.safetensors");
+        e.save(&path).unwrap();
+        assert_eq!(Embeddings::load(&path).unwrap(), e);
+        assert_eq!(e.row(1), &[0.0, 0.6, 0.8]);
+        std::fs::write(&path, b"garbage").unwrap();
+        let err = Embeddings::load(&path).unwrap_err().to_string();
+        assert!(err.contains("e.safetensors"), "{err}");
+    }
+}
+
+/// Trained models whose embeddings are fused: each L2-normalised and weighted, concatenated,
+/// and normalised again, so the fused cosine is the weighted mean of the models' cosines.
+pub struct Ensemble {
+    pub models: Vec<HappyWhaleModel>,
+    pub weights: Vec<f32>,
+    /// The new_individual threshold: the weighted mean of the models' own thresholds.
+    pub threshold: f32,
+}
+
+impl Ensemble {
+    /// Load run folders (or checkpoint folders) with equal weights.
+    pub fn load(runs: &[std::path::PathBuf], device: tch::Device) -> Result<Self> {
+        anyhow::ensure!(!runs.is_empty(), "no model given");
+        let mut models = Vec::new();
+        let mut thresholds = Vec::new();
+        for run in runs {
+            let dir = crate::train::run::checkpoint_dir(run)?;
+            models.push(HappyWhaleModel::load(&dir, device)?);
+            thresholds.push(crate::train::run::saved_threshold(&dir)?);
+        }
+        let weights = vec![1.0; models.len()];
+        let threshold = thresholds.iter().sum::<f32>() / thresholds.len() as f32;
+        Ok(Self {
+            models,
+            weights,
+            threshold,
+        })
+    }
+
+    pub fn dim(&self) -> usize {
+        self.models
+            .iter()
+            .map(|m| m.config.embedding_size as usize)
+            .sum()
+    }
+
+    /// Fused unit embeddings of `count` photos, `load(i)` giving photo i.
+    pub fn embed<F>(
+        &self,
+        count: usize,
+        load: F,
+        batch: usize,
+        flip_tta: bool,
+        progress: &ProgressBar,
+    ) -> Result<Vec<f32>>
+    where
+        F: Fn(usize) -> Result<RgbImage> + Sync,
+    {
+        let parts: Vec<Vec<f32>> = self
+            .models
+            .iter()
+            .map(|m| {
+                progress.reset();
+                embed_images(m, count, &load, batch, flip_tta, progress)
+            })
+            .collect::<Result<_>>()?;
+        Ok(fuse(&parts, &self.weights, count))
+    }
+}
+
+/// Concatenate per-model unit embeddings (`parts[m]` is row-major `[count, d_m]`) with
+/// `weights`, and normalise each fused row.
+pub fn fuse(parts: &[Vec<f32>], weights: &[f32], count: usize) -> Vec<f32> {
+    if parts.len() == 1 {
+        return parts[0].clone();
+    }
+    let dims: Vec<usize> = parts.iter().map(|p| p.len() / count.max(1)).collect();
+    let total: usize = dims.iter().sum();
+    let mut out = Vec::with_capacity(total * count);
+    for i in 0..count {
+        let start = out.len();
+        for ((p, &d), &w) in parts.iter().zip(&dims).zip(weights) {
+            out.extend(p[i * d..(i + 1) * d].iter().map(|v| v * w));
+        }
+        let norm = out[start..]
+            .iter()
+            .map(|v| v * v)
+            .sum::<f32>()
+            .sqrt()
+            .max(1e-12);
+        out[start..].iter_mut().for_each(|v| *v /= norm);
+    }
+    out
+}
+
+#[cfg(test)]
+mod fuse_tests {
+    use super::fuse;
+
+    #[test]
+    fn fused_cosine_is_the_weighted_mean_of_the_models_cosines() {
+        // Two photos, two models of dimension 2 and 1; model cosines 0.6 and -1.
+        let a = vec![1.0, 0.0, 0.6, 0.8];
+        let b = vec![1.0, -1.0];
+        let f = fuse(&[a, b], &[1.0, 1.0], 2);
+        let cos: f32 = f[..3].iter().zip(&f[3..]).map(|(x, y)| x * y).sum();
+        assert!((cos - (0.6 - 1.0) / 2.0).abs() < 1e-6, "{cos}");
+        let norm: f32 = f[..3].iter().map(|v| v * v).sum();
+        assert!((norm - 1.0).abs() < 1e-6);
+    }
+}

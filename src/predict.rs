@@ -1,0 +1,365 @@
+//! From ranked individuals to answers: `new_individual` inserted by a similarity threshold, and
+//! the threshold chosen on validation queries to maximise MAP@5.
+
+use crate::data::image::load_rgb;
+use crate::data::{read_train_csv, KaggleDir, Prediction, NEW_INDIVIDUAL};
+use crate::embed::Ensemble;
+use crate::metrics::{average_precision_at_5, K};
+use crate::search::{rank_labels, Aggregation, FlatIndex, Index, Storage};
+use anyhow::Context;
+use indicatif::ProgressBar;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// One candidate individual for a query, with its similarity (higher is more alike).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    pub id: String,
+    pub score: f32,
+}
+
+/// The best `top` individuals for each query (row-major `queries`), best first, from a catalogue
+/// index whose row `i` shows individual `ids[labels[i]]`.
+pub fn rank_candidates(
+    index: &dyn Index,
+    labels: &[u32],
+    ids: &[String],
+    queries: &[f32],
+    how: Aggregation,
+    top: usize,
+) -> anyhow::Result<Vec<Vec<Candidate>>> {
+    // Enough photos that `top` distinct individuals are almost always among them.
+    let k = (top * 20).max(100).min(index.len());
+    let found = index.search(queries, k)?;
+    Ok(found
+        .iter()
+        .map(|neighbors| {
+            rank_labels(neighbors, labels, how, top)
+                .into_iter()
+                .map(|(label, score)| Candidate {
+                    id: ids[label as usize].clone(),
+                    score,
+                })
+                .collect()
+        })
+        .collect())
+}
+
+/// The five answers for a query whose candidates are sorted best first: `new_individual` takes
+/// the place where the similarity falls below `threshold` (first, when even the best is below).
+pub fn answers(candidates: &[Candidate], threshold: f32) -> Vec<String> {
+    let mut out = Vec::with_capacity(K);
+    let mut new_placed = false;
+    for c in candidates {
+        if out.len() == K {
+            break;
+        }
+        if !new_placed && c.score < threshold {
+            out.push(NEW_INDIVIDUAL.to_string());
+            new_placed = true;
+            if out.len() == K {
+                break;
+            }
+        }
+        if c.id != NEW_INDIVIDUAL {
+            out.push(c.id.clone());
+        }
+    }
+    if !new_placed && out.len() < K {
+        out.push(NEW_INDIVIDUAL.to_string());
+    }
+    out
+}
+
+/// The threshold that maximises MAP@5 over validation queries (candidates, true id), among the
+/// candidates' own scores (the only places where the answers change) and ±∞; ties go to the
+/// lowest threshold. Returns (threshold, MAP@5).
+pub fn best_threshold(queries: &[(Vec<Candidate>, String)]) -> (f32, f64) {
+    if queries.is_empty() {
+        return (0.0, 0.0);
+    }
+    let mut grid: Vec<f32> = queries
+        .iter()
+        .flat_map(|(c, _)| c.iter().take(K).map(|c| c.score))
+        .chain([f32::NEG_INFINITY, f32::INFINITY])
+        .collect();
+    // A threshold just above a score puts new_individual before that candidate.
+    let above: Vec<f32> = grid.iter().map(|s| s.next_up()).collect();
+    grid.extend(above);
+    grid.sort_by(f32::total_cmp);
+    grid.dedup();
+    let map_at = |t: f32| {
+        queries
+            .iter()
+            .map(|(c, truth)| average_precision_at_5(truth, &answers(c, t)))
+            .sum::<f64>()
+            / queries.len() as f64
+    };
+    grid.into_iter()
+        .map(|t| (t, map_at(t)))
+        .fold((f32::NEG_INFINITY, -1.0), |best, x| {
+            if x.1 > best.1 {
+                x
+            } else {
+                best
+            }
+        })
+}
+
+/// The threshold under which a `share` of the queries' best scores fall: the winners' fixed
+/// share of `new_individual` first.
+pub fn threshold_for_new_share(best_scores: &[f32], share: f64) -> f32 {
+    if best_scores.is_empty() {
+        return 0.0;
+    }
+    let mut s = best_scores.to_vec();
+    s.sort_by(f32::total_cmp);
+    let n = ((share.clamp(0.0, 1.0) * s.len() as f64).round() as usize).min(s.len());
+    if n == 0 {
+        f32::NEG_INFINITY
+    } else if n == s.len() {
+        f32::INFINITY
+    } else {
+        // Between the n-th and (n+1)-th lowest best score.
+        (s[n - 1] + s[n]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cands(list: &[(&str, f32)]) -> Vec<Candidate> {
+        list.iter()
+            .map(|&(id, score)| Candidate {
+                id: id.into(),
+                score,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn new_individual_takes_the_place_where_similarity_drops() {
+        let c = cands(&[
+            ("a", 0.9),
+            ("b", 0.6),
+            ("c", 0.5),
+            ("d", 0.4),
+            ("e", 0.3),
+            ("f", 0.2),
+        ]);
+        assert_eq!(answers(&c, 0.55), ["a", "b", "new_individual", "c", "d"]);
+        assert_eq!(answers(&c, 0.95), ["new_individual", "a", "b", "c", "d"]);
+        assert_eq!(answers(&c, 0.1), ["a", "b", "c", "d", "e"]);
+        // Fewer than five candidates: new_individual closes the list.
+        assert_eq!(answers(&c[..2], 0.1), ["a", "b", "new_individual"]);
+        assert_eq!(answers(&[], 0.5), ["new_individual"]);
+    }
+
+    #[test]
+    fn the_best_threshold_is_found_on_a_hand_made_case() {
+        // Query 1 is known (a, 0.8); query 2 is new (best 0.5); query 3 is known (b, 0.55).
+        let q = vec![
+            (cands(&[("a", 0.8), ("x", 0.3)]), "a".to_string()),
+            (cands(&[("y", 0.5), ("z", 0.2)]), NEW_INDIVIDUAL.to_string()),
+            (cands(&[("b", 0.55), ("w", 0.1)]), "b".to_string()),
+        ];
+        let (t, map) = best_threshold(&q);
+        // Only a threshold in (0.5, 0.55] answers all three right.
+        assert!((map - 1.0).abs() < 1e-12, "{map}");
+        assert!(t > 0.5 && t <= 0.55, "{t}");
+        let check: f64 = q
+            .iter()
+            .map(|(c, truth)| average_precision_at_5(truth, &answers(c, t)))
+            .sum::<f64>()
+            / 3.0;
+        assert!((check - map).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_share_of_new_predictions_sets_the_threshold() {
+        let best = [0.9, 0.2, 0.5, 0.7];
+        let t = threshold_for_new_share(&best, 0.5);
+        assert!((t - 0.6).abs() < 1e-6);
+        assert_eq!(best.iter().filter(|&&s| s < t).count(), 2);
+        assert_eq!(threshold_for_new_share(&best, 0.0), f32::NEG_INFINITY);
+    }
+}
+
+/// The photos (`.jpg`, `.jpeg`, `.png`) of a folder, sorted by name.
+pub fn list_images(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    let mut names = Vec::new();
+    for e in entries {
+        let e = e.with_context(|| format!("cannot list {}", dir.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ext = name.rsplit('.').next().unwrap_or("").to_ascii_lowercase();
+        if matches!(ext.as_str(), "jpg" | "jpeg" | "png") && e.path().is_file() {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// A Kaggle submission for `test_images/` of `data`: every photo of `train.csv` is the
+/// catalogue, ranked per individual by its best photo, `new_individual` by the threshold.
+pub fn predict_submission(
+    ensemble: &Ensemble,
+    data: &KaggleDir,
+    threshold: f32,
+    batch: usize,
+    flip_tta: bool,
+    progress: &ProgressBar,
+) -> anyhow::Result<Vec<Prediction>> {
+    let train = read_train_csv(&data.train_csv())?;
+    let tests = list_images(&data.test_images())?;
+    anyhow::ensure!(
+        !train.rows.is_empty(),
+        "{} lists no photo",
+        data.train_csv().display()
+    );
+    let (train_dir, test_dir) = (data.train_images(), data.test_images());
+    progress.set_message("embedding the catalogue");
+    let gallery = ensemble.embed(
+        train.rows.len(),
+        |i| Ok(load_rgb(&train_dir.join(&train.rows[i].image))?),
+        batch,
+        flip_tta,
+        progress,
+    )?;
+    progress.set_message("embedding the test photos");
+    let queries = ensemble.embed(
+        tests.len(),
+        |i| Ok(load_rgb(&test_dir.join(&tests[i]))?),
+        batch,
+        flip_tta,
+        progress,
+    )?;
+    let mut ids: Vec<String> = train.rows.iter().map(|r| r.individual_id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    let labels: Vec<u32> = train
+        .rows
+        .iter()
+        .map(|r| ids.binary_search(&r.individual_id).map_or(0, |i| i as u32))
+        .collect();
+    let mut index = FlatIndex::new(ensemble.dim(), Storage::F32);
+    index.add(&gallery)?;
+    let ranked = rank_candidates(&index, &labels, &ids, &queries, Aggregation::Max, K)?;
+    Ok(tests
+        .into_iter()
+        .zip(ranked)
+        .map(|(image, c)| Prediction {
+            image,
+            ids: answers(&c, threshold),
+        })
+        .collect())
+}
+
+/// Leave-one-out identification over a labelled set.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LooReport {
+    pub queries: usize,
+    /// Queries whose identity has another photo to be found by.
+    pub known_queries: usize,
+    /// Over the known queries, ranking identities only: top-1, top-5 and MAP@5.
+    pub top1: f64,
+    pub top5: f64,
+    pub map5_known: f64,
+    /// Over all queries, `new_individual` inserted at `threshold` (truth for lone photos).
+    pub map5: f64,
+    pub threshold: f32,
+    /// The threshold that would have been best here, and its MAP@5 (an optimistic bound).
+    pub best_threshold: f32,
+    pub best_map5: f64,
+}
+
+/// Query every photo against all the others (of the same group, when `groups` is given):
+/// `emb` is row-major `[ids.len(), dim]` unit vectors.
+pub fn leave_one_out(
+    emb: &[f32],
+    dim: usize,
+    ids: &[String],
+    groups: Option<&[String]>,
+    threshold: f32,
+) -> anyhow::Result<LooReport> {
+    let n = ids.len();
+    let mut members: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for i in 0..n {
+        members
+            .entry(groups.map_or("", |g| g[i].as_str()))
+            .or_default()
+            .push(i);
+    }
+    let mut queries: Vec<(Vec<Candidate>, String)> = vec![(Vec::new(), String::new()); n];
+    for rows in members.values() {
+        let mut names: Vec<String> = rows.iter().map(|&i| ids[i].clone()).collect();
+        names.sort();
+        names.dedup();
+        let labels: Vec<u32> = rows
+            .iter()
+            .map(|&i| names.binary_search(&ids[i]).map_or(0, |x| x as u32))
+            .collect();
+        let vectors: Vec<f32> = rows
+            .iter()
+            .flat_map(|&i| emb[i * dim..(i + 1) * dim].iter().copied())
+            .collect();
+        let mut index = FlatIndex::new(dim, Storage::F32);
+        index.add(&vectors)?;
+        let k = (K * 20 + 1).max(101).min(rows.len());
+        let found = index.search(&vectors, k)?;
+        let mut count: HashMap<&str, usize> = HashMap::new();
+        rows.iter()
+            .for_each(|&i| *count.entry(ids[i].as_str()).or_default() += 1);
+        for (local, neighbors) in found.into_iter().enumerate() {
+            let others: Vec<_> = neighbors
+                .into_iter()
+                .filter(|nb| nb.id as usize != local)
+                .collect();
+            let candidates = rank_labels(&others, &labels, Aggregation::Max, K)
+                .into_iter()
+                .map(|(l, score)| Candidate {
+                    id: names[l as usize].clone(),
+                    score,
+                })
+                .collect();
+            let i = rows[local];
+            let truth = if count[ids[i].as_str()] > 1 {
+                ids[i].clone()
+            } else {
+                NEW_INDIVIDUAL.to_string()
+            };
+            queries[i] = (candidates, truth);
+        }
+    }
+    let known: Vec<&(Vec<Candidate>, String)> = queries
+        .iter()
+        .filter(|(_, t)| t != NEW_INDIVIDUAL)
+        .collect();
+    let rank_of = |(c, t): &(Vec<Candidate>, String)| c.iter().position(|x| &x.id == t);
+    let share = |f: &dyn Fn(Option<usize>) -> f64| {
+        known.iter().map(|q| f(rank_of(q))).sum::<f64>() / known.len().max(1) as f64
+    };
+    let map_at = |t: f32| {
+        queries
+            .iter()
+            .map(|(c, truth)| average_precision_at_5(truth, &answers(c, t)))
+            .sum::<f64>()
+            / n.max(1) as f64
+    };
+    let (best_threshold, best_map5) = best_threshold(&queries);
+    Ok(LooReport {
+        queries: n,
+        known_queries: known.len(),
+        top1: share(&|r| f64::from(u8::from(r == Some(0)))),
+        top5: share(&|r| f64::from(u8::from(r.is_some_and(|r| r < K)))),
+        map5_known: share(&|r| r.filter(|&r| r < K).map_or(0.0, |r| 1.0 / (r + 1) as f64)),
+        map5: map_at(threshold),
+        threshold,
+        best_threshold,
+        best_map5,
+    })
+}

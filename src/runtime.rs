@@ -1,0 +1,123 @@
+//! Running on this machine: how many threads libtorch gets, and batches prepared on other cores
+//! while the model works on the current one.
+
+use anyhow::Result;
+use std::sync::mpsc;
+
+/// Cores not busy with other processes, from two readings of `/proc/stat` 200 ms apart
+/// (all cores when that cannot be read).
+pub fn free_cores() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let read = || -> Option<(u64, u64)> {
+        let text = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = text.lines().next()?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let idle = v.get(3)? + v.get(4).unwrap_or(&0);
+        Some((v.iter().sum(), idle))
+    };
+    let Some((t0, i0)) = read() else {
+        return cores;
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let Some((t1, i1)) = read() else {
+        return cores;
+    };
+    let busy = 1.0 - (i1 - i0) as f64 / (t1 - t0).max(1) as f64;
+    let free = cores as f64 - (busy * cores as f64).round();
+    (free as usize).clamp(1, cores)
+}
+
+/// Give libtorch `requested` threads, or the free cores; returns the count. libtorch's OpenMP
+/// threads slow down sharply when they outnumber the cores that are free.
+pub fn configure_threads(requested: Option<usize>) -> usize {
+    let n = requested.unwrap_or_else(free_cores).max(1);
+    tch::set_num_threads(n as i32);
+    tch::set_num_interop_threads(1);
+    n
+}
+
+/// Run `consume` on items `0..count` in order while a second thread prepares the next items
+/// with `make` (which may use rayon); at most `ahead` items wait. The first error stops both.
+pub fn prefetched<T, M, C>(count: usize, ahead: usize, make: M, mut consume: C) -> Result<()>
+where
+    T: Send,
+    M: Fn(usize) -> Result<T> + Sync,
+    C: FnMut(usize, T) -> Result<()>,
+{
+    std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::sync_channel::<Result<T>>(ahead.max(1));
+        let make = &make;
+        scope.spawn(move || {
+            for i in 0..count {
+                let item = make(i);
+                let failed = item.is_err();
+                if tx.send(item).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        for i in 0..count {
+            let item = rx
+                .recv()
+                .map_err(|_| anyhow::anyhow!("the batch producer stopped"))??;
+            consume(i, item)?;
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetched_items_arrive_in_order() {
+        let mut seen = Vec::new();
+        prefetched(
+            20,
+            2,
+            |i| Ok(i * i),
+            |i, v| {
+                seen.push((i, v));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(seen, (0..20).map(|i| (i, i * i)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn an_error_on_either_side_stops_the_run() {
+        let err = prefetched(
+            10,
+            2,
+            |i| {
+                if i == 3 {
+                    anyhow::bail!("bad image {i}")
+                } else {
+                    Ok(i)
+                }
+            },
+            |_, _| Ok(()),
+        );
+        assert_eq!(err.unwrap_err().to_string(), "bad image 3");
+        let err = prefetched(10, 2, Ok, |i, _| {
+            if i == 5 {
+                anyhow::bail!("stop")
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!(err.unwrap_err().to_string(), "stop");
+    }
+
+    #[test]
+    fn free_cores_is_within_the_machine() {
+        let n = free_cores();
+        assert!(n >= 1 && n <= std::thread::available_parallelism().unwrap().get());
+    }
+}
