@@ -1,0 +1,542 @@
+//! `finprint`: the command line over the finprint library.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use finprint::data::image::load_rgb;
+use finprint::data::{self, folds, stats::Stats, KaggleDir};
+use finprint::embed::{Embeddings, Ensemble};
+use finprint::predict;
+use finprint::runtime::configure_threads;
+use finprint::synth::{self, SynthConfig};
+use finprint::train::{
+    self,
+    run::{Mode, TrainConfig},
+};
+use finprint::{fsio, metrics};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tch::Device;
+
+/// Print a line on stdout; a closed pipe (`finprint stats | head`) ends the program quietly.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
+#[derive(Parser)]
+#[command(
+    name = "finprint",
+    version,
+    about = "Identify individual whales and dolphins from photos of their fins"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a synthetic catalogue in Kaggle's layout (rendered fin photos with known identities).
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 200)]
+        individuals: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Photo width and height in pixels.
+        #[arg(long, default_value_t = 384)]
+        width: u32,
+        #[arg(long, default_value_t = 256)]
+        height: u32,
+        /// Share of individuals seen only in test images (truth `new_individual`).
+        #[arg(long, default_value_t = 0.15)]
+        new_share: f64,
+        /// Most photos of one individual.
+        #[arg(long, default_value_t = 60)]
+        max_photos: usize,
+    },
+    /// Print the statistics of a catalogue's train.csv.
+    Stats {
+        /// A folder with train.csv (Kaggle layout), or the CSV itself.
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Score a submission against a solution with MAP@5.
+    Score {
+        #[arg(long)]
+        solution: PathBuf,
+        #[arg(long)]
+        submission: PathBuf,
+    },
+    /// Write the k-fold assignment of a catalogue: each photo's fold and role.
+    Folds {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        folds: usize,
+        /// Share of each validation fold's individuals kept out of training.
+        #[arg(long, default_value_t = 0.2)]
+        new_share: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Train a model on a Kaggle-format catalogue, validating MAP@5 on a held-out fold.
+    Train(Box<TrainArgs>),
+    /// Write L2-normalised embeddings of a folder of photos (safetensors, names in metadata).
+    Embed {
+        /// Trained models (run folders), fused by concatenating their embeddings.
+        #[arg(long, value_delimiter = ',', required = true)]
+        models: Vec<PathBuf>,
+        #[arg(long)]
+        images: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Mean of each photo's embedding and its mirror image's.
+        #[arg(long)]
+        flip_tta: bool,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+    },
+    /// Write a Kaggle submission for DIR/test_images against the catalogue DIR/train.csv.
+    Predict {
+        #[arg(long, value_delimiter = ',', required = true)]
+        models: Vec<PathBuf>,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// The new_individual threshold (default: the one chosen on the models' validation).
+        #[arg(long)]
+        threshold: Option<f32>,
+        #[arg(long)]
+        flip_tta: bool,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+    },
+    /// Leave-one-out identification over a labelled folder: top-1, top-5, MAP@5.
+    Evaluate {
+        #[arg(long, value_delimiter = ',', required = true)]
+        models: Vec<PathBuf>,
+        /// CSV with columns image,individual_id (image paths relative to --images).
+        #[arg(long)]
+        labels: PathBuf,
+        #[arg(long)]
+        images: PathBuf,
+        /// A column whose value is part of the identity and restricts the gallery (e.g. view).
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long)]
+        threshold: Option<f32>,
+        #[arg(long)]
+        flip_tta: bool,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+    },
+    /// Draw a run's loss and MAP@5 curves (PNG) and write its Markdown summary.
+    Report {
+        /// The run folder written by `finprint train`.
+        run: PathBuf,
+    },
+    /// The main job on the synthetic default: synthesise a catalogue, show its statistics and
+    /// score its sample submission.
+    Demo {
+        #[arg(long, default_value = "synth")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 200)]
+        individuals: usize,
+    },
+}
+
+/// `finprint train`: flags override the `--config` file (or the defaults).
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// A folder in Kaggle's layout.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Backbone variant (e.g. efficientnet_lite0).
+    #[arg(long)]
+    model: Option<String>,
+    /// The run folder (checkpoints, metrics, summary).
+    #[arg(long)]
+    out: PathBuf,
+    /// A JSON training config; see `train_config.json` of any run for its form.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long)]
+    fold: Option<usize>,
+    #[arg(long)]
+    folds: Option<usize>,
+    #[arg(long)]
+    new_share: Option<f64>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    img_size: Option<i64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    head_lr_mult: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    warmup_epochs: Option<f64>,
+    /// full: fine-tune everything; fast: freeze and cache the early backbone stages.
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
+    #[arg(long)]
+    freeze_stages: Option<usize>,
+    #[arg(long)]
+    aug_passes: Option<usize>,
+    #[arg(long)]
+    embedding_size: Option<i64>,
+    /// ArcFace scale and margin.
+    #[arg(long)]
+    arc_s: Option<f64>,
+    #[arg(long)]
+    arc_m: Option<f64>,
+    /// Horizontal-flip probability of the augmentations (0 where a mirror changes identity).
+    #[arg(long)]
+    hflip_p: Option<f64>,
+    #[arg(long)]
+    pretrained: Option<bool>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long)]
+    val_every: Option<usize>,
+}
+
+impl TrainArgs {
+    fn config(&self) -> Result<TrainConfig> {
+        let mut c = match &self.config {
+            Some(path) => TrainConfig::load(path)?,
+            None => TrainConfig::default(),
+        };
+        macro_rules! set {
+            ($($flag:ident => $field:expr),* $(,)?) => {
+                $(if let Some(v) = self.$flag.clone() { $field = v; })*
+            };
+        }
+        set!(data => c.data, model => c.model, fold => c.fold, folds => c.folds,
+            new_share => c.new_share, epochs => c.epochs, batch_size => c.batch_size, lr => c.lr,
+            head_lr_mult => c.head_lr_mult, weight_decay => c.weight_decay,
+            warmup_epochs => c.warmup_epochs, mode => c.mode, aug_passes => c.aug_passes,
+            embedding_size => c.embedding_size, arc_s => c.arcface.s, arc_m => c.arcface.m,
+            hflip_p => c.augment.hflip_p, pretrained => c.pretrained, seed => c.seed,
+            val_every => c.val_every);
+        if self.img_size.is_some() {
+            c.img_size = self.img_size;
+        }
+        if self.freeze_stages.is_some() {
+            c.freeze_stages = self.freeze_stages;
+        }
+        if self.threads.is_some() {
+            c.threads = self.threads;
+        }
+        Ok(c)
+    }
+}
+
+fn main() {
+    if let Err(err) = run(Cli::parse()) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Synth {
+            out,
+            individuals,
+            seed,
+            width,
+            height,
+            new_share,
+            max_photos,
+        } => {
+            let cfg = SynthConfig {
+                individuals,
+                seed,
+                width,
+                height,
+                new_share,
+                max_photos,
+                ..SynthConfig::default()
+            };
+            synthesise(&out, &cfg)
+        }
+        Command::Stats { data } => {
+            say!("{}", stats(&data)?);
+            Ok(())
+        }
+        Command::Score {
+            solution,
+            submission,
+        } => {
+            say!("MAP@5 {:.5}", score(&solution, &submission)?);
+            Ok(())
+        }
+        Command::Folds {
+            data,
+            out,
+            folds,
+            new_share,
+            seed,
+        } => write_folds(&data, &out, folds, new_share, seed),
+        Command::Train(args) => {
+            let summary = train::run::train(&args.config()?, &args.out, args.resume)?;
+            say!(
+                "best validation MAP@5 {:.4} at epoch {} of {} (zero-shot {}), new_individual threshold {:.3}; run in {}",
+                summary.best_map5,
+                summary.best_epoch,
+                summary.epochs,
+                summary.zero_shot_map5.map_or("-".into(), |z| format!("{z:.4}")),
+                summary.threshold,
+                args.out.display()
+            );
+            Ok(())
+        }
+        Command::Embed {
+            models,
+            images,
+            out,
+            flip_tta,
+            batch_size,
+        } => {
+            configure_threads(None);
+            let ensemble = Ensemble::load(&models, Device::cuda_if_available())?;
+            let names = predict::list_images(&images)?;
+            let progress = bar(0, "embedding");
+            let vectors = ensemble.embed(
+                names.len(),
+                |i| Ok(load_rgb(&images.join(&names[i]))?),
+                batch_size,
+                flip_tta,
+                &progress,
+            )?;
+            progress.finish_and_clear();
+            let count = names.len();
+            Embeddings {
+                names,
+                dim: ensemble.dim(),
+                vectors,
+            }
+            .save(&out)?;
+            say!(
+                "wrote {count} embeddings of {} dimensions to {}",
+                ensemble.dim(),
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Predict {
+            models,
+            data,
+            out,
+            threshold,
+            flip_tta,
+            batch_size,
+        } => {
+            configure_threads(None);
+            let ensemble = Ensemble::load(&models, Device::cuda_if_available())?;
+            let threshold = threshold.unwrap_or(ensemble.threshold);
+            let progress = bar(0, "embedding");
+            let predictions = predict::predict_submission(
+                &ensemble,
+                &KaggleDir::new(&data),
+                threshold,
+                batch_size,
+                flip_tta,
+                &progress,
+            )?;
+            progress.finish_and_clear();
+            data::write_submission(&out, &predictions)?;
+            say!(
+                "wrote {} predictions to {} (new_individual threshold {threshold:.3})",
+                predictions.len(),
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Evaluate {
+            models,
+            labels,
+            images,
+            group,
+            threshold,
+            flip_tta,
+            batch_size,
+        } => {
+            configure_threads(None);
+            let ensemble = Ensemble::load(&models, Device::cuda_if_available())?;
+            let table = data::CsvFile::read(&labels)?;
+            let (ci, cid) = (table.column("image")?, table.column("individual_id")?);
+            let cg = group.as_deref().map(|g| table.column(g)).transpose()?;
+            let mut names = Vec::new();
+            let mut ids = Vec::new();
+            let mut groups = Vec::new();
+            for row in table.rows() {
+                names.push(row.field(ci)?.to_string());
+                let g = cg.map(|c| row.field(c)).transpose()?.unwrap_or("");
+                ids.push(format!(
+                    "{}{}{g}",
+                    row.field(cid)?,
+                    if g.is_empty() { "" } else { "/" }
+                ));
+                groups.push(g.to_string());
+            }
+            let progress = bar(0, "embedding");
+            let emb = ensemble.embed(
+                names.len(),
+                |i| Ok(load_rgb(&images.join(&names[i]))?),
+                batch_size,
+                flip_tta,
+                &progress,
+            )?;
+            progress.finish_and_clear();
+            let threshold = threshold.unwrap_or(ensemble.threshold);
+            let r = predict::leave_one_out(
+                &emb,
+                ensemble.dim(),
+                &ids,
+                cg.map(|_| groups.as_slice()),
+                threshold,
+            )?;
+            say!(
+                "{} photos, {} with another photo of their identity",
+                r.queries,
+                r.known_queries
+            );
+            say!(
+                "top-1 {:.4}  top-5 {:.4}  MAP@5 {:.4}  (identities ranked, known queries)",
+                r.top1,
+                r.top5,
+                r.map5_known
+            );
+            say!(
+                "MAP@5 {:.4} with new_individual at threshold {:.3} (best threshold here {:.3}: {:.4})",
+                r.map5, r.threshold, r.best_threshold, r.best_map5
+            );
+            Ok(())
+        }
+        Command::Report { run } => {
+            let files = train::report::report(&run)?;
+            say!(
+                "wrote {}, {} and {}",
+                files.markdown.display(),
+                files.map_png.display(),
+                files.loss_png.display()
+            );
+            Ok(())
+        }
+        Command::Demo { out, individuals } => {
+            let cfg = SynthConfig {
+                individuals,
+                ..SynthConfig::default()
+            };
+            synthesise(&out, &cfg)?;
+            say!("{}", stats(&out)?);
+            let kaggle = KaggleDir::new(&out);
+            let map = score(&kaggle.test_solution(), &kaggle.sample_submission())?;
+            say!("sample submission MAP@5 {map:.5}");
+            Ok(())
+        }
+    }
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len).with_message(what.to_string());
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+fn synthesise(out: &Path, cfg: &SynthConfig) -> Result<()> {
+    let progress = bar(0, "rendering photos");
+    let summary = synth::generate(&KaggleDir::new(out), cfg, &progress)?;
+    progress.finish_and_clear();
+    say!(
+        "wrote {}: {} individuals ({} only in test), {} train and {} test photos",
+        out.display(),
+        summary.individuals,
+        summary.new_individuals,
+        summary.train_images,
+        summary.test_images
+    );
+    Ok(())
+}
+
+/// `train.csv` inside a Kaggle folder, or the path itself when it names a file.
+fn train_csv(data: &Path) -> PathBuf {
+    if data.is_dir() {
+        KaggleDir::new(data).train_csv()
+    } else {
+        data.to_path_buf()
+    }
+}
+
+fn stats(data: &Path) -> Result<Stats> {
+    let set = data::read_train_csv(&train_csv(data))?;
+    Ok(Stats::of(&set))
+}
+
+fn score(solution: &Path, submission: &Path) -> Result<f64> {
+    let solution_rows = data::read_solution(solution)?;
+    let predictions = data::read_submission(submission)?;
+    metrics::map_at_5(&solution_rows, &predictions).with_context(|| {
+        format!(
+            "scoring {} against {}",
+            submission.display(),
+            solution.display()
+        )
+    })
+}
+
+fn write_folds(data: &Path, out: &Path, k: usize, new_share: f64, seed: u64) -> Result<()> {
+    anyhow::ensure!(k >= 2, "--folds must be at least 2");
+    let set = data::read_train_csv(&train_csv(data))?;
+    let assignments = folds::assign_folds(&set.rows, k, new_share, seed);
+    fsio::write_atomic(out, |w| {
+        writeln!(w, "image,individual_id,fold,role")?;
+        for (r, a) in set.rows.iter().zip(&assignments) {
+            writeln!(
+                w,
+                "{},{},{},{}",
+                r.image,
+                r.individual_id,
+                a.fold,
+                a.role.as_str()
+            )?;
+        }
+        Ok(())
+    })?;
+    for fold in 0..k {
+        let s = folds::split(&assignments, fold);
+        say!(
+            "fold {fold}: {} train, {} validation photos",
+            s.train.len(),
+            s.val.len()
+        );
+    }
+    say!("wrote {}", out.display());
+    Ok(())
+}
