@@ -641,10 +641,17 @@ pub struct GaussianBlur {
     pub kernel: (u32, u32),
 }
 
+impl GaussianBlur {
+    /// Draw the kernel size: uniform among the odd sizes of the range.
+    pub fn sample_kernel(&self, rng: &mut dyn RngCore) -> u32 {
+        let choices = (self.kernel.1.saturating_sub(self.kernel.0)) / 2 + 1;
+        self.kernel.0 + 2 * rng.gen_range(0..choices)
+    }
+}
+
 impl Transform for GaussianBlur {
     fn apply(&self, img: RgbImage, rng: &mut dyn RngCore) -> RgbImage {
-        let choices = (self.kernel.1.saturating_sub(self.kernel.0)) / 2 + 1;
-        let k = self.kernel.0 + 2 * rng.gen_range(0..choices);
+        let k = self.sample_kernel(rng);
         gaussian_blur(&img, k)
     }
 }
@@ -1551,8 +1558,7 @@ mod tests {
         let mut r = rng(5);
         let mut seen = [0usize; 3];
         for _ in 0..300 {
-            let choices = (blur.kernel.1 - blur.kernel.0) / 2 + 1;
-            let k = blur.kernel.0 + 2 * r.gen_range(0..choices);
+            let k = blur.sample_kernel(&mut r);
             seen[((k - 3) / 2) as usize] += 1;
         }
         assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
@@ -1593,7 +1599,7 @@ mod tests {
         let mut moved = 0;
         for _ in 0..20 {
             let out = shuffle.apply(img.clone(), &mut r);
-            let mut used = vec![false; 4];
+            let mut used = [false; 4];
             for t in &tiles {
                 let got = tile_pixels(&out, t);
                 let i = originals
