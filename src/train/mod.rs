@@ -1,6 +1,6 @@
-//! Training: augmentations, the optimiser and its schedule, and the training run.
+//! Training: augmentations, the optimiser and its schedule, the training run and its report.
 
 pub mod augment;
 pub mod optim;
-pub mod run;
 pub mod report;
+pub mod run;

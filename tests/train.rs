@@ -1,0 +1,229 @@
+//! Training as a user runs it: a killed run resumes to the same weights, and a short run on
+//! the synthetic catalogue learns well beyond the pretrained backbone's zero-shot features.
+
+use finprint::data::KaggleDir;
+use finprint::synth::{generate, SynthConfig};
+use finprint::train::run::{read_metrics, TrainSummary};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tch::Tensor;
+
+fn finprint() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_finprint"))
+}
+
+fn synth(dir: &Path, individuals: usize, width: u32, height: u32, seed: u64) {
+    let cfg = SynthConfig {
+        individuals,
+        seed,
+        width,
+        height,
+        ..SynthConfig::default()
+    };
+    generate(
+        &KaggleDir::new(dir),
+        &cfg,
+        &indicatif::ProgressBar::hidden(),
+    )
+    .unwrap();
+}
+
+fn epoch_done(run: &Path) -> usize {
+    std::fs::read(run.join("last/state.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["epoch"].as_u64())
+        .unwrap_or(0) as usize
+}
+
+fn weights(run: &Path) -> Vec<(String, Tensor)> {
+    let mut w = Tensor::read_safetensors(run.join("last/model.safetensors")).unwrap();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cat");
+    synth(&data, 60, 96, 64, 4);
+    let epochs = 6;
+    let args = |out: &Path| {
+        let mut c = finprint();
+        c.args([
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        c.args([
+            "--mode",
+            "fast",
+            "--img-size",
+            "64",
+            "--batch-size",
+            "8",
+            "--aug-passes",
+            "2",
+        ]);
+        c.args(["--pretrained", "false", "--threads", "1", "--folds", "3"]);
+        c.args(["--epochs", &epochs.to_string()]);
+        c
+    };
+    let straight = dir.path().join("straight");
+    let o = args(&straight).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let killed = dir.path().join("killed");
+    let mut child = args(&killed)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while epoch_done(&killed) < 2 && t.elapsed() < Duration::from_secs(600) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let at_kill = epoch_done(&killed);
+    assert!(
+        (2..epochs).contains(&at_kill),
+        "killed after epoch {at_kill}"
+    );
+
+    // Without --resume the run folder is protected.
+    let o = args(&killed).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
+
+    let mut resume = args(&killed);
+    resume.arg("--resume");
+    let o = resume.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains(&format!("resuming after epoch {at_kill}")),
+        "{stderr}"
+    );
+
+    let (a, b) = (weights(&straight), weights(&killed));
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{na} differs after resuming");
+    }
+    let (ma, mb) = (
+        read_metrics(&straight.join("metrics.jsonl")).unwrap(),
+        read_metrics(&killed.join("metrics.jsonl")).unwrap(),
+    );
+    assert_eq!(ma.len(), epochs + 1);
+    let losses = |m: &[finprint::train::run::EpochMetrics]| {
+        m.iter()
+            .map(|e| (e.epoch, e.train_loss, e.val_map5))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(losses(&ma), losses(&mb));
+
+    let o = finprint()
+        .args(["report", killed.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in ["report.md", "loss.png", "map5.png"] {
+        assert!(killed.join(f).is_file(), "{f} missing");
+    }
+}
+
+fn pretrained_weights_present() -> bool {
+    let present = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("weights/efficientnet_lite0.safetensors")
+        .is_file();
+    if !present {
+        eprintln!("skipped: weights/efficientnet_lite0.safetensors absent (run bash tools/fetch_weights.sh)");
+    }
+    present
+}
+
+#[test]
+fn a_short_fast_run_beats_zero_shot_features_and_predict_agrees_with_validation() {
+    if !pretrained_weights_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cat");
+    synth(&data, 300, 256, 192, 11);
+    let run = dir.path().join("run");
+    let o = finprint()
+        .args([
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+        ])
+        .args([
+            "--mode",
+            "fast",
+            "--img-size",
+            "128",
+            "--epochs",
+            "10",
+            "--lr",
+            "1e-3",
+        ])
+        .args(["--aug-passes", "3", "--folds", "3", "--threads", "2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: TrainSummary =
+        serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    let zero_shot = summary.zero_shot_map5.unwrap();
+    eprintln!(
+        "validation MAP@5: zero-shot {zero_shot:.4}, trained {:.4} (epoch {})",
+        summary.best_map5, summary.best_epoch
+    );
+    assert!(
+        summary.best_map5 > zero_shot + 0.08,
+        "trained {:.4} vs zero-shot {zero_shot:.4}",
+        summary.best_map5
+    );
+
+    let sub = dir.path().join("sub.csv");
+    let o = finprint()
+        .args([
+            "predict",
+            "--models",
+            run.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            sub.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = finprint()
+        .args([
+            "score",
+            "--solution",
+            data.join("test_solution.csv").to_str().unwrap(),
+            "--submission",
+            sub.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    let test_map: f64 = text.trim().trim_start_matches("MAP@5 ").parse().unwrap();
+    eprintln!("test MAP@5 of predict: {test_map:.4}");
+    assert!(
+        test_map > zero_shot + 0.05,
+        "test MAP@5 {test_map:.4}, zero-shot validation {zero_shot:.4}"
+    );
+    assert!(
+        (test_map - summary.best_map5).abs() < 0.12,
+        "test MAP@5 {test_map:.4} far from validation {:.4}",
+        summary.best_map5
+    );
+}
