@@ -202,6 +202,20 @@ impl Ensemble {
         })
     }
 
+    /// A pretrained backbone's GeM-pooled features, with a given new_individual threshold.
+    pub fn zero_shot(
+        backbone: &str,
+        img_size: Option<i64>,
+        threshold: f32,
+        device: tch::Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            models: vec![HappyWhaleModel::zero_shot(backbone, img_size, device)?],
+            weights: vec![1.0],
+            threshold,
+        })
+    }
+
     pub fn dim(&self) -> usize {
         self.models
             .iter()

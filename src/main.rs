@@ -6,7 +6,7 @@ use finprint::data::image::load_rgb;
 use finprint::data::{self, folds, stats::Stats, KaggleDir};
 use finprint::embed::{Embeddings, Ensemble};
 use finprint::predict;
-use finprint::runtime::configure_threads;
+use finprint::runtime::{self, configure_threads};
 use finprint::synth::{self, SynthConfig};
 use finprint::train::{
     self,
@@ -16,7 +16,6 @@ use finprint::{fsio, metrics};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use tch::Device;
 
 /// Print a line on stdout; a closed pipe (`finprint stats | head`) ends the program quietly.
 macro_rules! say {
@@ -42,6 +41,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Crop photos to their fin boxes (from a community box file, or found with --auto).
+    Crop(finprint::crops::CropArgs),
     /// Write a synthetic catalogue in Kaggle's layout (rendered fin photos with known identities).
     Synth {
         #[arg(long)]
@@ -124,8 +125,14 @@ enum Command {
     },
     /// Leave-one-out identification over a labelled folder: top-1, top-5, MAP@5.
     Evaluate {
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(long, value_delimiter = ',', required_unless_present = "zero_shot")]
         models: Vec<PathBuf>,
+        /// Instead of trained models: a pretrained backbone's GeM features (the baseline).
+        #[arg(long, conflicts_with = "models")]
+        zero_shot: Option<String>,
+        /// Input size for --zero-shot (default: the backbone's own).
+        #[arg(long)]
+        img_size: Option<i64>,
         /// CSV with columns image,individual_id (image paths relative to --images).
         #[arg(long)]
         labels: PathBuf,
@@ -267,6 +274,10 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Crop(args) => {
+            say!("{}", finprint::crops::run(&args)?);
+            Ok(())
+        }
         Command::Synth {
             out,
             individuals,
@@ -326,7 +337,7 @@ fn run(cli: Cli) -> Result<()> {
             batch_size,
         } => {
             configure_threads(None);
-            let ensemble = Ensemble::load(&models, Device::cuda_if_available())?;
+            let ensemble = Ensemble::load(&models, runtime::device())?;
             let names = predict::list_images(&images)?;
             let progress = bar(0, "embedding");
             let vectors = ensemble.embed(
@@ -360,7 +371,7 @@ fn run(cli: Cli) -> Result<()> {
             batch_size,
         } => {
             configure_threads(None);
-            let ensemble = Ensemble::load(&models, Device::cuda_if_available())?;
+            let ensemble = Ensemble::load(&models, runtime::device())?;
             let threshold = threshold.unwrap_or(ensemble.threshold);
             let progress = bar(0, "embedding");
             let predictions = predict::predict_submission(
@@ -382,6 +393,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Evaluate {
             models,
+            zero_shot,
+            img_size,
             labels,
             images,
             group,
@@ -390,7 +403,15 @@ fn run(cli: Cli) -> Result<()> {
             batch_size,
         } => {
             configure_threads(None);
-            let ensemble = Ensemble::load(&models, Device::cuda_if_available())?;
+            let ensemble = match &zero_shot {
+                Some(backbone) => Ensemble::zero_shot(
+                    backbone,
+                    img_size,
+                    threshold.unwrap_or(0.0),
+                    runtime::device(),
+                )?,
+                None => Ensemble::load(&models, runtime::device())?,
+            };
             let table = data::CsvFile::read(&labels)?;
             let (ci, cid) = (table.column("image")?, table.column("individual_id")?);
             let cg = group.as_deref().map(|g| table.column(g)).transpose()?;
@@ -492,7 +513,7 @@ fn run(cli: Cli) -> Result<()> {
                 run.join("report.md").display()
             );
 
-            let ensemble = Ensemble::load(std::slice::from_ref(&run), Device::cuda_if_available())?;
+            let ensemble = Ensemble::load(std::slice::from_ref(&run), runtime::device())?;
             let progress = bar(0, "embedding");
             let predictions = predict::predict_submission(
                 &ensemble,

@@ -287,6 +287,7 @@ pub fn leave_one_out(
     threshold: f32,
 ) -> anyhow::Result<LooReport> {
     let n = ids.len();
+    anyhow::ensure!(n > 1, "leave-one-out needs at least two photos, got {n}");
     let mut members: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for i in 0..n {
         members

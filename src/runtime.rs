@@ -1,5 +1,5 @@
-//! Running on this machine: how many threads libtorch gets, and batches prepared on other cores
-//! while the model works on the current one.
+//! Running on this machine: the device, how many threads libtorch gets, and batches prepared on
+//! other cores while the model works on the current one.
 
 use anyhow::Result;
 use std::sync::mpsc;
@@ -119,5 +119,15 @@ mod tests {
     fn free_cores_is_within_the_machine() {
         let n = free_cores();
         assert!(n >= 1 && n <= std::thread::available_parallelism().unwrap().get());
+    }
+}
+
+/// Where models run: the GPU when built with the `cuda` feature and libtorch finds one, else
+/// the CPU.
+pub fn device() -> tch::Device {
+    if cfg!(feature = "cuda") {
+        tch::Device::cuda_if_available()
+    } else {
+        tch::Device::Cpu
     }
 }

@@ -67,6 +67,8 @@ pub struct HappyWhaleModel {
     neck_bn: nn::BatchNorm,
     neck_fc: nn::Linear,
     fc: ArcFace,
+    /// Embed with the GeM-pooled backbone features, skipping the neck (see [`Self::zero_shot`]).
+    pooled_only: bool,
 }
 
 impl HappyWhaleModel {
@@ -100,7 +102,22 @@ impl HappyWhaleModel {
             neck_bn,
             neck_fc,
             fc,
+            pooled_only: false,
         })
+    }
+
+    /// The pretrained backbone alone, whose embedding is its GeM-pooled features (p = 3): the
+    /// zero-shot baseline that training must beat.
+    pub fn zero_shot(backbone: &str, img_size: Option<i64>, device: Device) -> Result<Self> {
+        let mut config = ModelConfig::for_backbone(backbone, vec!["-".into()], vec![1])?;
+        if let Some(s) = img_size {
+            config.img_size = s;
+        }
+        let mut model = Self::new(config, device)?;
+        model.load_backbone_weights(&pretrained_weights(backbone)?)?;
+        model.config.embedding_size = model.backbone.num_features();
+        model.pooled_only = true;
+        Ok(model)
     }
 
     pub fn backbone(&self) -> &dyn Backbone {
@@ -124,6 +141,9 @@ impl HappyWhaleModel {
     /// The embedding `[N, E]` of a normalised image batch (not L2-normalised).
     pub fn embed(&self, xs: &Tensor, train: bool) -> Tensor {
         let map = self.backbone.forward_features(xs, train);
+        if self.pooled_only {
+            return self.pool(&map);
+        }
         self.neck(&self.pool(&map), train)
     }
 

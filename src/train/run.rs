@@ -32,7 +32,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// Which layers train.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -378,7 +378,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<TrainSummary
     mcfg.embedding_size = cfg.embedding_size;
     mcfg.arcface = cfg.arcface.clone();
     tch::manual_seed(cfg.seed as i64);
-    let mut model = HappyWhaleModel::new(mcfg, Device::cuda_if_available())?;
+    let mut model = HappyWhaleModel::new(mcfg, crate::runtime::device())?;
     if cfg.pretrained {
         model.load_backbone_weights(&pretrained_weights(&cfg.model)?)?;
     }

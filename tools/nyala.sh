@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Identification of animals never trained on, on the real nyala photos of ../shared/data
+# (development protocol of its README): train on the `train` animals, measure leave-one-out on
+# the `val` animals, identity = animal + flank, gallery = the other photos of the same flank,
+# repeated files (same md5) dropped. Prints zero-shot and trained figures.
+#
+#   bash tools/nyala.sh [OUT] [extra `finprint train` flags...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SRC=$(realpath ../shared/data/nyala-train 2>/dev/null || true)
+if [[ -z $SRC || ! -f $SRC/labels.csv ]]; then
+  echo "skipped: ../shared/data/nyala-train not found"
+  exit 0
+fi
+OUT=${1:-runs/nyala}
+shift || true
+FINPRINT=${FINPRINT:-target/release/finprint}
+mkdir -p "$OUT/data"
+ln -sfn "$SRC" "$OUT/data/train_images"
+# labels.csv: image,individual_id,species,original_split,view,width,height,md5,source
+awk -F, -v roles="$SRC/dev_split.csv" -v train="$OUT/data/train.csv" -v val="$OUT/val_labels.csv" '
+  BEGIN { while ((getline line < roles) > 0) { sub(/\r$/, "", line); split(line, f, ","); role[f[1]] = f[2] }
+          print "image,species,individual_id" > train; print "image,individual_id,view" > val }
+  { sub(/\r$/, "") }
+  NR == 1 || seen[$8]++ { next }
+  role[$2] == "train" { print $1 "," $3 "," $2 "/" $5 > train }
+  role[$2] == "val"   { print $1 "," $2 "," $5 > val }' "$SRC/labels.csv"
+echo "nyala: $(($(wc -l < "$OUT/data/train.csv") - 1)) training photos, $(($(wc -l < "$OUT/val_labels.csv") - 1)) validation photos"
+
+echo "== zero-shot: pretrained EfficientNet-Lite0, GeM features"
+"$FINPRINT" evaluate --zero-shot efficientnet_lite0 --labels "$OUT/val_labels.csv" --images "$SRC" --group view
+rm -rf "$OUT/run"
+echo "== finprint train (hflip off: a mirror turns one flank into the other)"
+"$FINPRINT" train --data "$OUT/data" --out "$OUT/run" --hflip-p 0 "$@"
+"$FINPRINT" report "$OUT/run"
+echo "== trained"
+"$FINPRINT" evaluate --models "$OUT/run" --labels "$OUT/val_labels.csv" --images "$SRC" --group view
