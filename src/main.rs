@@ -2,7 +2,6 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use finprint::data::image::load_rgb;
 use finprint::data::{self, folds, stats::Stats, KaggleDir};
 use finprint::embed::{Embeddings, Ensemble};
 use finprint::predict;
@@ -340,13 +339,7 @@ fn run(cli: Cli) -> Result<()> {
             let ensemble = Ensemble::load(&models, runtime::device())?;
             let names = predict::list_images(&images)?;
             let progress = bar(0, "embedding");
-            let vectors = ensemble.embed(
-                names.len(),
-                |i| Ok(load_rgb(&images.join(&names[i]))?),
-                batch_size,
-                flip_tta,
-                &progress,
-            )?;
+            let vectors = ensemble.embed_files(&images, &names, batch_size, flip_tta, &progress)?;
             progress.finish_and_clear();
             let count = names.len();
             Embeddings {
@@ -429,13 +422,7 @@ fn run(cli: Cli) -> Result<()> {
                 groups.push(g.to_string());
             }
             let progress = bar(0, "embedding");
-            let emb = ensemble.embed(
-                names.len(),
-                |i| Ok(load_rgb(&images.join(&names[i]))?),
-                batch_size,
-                flip_tta,
-                &progress,
-            )?;
+            let emb = ensemble.embed_files(&images, &names, batch_size, flip_tta, &progress)?;
             progress.finish_and_clear();
             let threshold = threshold.unwrap_or(ensemble.threshold);
             let r = predict::leave_one_out(

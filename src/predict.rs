@@ -1,7 +1,6 @@
 //! From ranked individuals to answers: `new_individual` inserted by a similarity threshold, and
 //! the threshold chosen on validation queries to maximise MAP@5.
 
-use crate::data::image::load_rgb;
 use crate::data::{read_train_csv, KaggleDir, Prediction, NEW_INDIVIDUAL};
 use crate::embed::Ensemble;
 use crate::metrics::{average_precision_at_5, K};
@@ -221,23 +220,11 @@ pub fn predict_submission(
         "{} lists no photo",
         data.train_csv().display()
     );
-    let (train_dir, test_dir) = (data.train_images(), data.test_images());
+    let names: Vec<String> = train.rows.iter().map(|r| r.image.clone()).collect();
     progress.set_message("embedding the catalogue");
-    let gallery = ensemble.embed(
-        train.rows.len(),
-        |i| Ok(load_rgb(&train_dir.join(&train.rows[i].image))?),
-        batch,
-        flip_tta,
-        progress,
-    )?;
+    let gallery = ensemble.embed_files(&data.train_images(), &names, batch, flip_tta, progress)?;
     progress.set_message("embedding the test photos");
-    let queries = ensemble.embed(
-        tests.len(),
-        |i| Ok(load_rgb(&test_dir.join(&tests[i]))?),
-        batch,
-        flip_tta,
-        progress,
-    )?;
+    let queries = ensemble.embed_files(&data.test_images(), &tests, batch, flip_tta, progress)?;
     let mut ids: Vec<String> = train.rows.iter().map(|r| r.individual_id.clone()).collect();
     ids.sort();
     ids.dedup();

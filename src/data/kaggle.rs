@@ -1,7 +1,7 @@
 //! The Kaggle Happywhale layout: `train.csv`, `train_images/`, `test_images/`,
 //! `sample_submission.csv`, and the solution file that scores a submission.
 
-use super::{CsvFile, DataError};
+use super::{CsvFile, CsvRow, DataError};
 use crate::fsio;
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, HashSet};
@@ -126,25 +126,36 @@ pub struct Prediction {
     pub ids: Vec<String>,
 }
 
-/// Read a submission (`image,predictions`, ids separated by spaces).
-pub fn read_submission(path: &Path) -> Result<Vec<Prediction>, DataError> {
+/// The rows of a CSV with a unique `image` column, each made into a value by `make` (given the
+/// row and its image name).
+fn read_by_image<T>(
+    path: &Path,
+    make: impl Fn(&CsvFile, &CsvRow, String) -> Result<T, DataError>,
+) -> Result<Vec<T>, DataError> {
     let csv = CsvFile::read(path)?;
-    let (image, predictions) = (csv.column("image")?, csv.column("predictions")?);
+    let image = csv.column("image")?;
     let mut seen = HashSet::new();
     csv.rows()
         .map(|row| {
-            let image = row.field(image)?.to_string();
-            if !seen.insert(image.clone()) {
-                return Err(row.error(format!("image '{image}' is listed twice")));
+            let name = row.field(image)?.to_string();
+            if !seen.insert(name.clone()) {
+                return Err(row.error(format!("image '{name}' is listed twice")));
             }
-            let ids = row
-                .optional(predictions)
-                .split_whitespace()
-                .map(str::to_string)
-                .collect();
-            Ok(Prediction { image, ids })
+            make(&csv, &row, name)
         })
         .collect()
+}
+
+/// Read a submission (`image,predictions`, ids separated by spaces).
+pub fn read_submission(path: &Path) -> Result<Vec<Prediction>, DataError> {
+    read_by_image(path, |csv, row, image| {
+        let ids = row
+            .optional(csv.column("predictions")?)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        Ok(Prediction { image, ids })
+    })
 }
 
 /// Write a submission in Kaggle's format: at most five ids per image.
@@ -169,21 +180,12 @@ pub struct SolutionRow {
 
 /// Read a solution (`image,individual_id`).
 pub fn read_solution(path: &Path) -> Result<Vec<SolutionRow>, DataError> {
-    let csv = CsvFile::read(path)?;
-    let (image, individual) = (csv.column("image")?, csv.column("individual_id")?);
-    let mut seen = HashSet::new();
-    csv.rows()
-        .map(|row| {
-            let image = row.field(image)?.to_string();
-            if !seen.insert(image.clone()) {
-                return Err(row.error(format!("image '{image}' is listed twice")));
-            }
-            Ok(SolutionRow {
-                image,
-                individual_id: row.field(individual)?.to_string(),
-            })
+    read_by_image(path, |csv, row, image| {
+        Ok(SolutionRow {
+            image,
+            individual_id: row.field(csv.column("individual_id")?)?.to_string(),
         })
-        .collect()
+    })
 }
 
 pub fn write_solution(path: &Path, rows: &[SolutionRow]) -> Result<()> {
