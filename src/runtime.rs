@@ -70,6 +70,16 @@ where
     })
 }
 
+/// Where models run: the GPU when built with the `cuda` feature and libtorch finds one, else
+/// the CPU.
+pub fn device() -> tch::Device {
+    if cfg!(feature = "cuda") {
+        tch::Device::cuda_if_available()
+    } else {
+        tch::Device::Cpu
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,15 +129,5 @@ mod tests {
     fn free_cores_is_within_the_machine() {
         let n = free_cores();
         assert!(n >= 1 && n <= std::thread::available_parallelism().unwrap().get());
-    }
-}
-
-/// Where models run: the GPU when built with the `cuda` feature and libtorch finds one, else
-/// the CPU.
-pub fn device() -> tch::Device {
-    if cfg!(feature = "cuda") {
-        tch::Device::cuda_if_available()
-    } else {
-        tch::Device::Cpu
     }
 }
