@@ -117,6 +117,9 @@ enum Command {
         /// The new_individual threshold (default: the one chosen on the models' validation).
         #[arg(long)]
         threshold: Option<f32>,
+        /// Instead of a threshold: put new_individual first for this share of the test photos.
+        #[arg(long, conflicts_with = "threshold")]
+        new_share: Option<f64>,
         #[arg(long)]
         flip_tta: bool,
         #[arg(long, default_value_t = 32)]
@@ -360,17 +363,21 @@ fn run(cli: Cli) -> Result<()> {
             data,
             out,
             threshold,
+            new_share,
             flip_tta,
             batch_size,
         } => {
             configure_threads(None);
             let ensemble = Ensemble::load(&models, runtime::device())?;
-            let threshold = threshold.unwrap_or(ensemble.threshold);
+            let rule = match new_share {
+                Some(share) => predict::NewRule::Share(share),
+                None => predict::NewRule::Threshold(threshold.unwrap_or(ensemble.threshold)),
+            };
             let progress = bar(0, "embedding");
             let predictions = predict::predict_submission(
                 &ensemble,
                 &KaggleDir::new(&data),
-                threshold,
+                rule,
                 batch_size,
                 flip_tta,
                 &progress,
@@ -378,7 +385,7 @@ fn run(cli: Cli) -> Result<()> {
             progress.finish_and_clear();
             data::write_submission(&out, &predictions)?;
             say!(
-                "wrote {} predictions to {} (new_individual threshold {threshold:.3})",
+                "wrote {} predictions to {} (new_individual: {rule:?})",
                 predictions.len(),
                 out.display()
             );
@@ -505,7 +512,7 @@ fn run(cli: Cli) -> Result<()> {
             let predictions = predict::predict_submission(
                 &ensemble,
                 &kaggle,
-                ensemble.threshold,
+                predict::NewRule::Threshold(ensemble.threshold),
                 32,
                 false,
                 &progress,

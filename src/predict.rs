@@ -203,12 +203,22 @@ pub fn list_images(dir: &Path) -> anyhow::Result<Vec<String>> {
     Ok(names)
 }
 
+/// Where `new_individual` goes in the answers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum NewRule {
+    /// Before the first candidate whose similarity is below the threshold.
+    Threshold(f32),
+    /// First for this share of the queries, those whose best candidate is weakest (the
+    /// winners' fixed share of new predictions).
+    Share(f64),
+}
+
 /// A Kaggle submission for `test_images/` of `data`: every photo of `train.csv` is the
 /// catalogue, ranked per individual by its best photo, `new_individual` by the threshold.
 pub fn predict_submission(
     ensemble: &Ensemble,
     data: &KaggleDir,
-    threshold: f32,
+    new_rule: NewRule,
     batch: usize,
     flip_tta: bool,
     progress: &ProgressBar,
@@ -236,6 +246,16 @@ pub fn predict_submission(
     let mut index = FlatIndex::new(ensemble.dim(), Storage::F32);
     index.add(&gallery)?;
     let ranked = rank_candidates(&index, &labels, &ids, &queries, Aggregation::Max, K)?;
+    let threshold = match new_rule {
+        NewRule::Threshold(t) => t,
+        NewRule::Share(share) => {
+            let best: Vec<f32> = ranked
+                .iter()
+                .filter_map(|c| c.first().map(|c| c.score))
+                .collect();
+            threshold_for_new_share(&best, share)
+        }
+    };
     Ok(tests
         .into_iter()
         .zip(ranked)
