@@ -18,7 +18,7 @@ use std::path::PathBuf;
 /// An input the data path cannot use, named precisely enough for a person to fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path}: cannot read")]
     Io {
         path: PathBuf,
         #[source]
