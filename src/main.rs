@@ -40,8 +40,6 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Crop photos to their fin boxes (from a community box file, or found with --auto).
-    Crop(finprint::crops::CropArgs),
     /// Write a synthetic catalogue in Kaggle's layout (rendered fin photos with known identities).
     Synth {
         #[arg(long)]
@@ -89,6 +87,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Crop photos to their fin boxes (from a community box file, or found with --auto).
+    Crop(finprint::crops::CropArgs),
     /// Train a model on a Kaggle-format catalogue, validating MAP@5 on a held-out fold.
     Train(Box<TrainArgs>),
     /// Write L2-normalised embeddings of a folder of photos (safetensors, names in metadata).
