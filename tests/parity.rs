@@ -65,8 +65,9 @@ fn max_diff(got: &Tensor, want: &Tensor) -> (f64, f64) {
 }
 
 /// Build the fixture's variant, load its weights and compare eval-mode features with the
-/// reference's on an even and an odd input size. The tolerance is 1e-5 of the largest reference
-/// value (at least 1e-5 absolute): float32 rounding differs between the two graphs.
+/// reference's on an even and an odd input size. The tolerance is the model issue's 1e-4 of the
+/// largest reference value (at least 1e-4 absolute): float32 rounding differs between the two
+/// graphs, and eval mode folds each BatchNorm into its convolution.
 fn check_fixture(name: &str) {
     let _serial = serial();
     let config = read_json(&format!("{name}.json"));
@@ -100,7 +101,7 @@ fn check_fixture(name: &str) {
             xs.size()
         );
         assert!(
-            diff <= 1e-5 * scale.max(1.),
+            diff <= 1e-4 * scale.max(1.),
             "{name} {input}: max |diff| {diff} (scale {scale})"
         );
         // Stages run piecewise give the same result as the whole network.

@@ -121,20 +121,27 @@ impl Conv2d {
     }
 }
 
-impl nn::Module for Conv2d {
-    fn forward(&self, xs: &Tensor) -> Tensor {
+impl Conv2d {
+    /// This convolution's geometry with other weights and bias.
+    fn conv_with(&self, xs: &Tensor, ws: &Tensor, bs: Option<&Tensor>) -> Tensor {
         let (xs, pad) = match self.pad {
             Pad::Fixed(pad) => (xs.shallow_clone(), pad),
             Pad::Same => (pad_same(xs, self.kernel, self.stride, self.dilation), 0),
         };
         xs.conv2d(
-            &self.ws,
-            self.bs.as_ref(),
+            ws,
+            bs,
             [self.stride, self.stride],
             [pad, pad],
             [self.dilation, self.dilation],
             self.groups,
         )
+    }
+}
+
+impl nn::Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        self.conv_with(xs, &self.ws, self.bs.as_ref())
     }
 }
 
@@ -177,6 +184,7 @@ pub fn batch_norm2d(p: nn::Path, channels: i64, cfg: BnCfg) -> nn::BatchNorm {
 pub struct BnAct {
     pub bn: nn::BatchNorm,
     pub act: Option<Act>,
+    eps: f64,
 }
 
 impl BnAct {
@@ -184,6 +192,28 @@ impl BnAct {
         BnAct {
             bn: batch_norm2d(p, channels, cfg),
             act,
+            eps: cfg.eps,
+        }
+    }
+
+    /// `conv`, then this BatchNorm and activation. In eval mode the BatchNorm is folded into
+    /// the convolution's weights and bias — one pass over the activations instead of two. The
+    /// folding is computed per call (on the small weight tensors), so it follows training.
+    pub fn after_conv(&self, conv: &Conv2d, xs: &Tensor, train: bool) -> Tensor {
+        let (Some(gamma), Some(beta), false) = (&self.bn.ws, &self.bn.bs, train) else {
+            return self.forward_t(&xs.apply(conv), train);
+        };
+        let scale = gamma / (&self.bn.running_var + self.eps).sqrt();
+        let ws = &conv.ws * scale.view([-1, 1, 1, 1]);
+        let shift = beta - &self.bn.running_mean * &scale;
+        let bias = match &conv.bs {
+            Some(b) => shift + b * &scale,
+            None => shift,
+        };
+        let ys = conv.conv_with(xs, &ws, Some(&bias));
+        match self.act {
+            Some(act) => act.apply(&ys),
+            None => ys,
         }
     }
 }
@@ -264,7 +294,7 @@ impl ConvBnAct {
 
 impl ModuleT for ConvBnAct {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let ys = self.bn.forward_t(&xs.apply(&self.conv), train);
+        let ys = self.bn.after_conv(&self.conv, xs, train);
         if self.has_skip {
             drop_path(&ys, self.drop_path, train) + xs
         } else {
@@ -430,14 +460,14 @@ impl MbConv {
 impl ModuleT for MbConv {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         let mut ys = match &self.expand {
-            Some((conv, bn)) => bn.forward_t(&xs.apply(conv), train),
+            Some((conv, bn)) => bn.after_conv(conv, xs, train),
             None => xs.shallow_clone(),
         };
-        ys = self.dw_bn.forward_t(&ys.apply(&self.dw), train);
+        ys = self.dw_bn.after_conv(&self.dw, &ys, train);
         if let Some(se) = &self.se {
             ys = ys.apply(se);
         }
-        ys = self.project_bn.forward_t(&ys.apply(&self.project), train);
+        ys = self.project_bn.after_conv(&self.project, &ys, train);
         if self.has_skip {
             drop_path(&ys, self.drop_path, train) + xs
         } else {
@@ -494,11 +524,11 @@ impl FusedMbConv {
 
 impl ModuleT for FusedMbConv {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let mut ys = self.bn1.forward_t(&xs.apply(&self.conv_exp), train);
+        let mut ys = self.bn1.after_conv(&self.conv_exp, xs, train);
         if let Some(se) = &self.se {
             ys = ys.apply(se);
         }
-        ys = self.bn2.forward_t(&ys.apply(&self.conv_pwl), train);
+        ys = self.bn2.after_conv(&self.conv_pwl, &ys, train);
         if self.has_skip {
             drop_path(&ys, self.drop_path, train) + xs
         } else {
