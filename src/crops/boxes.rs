@@ -85,16 +85,7 @@ pub fn write_boxes(path: &Path, format: BoxFormat, rows: &[BoxRow]) -> Result<()
 
 /// Four finite numbers separated by spaces (or commas).
 fn parse_four(text: &str) -> Result<BoxPx, String> {
-    let numbers = text
-        .split(|c: char| c.is_whitespace() || c == ',')
-        .filter(|t| !t.is_empty())
-        .map(|t| {
-            t.parse::<f32>()
-                .ok()
-                .filter(|v| v.is_finite())
-                .ok_or_else(|| format!("'{t}' is not a number in box '{text}'"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let numbers = parse_numbers(text, |t| format!("'{t}' is not a number in box '{text}'"))?;
     match numbers[..] {
         [x0, y0, x1, y1] => Ok(BoxPx { x0, y0, x1, y1 }),
         _ => Err(format!(
@@ -155,14 +146,18 @@ fn parse_bbox(text: &str, conf: &str) -> Result<Option<BoxPx>, String> {
 /// A `conf` cell: `[0.85]`, `[0.85 0.2]`, `[]` or empty.
 fn parse_conf(text: &str) -> Result<Vec<f32>, String> {
     let inner = text.trim_start_matches('[').trim_end_matches(']');
-    inner
-        .split(|c: char| c.is_whitespace() || c == ',')
+    parse_numbers(inner, |t| format!("confidence '{t}' is not a number"))
+}
+
+/// Finite numbers separated by spaces or commas; `bad(token)` words the error.
+fn parse_numbers(text: &str, bad: impl Fn(&str) -> String) -> Result<Vec<f32>, String> {
+    text.split(|c: char| c.is_whitespace() || c == ',')
         .filter(|t| !t.is_empty())
         .map(|t| {
             t.parse::<f32>()
                 .ok()
                 .filter(|v| v.is_finite())
-                .ok_or_else(|| format!("confidence '{t}' is not a number"))
+                .ok_or_else(|| bad(t))
         })
         .collect()
 }
