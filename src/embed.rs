@@ -102,12 +102,18 @@ pub fn input_tensor(model: &HappyWhaleModel, chw: &[f32], n: usize) -> Tensor {
 /// Unit embeddings `[N, E]` of an input batch: the mean of the photo and its mirror image when
 /// `flip_tta`.
 pub fn embed_batch(model: &HappyWhaleModel, xs: &Tensor, flip_tta: bool) -> Tensor {
+    unit_with_flip(xs, flip_tta, |x| model.embed(x, false))
+}
+
+/// `normalize(f(xs))` without gradients, averaged with `f` of the width-mirrored `xs` when
+/// `flip`.
+pub fn unit_with_flip(xs: &Tensor, flip: bool, f: impl Fn(&Tensor) -> Tensor) -> Tensor {
     tch::no_grad(|| {
-        let e = model.embed(xs, false);
-        if flip_tta {
-            normalize(&(normalize(&e) + normalize(&model.embed(&xs.flip([3]), false))))
+        let e = normalize(&f(xs));
+        if flip {
+            normalize(&(e + normalize(&f(&xs.flip([3])))))
         } else {
-            normalize(&e)
+            e
         }
     })
 }

@@ -15,7 +15,7 @@ use super::augment::{batch_with, item_rng, resize, AugmentConfig, Pipeline};
 use super::optim::{lr_at, AdamW, Group};
 use crate::data::folds::{assign_folds, split};
 use crate::data::{image::load_rgb, read_train_csv, KaggleDir, NEW_INDIVIDUAL};
-use crate::embed::{embed_images, input_tensor, to_vec};
+use crate::embed::{embed_images, input_tensor, to_vec, unit_with_flip};
 use crate::fsio;
 use crate::model::happywhale::{pretrained_weights, HappyWhaleModel, ModelConfig};
 use crate::model::heads::{normalize, ArcFaceConfig};
@@ -32,7 +32,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// Which layers train.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -744,13 +744,8 @@ impl Trainer {
             for chunk in idx.chunks(64) {
                 let ids: Vec<i64> = chunk.iter().map(|&i| i as i64).collect();
                 let xs = cache.index_select(0, &Tensor::from_slice(&ids).to_device(cache.device()));
-                let e = tch::no_grad(|| {
-                    let e = normalize(&self.head_forward(model, &xs, false));
-                    if self.cfg.flip_tta {
-                        normalize(&(e + normalize(&self.head_forward(model, &xs.flip([3]), false))))
-                    } else {
-                        e
-                    }
+                let e = unit_with_flip(&xs, self.cfg.flip_tta, |x| {
+                    self.head_forward(model, x, false)
                 });
                 out.extend(to_vec(&e)?);
             }
@@ -823,7 +818,7 @@ impl Trainer {
         };
         let pooled: Vec<Tensor> = maps
             .iter()
-            .map(|m| tch::no_grad(|| normalize(&gem3(m))))
+            .map(|m| tch::no_grad(|| normalize(&model.pool(m))))
             .collect();
         let features = Tensor::cat(&pooled, 0);
         let dim = features.size()[1] as usize;
@@ -832,14 +827,6 @@ impl Trainer {
         let queries = to_vec(&features.narrow(0, n_train, photos.val.len() as i64))?;
         Ok(validation_map(photos, &gallery, &queries, dim)?.0)
     }
-}
-
-/// GeM pooling with p = 3, as the untrained head starts.
-fn gem3(map: &Tensor) -> Tensor {
-    map.clamp_min(1e-6)
-        .pow_tensor_scalar(3.0)
-        .mean_dim(&[-2i64, -1][..], false, Kind::Float)
-        .pow_tensor_scalar(1.0 / 3.0)
 }
 
 pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>> {
