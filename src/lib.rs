@@ -10,6 +10,7 @@
 //!
 //! Every file written goes through [`fsio`]: a temporary file, then a rename.
 
+pub mod catalog;
 pub mod crops;
 pub mod data;
 pub mod embed;

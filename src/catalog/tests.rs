@@ -1,0 +1,382 @@
+//! Catalogue operations that need no model: import, decisions, merges, history, export.
+
+use super::*;
+
+/// A small JPEG whose pixels depend on `seed`.
+fn jpeg(seed: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(32, 24, |x, y| {
+        image::Rgb([seed.wrapping_mul(37), (x * 7) as u8, (y * 11) as u8 ^ seed])
+    });
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+        .encode_image(&img)
+        .unwrap();
+    out
+}
+
+/// A Kaggle folder: photos p0..p5 of individuals a (3 photos), b (2), c (1).
+fn kaggle(dir: &Path) {
+    let rows = [
+        ("p0.jpg", "a"),
+        ("p1.jpg", "a"),
+        ("p2.jpg", "a"),
+        ("p3.jpg", "b"),
+        ("p4.jpg", "b"),
+        ("p5.jpg", "c"),
+    ];
+    let mut csv = String::from("image,species,individual_id\n");
+    std::fs::create_dir_all(dir.join("train_images")).unwrap();
+    for (i, (image, id)) in rows.iter().enumerate() {
+        // "bottlenose_dolpin" is normalised on import.
+        csv += &format!("{image},bottlenose_dolpin,{id}\n");
+        std::fs::write(dir.join("train_images").join(image), jpeg(i as u8)).unwrap();
+    }
+    std::fs::write(dir.join("train.csv"), csv).unwrap();
+}
+
+fn imported() -> (tempfile::TempDir, Catalog) {
+    let tmp = tempfile::tempdir().unwrap();
+    kaggle(&tmp.path().join("kaggle"));
+    let cat = Catalog::open(&tmp.path().join("cat")).unwrap();
+    let s = cat
+        .import(&tmp.path().join("kaggle"), "tester", &ProgressBar::hidden())
+        .unwrap();
+    assert_eq!(
+        s,
+        ImportSummary {
+            individuals: 3,
+            photos: 6,
+            decisions: 6
+        }
+    );
+    (tmp, cat)
+}
+
+#[test]
+fn kaggle_import_records_individuals_photos_and_who_imported_them() {
+    let (_tmp, cat) = imported();
+    let list = cat.individuals().unwrap();
+    let ids: Vec<(&str, usize, &str)> = list
+        .iter()
+        .map(|i| (i.id.as_str(), i.photos, i.species.as_str()))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            ("a", 3, "bottlenose_dolphin"),
+            ("b", 2, "bottlenose_dolphin"),
+            ("c", 1, "bottlenose_dolphin")
+        ]
+    );
+    let d = cat.decisions().unwrap();
+    assert!(d
+        .iter()
+        .all(|d| d.kind == "import" && d.decided_by == "tester"));
+    assert!(d[0].decided_at.ends_with('Z') && d[0].decided_at.len() == 24);
+    // A second import into the same catalogue is refused.
+    let err = cat
+        .import(cat.dir(), "tester", &ProgressBar::hidden())
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("not empty"), "{err:#}");
+}
+
+#[test]
+fn decisions_assign_pending_photos_once_and_record_who_and_when() {
+    let (_tmp, cat) = imported();
+    let sighting = Sighting {
+        date: "2026-11-28".into(),
+        place: " Hauraki Gulf ".into(),
+        photographer: "Ana".into(),
+    };
+    let up = cat
+        .store_upload("boat1.jpg", &jpeg(100), &sighting)
+        .unwrap();
+    // The same bytes uploaded again are kept once, under the same name.
+    assert_eq!(
+        cat.store_upload("copy.jpg", &jpeg(100), &Sighting::default())
+            .unwrap(),
+        up
+    );
+    assert_eq!(cat.counts().unwrap().pending, 1);
+
+    let confirm = Decision::Confirm {
+        image: up.clone(),
+        individual_id: "b".into(),
+    };
+    let r = cat.decide(&confirm, "Ana", "clear notch").unwrap();
+    assert_eq!(
+        (r.kind.as_str(), r.image.as_str(), r.individual_id.as_str()),
+        ("confirm", up.as_str(), "b")
+    );
+    assert_eq!(r.decided_by, "Ana");
+    // Deciding it again is a conflict, and changes nothing.
+    let err = cat.decide(&confirm, "Bo", "").unwrap_err();
+    assert!(matches!(
+        err.downcast_ref::<CatalogError>(),
+        Some(CatalogError::Conflict(_))
+    ));
+    let b = cat.individual("b").unwrap();
+    assert_eq!(b.summary.photos, 3);
+    let s = b.sightings.iter().find(|p| p.image == up).unwrap();
+    assert_eq!(s.sighting.place, "Hauraki Gulf");
+    assert_eq!(s.species, "bottlenose_dolphin");
+    assert_eq!(b.history.last().unwrap().note, "clear notch");
+
+    // A new individual, with a generated id.
+    let up2 = cat
+        .store_upload("x.png", &jpeg(101), &Sighting::default())
+        .unwrap();
+    let r = cat
+        .decide(
+            &Decision::New {
+                image: up2.clone(),
+                individual_id: None,
+                species: Some("humpback_whale".into()),
+            },
+            "Bo",
+            "",
+        )
+        .unwrap();
+    assert!(r.individual_id.starts_with("fp-"), "{}", r.individual_id);
+    let n = cat.individual(&r.individual_id).unwrap();
+    assert_eq!((n.summary.photos, n.summary.created_by.as_str()), (1, "Bo"));
+    assert_eq!(n.summary.species, "humpback_whale");
+
+    // Refusals: unknown photo, unknown individual, no name, taken id.
+    let unknown = cat.decide(
+        &Decision::Confirm {
+            image: "nope.jpg".into(),
+            individual_id: "a".into(),
+        },
+        "Bo",
+        "",
+    );
+    assert!(matches!(
+        unknown.unwrap_err().downcast_ref::<CatalogError>(),
+        Some(CatalogError::NotFound(_))
+    ));
+    let up3 = cat
+        .store_upload("y.jpg", &jpeg(102), &Sighting::default())
+        .unwrap();
+    let err = cat
+        .decide(
+            &Decision::Confirm {
+                image: up3.clone(),
+                individual_id: "zz".into(),
+            },
+            "Bo",
+            "",
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("'zz'"), "{err}");
+    assert!(cat.decide(&confirm, " ", "").is_err());
+    let err = cat
+        .decide(
+            &Decision::New {
+                image: up3,
+                individual_id: Some("a".into()),
+                species: None,
+            },
+            "Bo",
+            "",
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    let c = cat.counts().unwrap();
+    assert_eq!(
+        (c.individuals, c.photos, c.pending, c.decisions),
+        (4, 9, 1, 8)
+    );
+}
+
+#[test]
+fn merge_keeps_the_merged_id_and_its_history() {
+    let (_tmp, cat) = imported();
+    cat.decide(
+        &Decision::Merge {
+            from: "c".into(),
+            into: "a".into(),
+        },
+        "Ana",
+        "same scar",
+    )
+    .unwrap();
+    let list: Vec<String> = cat
+        .individuals()
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(list, ["a", "b"]);
+    let a = cat.individual("a").unwrap();
+    assert_eq!(a.summary.photos, 4);
+    assert_eq!(a.summary.aliases, ["c"]);
+    // The merged id still answers, with the survivor's page; its photo keeps its recorded id.
+    let c = cat.individual("c").unwrap();
+    assert_eq!(
+        (c.summary.id.as_str(), c.requested.as_deref()),
+        ("a", Some("c"))
+    );
+    assert!(c
+        .sightings
+        .iter()
+        .any(|p| p.image == "p5.jpg" && p.individual_id.as_deref() == Some("c")));
+    let merge = a.history.iter().find(|d| d.kind == "merge").unwrap();
+    assert_eq!(
+        (merge.other_id.as_str(), merge.individual_id.as_str()),
+        ("c", "a")
+    );
+    // A merged id resolves: merging it again is merging an individual with itself; confirming to
+    // it confirms to the survivor.
+    let err = cat
+        .decide(
+            &Decision::Merge {
+                from: "c".into(),
+                into: "a".into(),
+            },
+            "Ana",
+            "",
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("one individual"), "{err}");
+    let up = cat
+        .store_upload("q.jpg", &jpeg(9), &Sighting::default())
+        .unwrap();
+    let r = cat
+        .decide(
+            &Decision::Confirm {
+                image: up,
+                individual_id: "c".into(),
+            },
+            "Ana",
+            "",
+        )
+        .unwrap();
+    assert_eq!(r.individual_id, "a");
+    // a merged into b: c resolves through a to b.
+    cat.decide(
+        &Decision::Merge {
+            from: "a".into(),
+            into: "b".into(),
+        },
+        "Ana",
+        "",
+    )
+    .unwrap();
+    assert_eq!(cat.individual("c").unwrap().summary.id, "b");
+    assert_eq!(cat.individual("b").unwrap().summary.photos, 7);
+    assert_eq!(cat.individual("b").unwrap().summary.aliases, ["a", "c"]);
+}
+
+#[test]
+fn export_then_import_loses_nothing() {
+    let (tmp, cat) = imported();
+    let up = cat
+        .store_upload(
+            "u.jpg",
+            &jpeg(50),
+            &Sighting {
+                date: "2026-01-02".into(),
+                place: "Kaikōura, \"north\" bay".into(),
+                photographer: "Ana".into(),
+            },
+        )
+        .unwrap();
+    cat.decide(
+        &Decision::New {
+            image: up,
+            individual_id: Some("new-1".into()),
+            species: None,
+        },
+        "Ana",
+        "note, with comma\nand a line",
+    )
+    .unwrap();
+    cat.decide(
+        &Decision::Merge {
+            from: "b".into(),
+            into: "a".into(),
+        },
+        "Bo",
+        "",
+    )
+    .unwrap();
+    cat.store_upload("pending.jpg", &jpeg(51), &Sighting::default())
+        .unwrap();
+
+    let first = tmp.path().join("export1");
+    let s1 = cat.export(&first, &ProgressBar::hidden()).unwrap();
+    let again = Catalog::open(&tmp.path().join("cat2")).unwrap();
+    assert_eq!(
+        again
+            .import(&first, "ignored", &ProgressBar::hidden())
+            .unwrap(),
+        s1
+    );
+    let second = tmp.path().join("export2");
+    again.export(&second, &ProgressBar::hidden()).unwrap();
+    for f in [
+        "individuals.csv",
+        "photos.csv",
+        "decisions.csv",
+        "train.csv",
+    ] {
+        let a = std::fs::read_to_string(first.join(f)).unwrap();
+        assert_eq!(a, std::fs::read_to_string(second.join(f)).unwrap(), "{f}");
+    }
+    assert_eq!(again.photos().unwrap(), cat.photos().unwrap());
+    assert_eq!(again.decisions().unwrap(), cat.decisions().unwrap());
+    assert_eq!(again.individual("b").unwrap(), cat.individual("b").unwrap());
+    for p in cat.photos().unwrap() {
+        let a = std::fs::read(cat.images_dir().join(&p.image)).unwrap();
+        assert_eq!(
+            a,
+            std::fs::read(second.join("train_images").join(&p.image)).unwrap()
+        );
+    }
+    // train.csv names the survivor of a merge, and reads as a Kaggle catalogue.
+    let train = crate::data::read_train_csv(&first.join("train.csv")).unwrap();
+    assert_eq!(train.rows.len(), 7);
+    assert!(train.rows.iter().all(|r| r.individual_id != "b"));
+}
+
+#[test]
+fn unsafe_names_and_non_images_are_refused() {
+    assert!(is_safe_name("a1_B-2.jpg"));
+    for bad in ["", "../x.jpg", ".hidden", "a/b.jpg", "a b.jpg", "c:\\x"] {
+        assert!(!is_safe_name(bad), "{bad}");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cat = Catalog::open(tmp.path()).unwrap();
+    let err = cat
+        .store_upload("notes.txt", b"hello", &Sighting::default())
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("notes.txt: not a usable image"),
+        "{err}"
+    );
+    assert_eq!(cat.counts().unwrap().photos, 0);
+}
+
+#[test]
+fn a_decision_survives_a_crash_without_a_clean_close() {
+    let (tmp, cat) = imported();
+    let up = cat
+        .store_upload("u.jpg", &jpeg(70), &Sighting::default())
+        .unwrap();
+    cat.decide(
+        &Decision::Confirm {
+            image: up.clone(),
+            individual_id: "a".into(),
+        },
+        "Ana",
+        "",
+    )
+    .unwrap();
+    // No close, no checkpoint: the connection is leaked as a killed process would leave it.
+    std::mem::forget(cat);
+    let reopened = Catalog::open(&tmp.path().join("cat")).unwrap();
+    let a = reopened.individual("a").unwrap();
+    assert!(a.sightings.iter().any(|p| p.image == up));
+    assert_eq!(reopened.integrity_check().unwrap(), "ok");
+}
