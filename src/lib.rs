@@ -20,5 +20,6 @@ pub mod model;
 pub mod predict;
 pub mod runtime;
 pub mod search;
+pub mod service;
 pub mod synth;
 pub mod train;

@@ -169,6 +169,68 @@ enum Command {
         #[arg(long, default_value_t = 160)]
         img_size: i64,
     },
+    /// Serve the identification service (HTTP API and web page) over a catalogue.
+    Serve(Box<ServeArgs>),
+    /// Import into or export from a catalogue folder.
+    #[command(subcommand)]
+    Catalog(CatalogCommand),
+}
+
+/// `finprint serve`.
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The catalogue folder (created when missing).
+    #[arg(long)]
+    catalog: PathBuf,
+    /// Trained models (run folders) that embed the photos.
+    #[arg(long, value_delimiter = ',', required_unless_present = "zero_shot")]
+    models: Vec<PathBuf>,
+    /// Instead of trained models: a pretrained backbone's features (no training needed).
+    #[arg(long, conflicts_with = "models")]
+    zero_shot: Option<String>,
+    /// Input size for --zero-shot (default: the backbone's own).
+    #[arg(long)]
+    img_size: Option<i64>,
+    /// The new_individual threshold (default: the one the models saved; 0 for --zero-shot).
+    #[arg(long)]
+    threshold: Option<f32>,
+    /// A Kaggle folder (train.csv, train_images/) or a finprint export imported into an empty
+    /// catalogue; ignored once the catalogue holds photos.
+    #[arg(long)]
+    import: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: String,
+    /// The token that writes need (default: $FINPRINT_TOKEN, else a random one, printed).
+    #[arg(long)]
+    token: Option<String>,
+    /// Largest photo accepted, in megabytes.
+    #[arg(long, default_value_t = 20.0)]
+    max_upload_mb: f64,
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum CatalogCommand {
+    /// Import a Kaggle folder (train.csv, train_images/) or a finprint export into an empty
+    /// catalogue.
+    Import {
+        #[arg(long)]
+        catalog: PathBuf,
+        #[arg(long)]
+        from: PathBuf,
+        /// Who the import decisions are recorded as.
+        #[arg(long, default_value = "import")]
+        by: String,
+    },
+    /// Export a catalogue: individuals.csv, photos.csv, decisions.csv, train.csv and
+    /// train_images/ (imports back unchanged).
+    Export {
+        #[arg(long)]
+        catalog: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// `finprint train`: flags override the `--config` file (or the defaults).
@@ -456,6 +518,33 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Serve(args) => serve(*args),
+        Command::Catalog(CatalogCommand::Import { catalog, from, by }) => {
+            let progress = bar(0, "copying photos");
+            let s = finprint::catalog::Catalog::open(&catalog)?.import(&from, &by, &progress)?;
+            progress.finish_and_clear();
+            say!(
+                "imported {} individuals, {} photos and {} decisions into {}",
+                s.individuals,
+                s.photos,
+                s.decisions,
+                catalog.display()
+            );
+            Ok(())
+        }
+        Command::Catalog(CatalogCommand::Export { catalog, out }) => {
+            let progress = bar(0, "copying photos");
+            let s = finprint::catalog::Catalog::open(&catalog)?.export(&out, &progress)?;
+            progress.finish_and_clear();
+            say!(
+                "exported {} individuals, {} photos and {} decisions to {}",
+                s.individuals,
+                s.photos,
+                s.decisions,
+                out.display()
+            );
+            Ok(())
+        }
         Command::Report { run } => {
             let files = train::report::report(&run)?;
             say!(
@@ -529,6 +618,55 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    use finprint::catalog::ModelSpec;
+    use finprint::service;
+    configure_threads(args.threads);
+    let model = match args.zero_shot {
+        Some(backbone) => ModelSpec::ZeroShot {
+            backbone,
+            img_size: args.img_size,
+        },
+        None => ModelSpec::Runs(args.models),
+    };
+    let opts = service::ServeOptions {
+        catalog: args.catalog.clone(),
+        import: args.import,
+        model,
+        threshold: args.threshold,
+    };
+    let progress = bar(0, "opening the catalogue");
+    let (catalog, said) = service::open_catalog(&opts, &progress)?;
+    progress.finish_and_clear();
+    let counts = catalog.counts()?;
+    say!(
+        "catalogue {}: {} individuals, {} photos ({said})",
+        args.catalog.display(),
+        counts.individuals,
+        counts.photos
+    );
+    let token = args
+        .token
+        .or_else(|| std::env::var("FINPRINT_TOKEN").ok())
+        .filter(|t| !t.trim().is_empty())
+        .unwrap_or_else(service::random_token);
+    anyhow::ensure!(args.max_upload_mb > 0.0, "--max-upload-mb must be positive");
+    let max_upload = (args.max_upload_mb * 1e6) as usize;
+    let state = service::AppState::new(std::sync::Arc::new(catalog), token.clone(), max_upload);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(async {
+            let listener = tokio::net::TcpListener::bind(&args.addr)
+                .await
+                .with_context(|| format!("cannot listen on {}", args.addr))?;
+            let addr = listener.local_addr()?;
+            say!("finprint serving on http://{addr}/#token={token}  (Ctrl-C stops)");
+            service::serve(state, listener).await
+        })
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {

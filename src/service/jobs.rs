@@ -1,0 +1,111 @@
+//! Batch identification: many photos in one request, identified one after another in the
+//! background; the job's id answers with its progress and the results so far.
+
+use super::{authorise, read_form, ApiError, ApiResult, AppState, MAX_BATCH, PHOTOS_EACH, TOP};
+use crate::catalog::Identification;
+use axum::extract::{Multipart, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The result for one photo of a job: its identification, or why it could not be identified.
+#[derive(Clone, Debug, Serialize)]
+pub struct JobItem {
+    pub upload: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Identification>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct JobStatus {
+    pub job: String,
+    pub total: usize,
+    pub done: usize,
+    pub finished: bool,
+    pub results: Vec<JobItem>,
+}
+
+/// The jobs of this run of the service (kept in memory: results are also pending photos in
+/// the catalogue, so nothing is lost with them).
+#[derive(Default)]
+pub struct Jobs {
+    next: AtomicU64,
+    all: Mutex<HashMap<String, Arc<Mutex<JobStatus>>>>,
+}
+
+pub async fn start(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    form: Multipart,
+) -> ApiResult<Response> {
+    authorise(&state, &headers)?;
+    let (uploads, sighting) = read_form(form, state.max_upload, MAX_BATCH).await?;
+    let id = format!(
+        "job-{}",
+        state.jobs.next.fetch_add(1, Ordering::Relaxed) + 1
+    );
+    let status = Arc::new(Mutex::new(JobStatus {
+        job: id.clone(),
+        total: uploads.len(),
+        done: 0,
+        finished: false,
+        results: Vec::new(),
+    }));
+    state
+        .jobs
+        .all
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id.clone(), status.clone());
+    let catalog = state.catalog.clone();
+    let total = uploads.len();
+    tokio::task::spawn_blocking(move || {
+        for upload in uploads {
+            let item =
+                match catalog.identify(&upload.name, &upload.bytes, &sighting, TOP, PHOTOS_EACH) {
+                    Ok(found) => JobItem {
+                        upload: upload.name,
+                        result: Some(found),
+                        error: None,
+                    },
+                    Err(e) => JobItem {
+                        upload: upload.name,
+                        result: None,
+                        error: Some(format!("{e:#}")),
+                    },
+                };
+            let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
+            s.results.push(item);
+            s.done += 1;
+        }
+        status.lock().unwrap_or_else(|e| e.into_inner()).finished = true;
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "job": id, "total": total, "status": format!("/api/jobs/{id}") })),
+    )
+        .into_response())
+}
+
+pub async fn status(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobStatus>> {
+    let job = state
+        .jobs
+        .all
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job '{id}'")))?;
+    let snapshot = job.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok(Json(snapshot))
+}

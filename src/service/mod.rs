@@ -1,0 +1,438 @@
+//! The identification service: an HTTP API and a web page over a [`Catalog`].
+//!
+//! | method and path | does | token |
+//! |---|---|---|
+//! | `GET /api/health` | status and catalogue counts | no |
+//! | `POST /api/identify` | one photo (multipart `photo`, optional `date`, `place`, `photographer`) → candidates | yes |
+//! | `POST /api/jobs` | many photos (repeated `photo`) → a job id; identified in the background | yes |
+//! | `GET /api/jobs/{id}` | a job's progress and results | no |
+//! | `POST /api/decisions` | confirm / new / merge (JSON) | yes |
+//! | `GET /api/individuals[/{id}]` | the individuals; one with its sightings and history | no |
+//! | `GET /images/{name}` | a catalogue photo | no |
+//! | `GET /` | the web page | no |
+//!
+//! Writes need `Authorization: Bearer TOKEN`. Errors are JSON `{"error": "..."}` with a status
+//! that says why: 400 bad input (naming the upload), 401 token, 404, 409 already decided, 413
+//! too large. Embedding and SQLite work run on blocking threads, off the async workers.
+
+mod jobs;
+
+use crate::catalog::{Catalog, CatalogError, Decision, Sighting};
+use axum::extract::multipart::{Field, Multipart, MultipartError};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+
+/// Candidates returned for a query, and photos shown for each.
+pub const TOP: usize = 5;
+pub const PHOTOS_EACH: usize = 3;
+/// Most photos in one batch job.
+pub const MAX_BATCH: usize = 200;
+
+/// What the service runs with.
+pub struct AppState {
+    pub catalog: Arc<Catalog>,
+    /// The token that writes must present.
+    pub token: String,
+    /// The largest photo accepted, in bytes.
+    pub max_upload: usize,
+    jobs: jobs::Jobs,
+}
+
+impl AppState {
+    pub fn new(catalog: Arc<Catalog>, token: String, max_upload: usize) -> Arc<Self> {
+        Arc::new(Self {
+            catalog,
+            token,
+            max_upload,
+            jobs: jobs::Jobs::default(),
+        })
+    }
+}
+
+/// An answer that is not a success: a status and a message for a person.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(err: anyhow::Error) -> Self {
+        let status = match err.downcast_ref::<CatalogError>() {
+            Some(CatalogError::NotFound(_)) => StatusCode::NOT_FOUND,
+            Some(CatalogError::Conflict(_)) => StatusCode::CONFLICT,
+            Some(CatalogError::Invalid(_)) => StatusCode::BAD_REQUEST,
+            None => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, format!("{err:#}"))
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Run blocking catalogue work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+/// Writes need the token as `Authorization: Bearer TOKEN`.
+fn authorise(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(given) = given else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "this request writes to the catalogue: send the service's token as 'Authorization: Bearer TOKEN'",
+        ));
+    };
+    // Compared in time independent of where the first difference is.
+    let same = given.len() == state.token.len()
+        && given
+            .bytes()
+            .zip(state.token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(ApiError::new(StatusCode::UNAUTHORIZED, "wrong token"))
+    }
+}
+
+/// The router of the whole service.
+pub fn router(state: Arc<AppState>) -> Router {
+    // Room for the multipart framing and the text fields around a photo of the largest size.
+    let one = state.max_upload + 64 * 1024;
+    Router::new()
+        .route("/", get(page))
+        .route("/app.js", get(script))
+        .route("/style.css", get(style))
+        .route("/images/{name}", get(photo))
+        .route("/api/health", get(health))
+        .route(
+            "/api/identify",
+            post(identify).layer(DefaultBodyLimit::max(one)),
+        )
+        .route(
+            "/api/jobs",
+            post(jobs::start).layer(DefaultBodyLimit::max(one * MAX_BATCH)),
+        )
+        .route("/api/jobs/{id}", get(jobs::status))
+        .route("/api/decisions", post(decide))
+        .route("/api/individuals", get(individuals))
+        .route("/api/individuals/{id}", get(individual))
+        .with_state(state)
+}
+
+/// Serve on `addr` until Ctrl-C.
+pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
+
+async fn page() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("web/index.html"),
+    )
+}
+
+async fn script() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("web/app.js"),
+    )
+}
+
+async fn style() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        include_str!("web/style.css"),
+    )
+}
+
+/// A catalogue photo; only plain names of the images folder are served.
+async fn photo(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    if !crate::catalog::is_safe_name(&name) {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "no such photo"));
+    }
+    let path = state.catalog.images_dir().join(&name);
+    let bytes = tokio::task::spawn_blocking(move || std::fs::read(path))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, format!("no photo '{name}'")))?;
+    let kind = if bytes.starts_with(&[0xFF, 0xD8]) {
+        "image/jpeg"
+    } else {
+        "image/png"
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> ApiResult<Json<serde_json::Value>> {
+    let catalog = state.catalog.clone();
+    let counts = blocking(move || catalog.counts()).await?;
+    Ok(Json(json!({
+        "status": "ok",
+        "model": state.catalog.embedder().map(|e| e.model_id.clone()),
+        "threshold": state.catalog.embedder().map(|e| e.threshold),
+        "counts": counts,
+        "max_upload_bytes": state.max_upload,
+    })))
+}
+
+/// One photo and the sighting fields sent with it.
+pub(crate) struct Upload {
+    pub name: String,
+    pub bytes: Vec<u8>,
+}
+
+fn multipart_error(e: MultipartError, max_upload: usize) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "upload too large: a photo may be at most {}",
+                megabytes(max_upload)
+            ),
+        )
+    } else {
+        ApiError::new(
+            e.status(),
+            format!("cannot read the upload: {}", e.body_text()),
+        )
+    }
+}
+
+fn megabytes(bytes: usize) -> String {
+    if bytes >= 1_000_000 {
+        format!("{:.1} MB", bytes as f64 / 1e6)
+    } else {
+        format!("{:.0} kB", bytes as f64 / 1e3)
+    }
+}
+
+/// The photos (fields named `photo`) and sighting fields of a multipart form.
+pub(crate) async fn read_form(
+    mut form: Multipart,
+    max_upload: usize,
+    max_photos: usize,
+) -> ApiResult<(Vec<Upload>, Sighting)> {
+    let mut uploads = Vec::new();
+    let mut sighting = Sighting::default();
+    while let Some(field) = form
+        .next_field()
+        .await
+        .map_err(|e| multipart_error(e, max_upload))?
+    {
+        let name = field.name().unwrap_or("").to_string();
+        match name.as_str() {
+            "photo" => {
+                let file = field.file_name().unwrap_or("photo").to_string();
+                let bytes = read_field(field, max_upload).await?;
+                if bytes.len() > max_upload {
+                    return Err(ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!(
+                            "{file}: {} is over the upload limit of {}",
+                            megabytes(bytes.len()),
+                            megabytes(max_upload)
+                        ),
+                    ));
+                }
+                uploads.push(Upload { name: file, bytes });
+                if uploads.len() > max_photos {
+                    return Err(ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("at most {max_photos} photos at once"),
+                    ));
+                }
+            }
+            "date" | "place" | "photographer" => {
+                let text = field
+                    .text()
+                    .await
+                    .map_err(|e| multipart_error(e, max_upload))?;
+                match name.as_str() {
+                    "date" => sighting.date = text,
+                    "place" => sighting.place = text,
+                    _ => sighting.photographer = text,
+                }
+            }
+            _ => {}
+        }
+    }
+    if uploads.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "no photo: send the image as the multipart field 'photo'",
+        ));
+    }
+    Ok((uploads, sighting))
+}
+
+/// A file field whole; the route's body limit bounds its size.
+async fn read_field(mut field: Field<'_>, max_upload: usize) -> ApiResult<Vec<u8>> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|e| multipart_error(e, max_upload))?
+    {
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
+async fn identify(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    form: Multipart,
+) -> ApiResult<Response> {
+    authorise(&state, &headers)?;
+    let (mut uploads, sighting) = read_form(form, state.max_upload, 1).await?;
+    let upload = uploads.remove(0);
+    let catalog = state.catalog.clone();
+    let found = blocking(move || {
+        catalog.identify(&upload.name, &upload.bytes, &sighting, TOP, PHOTOS_EACH)
+    })
+    .await?;
+    Ok(Json(found).into_response())
+}
+
+/// A decision with who made it.
+#[derive(Deserialize)]
+struct DecisionRequest {
+    #[serde(flatten)]
+    decision: Decision,
+    #[serde(default)]
+    by: String,
+    #[serde(default)]
+    note: String,
+}
+
+async fn decide(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    authorise(&state, &headers)?;
+    let req: DecisionRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("not a decision ({e}): send JSON {{\"kind\": \"confirm\"|\"new\"|\"merge\", ..., \"by\": NAME}}"),
+        )
+    })?;
+    let catalog = state.catalog.clone();
+    let record = blocking(move || catalog.decide(&req.decision, &req.by, &req.note)).await?;
+    Ok((StatusCode::CREATED, Json(record)).into_response())
+}
+
+async fn individuals(State(state): State<Arc<AppState>>) -> ApiResult<Response> {
+    let catalog = state.catalog.clone();
+    let list = blocking(move || catalog.individuals()).await?;
+    Ok(Json(list).into_response())
+}
+
+async fn individual(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let catalog = state.catalog.clone();
+    let detail = blocking(move || catalog.individual(&id)).await?;
+    Ok(Json(detail).into_response())
+}
+
+/// How `finprint serve` opens its catalogue.
+pub struct ServeOptions {
+    pub catalog: std::path::PathBuf,
+    /// A Kaggle folder or finprint export imported when the catalogue is empty.
+    pub import: Option<std::path::PathBuf>,
+    pub model: crate::catalog::ModelSpec,
+    /// Replaces the models' saved new_individual threshold.
+    pub threshold: Option<f32>,
+}
+
+/// Open the catalogue, import into it when it is empty, and attach the models (embedding the
+/// photos that lack their embedding). Returns the catalogue and a line saying what was done.
+pub fn open_catalog(
+    opts: &ServeOptions,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<(Catalog, String)> {
+    let mut catalog = Catalog::open(&opts.catalog)?;
+    let mut said = Vec::new();
+    if let Some(dir) = &opts.import {
+        let held = catalog.counts()?;
+        if held.photos == 0 {
+            progress.set_message("importing");
+            let s = catalog.import(dir, &format!("import of {}", dir.display()), progress)?;
+            said.push(format!(
+                "imported {} individuals and {} photos from {}",
+                s.individuals,
+                s.photos,
+                dir.display()
+            ));
+        } else {
+            said.push(format!(
+                "--import skipped: the catalogue already holds {} photos",
+                held.photos
+            ));
+        }
+    }
+    progress.set_message("loading the model");
+    let embedder = crate::catalog::Embedder::start(&opts.model, opts.threshold)?;
+    progress.set_message("embedding new photos");
+    progress.reset();
+    let embedded = catalog.attach(embedder, progress)?;
+    said.push(format!("embedded {embedded} photos"));
+    Ok((catalog, said.join("; ")))
+}
+
+/// A random token for a service started without one.
+pub fn random_token() -> String {
+    use rand::Rng;
+    format!("{:032x}", rand::thread_rng().gen::<u128>())
+}

@@ -1,0 +1,607 @@
+//! The identification service end to end, without a browser: a small synthetic catalogue,
+//! zero-shot EfficientNet-Lite0 features at 128 px, and the HTTP router driven in memory.
+//! Each test skips, saying so, when the pretrained weights are absent.
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use finprint::catalog::{Catalog, Decision, Embedder, ModelSpec, Sighting};
+use finprint::data::{read_solution, KaggleDir, NEW_INDIVIDUAL};
+use finprint::service::{router, AppState};
+use finprint::synth::{generate, SynthConfig};
+use indicatif::ProgressBar;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use tower::ServiceExt;
+
+const TOKEN: &str = "test-token";
+
+fn model() -> ModelSpec {
+    ModelSpec::ZeroShot {
+        backbone: "efficientnet_lite0".into(),
+        img_size: Some(128),
+    }
+}
+
+/// A synthetic Kaggle folder and a catalogue imported from it and embedded, made once.
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    kaggle: KaggleDir,
+    template: PathBuf,
+}
+
+fn fixture() -> Option<&'static Fixture> {
+    static FIXTURE: OnceLock<Option<Fixture>> = OnceLock::new();
+    FIXTURE
+        .get_or_init(|| {
+            let weights = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("weights/efficientnet_lite0.safetensors");
+            if !weights.is_file() {
+                eprintln!(
+                    "skipped: {} is missing (run `bash tools/setup.sh`)",
+                    weights.display()
+                );
+                return None;
+            }
+            tch::set_num_threads(2);
+            let tmp = tempfile::tempdir().unwrap();
+            let kaggle = KaggleDir::new(tmp.path().join("synth"));
+            let cfg = SynthConfig {
+                individuals: 48,
+                width: 192,
+                height: 128,
+                max_photos: 10,
+                seed: 1,
+                ..SynthConfig::default()
+            };
+            generate(&kaggle, &cfg, &ProgressBar::hidden()).unwrap();
+            let template = tmp.path().join("template");
+            let mut cat = Catalog::open(&template).unwrap();
+            cat.import(&kaggle.root, "test", &ProgressBar::hidden())
+                .unwrap();
+            let embedded = cat
+                .attach(
+                    Embedder::start(&model(), None).unwrap(),
+                    &ProgressBar::hidden(),
+                )
+                .unwrap();
+            assert_eq!(embedded, cat.counts().unwrap().photos);
+            Some(Fixture {
+                _tmp: tmp,
+                kaggle,
+                template,
+            })
+        })
+        .as_ref()
+}
+
+/// A copy of the template catalogue, attached to the model (nothing left to embed).
+fn catalogue(f: &Fixture) -> (tempfile::TempDir, Catalog) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cat");
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    for e in std::fs::read_dir(f.template.join("images")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join("images").join(e.file_name())).unwrap();
+    }
+    std::fs::copy(
+        f.template.join("catalog.sqlite"),
+        dir.join("catalog.sqlite"),
+    )
+    .unwrap();
+    let mut cat = Catalog::open(&dir).unwrap();
+    let embedded = cat
+        .attach(
+            Embedder::start(&model(), None).unwrap(),
+            &ProgressBar::hidden(),
+        )
+        .unwrap();
+    assert_eq!(embedded, 0, "the template's embeddings are reused");
+    (tmp, cat)
+}
+
+/// The test photos of individuals in the catalogue, with their truth, by name.
+fn known_test_photos(f: &Fixture) -> Vec<(String, String)> {
+    let mut rows: Vec<(String, String)> = read_solution(&f.kaggle.test_solution())
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.individual_id != NEW_INDIVIDUAL)
+        .map(|r| (r.image, r.individual_id))
+        .collect();
+    rows.sort();
+    rows
+}
+
+fn test_photo(f: &Fixture, name: &str) -> Vec<u8> {
+    std::fs::read(f.kaggle.test_images().join(name)).unwrap()
+}
+
+#[test]
+fn a_confirmed_photo_is_searchable_at_once_and_a_new_individual_too() {
+    let Some(f) = fixture() else { return };
+    let (_tmp, cat) = catalogue(f);
+    let before = cat.counts().unwrap();
+    let (name, truth) = known_test_photos(f)[0].clone();
+    let bytes = test_photo(f, &name);
+    let found = cat
+        .identify(&name, &bytes, &Sighting::default(), 5, 3)
+        .unwrap();
+    assert_eq!(found.candidates.len(), 5);
+    assert_eq!(found.answers.len(), 5);
+    assert!(found
+        .candidates
+        .windows(2)
+        .all(|w| w[0].score >= w[1].score));
+    for c in &found.candidates {
+        assert!(!c.photos.is_empty() && c.photos.len() <= 3);
+        assert!(
+            (c.photos[0].score - c.score).abs() < 1e-5,
+            "best photo = score"
+        );
+    }
+    assert_eq!(found.individual_id, None);
+    assert_eq!(cat.counts().unwrap().pending, 1);
+
+    cat.decide(
+        &Decision::Confirm {
+            image: found.image.clone(),
+            individual_id: truth.clone(),
+        },
+        "tester",
+        "",
+    )
+    .unwrap();
+    assert_eq!(cat.counts().unwrap().indexed, before.indexed + 1);
+    // The same photo again: it is now in the catalogue, so its individual comes first with
+    // similarity 1 (itself), without any retraining or rebuild.
+    let again = cat
+        .identify(&name, &bytes, &Sighting::default(), 5, 3)
+        .unwrap();
+    assert_eq!(again.individual_id.as_deref(), Some(truth.as_str()));
+    assert_eq!(again.candidates[0].individual_id, truth);
+    assert!(
+        again.candidates[0].score > 0.999,
+        "{}",
+        again.candidates[0].score
+    );
+    assert_eq!(again.candidates[0].photos[0].image, found.image);
+
+    // A photo declared new creates an individual that the next query finds.
+    let (other, _) = known_test_photos(f)[1].clone();
+    let bytes = test_photo(f, &other);
+    let q = cat
+        .identify(&other, &bytes, &Sighting::default(), 5, 3)
+        .unwrap();
+    let record = cat
+        .decide(
+            &Decision::New {
+                image: q.image,
+                individual_id: None,
+                species: None,
+            },
+            "tester",
+            "",
+        )
+        .unwrap();
+    let q2 = cat
+        .identify(&other, &bytes, &Sighting::default(), 5, 3)
+        .unwrap();
+    assert_eq!(q2.candidates[0].individual_id, record.individual_id);
+    let c = cat.counts().unwrap();
+    assert_eq!(c.individuals, before.individuals + 1);
+    assert_eq!(c.indexed, before.indexed + 2);
+
+    // Merging relabels the index at once: the new individual's photo now finds the survivor.
+    cat.decide(
+        &Decision::Merge {
+            from: record.individual_id.clone(),
+            into: truth.clone(),
+        },
+        "tester",
+        "",
+    )
+    .unwrap();
+    let q3 = cat
+        .identify(&other, &bytes, &Sighting::default(), 5, 3)
+        .unwrap();
+    assert_eq!(q3.candidates[0].individual_id, truth);
+}
+
+#[test]
+fn zero_shot_finds_most_known_test_photos_in_its_top_five() {
+    let Some(f) = fixture() else { return };
+    let (_tmp, cat) = catalogue(f);
+    let known = known_test_photos(f);
+    let hits = known
+        .iter()
+        .filter(|(name, truth)| {
+            let found = cat
+                .identify(name, &test_photo(f, name), &Sighting::default(), 5, 1)
+                .unwrap();
+            found.candidates.iter().any(|c| &c.individual_id == truth)
+        })
+        .count();
+    // 41 catalogued individuals: chance puts the truth in the top five 5/41 of the time.
+    let share = hits as f64 / known.len() as f64;
+    eprintln!(
+        "zero-shot top-5: {hits} of {} known test photos",
+        known.len()
+    );
+    assert!(share > 0.5, "{hits} of {}", known.len());
+}
+
+// ---- the HTTP API ----
+
+fn state(cat: Catalog, max_upload: usize) -> Arc<AppState> {
+    AppState::new(Arc::new(cat), TOKEN.into(), max_upload)
+}
+
+/// A multipart form: (field, file name, bytes).
+fn form(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "finprint-test-boundary-7MA4YWxk";
+    let mut body = Vec::new();
+    for (field, file, bytes) in parts {
+        body.extend(format!("--{boundary}\r\n").as_bytes());
+        match file {
+            Some(f) => body.extend(
+                format!(
+                    "Content-Disposition: form-data; name=\"{field}\"; filename=\"{f}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+                )
+                .as_bytes(),
+            ),
+            None => body.extend(
+                format!("Content-Disposition: form-data; name=\"{field}\"\r\n\r\n").as_bytes(),
+            ),
+        }
+        body.extend_from_slice(bytes);
+        body.extend(b"\r\n");
+    }
+    body.extend(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+fn upload(path: &str, token: Option<&str>, parts: &[(&str, Option<&str>, &[u8])]) -> Request<Body> {
+    let (kind, body) = form(parts);
+    let mut req = Request::post(path).header(header::CONTENT_TYPE, kind);
+    if let Some(t) = token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    req.body(Body::from(body)).unwrap()
+}
+
+fn json_post(path: &str, token: Option<&str>, body: &Value) -> Request<Body> {
+    let mut req = Request::post(path).header(header::CONTENT_TYPE, "application/json");
+    if let Some(t) = token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    req.body(Body::from(body.to_string())).unwrap()
+}
+
+async fn call(app: &axum::Router, req: Request<Body>) -> (StatusCode, Value) {
+    let res = app.clone().oneshot(req).await.unwrap();
+    let status = res.status();
+    let bytes = axum::body::to_bytes(res.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, value)
+}
+
+async fn get(app: &axum::Router, path: &str) -> (StatusCode, Value) {
+    call(app, Request::get(path).body(Body::empty()).unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_answers_identify_decide_and_browse() {
+    let Some(f) = fixture() else { return };
+    let (_tmp, cat) = catalogue(f);
+    let app = router(state(cat, 40_000));
+    let (status, health) = get(&app, "/api/health").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(health["status"], "ok");
+    let individuals = health["counts"]["individuals"].as_u64().unwrap();
+
+    let (name, truth) = known_test_photos(f)[2].clone();
+    let bytes = test_photo(f, &name);
+    assert!(bytes.len() < 40_000);
+    let photo = [
+        ("photo", Some(name.as_str()), bytes.as_slice()),
+        ("date", None, b"2026-11-28".as_slice()),
+        ("place", None, b"Hauraki Gulf".as_slice()),
+        ("photographer", None, b"Ana".as_slice()),
+    ];
+
+    // Writes without the token, or with a wrong one: 401 with a JSON reason.
+    let (status, body) = call(&app, upload("/api/identify", None, &photo)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body["error"].as_str().unwrap().contains("Bearer"), "{body}");
+    let (status, _) = call(&app, upload("/api/identify", Some("nope"), &photo)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let decision = serde_json::json!({"kind": "merge", "from": "a", "into": "b", "by": "x"});
+    let (status, _) = call(&app, json_post("/api/decisions", None, &decision)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // Too large: 413 naming the limit. Not an image: 400 naming the upload.
+    let big = vec![0xFFu8; 50_000];
+    let (status, body) = call(
+        &app,
+        upload(
+            "/api/identify",
+            Some(TOKEN),
+            &[("photo", Some("huge.jpg"), &big)],
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert_eq!(
+        body["error"], "huge.jpg: 50 kB is over the upload limit of 40 kB",
+        "{body}"
+    );
+    // Far over: the body limit stops the upload before it is read whole.
+    let huge = vec![0xFFu8; 300_000];
+    let (status, body) = call(
+        &app,
+        upload(
+            "/api/identify",
+            Some(TOKEN),
+            &[("photo", Some("huge.jpg"), &huge)],
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("at most 40 kB"),
+        "{body}"
+    );
+    let (status, body) = call(
+        &app,
+        upload(
+            "/api/identify",
+            Some(TOKEN),
+            &[("photo", Some("notes.txt"), b"field notes, not a photo")],
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("notes.txt: not a usable image"),
+        "{body}"
+    );
+    let (status, _) = call(&app, upload("/api/identify", Some(TOKEN), &[])).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Identify: five candidates with scores and photos, and the new-individual decision.
+    let (status, found) = call(&app, upload("/api/identify", Some(TOKEN), &photo)).await;
+    assert_eq!(status, StatusCode::OK, "{found}");
+    let candidates = found["candidates"].as_array().unwrap();
+    assert_eq!(candidates.len(), 5);
+    assert_eq!(found["answers"].as_array().unwrap().len(), 5);
+    assert!(found["new_individual"].is_boolean());
+    assert_eq!(found["upload"], name.as_str());
+    let image = found["image"].as_str().unwrap().to_string();
+    let shown = candidates[0]["photos"][0]["image"].as_str().unwrap();
+    let res = app
+        .clone()
+        .oneshot(
+            Request::get(format!("/images/{shown}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()[header::CONTENT_TYPE], "image/jpeg");
+    for bad in [
+        "/images/..%2Fcatalog.sqlite",
+        "/images/catalog.sqlite",
+        "/images/.x",
+    ] {
+        let (status, _) = get(&app, bad).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{bad}");
+    }
+
+    // Confirm: 201 with who and when; a second decision on the photo: 409.
+    let confirm =
+        serde_json::json!({"kind": "confirm", "image": image, "individual_id": truth, "by": "Ana"});
+    let (status, record) = call(&app, json_post("/api/decisions", Some(TOKEN), &confirm)).await;
+    assert_eq!(status, StatusCode::CREATED, "{record}");
+    assert_eq!(record["decided_by"], "Ana");
+    assert_eq!(record["individual_id"], truth.as_str());
+    let (status, body) = call(&app, json_post("/api/decisions", Some(TOKEN), &confirm)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, body) = call(
+        &app,
+        json_post(
+            "/api/decisions",
+            Some(TOKEN),
+            &serde_json::json!({"kind": "guess"}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+    // The individual's page shows the sighting with its date, place and photographer.
+    let (status, page) = get(&app, &format!("/api/individuals/{truth}")).await;
+    assert_eq!(status, StatusCode::OK);
+    let sighting = page["sightings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["image"] == image.as_str())
+        .expect("the confirmed sighting");
+    assert_eq!(sighting["place"], "Hauraki Gulf");
+    assert_eq!(sighting["date"], "2026-11-28");
+    assert_eq!(sighting["photographer"], "Ana");
+    assert_eq!(
+        page["history"].as_array().unwrap().last().unwrap()["kind"],
+        "confirm"
+    );
+    let (status, _) = get(&app, "/api/individuals/nobody").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, list) = get(&app, "/api/individuals").await;
+    assert_eq!(list.as_array().unwrap().len() as u64, individuals);
+
+    // The web page and its script are served.
+    let res = app
+        .clone()
+        .oneshot(Request::get("/").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_job_reports_progress_and_names_failed_photos() {
+    let Some(f) = fixture() else { return };
+    let (_tmp, cat) = catalogue(f);
+    let app = router(state(cat, 1_000_000));
+    let known = known_test_photos(f);
+    let a = test_photo(f, &known[3].0);
+    let b = test_photo(f, &known[4].0);
+    let parts = [
+        ("photo", Some(known[3].0.as_str()), a.as_slice()),
+        (
+            "photo",
+            Some("broken.png"),
+            b"\x89PNG but not really".as_slice(),
+        ),
+        ("photo", Some(known[4].0.as_str()), b.as_slice()),
+    ];
+    let (status, _) = call(&app, upload("/api/jobs", None, &parts)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, job) = call(&app, upload("/api/jobs", Some(TOKEN), &parts)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    assert_eq!(job["total"], 3);
+    let path = job["status"].as_str().unwrap().to_string();
+    let mut last = Value::Null;
+    for _ in 0..600 {
+        let (status, s) = get(&app, &path).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(s["done"].as_u64().unwrap() <= 3);
+        if s["finished"] == true {
+            last = s;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(last["done"], 3, "{last}");
+    let results = last["results"].as_array().unwrap();
+    assert_eq!(
+        results[0]["result"]["candidates"].as_array().unwrap().len(),
+        5
+    );
+    assert!(results[1]["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("broken.png: not a usable image"));
+    assert_eq!(results[2]["upload"], known[4].0.as_str());
+    let (status, _) = get(&app, "/api/jobs/job-999").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// Many decisions at once, several on the same photo: each photo is decided exactly once, the
+/// counts add up, no write is lost, and SQLite finds its file sound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_decisions_never_corrupt_the_catalogue() {
+    let Some(f) = fixture() else { return };
+    let (_tmp, cat) = catalogue(f);
+    let ids: Vec<String> = cat
+        .individuals()
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    let before = cat.counts().unwrap();
+    // Twelve pending photos: synthetic test photos.
+    let mut pending = Vec::new();
+    for row in read_solution(&f.kaggle.test_solution())
+        .unwrap()
+        .iter()
+        .take(12)
+    {
+        let name = &row.image;
+        pending.push(
+            cat.store_upload(name, &test_photo(f, name), &Sighting::default())
+                .unwrap(),
+        );
+    }
+    let cat = Arc::new(cat);
+    let app = router(AppState::new(cat.clone(), TOKEN.into(), 1_000_000));
+
+    // Per photo: two confirms to different individuals and one "new", all racing.
+    let mut requests = Vec::new();
+    for (i, image) in pending.iter().enumerate() {
+        for j in 0..2 {
+            let id = &ids[(i + j) % ids.len()];
+            requests.push(serde_json::json!({"kind": "confirm", "image": image, "individual_id": id, "by": format!("r{j}")}));
+        }
+        requests.push(serde_json::json!({"kind": "new", "image": image, "by": "r2"}));
+    }
+    // And merges of disjoint pairs of catalogued individuals, each sent twice.
+    for k in 0..4 {
+        let m = serde_json::json!({"kind": "merge", "from": ids[2 * k], "into": ids[2 * k + 1], "by": "m"});
+        requests.push(m.clone());
+        requests.push(m);
+    }
+    let tasks: Vec<_> = requests
+        .into_iter()
+        .map(|body| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let (status, value) =
+                    call(&app, json_post("/api/decisions", Some(TOKEN), &body)).await;
+                (body, status, value)
+            })
+        })
+        .collect();
+    let mut accepted = Vec::new();
+    for t in tasks {
+        let (body, status, value) = t.await.unwrap();
+        match status {
+            StatusCode::CREATED => accepted.push((body, value)),
+            StatusCode::CONFLICT => {}
+            other => panic!("{other}: {value} for {body}"),
+        }
+    }
+    // Exactly one decision per photo and one per merge pair won.
+    let on_photos: Vec<_> = accepted
+        .iter()
+        .filter(|(b, _)| b["kind"] != "merge")
+        .collect();
+    assert_eq!(on_photos.len(), pending.len());
+    let mut decided: Vec<&str> = on_photos
+        .iter()
+        .map(|(b, _)| b["image"].as_str().unwrap())
+        .collect();
+    decided.sort();
+    decided.dedup();
+    assert_eq!(decided.len(), pending.len());
+    let merges = accepted.len() - on_photos.len();
+    assert_eq!(merges, 4);
+    let news = on_photos.iter().filter(|(b, _)| b["kind"] == "new").count();
+
+    let after = cat.counts().unwrap();
+    assert_eq!(after.pending, 0);
+    assert_eq!(after.photos, before.photos + pending.len());
+    assert_eq!(after.decisions, before.decisions + pending.len() + merges);
+    assert_eq!(after.individuals, before.individuals + news - merges);
+    assert_eq!(after.merged, before.merged + merges);
+    assert_eq!(after.indexed, before.indexed + pending.len());
+    assert_eq!(cat.integrity_check().unwrap(), "ok");
+    // Every accepted answer is what the catalogue holds.
+    let photos = cat.photos().unwrap();
+    for (body, record) in &on_photos {
+        let p = photos
+            .iter()
+            .find(|p| p.image == body["image"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(p.individual_id.as_deref(), record["individual_id"].as_str());
+    }
+    // And it survives a reopen from disk (nothing left only in memory).
+    let reopened = Catalog::open(cat.dir()).unwrap();
+    assert_eq!(reopened.counts().unwrap().decisions, after.decisions);
+    assert_eq!(reopened.integrity_check().unwrap(), "ok");
+}
