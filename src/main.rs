@@ -149,6 +149,15 @@ enum Command {
         flip_tta: bool,
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
+        /// 95% bootstrap intervals from this many resamples of the animals (individual_id,
+        /// whatever --group adds to the identity); 0 for none.
+        #[arg(long, default_value_t = 0)]
+        bootstrap: usize,
+        #[arg(long, default_value_t = 0)]
+        bootstrap_seed: u64,
+        /// Also write the figures (and intervals) to this JSON file.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Draw a run's loss and MAP@5 curves (PNG) and write its Markdown summary.
     Report {
@@ -463,6 +472,9 @@ fn run(cli: Cli) -> Result<()> {
             threshold,
             flip_tta,
             batch_size,
+            bootstrap,
+            bootstrap_seed,
+            json,
         } => {
             configure_threads(None);
             let ensemble = match &zero_shot {
@@ -480,8 +492,10 @@ fn run(cli: Cli) -> Result<()> {
             let mut names = Vec::new();
             let mut ids = Vec::new();
             let mut groups = Vec::new();
+            let mut animals = Vec::new();
             for row in table.rows() {
                 names.push(row.field(ci)?.to_string());
+                animals.push(row.field(cid)?.to_string());
                 let g = cg.map(|c| row.field(c)).transpose()?.unwrap_or("");
                 ids.push(format!(
                     "{}{}{g}",
@@ -516,6 +530,17 @@ fn run(cli: Cli) -> Result<()> {
                 "MAP@5 {:.4} with new_individual at threshold {:.3} (best threshold here {:.3}: {:.4})",
                 r.map5, r.threshold, r.best_threshold, r.best_map5
             );
+            let ci = (bootstrap > 0).then(|| r.bootstrap(&animals, bootstrap, bootstrap_seed));
+            if let Some(b) = &ci {
+                say!(
+                    "95% intervals over {} animals ({} resamples): top-1 {:.4}–{:.4}  top-5 {:.4}–{:.4}  MAP@5 {:.4}–{:.4}",
+                    b.units, b.resamples, b.top1[0], b.top1[1], b.top5[0], b.top5[1], b.map5[0], b.map5[1]
+                );
+            }
+            if let Some(path) = json {
+                let value = serde_json::json!({ "report": r, "bootstrap": ci });
+                fsio::write_bytes_atomic(&path, serde_json::to_string_pretty(&value)?.as_bytes())?;
+            }
             Ok(())
         }
         Command::Serve(args) => serve(*args),

@@ -282,6 +282,10 @@ pub struct LooReport {
     /// The threshold that would have been best here, and its MAP@5 (an optimistic bound).
     pub best_threshold: f32,
     pub best_map5: f64,
+    /// Each known query's row in `ids` and the rank of its true identity among its first
+    /// five candidates (`None` when not among them): what `bootstrap` resamples.
+    #[serde(skip)]
+    pub known_ranks: Vec<(usize, Option<usize>)>,
 }
 
 /// Query every photo against all the others (of the same group, when `groups` is given):
@@ -369,5 +373,166 @@ pub fn leave_one_out(
         threshold,
         best_threshold,
         best_map5,
+        known_ranks: queries
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, t))| t != NEW_INDIVIDUAL)
+            .map(|(i, q)| (i, rank_of(q)))
+            .collect(),
     })
+}
+
+/// 95% percentile-bootstrap intervals of the known queries' top-1, top-5 and MAP@5 (each
+/// `[low, high]`), resampling whole units (animals) with replacement.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Bootstrap {
+    pub resamples: usize,
+    pub seed: u64,
+    /// Units resampled: the distinct units of the known queries.
+    pub units: usize,
+    pub top1: [f64; 2],
+    pub top5: [f64; 2],
+    pub map5: [f64; 2],
+}
+
+impl LooReport {
+    /// Bootstrap intervals over units, `unit_of[i]` naming the unit of row `i` of the `ids`
+    /// given to `leave_one_out` (for nyala the animal, while the identity is animal + flank).
+    pub fn bootstrap(&self, unit_of: &[String], resamples: usize, seed: u64) -> Bootstrap {
+        let mut names: Vec<&str> = self
+            .known_ranks
+            .iter()
+            .map(|&(i, _)| unit_of[i].as_str())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let (units, values): (Vec<usize>, Vec<[f64; 3]>) = self
+            .known_ranks
+            .iter()
+            .map(|&(i, r)| {
+                let hit = |ok: bool| f64::from(u8::from(ok));
+                let unit = names.binary_search(&unit_of[i].as_str()).unwrap_or(0);
+                let map = r.filter(|&r| r < K).map_or(0.0, |r| 1.0 / (r + 1) as f64);
+                (
+                    unit,
+                    [hit(r == Some(0)), hit(r.is_some_and(|r| r < K)), map],
+                )
+            })
+            .unzip();
+        let [top1, top5, map5] = bootstrap_means(&values, &units, resamples, seed);
+        Bootstrap {
+            resamples,
+            seed,
+            units: names.len(),
+            top1,
+            top5,
+            map5,
+        }
+    }
+}
+
+/// The 2.5% and 97.5% percentiles of the mean of `values` (one row per query, `unit[i]` the
+/// unit of query `i`) when the units are drawn with replacement `resamples` times: each draw
+/// takes as many units as there are, and its mean is over all the queries of the drawn units.
+pub fn bootstrap_means<const M: usize>(
+    values: &[[f64; M]],
+    unit: &[usize],
+    resamples: usize,
+    seed: u64,
+) -> [[f64; 2]; M] {
+    use rand::{Rng, SeedableRng};
+    let units = unit.iter().max().map_or(0, |&u| u + 1);
+    let mut sums = vec![([0.0; M], 0usize); units];
+    for (v, &u) in values.iter().zip(unit) {
+        sums[u].1 += 1;
+        for (s, x) in sums[u].0.iter_mut().zip(v) {
+            *s += x;
+        }
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut draws: [Vec<f64>; M] = std::array::from_fn(|_| Vec::with_capacity(resamples));
+    for _ in 0..resamples.max(1) {
+        let mut total = [0.0; M];
+        let mut count = 0;
+        for _ in 0..units {
+            let (s, n) = &sums[rng.gen_range(0..units)];
+            total.iter_mut().zip(s).for_each(|(t, x)| *t += x);
+            count += n;
+        }
+        for (d, t) in draws.iter_mut().zip(total) {
+            d.push(t / count.max(1) as f64);
+        }
+    }
+    draws.map(|mut d| {
+        d.sort_by(f64::total_cmp);
+        let at = |p: f64| d[((d.len() - 1) as f64 * p).round() as usize];
+        [at(0.025), at(0.975)]
+    })
+}
+
+#[cfg(test)]
+mod bootstrap_tests {
+    use super::*;
+
+    #[test]
+    fn equal_animals_give_a_zero_width_interval() {
+        // Four animals with the same outcomes: every resample has the same mean.
+        let values = vec![[1.0, 0.5]; 8];
+        let unit = [0, 0, 1, 1, 2, 2, 3, 3];
+        let ci = bootstrap_means(&values, &unit, 500, 1);
+        assert_eq!(ci, [[1.0, 1.0], [0.5, 0.5]]);
+    }
+
+    #[test]
+    fn two_animals_span_both_extremes() {
+        // Draws of two animals: {a,a} mean 1 and {b,b} mean 0, each a quarter of the time.
+        let ci = bootstrap_means(&[[1.0], [0.0]], &[0, 1], 1000, 3);
+        assert_eq!(ci, [[0.0, 1.0]]);
+    }
+
+    #[test]
+    fn the_interval_matches_the_normal_approximation() {
+        // 100 animals, half always right: mean 0.5, standard error sqrt(0.25 / 100) = 0.05,
+        // so the 95% interval is about 0.5 ± 0.098. The same seed gives the same interval.
+        let values: Vec<[f64; 1]> = (0..100)
+            .map(|i| [f64::from(u8::from(i % 2 == 0))])
+            .collect();
+        let unit: Vec<usize> = (0..100).collect();
+        let [[lo, hi]] = bootstrap_means(&values, &unit, 4000, 7);
+        assert!(
+            (lo - 0.402).abs() < 0.02 && (hi - 0.598).abs() < 0.02,
+            "{lo} {hi}"
+        );
+        assert_eq!(bootstrap_means(&values, &unit, 4000, 7), [[lo, hi]]);
+    }
+
+    #[test]
+    fn leave_one_out_ranks_feed_the_bootstrap_by_animal() {
+        // Animal a (identity x): photo 0 is nearer photo 3 of y than its own photo 1, so it
+        // ranks x second; photo 1 ranks x first. Animal b (identity y): photo 2 ranks y first,
+        // photo 3 second (behind x). Photo 4 is alone: a new individual, not a known query.
+        let emb = [
+            1.0, 0.0, //
+            0.6, -0.8, //
+            0.0, 1.0, //
+            0.8, 0.6, //
+            -1.0, 0.0,
+        ];
+        let ids: Vec<String> = ["x", "x", "y", "y", "z"].map(String::from).to_vec();
+        let r = leave_one_out(&emb, 2, &ids, None, -1.0).unwrap();
+        assert_eq!(r.known_queries, 4);
+        assert_eq!(
+            r.known_ranks,
+            [(0, Some(1)), (1, Some(0)), (2, Some(0)), (3, Some(1))]
+        );
+        assert!((r.top1 - 0.5).abs() < 1e-12 && (r.map5_known - 0.75).abs() < 1e-12);
+        let animals: Vec<String> = ["a", "a", "b", "b", "c"].map(String::from).to_vec();
+        let b = r.bootstrap(&animals, 1000, 5);
+        assert_eq!(b.units, 2);
+        // Each animal has one query right and one second: every resample gives the same.
+        assert_eq!(
+            (b.top1, b.top5, b.map5),
+            ([0.5, 0.5], [1.0, 1.0], [0.75, 0.75])
+        );
+    }
 }
