@@ -1,55 +1,111 @@
 //! Speed of the assembled model (EfficientNet-Lite0 → GeM → BN → Linear 512 → ArcFace) on this
-//! machine: inference and training-step images/s, printed as one JSON line, for
-//! `tools/bench_model.sh` to set beside PyTorch's figures for the same recipe.
+//! machine, one JSON line for `tools/bench.sh` to set beside PyTorch's and onnxruntime's
+//! figures for the same recipe (`tools/bench_model.py`).
 //!
-//!   cargo run --release --example bench_model -- [--size 224] [--batch 16] [--threads 2] [--steps 5]
+//! Without `--images`: inference and training-step images/s on a random batch, each timed per
+//! step (median, min, max over `--steps` after a warm-up). With `--images DIR --list FILE`:
+//! end to end, the photos named in FILE decoded, resized, normalised and embedded by the
+//! library's own path (`embed::embed_images`, which `Ensemble::embed_files` runs per model,
+//! decoding the next batch while the model works), images/s of `--runs` passes after a
+//! one-batch warm-up.
+//!
+//!   cargo run --release --example bench_model -- [--size 224] [--batch 16] [--threads 2]
+//!       [--steps 5] [--images DIR --list FILE --runs 3]
 
-use finprint::embed::input_tensor;
+mod common;
+
+use clap::Parser;
+use common::{stats, vm_hwm_mb};
+use finprint::data::image::load_rgb;
+use finprint::embed::{embed_images, input_tensor};
 use finprint::model::happywhale::{HappyWhaleModel, ModelConfig};
 use finprint::train::optim::{AdamW, Group};
+use indicatif::ProgressBar;
+use serde_json::{json, Value};
+use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 224)]
+    size: usize,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Timed steps of the random-batch measurements.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// End to end instead: a folder of photos...
+    #[arg(long, requires = "list")]
+    images: Option<PathBuf>,
+    /// ...and a file naming them (relative to --images), one per line.
+    #[arg(long)]
+    list: Option<PathBuf>,
+    /// Timed passes over the photos.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
 }
 
 fn main() -> anyhow::Result<()> {
-    let (size, batch, threads, steps) = (
-        arg("--size", 224),
-        arg("--batch", 16),
-        arg("--threads", 2),
-        arg("--steps", 5),
-    );
-    tch::set_num_threads(threads as i32);
+    let args = Args::parse();
+    tch::set_num_threads(args.threads as i32);
+    tch::set_num_interop_threads(1);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads)
+        .build_global()?;
     tch::manual_seed(0);
     let classes = 1000;
     let names = (0..classes).map(|c| c.to_string()).collect();
     let mut cfg = ModelConfig::for_backbone("efficientnet_lite0", names, vec![1; classes])?;
-    cfg.img_size = size as i64;
+    cfg.img_size = args.size as i64;
     let model = HappyWhaleModel::new(cfg, Device::Cpu)?;
+    let figures = match (&args.images, &args.list) {
+        (Some(dir), Some(list)) => end_to_end(&model, dir, list, &args)?,
+        _ => model_speed(&model, classes, &args)?,
+    };
+    let mut line = json!({
+        "impl": "finprint (tch)",
+        "size": args.size,
+        "batch": args.batch,
+        "threads": args.threads,
+        "vm_hwm_mb": vm_hwm_mb(),
+    });
+    for (k, v) in figures {
+        line[k] = v;
+    }
+    println!("{line}");
+    Ok(())
+}
+
+/// images/s of each of `steps` calls of `f` after one warm-up call.
+fn per_step(steps: usize, batch: usize, f: &mut dyn FnMut()) -> Value {
+    f();
+    let rates: Vec<f64> = (0..steps.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            batch as f64 / t.elapsed().as_secs_f64()
+        })
+        .collect();
+    stats(&rates)
+}
+
+fn model_speed(
+    model: &HappyWhaleModel,
+    classes: usize,
+    args: &Args,
+) -> anyhow::Result<Vec<(&'static str, Value)>> {
+    let (size, batch) = (args.size, args.batch);
     let chw: Vec<f32> = Tensor::randn(
         [(batch * 3 * size * size) as i64],
         (Kind::Float, Device::Cpu),
     )
     .try_into()?;
-    let xs = input_tensor(&model, &chw, batch);
+    let xs = input_tensor(model, &chw, batch);
     let labels = Tensor::randint(classes as i64, [batch as i64], (Kind::Int64, Device::Cpu));
-
-    let timed = |f: &mut dyn FnMut()| {
-        f();
-        let t = Instant::now();
-        for _ in 0..steps {
-            f();
-        }
-        (steps * batch) as f64 / t.elapsed().as_secs_f64()
-    };
-    let infer = timed(&mut || {
+    let infer = per_step(args.steps, batch, &mut || {
         let _ = model.extract(&xs);
     });
     let params = model.vs.trainable_variables();
@@ -62,7 +118,7 @@ fn main() -> anyhow::Result<()> {
         lr_mult: 1.0,
         weight_decay: 1e-4,
     }]);
-    let train = timed(&mut || {
+    let train = per_step(args.steps, batch, &mut || {
         opt.zero_grad();
         let loss = model
             .forward(&xs, &labels, true)
@@ -70,8 +126,41 @@ fn main() -> anyhow::Result<()> {
         loss.backward();
         opt.step(1e-4);
     });
-    println!(
-        "{{\"impl\": \"finprint (tch)\", \"size\": {size}, \"batch\": {batch}, \"threads\": {threads}, \"inference_img_s\": {infer:.2}, \"train_img_s\": {train:.2}}}"
-    );
-    Ok(())
+    Ok(vec![("inference_img_s", infer), ("train_img_s", train)])
+}
+
+fn end_to_end(
+    model: &HappyWhaleModel,
+    dir: &std::path::Path,
+    list: &std::path::Path,
+    args: &Args,
+) -> anyhow::Result<Vec<(&'static str, Value)>> {
+    let names: Vec<String> = std::fs::read_to_string(list)?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    anyhow::ensure!(!names.is_empty(), "{} names no photo", list.display());
+    let hidden = ProgressBar::hidden();
+    let load = |i: usize| Ok(load_rgb(&dir.join(&names[i]))?);
+    embed_images(
+        &model,
+        args.batch.min(names.len()),
+        load,
+        args.batch,
+        false,
+        &hidden,
+    )?;
+    let mut rates = Vec::new();
+    for _ in 0..args.runs.max(1) {
+        let t = Instant::now();
+        let e = embed_images(&model, names.len(), load, args.batch, false, &hidden)?;
+        rates.push(names.len() as f64 / t.elapsed().as_secs_f64());
+        std::hint::black_box(e);
+    }
+    Ok(vec![
+        ("photos", json!(names.len())),
+        ("e2e_img_s", stats(&rates)),
+    ])
 }

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """The faiss reference for `examples/bench_knn.rs`, on the vectors that example wrote.
 
-    python3 -m venv .venv-ref && .venv-ref/bin/pip install faiss-cpu numpy
     cargo run --release --example bench_knn -- --n 51000 --dim 512
-    .venv-ref/bin/python tools/bench_knn.py --dir target/knn
+    .venv-bench/bin/python tools/bench_knn.py --dir target/knn
 
 Measures IndexFlatIP (f32), IndexScalarQuantizer fp16 and IndexHNSWFlat (inner product) as the
-Rust example measures its indexes, writes <dir>/faiss.json and prints both side by side.
+Rust example measures its indexes (the same queries, repetitions and statistics), writes
+<dir>/faiss.json and prints both side by side. `tools/bench.sh` runs both.
 """
 
 import argparse
@@ -37,6 +37,11 @@ def recall(got, exact, k):
     return hits / (k * len(exact))
 
 
+def stats(values):
+    v = sorted(values)
+    return {"median": float(np.median(v)), "min": v[0], "max": v[-1], "runs": len(v)}
+
+
 def measure_search(name, ef, index, queries, meta, exact):
     k, single = meta["k"], meta["single"]
     latencies = []
@@ -44,17 +49,18 @@ def measure_search(name, ef, index, queries, meta, exact):
         q = queries[i % len(queries)][None, :]
         start = time.perf_counter()
         index.search(q, k)
-        latencies.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    _, ids = index.search(queries, k)
-    batch_s = time.perf_counter() - start
+        latencies.append((time.perf_counter() - start) * 1e3)
+    rates = []
+    for _ in range(max(1, meta.get("batch_runs", 1))):
+        start = time.perf_counter()
+        _, ids = index.search(queries, k)
+        rates.append(len(queries) / (time.perf_counter() - start))
     return ids, {
         "index": name,
         "n": index.ntotal,
         "ef_search": ef,
-        "single_median_ms": float(np.median(latencies)) * 1e3,
-        "batch_s": batch_s,
-        "batch_qps": len(queries) / batch_s,
+        "single_ms": stats(latencies),
+        "batch_qps": stats(rates),
         "vm_hwm_mb": vm_hwm_mb(),
         "recall": None if exact is None else recall(ids, exact, k),
     }
@@ -89,12 +95,22 @@ def main():
     exact, row = measure("flat f32", flat, base, queries, meta, None, lambda i: i.ntotal * dim * 4)
     rows.append(row)
     del flat
-    half = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-    rows.append(measure("flat f16", half, base, queries, meta, exact, lambda i: i.ntotal * dim * 2)[1])
-    del half
+    if meta.get("f16", True):
+        half = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        rows.append(measure("flat f16", half, base, queries, meta, exact, lambda i: i.ntotal * dim * 2)[1])
+        del half
+    if hnsw_n > 0:
+        rows.extend(hnsw_rows(base[:hnsw_n], queries, meta, exact))
 
-    subset = base[:hnsw_n]
-    if hnsw_n < n:
+    (args.dir / "faiss.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    ours_path = args.dir / "rust.json"
+    ours = json.loads(ours_path.read_text())["rows"] if ours_path.exists() else [{}] * len(rows)
+    print_table(ours, rows)
+
+
+def hnsw_rows(subset, queries, meta, exact):
+    dim, k = meta["dim"], meta["k"]
+    if len(subset) < meta["n"]:
         exact_flat = faiss.IndexFlatIP(dim)
         exact_flat.add(subset)
         _, exact = exact_flat.search(queries, k)
@@ -109,17 +125,13 @@ def main():
         return index.ntotal * dim * 4 + links
 
     _, first = measure("hnsw", hnsw, subset, queries, meta, exact, hnsw_bytes, ef=efs[0])
-    rows.append(first)
+    rows = [first]
     for ef in efs[1:]:
         hnsw.hnsw.efSearch = ef
         _, row = measure_search("hnsw", ef, hnsw, queries, meta, exact)
         row["build_s"], row["storage_mb"] = first["build_s"], first["storage_mb"]
         rows.append(row)
-
-    (args.dir / "faiss.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    ours_path = args.dir / "rust.json"
-    ours = json.loads(ours_path.read_text())["rows"] if ours_path.exists() else [{}] * len(rows)
-    print_table(ours, rows)
+    return rows
 
 
 def print_table(ours, theirs):
@@ -127,7 +139,7 @@ def print_table(ours, theirs):
         ("build_s", "build s"),
         ("storage_mb", "storage MB"),
         ("vm_hwm_mb", "VmHWM MB"),
-        ("single_median_ms", "1q ms"),
+        ("single_ms", "1q ms"),
         ("batch_qps", "batch q/s"),
         ("recall", "recall"),
     ]
@@ -138,6 +150,7 @@ def print_table(ours, theirs):
         cells = []
         for key, _ in columns:
             a, b = o.get(key), f.get(key)
+            a, b = (x["median"] if isinstance(x, dict) else x for x in (a, b))
             if a is None or b is None:
                 cells.append(f"{fmt(a)} / {fmt(b)}")
             else:

@@ -1,14 +1,34 @@
-"""The same recipe in PyTorch: EfficientNet-Lite0 (the reference package's model) → GeM → BN →
-Linear 512 → ArcFace, inference and AdamW training-step images/s, channels-last and contiguous;
-and onnxruntime inference of the embedding network when onnxruntime is installed. One JSON line
-per implementation, for tools/bench_model.sh."""
-import argparse, json, math, time, warnings
+"""The PyTorch and onnxruntime references for `examples/bench_model.rs`: the same recipe,
+EfficientNet-Lite0 (timm's) → GeM → BN → Linear 512 → ArcFace, at the same input size, batch
+and threads. One JSON line per implementation and measurement, for `tools/bench.sh`.
+
+Without --images: model images/s on a random batch, inference (L2-normalised embeddings) and
+AdamW training steps, each timed per step (median, min, max over --steps after a warm-up), for
+PyTorch eager channels-last and contiguous, and onnxruntime inference of the exported network.
+
+With --images DIR --list FILE: end to end, photos decoded (PIL, EXIF-rotated), resized
+bilinearly to size × size, normalised, batched by a DataLoader with one worker process (what a
+PyTorch user writes), and embedded, by PyTorch (channels-last) and onnxruntime; images/s of
+--runs passes over the list after a one-batch warm-up.
+"""
+import argparse
+import io
+import json
+import math
+import os
+import statistics
+import time
+import warnings
 
 warnings.filterwarnings("ignore")
+import numpy as np
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from efficientnet_lite_pytorch import EfficientNet
+
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 class GeM(nn.Module):
@@ -41,33 +61,60 @@ class ArcFace(nn.Module):
 class Model(nn.Module):
     def __init__(self, classes):
         super().__init__()
-        self.model = EfficientNet.from_name("efficientnet-lite0")
+        self.model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0, global_pool="")
         self.pooling = GeM()
         self.neck = nn.Sequential(nn.BatchNorm1d(1280), nn.Linear(1280, 512))
         self.fc = ArcFace(512, classes)
 
     def embed(self, x):
-        return self.neck(self.pooling(self.model.extract_features(x)))
+        return self.neck(self.pooling(self.model.forward_features(x)))
 
 
-def rate(fn, steps, batch):
+class Embed(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return F.normalize(self.m.embed(x))
+
+
+def stats(values):
+    v = sorted(values)
+    return {"median": statistics.median(v), "min": v[0], "max": v[-1], "runs": len(v)}
+
+
+def per_step(fn, steps, batch):
+    """images/s of each of `steps` calls of `fn` after one warm-up call."""
     fn()
-    t = time.perf_counter()
+    rates = []
     for _ in range(steps):
+        t = time.perf_counter()
         fn()
-    return steps * batch / (time.perf_counter() - t)
+        rates.append(batch / (time.perf_counter() - t))
+    return stats(rates)
 
 
-def main():
-    a = argparse.ArgumentParser()
-    a.add_argument("--size", type=int, default=224)
-    a.add_argument("--batch", type=int, default=16)
-    a.add_argument("--threads", type=int, default=2)
-    a.add_argument("--steps", type=int, default=5)
-    args = a.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    classes = 1000
+def onnx_session(m, args):
+    import onnxruntime as ort
+
+    buf = io.BytesIO()
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    torch.onnx.export(Embed(m).eval(), x, buf, input_names=["x"], output_names=["e"],
+                      dynamic_axes={"x": {0: "n"}}, dynamo=False)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    so.inter_op_num_threads = 1
+    return ort, ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+
+
+def line(impl, args, **figures):
+    print(json.dumps({"impl": impl, "size": args.size, "batch": args.batch, "threads": args.threads, **figures}),
+          flush=True)
+
+
+def model_speed(args, classes=1000):
+    torch_name = f"PyTorch {torch.__version__.split('+')[0]} eager"
     for layout in ["channels_last", "contiguous"]:
         m = Model(classes)
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -76,7 +123,7 @@ def main():
         y = torch.randint(0, classes, (args.batch,))
         m.eval()
         with torch.no_grad():
-            infer = rate(lambda: F.normalize(m.embed(x)), args.steps, args.batch)
+            infer = per_step(lambda: F.normalize(m.embed(x)), args.steps, args.batch)
         m.train()
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=1e-4)
 
@@ -85,36 +132,73 @@ def main():
             F.cross_entropy(m.fc(m.embed(x), y), y).backward()
             opt.step()
 
-        train = rate(step, args.steps, args.batch)
-        print(json.dumps({"impl": f"PyTorch {torch.__version__.split('+')[0]} ({layout})", "size": args.size,
-                          "batch": args.batch, "threads": args.threads,
-                          "inference_img_s": round(infer, 2), "train_img_s": round(train, 2)}))
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return
-    import io
-    m = Model(classes).eval()
-    buf = io.BytesIO()
+        line(f"{torch_name} ({layout.replace('_', '-')})", args, inference_img_s=infer,
+             train_img_s=per_step(step, args.steps, args.batch))
+    ort, sess = onnx_session(Model(classes).eval(), args)
+    xn = torch.randn(args.batch, 3, args.size, args.size).numpy()
+    line(f"onnxruntime {ort.__version__}", args,
+         inference_img_s=per_step(lambda: sess.run(None, {"x": xn}), args.steps, args.batch), train_img_s=None)
 
-    class Embed(nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
 
-        def forward(self, x):
-            return F.normalize(self.m.embed(x))
+class Photos(torch.utils.data.Dataset):
+    def __init__(self, root, names, size):
+        self.root, self.names, self.size = root, names, size
 
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    torch.onnx.export(Embed(m), x, buf, input_names=["x"], output_names=["e"], dynamo=False)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = args.threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
-    xn = x.numpy()
-    infer = rate(lambda: sess.run(None, {"x": xn}), args.steps, args.batch)
-    print(json.dumps({"impl": f"onnxruntime {ort.__version__}", "size": args.size, "batch": args.batch,
-                      "threads": args.threads, "inference_img_s": round(infer, 2), "train_img_s": None}))
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        from PIL import Image, ImageOps
+
+        with Image.open(os.path.join(self.root, self.names[i])) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+        a = (np.asarray(im, dtype=np.float32) / 255.0 - MEAN) / STD
+        return torch.from_numpy(a.transpose(2, 0, 1).copy())
+
+
+def end_to_end(args):
+    names = [l.strip() for l in open(args.list) if l.strip()]
+    loader = torch.utils.data.DataLoader(Photos(args.images, names, args.size), batch_size=args.batch,
+                                         num_workers=1)
+    m = Model(1000).eval().to(memory_format=torch.channels_last)
+    ort, sess = onnx_session(Model(1000).eval(), args)
+
+    def pytorch(x):
+        with torch.no_grad():
+            F.normalize(m.embed(x.contiguous(memory_format=torch.channels_last)))
+
+    def onnx(x):
+        sess.run(None, {"x": x.numpy()})
+
+    for impl, embed in [(f"PyTorch {torch.__version__.split('+')[0]} eager (channels-last)", pytorch),
+                        (f"onnxruntime {ort.__version__}", onnx)]:
+        embed(torch.randn(args.batch, 3, args.size, args.size))
+        rates = []
+        for _ in range(args.runs):
+            t = time.perf_counter()
+            for x in loader:
+                embed(x)
+            rates.append(len(names) / (time.perf_counter() - t))
+        line(impl, args, photos=len(names), e2e_img_s=stats(rates))
+
+
+def main():
+    a = argparse.ArgumentParser()
+    a.add_argument("--size", type=int, default=224)
+    a.add_argument("--batch", type=int, default=16)
+    a.add_argument("--threads", type=int, default=2)
+    a.add_argument("--steps", type=int, default=5)
+    a.add_argument("--images")
+    a.add_argument("--list")
+    a.add_argument("--runs", type=int, default=3)
+    args = a.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    torch.manual_seed(0)
+    if args.images:
+        end_to_end(args)
+    else:
+        model_speed(args)
 
 
 if __name__ == "__main__":

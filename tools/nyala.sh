@@ -4,7 +4,7 @@
 # the `val` animals, identity = animal + flank, gallery = the other photos of the same flank,
 # repeated files (same md5) dropped. Prints zero-shot and trained figures.
 #
-#   bash tools/nyala.sh [OUT] [extra `finprint train` flags...]
+#   bash tools/nyala.sh [OUT] [extra `finprint train` flags... | --prepare-only]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SRC=$(realpath ../shared/data/nyala-train 2>/dev/null || true)
@@ -26,6 +26,8 @@ awk -F, -v roles="$SRC/dev_split.csv" -v train="$OUT/data/train.csv" -v val="$OU
   role[$2] == "train" { print $1 "," $3 "," $2 "/" $5 > train }
   role[$2] == "val"   { print $1 "," $2 "," $5 > val }' "$SRC/labels.csv"
 echo "nyala: $(($(wc -l < "$OUT/data/train.csv") - 1)) training photos, $(($(wc -l < "$OUT/val_labels.csv") - 1)) validation photos"
+# `--prepare-only`: stop here, with OUT/data (training catalogue) and OUT/val_labels.csv written.
+[[ ${1:-} == --prepare-only ]] && exit 0
 
 echo "== zero-shot: pretrained EfficientNet-Lite0, GeM features"
 "$FINPRINT" evaluate --zero-shot efficientnet_lite0 --labels "$OUT/val_labels.csv" --images "$SRC" --group view

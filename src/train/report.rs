@@ -30,14 +30,21 @@ fn register_font() {
     });
 }
 
-/// One curve of (epoch, value) points.
-struct Curve<'a> {
-    label: &'a str,
-    points: Vec<(f64, f64)>,
-    color: RGBColor,
+/// One curve of (x, y) points.
+pub struct Curve<'a> {
+    pub label: &'a str,
+    pub points: Vec<(f64, f64)>,
+    pub color: RGBColor,
 }
 
-fn plot(path: &Path, title: &str, y_label: &str, curves: &[Curve]) -> Result<()> {
+/// Draw `curves` (lines through dots, with a legend) into the PNG `path`; the x axis starts at 0.
+pub fn plot(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    curves: &[Curve],
+) -> Result<()> {
     register_font();
     let all: Vec<(f64, f64)> = curves
         .iter()
@@ -64,7 +71,7 @@ fn plot(path: &Path, title: &str, y_label: &str, curves: &[Curve]) -> Result<()>
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         chart
             .configure_mesh()
-            .x_desc("epoch")
+            .x_desc(x_label)
             .y_desc(y_label)
             .draw()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -116,6 +123,7 @@ pub fn report(run: &Path) -> Result<ReportFiles> {
     plot(
         &files.loss_png,
         "training loss (ArcFace cross-entropy)",
+        "epoch",
         "loss",
         &[Curve {
             label: "train loss",
@@ -147,6 +155,7 @@ pub fn report(run: &Path) -> Result<ReportFiles> {
     plot(
         &files.map_png,
         "held-out MAP@5 (fold with unseen individuals)",
+        "epoch",
         "MAP@5",
         &curves,
     )?;

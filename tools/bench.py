@@ -1,0 +1,615 @@
+#!/usr/bin/env python3
+"""Runs every benchmark of finprint side by side with the references in one run, and writes the
+raw figures (OUT/results.json), the plots (OUT/*.png) and BENCHMARKS.md. Started by
+`tools/bench.sh`, which builds finprint and installs the references first; standard library
+only (the references run in their own virtualenv, given by --ref-python).
+
+Every child process is timed and its peak resident memory read from the kernel (wait4's
+ru_maxrss); logs go to WORK/logs/. A part that fails is reported in BENCHMARKS.md and makes the
+exit status non-zero; a part whose data or reference is absent is skipped with the reason.
+"""
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FINPRINT = ROOT / "target/release/finprint"
+EXAMPLES = ROOT / "target/release/examples"
+NYALA = ROOT.parent / "shared/data/nyala-train"
+
+# What each run measures: the full run (about 25 minutes on 2 cores) and the CI smoke run.
+FULL = {
+    "threads": os.cpu_count() or 2,
+    "model": {"size": 224, "batch": 16, "steps": 8},
+    "e2e": {"runs": 3, "photos": 198},
+    "knn": {
+        "sizes": [
+            {"n": 51_000, "queries": 1000, "single": 200, "f16": True, "hnsw_n": 51_000},
+            {"n": 1_000_000, "queries": 200, "single": 20, "f16": False, "hnsw_n": 0},
+            {"n": 10_000, "queries": 200, "single": 100, "f16": False, "hnsw_n": 0},
+            {"n": 250_000, "queries": 200, "single": 50, "f16": False, "hnsw_n": 0},
+        ],
+        "batch_runs": 3, "m": 16, "ef_construction": 40, "ef_search": "64,128",
+    },
+    "identify": {"sizes": [51_033, 1_000_000], "queries": 20, "size": 224},
+    "synth": {"individuals": 300, "epochs": 10, "img_size": 160, "synth_flags": []},
+    "nyala": {
+        "bootstrap": 1000,
+        "runs": {
+            "fast": ["--mode", "fast", "--epochs", "12", "--lr", "1e-3", "--aug-passes", "4"],
+            "fine-tuned": ["--mode", "full", "--epochs", "4", "--img-size", "160", "--lr", "3e-4"],
+        },
+    },
+}
+SMOKE = {
+    "threads": 2,
+    "model": {"size": 64, "batch": 2, "steps": 2},
+    "e2e": {"runs": 1, "photos": 8},
+    "knn": {
+        "sizes": [{"n": 2000, "queries": 50, "single": 10, "f16": True, "hnsw_n": 500}],
+        "batch_runs": 1, "m": 8, "ef_construction": 20, "ef_search": "16",
+    },
+    "identify": {"sizes": [2000], "queries": 3, "size": 64},
+    "synth": {"individuals": 40, "epochs": 1, "img_size": 64,
+              "synth_flags": ["--width", "128", "--height", "96", "--max-photos", "8"]},
+    "nyala": None,
+}
+
+
+class StepError(Exception):
+    pass
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.cfg = SMOKE if args.smoke else FULL
+        self.out = args.out
+        self.work = args.work
+        self.logs = self.work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ref = args.ref_python
+        self.started = time.time()
+        self.results = {"smoke": args.smoke, "config": self.cfg, "sections": {}, "errors": [], "skipped": []}
+
+    # ---- running things -------------------------------------------------------------------
+    def log(self, msg):
+        t = time.time() - self.started
+        print(f"[{int(t // 60):02d}:{int(t % 60):02d}] {msg}", flush=True)
+
+    def run(self, label, cmd, cwd=ROOT):
+        """Run `cmd`, its output to WORK/logs/label.log; returns (output, wall s, peak RSS MB)."""
+        log = self.logs / f"{label}.log"
+        cmd = [str(c) for c in cmd]
+        self.log(f"{label}: {' '.join(cmd)}")
+        start = time.perf_counter()
+        with open(log, "w") as f:
+            p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd)
+            _, status, usage = os.wait4(p.pid, 0)
+            p.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+        text = log.read_text(errors="replace")
+        if p.returncode != 0:
+            tail = "\n".join(text.splitlines()[-15:])
+            raise StepError(f"{label} exited with {p.returncode} (log {log}):\n{tail}")
+        return text, wall, usage.ru_maxrss / 1024.0
+
+    def section(self, name, fn):
+        self.log(f"== {name}")
+        load_before = os.getloadavg()
+        start = time.perf_counter()
+        try:
+            result = fn()
+        except StepError as e:
+            self.log(f"FAILED: {e}")
+            self.results["errors"].append(f"{name}: {e}")
+            result = {"error": str(e).splitlines()[0]}
+        if result is not None:
+            result["wall_s"] = time.perf_counter() - start
+            result["load_before"] = load_before
+            result["load_after"] = os.getloadavg()
+            self.results["sections"][name] = result
+
+    def skip(self, what, why):
+        line = f"{what}: skipped: {why}"
+        self.log(line)
+        self.results["skipped"].append(line)
+
+    def json_lines(self, text):
+        return [json.loads(l) for l in text.splitlines() if l.startswith("{")]
+
+    # ---- the parts -------------------------------------------------------------------------
+    def environment(self):
+        def out(cmd):
+            try:
+                return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT).stdout.strip()
+            except OSError:
+                return None
+
+        lock = (ROOT / "Cargo.lock").read_text()
+        tch = re.search(r'name = "tch"\nversion = "([^"]+)"', lock)
+        torch_version = ROOT / ".venv/libtorch/version.py"
+        libtorch = re.search(r"__version__ = '([^']+)'", torch_version.read_text()) if torch_version.exists() else None
+        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+        mem = re.search(r"MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text())
+        env = {
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cores": os.cpu_count(),
+            "cpu": cpu.group(1) if cpu else platform_name(),
+            "memory_gb": int(mem.group(1)) / 1e6 if mem else None,
+            "load_before": os.getloadavg(),
+            "finprint": out([FINPRINT, "--version"]),
+            "git": out(["git", "describe", "--always", "--dirty"]),
+            "rustc": out(["rustc", "-V"]),
+            "tch": tch.group(1) if tch else None,
+            "libtorch": libtorch.group(1) if libtorch else None,
+            "references": None,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        }
+        if self.ref:
+            probe = ("import json, numpy, torch, timm, onnxruntime, faiss; print(json.dumps({'torch': torch.__version__,"
+                     " 'timm': timm.__version__, 'onnxruntime': onnxruntime.__version__, 'faiss-cpu': faiss.__version__,"
+                     " 'numpy': numpy.__version__}))")
+            env["references"] = json.loads(out([self.ref, "-W", "ignore", "-c", probe]))
+        self.results["environment"] = env
+
+    def synth(self):
+        c = self.cfg["synth"]
+        d = self.work / "synth"
+        shutil.rmtree(d, ignore_errors=True)
+        _, synth_s, _ = self.run("synth", [FINPRINT, "synth", "--out", d, "--individuals", c["individuals"],
+                                           *c["synth_flags"]])
+        text, _, _ = self.run("synth-sample-score", [FINPRINT, "score", "--solution", d / "test_solution.csv",
+                                                     "--submission", d / "sample_submission.csv"])
+        sample = parse_map5(text)
+        _, train_s, train_rss = self.run("synth-train", [
+            FINPRINT, "train", "--data", d, "--out", d / "run", "--mode", "fast", "--epochs", c["epochs"],
+            "--img-size", c["img_size"], "--lr", "1e-3", "--aug-passes", "3"])
+        summary = json.loads((d / "run/summary.json").read_text())
+        _, predict_s, predict_rss = self.run("synth-predict", [
+            FINPRINT, "predict", "--models", d / "run", "--data", d, "--out", d / "submission.csv"])
+        text, _, _ = self.run("synth-score", [FINPRINT, "score", "--solution", d / "test_solution.csv",
+                                              "--submission", d / "submission.csv"])
+        return {
+            "individuals": c["individuals"], "epochs": c["epochs"], "img_size": c["img_size"],
+            "train_photos": count_rows(d / "train.csv"), "test_photos": count_rows(d / "test_solution.csv"),
+            "synth_s": synth_s, "train_s": summary["seconds"], "train_wall_s": train_s, "train_rss_mb": train_rss,
+            "predict_s": predict_s, "predict_rss_mb": predict_rss, "validation_map5": summary["best_map5"],
+            "map5": parse_map5(text), "sample_submission_map5": sample,
+        }
+
+    def nyala(self):
+        c = self.cfg["nyala"]
+        if c is None:
+            self.skip("accuracy on real photos", "smoke run")
+            return None
+        if not (NYALA / "labels.csv").exists():
+            self.skip("accuracy on real photos", f"{NYALA} not found")
+            return None
+        d = self.work / "nyala"
+        self.run("nyala-prepare", ["bash", ROOT / "tools/nyala.sh", d, "--prepare-only"])
+        rows = {}
+
+        def evaluate(name, model_flags):
+            report = d / f"{name}.json"
+            text, wall, rss = self.run(f"nyala-evaluate-{name}", [
+                FINPRINT, "evaluate", *model_flags, "--labels", d / "val_labels.csv", "--images", NYALA,
+                "--group", "view", "--bootstrap", c["bootstrap"], "--json", report])
+            r = json.loads(report.read_text())
+            return {**r["report"], "bootstrap": r["bootstrap"], "evaluate_s": wall, "evaluate_rss_mb": rss}
+
+        rows["zero-shot"] = {**evaluate("zero-shot", ["--zero-shot", "efficientnet_lite0"]),
+                             "training": "none (ImageNet EfficientNet-Lite0, GeM features, 224 px)", "train_s": 0.0}
+        for name, flags in c["runs"].items():
+            run = d / name
+            shutil.rmtree(run, ignore_errors=True)
+            _, wall, rss = self.run(f"nyala-train-{name}", [
+                FINPRINT, "train", "--data", d / "data", "--out", run, "--hflip-p", "0", *flags])
+            summary = json.loads((run / "summary.json").read_text())
+            rows[name] = {**evaluate(name, ["--models", run]), "training": " ".join(flags),
+                          "train_s": summary["seconds"], "train_wall_s": wall, "train_rss_mb": rss,
+                          "train_photos": summary["train_images"], "epochs": summary["epochs"]}
+        return {"rows": rows, "val_photos": count_rows(d / "val_labels.csv"),
+                "train_photos": count_rows(d / "data/train.csv")}
+
+    def photo_list(self):
+        """The photos that the end-to-end measurements decode: nyala's validation photos when
+        present, else the synthetic catalogue's training photos. Returns (folder, list file, count)."""
+        n = self.cfg["e2e"]["photos"]
+        val = self.work / "nyala/val_labels.csv"
+        if not self.args.smoke and val.exists():
+            root, names = NYALA, [l.split(",")[0] for l in val.read_text().splitlines()[1:]]
+        else:
+            root = self.work / "synth/train_images"
+            names = [l.split(",")[0] for l in (self.work / "synth/train.csv").read_text().splitlines()[1:]]
+        names = names[:n]
+        path = self.work / "photos.txt"
+        path.write_text("\n".join(names) + "\n")
+        return root, path, len(names), "nyala validation photos" if root == NYALA else "synthetic catalogue photos"
+
+    def model_speed(self):
+        c, t = self.cfg["model"], self.cfg["threads"]
+        flags = ["--size", c["size"], "--batch", c["batch"], "--threads", t, "--steps", c["steps"]]
+        text, _, rss = self.run("model-finprint", [EXAMPLES / "bench_model", *flags])
+        rows = self.json_lines(text)
+        rows[0]["rss_mb"] = rss
+        if self.ref:
+            text, _, rss = self.run("model-references", [self.ref, "-W", "ignore", ROOT / "tools/bench_model.py", *flags])
+            rows += [{**r, "rss_mb": rss} for r in self.json_lines(text)]
+        else:
+            self.skip("model speed: PyTorch and onnxruntime", "no reference virtualenv (smoke run)")
+        return {"rows": rows, **c, "threads": t}
+
+    def e2e(self):
+        c, m, t = self.cfg["e2e"], self.cfg["model"], self.cfg["threads"]
+        root, names, count, what = self.photo_list()
+        flags = ["--size", m["size"], "--batch", m["batch"], "--threads", t, "--images", root, "--list", names,
+                 "--runs", c["runs"]]
+        text, _, rss = self.run("e2e-finprint", [EXAMPLES / "bench_model", *flags])
+        rows = self.json_lines(text)
+        rows[0]["rss_mb"] = rss
+        if self.ref:
+            text, _, rss = self.run("e2e-references", [self.ref, "-W", "ignore", ROOT / "tools/bench_model.py", *flags])
+            rows += [{**r, "rss_mb": rss} for r in self.json_lines(text)]
+        else:
+            self.skip("end-to-end embedding: PyTorch and onnxruntime", "no reference virtualenv (smoke run)")
+        return {"rows": rows, "photos": count, "what": what, "size": m["size"], "batch": m["batch"], "threads": t,
+                "runs": c["runs"]}
+
+    def knn(self):
+        c, t = self.cfg["knn"], self.cfg["threads"]
+        sizes = []
+        for s in c["sizes"]:
+            d = self.work / f"knn-{s['n']}"
+            d.mkdir(parents=True, exist_ok=True)
+            flags = ["--n", s["n"], "--queries", s["queries"], "--single", s["single"], "--threads", t,
+                     "--batch-runs", c["batch_runs"], "--m", c["m"], "--ef-construction", c["ef_construction"],
+                     "--ef-search", c["ef_search"], "--hnsw-n", s["hnsw_n"], "--out", d]
+            if not s["f16"]:
+                flags.append("--no-f16")
+            _, _, rss = self.run(f"knn-{s['n']}-finprint", [EXAMPLES / "bench_knn", *flags])
+            entry = {**s, "finprint": json.loads((d / "rust.json").read_text())["rows"], "finprint_rss_mb": rss}
+            if self.ref:
+                _, _, rss = self.run(f"knn-{s['n']}-faiss", [self.ref, "-W", "ignore", ROOT / "tools/bench_knn.py",
+                                                             "--dir", d])
+                entry["faiss"] = json.loads((d / "faiss.json").read_text())["rows"]
+                entry["faiss_rss_mb"] = rss
+            for f in ["base.f32", "queries.f32"]:
+                (d / f).unlink(missing_ok=True)
+            sizes.append(entry)
+        if not self.ref:
+            self.skip("kNN: faiss-cpu", "no reference virtualenv (smoke run)")
+        return {"sizes": sizes, "dim": 512, "k": 10, "threads": t, "m": c["m"],
+                "ef_construction": c["ef_construction"], "batch_runs": c["batch_runs"]}
+
+    def identify(self):
+        c, t = self.cfg["identify"], self.cfg["threads"]
+        root, names, count, what = self.photo_list()
+        rows = []
+        for n in c["sizes"]:
+            text, _, rss = self.run(f"identify-{n}", [
+                EXAMPLES / "bench_identify", "--images", root, "--list", names, "--n", n,
+                "--queries", c["queries"], "--size", c["size"], "--threads", t])
+            rows.append({**self.json_lines(text)[0], "rss_mb": rss})
+        return {"rows": rows, "what": what}
+
+    def plots(self):
+        s = self.results["sections"]
+        plots = {}
+        ny = s.get("nyala", {}).get("rows")
+        if ny:
+            plots["map5_vs_training_time"] = {
+                "file": "map5_vs_training_time.png", "title": "nyala, animals never trained on: MAP@5 vs training time",
+                "x_label": "training time (s, 2 cores)", "y_label": "leave-one-out MAP@5",
+                "curves": [{"label": f"{name} (95% CI {r['bootstrap']['map5'][0]:.3f}–{r['bootstrap']['map5'][1]:.3f})",
+                            "points": [[r["train_s"], r["map5_known"]]]} for name, r in ny.items()],
+            }
+        knn = s.get("knn", {}).get("sizes")
+        if knn:
+            def series(side, index):
+                pts = sorted((e["n"] / 1e3, r["single_ms"]["median"]) for e in knn for r in e.get(side, [])
+                             if r["index"] == index and r.get("ef_search") in (None, 64))
+                return [list(p) for p in pts]
+
+            curves = [{"label": f"{side} {index}", "points": series(side, index)}
+                      for index in ["flat f32", "hnsw"] for side in ["finprint", "faiss"]]
+            ident = s.get("identify", {}).get("rows") or []
+            curves.append({"label": "finprint identify one photo (decode+embed+search)",
+                           "points": [[r["n"] / 1e3, r["total_ms"]["median"]] for r in ident]})
+            plots["latency_vs_catalogue"] = {
+                "file": "latency_vs_catalogue.png", "title": "single-query latency vs catalogue size (512-d)",
+                "x_label": "catalogue photos (thousands)", "y_label": "milliseconds (median)", "curves": curves,
+            }
+        self.results["plots"] = plots
+        self.write_results()
+        text, _, _ = self.run("plots", [EXAMPLES / "bench_plots", self.out / "results.json", self.out])
+        return {"files": [Path(l).name for l in text.splitlines() if l.endswith(".png")]}
+
+    def write_results(self):
+        path = self.out / "results.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.results, indent=1))
+        tmp.replace(path)
+
+    def main(self):
+        self.environment()
+        self.section("synth", self.synth)
+        self.section("nyala", self.nyala)
+        self.section("model", self.model_speed)
+        self.section("e2e", self.e2e)
+        self.section("knn", self.knn)
+        self.section("identify", self.identify)
+        self.section("plots", self.plots)
+        env = self.results["environment"]
+        env["load_after"] = os.getloadavg()
+        env["wall_s"] = time.time() - self.started
+        self.write_results()
+        md = markdown(self.results, self.out, self.args.md)
+        tmp = self.args.md.with_suffix(".md.tmp")
+        tmp.write_text(md)
+        tmp.replace(self.args.md)
+        self.log(f"wrote {self.args.md} and {self.out / 'results.json'} in {env['wall_s'] / 60:.1f} min")
+        for e in self.results["errors"]:
+            print(f"error: {e}", file=sys.stderr)
+        return 1 if self.results["errors"] else 0
+
+
+def platform_name():
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def parse_map5(text):
+    m = re.findall(r"MAP@5 ([0-9.]+)", text)
+    if not m:
+        raise StepError(f"no MAP@5 in: {text[-300:]}")
+    return float(m[-1])
+
+
+def count_rows(csv):
+    return max(0, len(Path(csv).read_text().splitlines()) - 1)
+
+
+# ---- BENCHMARKS.md ---------------------------------------------------------------------------
+def f(x, digits=1):
+    if x is None:
+        return "–"
+    if isinstance(x, dict):
+        return f"{f(x['median'], digits)} ({f(x['min'], digits)}–{f(x['max'], digits)})"
+    return f"{x:.{digits}f}"
+
+
+def ratio(a, b, digits=2):
+    return "–" if a is None or b is None or b == 0 else f"{a / b:.{digits}f}×"
+
+
+def med(x):
+    return x["median"] if isinstance(x, dict) else x
+
+
+def table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def load(section):
+    lb, la = section.get("load_before"), section.get("load_after")
+    if not lb:
+        return ""
+    return f"Load average (1 min) {lb[0]:.2f} before, {la[0]:.2f} after; {section['wall_s']:.0f} s."
+
+
+def markdown(res, out, md_path):
+    env, s = res["environment"], res["sections"]
+    rel = os.path.relpath(out, md_path.parent)
+    L = []
+    w = L.append
+    w("# Benchmarks\n")
+    w(f"Every figure below comes from one run of `bash tools/bench.sh{' --smoke' if res['smoke'] else ''}` "
+      f"on {env['date_utc']}, which took {env['wall_s'] / 60:.1f} minutes; the raw figures are in "
+      f"[`{rel}/results.json`]({rel}/results.json) and each step's log in `target/bench-work*/logs/`.\n")
+    if res["smoke"]:
+        w("**This is a smoke run** (tiny sizes, no references): it checks that the command works; its figures "
+          "mean nothing.\n")
+    refs = env.get("references") or {}
+    w(f"Machine: {env['cores']} cores ({env['cpu']}), {f(env['memory_gb'], 0)} GB memory. Load average "
+      f"(1, 5, 15 min) {', '.join(f'{x:.2f}' for x in env['load_before'])} before the run and "
+      f"{', '.join(f'{x:.2f}' for x in env['load_after'])} after: a load above the core count means other "
+      f"processes shared the cores during the run, and every speed below is then lower than on a quiet "
+      f"machine (the references equally, as they ran in the same minutes). Each section gives its own load.\n")
+    w("Versions: " + ", ".join(f"{k} {v}" for k, v in [
+        ("finprint", (env.get("finprint") or "").replace("finprint ", "") + f" ({env.get('git')})"),
+        ("rustc", (env.get("rustc") or "").replace("rustc ", "")), ("tch", env.get("tch")),
+        ("libtorch", env.get("libtorch")), *refs.items()] if v) + ".\n")
+    w("Speed figures are medians of several timed repetitions after a warm-up, with min–max in "
+      "parentheses; \"finprint ×\" is how many times faster finprint is (above 1: finprint is faster). "
+      f"All implementations of a speed table get the same {s.get('model', {}).get('threads', env['cores'])} "
+      "threads; `finprint train` and `evaluate` choose theirs from the cores left free by other processes. "
+      f"OMP_WAIT_POLICY: {env.get('omp_wait_policy') or 'unset (libgomp waits actively)'}.\n")
+    for line in res["skipped"]:
+        w(f"- {line}")
+    for line in res["errors"]:
+        w(f"- **failed**: {line.splitlines()[0]}")
+    if res["skipped"] or res["errors"]:
+        w("")
+
+    # accuracy, real photos
+    w("## Accuracy on real photos (nyala, animals never trained on)\n")
+    ny = s.get("nyala")
+    if ny and "rows" in ny:
+        w(f"`../shared/data/nyala-train`, split by animal as its README's development protocol: finprint trains on "
+          f"the `train` animals ({ny['train_photos']} photos, of which a fifth of the animals validate during "
+          f"training) and is measured on the {ny['val_photos']} photos of the 36 `val` animals it never saw. "
+          "Identity = animal + flank; each photo queries the other photos of its flank (leave-one-out), an "
+          "identity scored by its best photo; top-1, top-5 and MAP@5 over the queries whose identity has "
+          "another photo. 95% intervals: percentile bootstrap, 1000 resamples of the animals "
+          "(`finprint evaluate --bootstrap 1000`).\n")
+        rows = []
+        for name, r in ny["rows"].items():
+            b = r["bootstrap"]
+            rows.append([name, f"`{r['training']}`" if r["train_s"] else r["training"],
+                         f(r["train_s"], 0), f"{r['top1']:.3f} ({b['top1'][0]:.3f}–{b['top1'][1]:.3f})",
+                         f"{r['top5']:.3f} ({b['top5'][0]:.3f}–{b['top5'][1]:.3f})",
+                         f"**{r['map5_known']:.3f}** ({b['map5'][0]:.3f}–{b['map5'][1]:.3f})", r["known_queries"]])
+        w(table(["model", "training (`finprint train` flags)", "training s", "top-1 (95% CI)", "top-5 (95% CI)",
+                 "MAP@5 (95% CI)", "queries"], rows))
+        w(load(ny) + "\n")
+        if "map5_vs_training_time" in res.get("plots", {}):
+            w(f"![MAP@5 vs training time]({rel}/map5_vs_training_time.png)\n")
+    elif ny and "error" in ny:
+        w(f"Failed: {ny['error']}\n")
+    else:
+        w("Skipped: " + next((l for l in res["skipped"] if l.startswith("accuracy on real")), "not run") + "\n")
+
+    # accuracy, synthetic
+    w("## Accuracy on the synthetic catalogue\n")
+    sy = s.get("synth")
+    if sy and "map5" in sy:
+        w(f"`finprint synth --individuals {sy['individuals']}` ({sy['train_photos']} catalogue photos, "
+          f"{sy['test_photos']} test photos, a share of them of individuals never seen), `finprint train --mode "
+          f"fast --epochs {sy['epochs']} --img-size {sy['img_size']}`, `finprint predict`, then `finprint score` "
+          "against `test_solution.csv`.\n")
+        w(table(["submission", "MAP@5", "training s", "predict s (all test photos, end to end)"], [
+            ["finprint predict", f"**{sy['map5']:.4f}**", f(sy["train_s"], 0), f(sy["predict_s"], 1)],
+            ["Kaggle-style sample submission (4 most seen + new_individual)", f"{sy['sample_submission_map5']:.4f}",
+             "–", "–"]]))
+        w(load(sy) + "\n")
+    elif sy:
+        w(f"Failed: {sy.get('error')}\n")
+
+    w("## Speed\n")
+    mo = s.get("model")
+    if mo and "rows" in mo:
+        w(f"### Model: images/s on a random batch\n\nEfficientNet-Lite0 → GeM → BN → Linear 512 (→ ArcFace when "
+          f"training), {mo['size']} px, batch {mo['batch']}, {mo['threads']} threads, {mo['steps']} timed steps each. "
+          "Inference = L2-normalised embeddings without gradients; training = one AdamW step (forward, ArcFace "
+          "loss, backward, update). PyTorch runs timm's `efficientnet_lite0`; onnxruntime runs the exported "
+          "embedding network.\n")
+        ours = mo["rows"][0]
+        rows = [[r["impl"], f(r["inference_img_s"]), ratio(med(ours["inference_img_s"]), med(r["inference_img_s"])),
+                 f(r.get("train_img_s")), ratio(med(ours["train_img_s"]), med(r["train_img_s"])) if r.get("train_img_s") else "–"]
+                for r in mo["rows"]]
+        w(table(["implementation", "inference img/s", "finprint ×", "training img/s", "finprint ×"], rows))
+        w(load(mo) + "\n")
+    e2 = s.get("e2e")
+    if e2 and "rows" in e2:
+        w(f"### Embedding end to end (decode → embed)\n\n{e2['photos']} {e2['what']} (JPEG) decoded, resized to "
+          f"{e2['size']} px, normalised and embedded, batch {e2['batch']}, {e2['threads']} threads, "
+          f"{e2['runs']} timed passes. finprint: `embed::embed_images` (what `finprint embed`, `predict` and "
+          "`evaluate` run), decoding the next batch on the other threads while the model works; PyTorch and "
+          "onnxruntime: PIL decoding in a `DataLoader` with one worker process.\n")
+        ours = e2["rows"][0]
+        w(table(["implementation", "images/s", "finprint ×"], [
+            [r["impl"], f(r["e2e_img_s"]), ratio(med(ours["e2e_img_s"]), med(r["e2e_img_s"]))] for r in e2["rows"]]))
+        w(load(e2) + "\n")
+    kn = s.get("knn")
+    if kn and "sizes" in kn:
+        w(f"### kNN search (top {kn['k']}, {kn['dim']}-d, inner product)\n\nRandom unit vectors; queries are "
+          "catalogue rows plus an equal random perturbation (like a new photo of a known animal). Single: one "
+          "query at a time, median (min–max) over the queries; batched: all queries in one call, "
+          f"{kn['batch_runs']} calls. Build = adding all rows. HNSW: M {kn['m']}, efConstruction "
+          f"{kn['ef_construction']} for both; recall@{kn['k']} against the exact answer (random 512-d vectors are "
+          "the hardest case for a graph index). finprint: `search::FlatIndex` (f32, f16) and `search::HnswIndex`; "
+          "faiss: `IndexFlatIP`, `IndexScalarQuantizer(fp16)`, `IndexHNSWFlat`.\n")
+        rows = []
+        for e in kn["sizes"]:
+            theirs = e.get("faiss") or [{}] * len(e["finprint"])
+            for o, t in zip(e["finprint"], theirs):
+                name = o["index"] + (f" ef {o['ef_search']}" if o.get("ef_search") else "")
+                rows.append([name, f"{o['n']:,}", f"{f(o['build_s'], 2)} / {f(t.get('build_s'), 2)}",
+                             f"{f(o['single_ms'], 2)} / {f(t.get('single_ms'), 2)}",
+                             ratio(med(t["single_ms"]), med(o["single_ms"])) if t else "–",
+                             f"{f(o['batch_qps'], 0)} / {f(t.get('batch_qps'), 0)}",
+                             ratio(med(o["batch_qps"]), med(t["batch_qps"])) if t else "–",
+                             f"{f(o.get('recall'), 3)} / {f(t.get('recall'), 3)}"])
+        w(table(["index", "rows", "build s finprint / faiss", "1 query ms finprint / faiss", "finprint ×",
+                 "batched queries/s finprint / faiss", "finprint ×", "recall@10 finprint / faiss"], rows))
+        big = max(kn["sizes"], key=lambda e: e["n"])
+        if big["hnsw_n"] == 0:
+            w(f"HNSW is measured at {max(e['hnsw_n'] for e in kn['sizes']):,} rows only: building it over "
+              f"{big['n']:,} rows takes far longer than this whole run on 2 cores (both libraries).\n")
+        w(load(kn) + "\n")
+        if "latency_vs_catalogue" in res.get("plots", {}):
+            w(f"![latency vs catalogue size]({rel}/latency_vs_catalogue.png)\n")
+    idn = s.get("identify")
+    if idn and "rows" in idn:
+        w("### Identify one photo, end to end\n\nOne photo at a time, as the service answers `POST /api/identify`, "
+          "on the library path it uses: decode + resize (the evaluation pipeline) → embed (Lite0 + GeM + BN + "
+          f"Linear 512, {idn['rows'][0]['size']} px) → exact search of the whole catalogue (`FlatIndex` f32) → individuals ranked by "
+          "their best photo (`predict::rank_candidates`) → five answers with `new_individual`. Catalogue: random "
+          f"unit vectors of 15,587 individuals; queries: {idn['what']}. Milliseconds, median (min–max).\n")
+        w(table(["catalogue photos", "total ms", "decode + resize", "embed", "search + rank"], [
+            [f"{r['n']:,}", f"**{f(r['total_ms'])}**", f(r["decode_ms"]), f(r["embed_ms"]), f(r["search_rank_ms"])]
+            for r in idn["rows"]]))
+        w(load(idn) + "\n")
+
+    # memory
+    w("## Memory (peak resident set, MB)\n\nEach process's peak RSS as the kernel reports it (`wait4` "
+      "`ru_maxrss`).\n")
+    rows = []
+    if ny and "rows" in ny:
+        for name, r in ny["rows"].items():
+            if r.get("train_rss_mb"):
+                rows.append([f"training: `finprint train` nyala, {name}", f"`{r['training']}`, {r['train_photos']} photos",
+                             f(r["train_rss_mb"], 0)])
+    if sy and "train_rss_mb" in sy:
+        rows.append(["training: `finprint train` synthetic catalogue", f"fast mode, {sy['train_photos']} photos",
+                     f(sy["train_rss_mb"], 0)])
+        rows.append(["identification: `finprint predict` synthetic catalogue",
+                     f"{sy['train_photos']} catalogue + {sy['test_photos']} test photos", f(sy["predict_rss_mb"], 0)])
+    if e2 and "rows" in e2:
+        for r in e2["rows"]:
+            rows.append([f"embedding end to end: {r['impl']}", f"model + {e2['photos']} photos, batch {e2['batch']}",
+                         f(r["rss_mb"], 0)])
+    if idn and "rows" in idn:
+        for r in idn["rows"]:
+            rows.append([f"service structures, {r['n']:,}-photo catalogue",
+                         f"model + `FlatIndex` f32 ({f(r['index_mb'], 0)} MB) + row labels + individual names, "
+                         "one photo identified at a time", f(r["rss_mb"], 0)])
+    if kn and "sizes" in kn:
+        big = max(kn["sizes"], key=lambda e: e["n"])
+        rows.append([f"kNN bench, {big['n']:,} rows: finprint", "the vectors + each index in turn",
+                     f(big["finprint_rss_mb"], 0)])
+        if "faiss_rss_mb" in big:
+            rows.append([f"kNN bench, {big['n']:,} rows: faiss", "the vectors + each index in turn",
+                         f(big["faiss_rss_mb"], 0)])
+    w(table(["process", "holds", "peak RSS MB"], rows))
+    w("The service row measures the in-memory structures of identification (the model, the catalogue's "
+      "exact index, each row's individual and the individuals' names) in one process, not a running "
+      "`finprint serve`: loading a million photos into its SQLite catalogue would take longer than the "
+      "whole bench. The service's gallery also keeps its own copy of the vectors besides the index (add "
+      "2,048 MB at 1M × 512 f32) and SQLite's page cache.\n")
+    w("## Reproduce\n\n```sh\nbash tools/bench.sh            # full run: BENCHMARKS.md, bench/results.json, "
+      "bench/*.png\nbash tools/bench.sh --smoke    # seconds, no references: what CI runs\n```\n")
+    return "\n".join(L)
+
+
+def main():
+    a = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    a.add_argument("--smoke", action="store_true")
+    a.add_argument("--out", type=Path)
+    a.add_argument("--md", type=Path, help="where BENCHMARKS.md goes (default: OUT/BENCHMARKS.md, or the "
+                                           "repository's for the default full run)")
+    a.add_argument("--work", type=Path)
+    a.add_argument("--ref-python", help="the reference virtualenv's python (none: reference rows skipped)")
+    args = a.parse_args()
+    default_out = ROOT / ("target/bench-smoke" if args.smoke else "bench")
+    args.out = (args.out or default_out).resolve()
+    args.md = (args.md or (ROOT / "BENCHMARKS.md" if args.out == (ROOT / "bench").resolve()
+                           else args.out / "BENCHMARKS.md")).resolve()
+    args.work = (args.work or ROOT / ("target/bench-smoke-work" if args.smoke else "target/bench-work")).resolve()
+    sys.exit(Bench(args).main())
+
+
+if __name__ == "__main__":
+    main()

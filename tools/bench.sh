@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Every benchmark of finprint, side by side with what a user would pick instead (PyTorch eager,
+# timm, onnxruntime, faiss-cpu), on this machine in one run: writes BENCHMARKS.md,
+# bench/results.json and bench/*.png.
+#
+#   bash tools/bench.sh [--smoke] [--out DIR] [--md FILE]
+#
+# The full run (about 25 minutes on 2 cores) installs the references into .venv-bench from PyPI
+# on first use (a few GB, pinned below) and reads the real photos of ../shared/data/nyala-train
+# when present (skipped otherwise). --smoke takes seconds, needs no reference and no data, and
+# writes to target/bench-smoke/: CI runs it so that the command cannot rot.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+smoke=0
+for a in "$@"; do [[ $a == --smoke ]] && smoke=1; done
+
+ref=()
+if ((!smoke)); then
+  # The references, pinned; torch is the version finprint's libtorch comes from.
+  pins=(torch==2.13.0 torchvision==0.28.0 timm==1.0.31 onnx==1.23.2 onnxruntime==1.32.0
+    faiss-cpu==1.15.1 numpy==2.4.6 pillow==13.0.0)
+  if ! .venv-bench/bin/python -W ignore -c "import torch, timm, onnx, onnxruntime, faiss, PIL" 2>/dev/null; then
+    echo "bench: installing the references into .venv-bench (${pins[*]})"
+    python3 -m venv .venv-bench
+    .venv-bench/bin/pip install --quiet --disable-pip-version-check "${pins[@]}"
+  fi
+  ref=(--ref-python .venv-bench/bin/python)
+fi
+
+cargo build --release --quiet --bin finprint \
+  --example bench_model --example bench_knn --example bench_identify --example bench_plots
+exec python3 tools/bench.py "${ref[@]}" "$@"
