@@ -8,3 +8,5 @@ cargo clippy --release --all-targets --locked -- -D warnings
 cargo test --release --locked
 # The web page in headless Chromium: upload, candidates, confirm, the individual's sighting.
 bash tests/browser/run.sh
+# The bench command in miniature (seconds, no references, no data; figures not checked).
+bash tools/bench.sh --smoke
