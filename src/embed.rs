@@ -11,7 +11,7 @@ use crate::train::augment::{batch_with, Pipeline};
 use anyhow::{bail, Context, Result};
 use image::RgbImage;
 use indicatif::ProgressBar;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use tch::{Kind, Tensor};
 
@@ -184,8 +184,13 @@ mod tests {
 pub struct Ensemble {
     pub models: Vec<HappyWhaleModel>,
     pub weights: Vec<f32>,
-    /// The new_individual threshold: the weighted mean of the models' own thresholds.
+    /// The new_individual threshold: the mean of the models' own thresholds.
     pub threshold: f32,
+    /// Per-species thresholds: for each species, the mean over the models (a model without
+    /// one for that species counts its global threshold).
+    pub species_thresholds: BTreeMap<String, f32>,
+    /// Weight of the ArcFace heads' scores against the kNN scores (the models' mean; 0 = kNN).
+    pub fusion_weight: f32,
 }
 
 impl Ensemble {
@@ -193,18 +198,33 @@ impl Ensemble {
     pub fn load(runs: &[std::path::PathBuf], device: tch::Device) -> Result<Self> {
         anyhow::ensure!(!runs.is_empty(), "no model given");
         let mut models = Vec::new();
-        let mut thresholds = Vec::new();
+        let mut saved = Vec::new();
         for run in runs {
             let dir = crate::train::run::checkpoint_dir(run)?;
             models.push(HappyWhaleModel::load(&dir, device)?);
-            thresholds.push(crate::train::run::saved_threshold(&dir)?);
+            saved.push(crate::train::run::saved_decision(&dir)?);
         }
-        let weights = vec![1.0; models.len()];
-        let threshold = thresholds.iter().sum::<f32>() / thresholds.len() as f32;
+        let n = saved.len() as f32;
+        let species: std::collections::BTreeSet<&String> = saved
+            .iter()
+            .flat_map(|d| d.thresholds.by_species.keys())
+            .collect();
+        let species_thresholds = species
+            .into_iter()
+            .map(|s| {
+                let sum: f32 = saved
+                    .iter()
+                    .map(|d| d.thresholds.for_species(Some(s)))
+                    .sum();
+                (s.clone(), sum / n)
+            })
+            .collect();
         Ok(Self {
+            weights: vec![1.0; models.len()],
             models,
-            weights,
-            threshold,
+            threshold: saved.iter().map(|d| d.thresholds.global).sum::<f32>() / n,
+            species_thresholds,
+            fusion_weight: saved.iter().map(|d| d.fusion_weight).sum::<f32>() / n,
         })
     }
 
@@ -219,6 +239,8 @@ impl Ensemble {
             models: vec![HappyWhaleModel::zero_shot(backbone, img_size, device)?],
             weights: vec![1.0],
             threshold,
+            species_thresholds: BTreeMap::new(),
+            fusion_weight: 0.0,
         })
     }
 

@@ -105,6 +105,10 @@ enum Command {
         flip_tta: bool,
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
+        /// Crop sets embedded and fused by share (`NAME=BOXES.csv[:SHARE]`, see `predict`);
+        /// default: the set the first model validated on.
+        #[arg(long, value_delimiter = ',')]
+        crops: Vec<finprint::crops::CropSet>,
     },
     /// Write a Kaggle submission for DIR/test_images against the catalogue DIR/train.csv.
     Predict {
@@ -124,6 +128,15 @@ enum Command {
         flip_tta: bool,
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
+        /// Crop sets embedded and fused by share (`NAME=BOXES.csv[+MORE.csv][:SHARE]` or
+        /// `full`), their boxes covering train and test photos; default: the set the first
+        /// model validated on.
+        #[arg(long, value_delimiter = ',')]
+        crops: Vec<finprint::crops::CropSet>,
+        /// Weight of the ArcFace heads' scores against the kNN scores (default: the one chosen on
+        /// the models' validation; 0: kNN alone).
+        #[arg(long)]
+        fusion_weight: Option<f32>,
     },
     /// Leave-one-out identification over a labelled folder: top-1, top-5, MAP@5.
     Evaluate {
@@ -158,6 +171,10 @@ enum Command {
         /// Also write the figures (and intervals) to this JSON file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Crop sets embedded and fused by share (`NAME=BOXES.csv[:SHARE]`, see `predict`);
+        /// default: whole photos.
+        #[arg(long, value_delimiter = ',')]
+        crops: Vec<finprint::crops::CropSet>,
     },
     /// Draw a run's loss and MAP@5 curves (PNG) and write its Markdown summary.
     Report {
@@ -305,6 +322,10 @@ struct TrainArgs {
     threads: Option<usize>,
     #[arg(long)]
     val_every: Option<usize>,
+    /// Crop sets mixed in training by share, `NAME=BOXES.csv[+MORE.csv][:SHARE]` or
+    /// `full[:SHARE]`, comma-separated; validation (and predict) use the first.
+    #[arg(long, value_delimiter = ',')]
+    crops: Vec<finprint::crops::CropSet>,
 }
 
 impl TrainArgs {
@@ -333,6 +354,9 @@ impl TrainArgs {
         }
         if self.threads.is_some() {
             c.threads = self.threads;
+        }
+        if !self.crops.is_empty() {
+            c.crops = self.crops.clone();
         }
         Ok(c)
     }
@@ -408,23 +432,31 @@ fn run(cli: Cli) -> Result<()> {
             out,
             flip_tta,
             batch_size,
+            crops,
         } => {
             configure_threads(None);
             let ensemble = Ensemble::load(&models, runtime::device())?;
+            let crops = match crops.is_empty() {
+                true => finprint::train::run::validation_crops(&models[0])?,
+                false => crops,
+            };
             let names = predict::list_images(&images)?;
             let progress = bar(0, "embedding");
-            let vectors = ensemble.embed_files(&images, &names, batch_size, flip_tta, &progress)?;
+            let sets = finprint::crops::sets::load_sets(&crops)?;
+            let vectors = predict::embed_crops(
+                &ensemble, &sets, &images, &names, batch_size, flip_tta, &progress,
+            )?;
             progress.finish_and_clear();
             let count = names.len();
+            let dim = vectors.len() / count.max(1);
             Embeddings {
                 names,
-                dim: ensemble.dim(),
+                dim,
                 vectors,
             }
             .save(&out)?;
             say!(
-                "wrote {count} embeddings of {} dimensions to {}",
-                ensemble.dim(),
+                "wrote {count} embeddings of {dim} dimensions to {}",
                 out.display()
             );
             Ok(())
@@ -437,18 +469,30 @@ fn run(cli: Cli) -> Result<()> {
             new_share,
             flip_tta,
             batch_size,
+            crops,
+            fusion_weight,
         } => {
             configure_threads(None);
-            let ensemble = Ensemble::load(&models, runtime::device())?;
+            let mut ensemble = Ensemble::load(&models, runtime::device())?;
+            if let Some(w) = fusion_weight {
+                ensemble.fusion_weight = w;
+            }
+            let crops = match crops.is_empty() {
+                true => finprint::train::run::validation_crops(&models[0])?,
+                false => crops,
+            };
             let rule = match new_share {
                 Some(share) => predict::NewRule::Share(share),
-                None => predict::NewRule::Threshold(threshold.unwrap_or(ensemble.threshold)),
+                None => predict::NewRule::Threshold(
+                    threshold.map_or_else(|| (&ensemble).into(), predict::Thresholds::global),
+                ),
             };
             let progress = bar(0, "embedding");
             let predictions = predict::predict_submission(
                 &ensemble,
                 &KaggleDir::new(&data),
-                rule,
+                &crops,
+                &rule,
                 batch_size,
                 flip_tta,
                 &progress,
@@ -475,6 +519,7 @@ fn run(cli: Cli) -> Result<()> {
             bootstrap,
             bootstrap_seed,
             json,
+            crops,
         } => {
             configure_threads(None);
             let ensemble = match &zero_shot {
@@ -505,7 +550,10 @@ fn run(cli: Cli) -> Result<()> {
                 groups.push(g.to_string());
             }
             let progress = bar(0, "embedding");
-            let emb = ensemble.embed_files(&images, &names, batch_size, flip_tta, &progress)?;
+            let sets = finprint::crops::sets::load_sets(&crops)?;
+            let emb = predict::embed_crops(
+                &ensemble, &sets, &images, &names, batch_size, flip_tta, &progress,
+            )?;
             progress.finish_and_clear();
             let threshold = threshold.unwrap_or(ensemble.threshold);
             let r = predict::leave_one_out(
@@ -626,7 +674,8 @@ fn run(cli: Cli) -> Result<()> {
             let predictions = predict::predict_submission(
                 &ensemble,
                 &kaggle,
-                predict::NewRule::Threshold(ensemble.threshold),
+                &train::run::validation_crops(&run)?,
+                &predict::NewRule::Threshold((&ensemble).into()),
                 32,
                 false,
                 &progress,

@@ -1,15 +1,19 @@
 //! From ranked individuals to answers: `new_individual` inserted by a similarity threshold, and
 //! the threshold chosen on validation queries to maximise MAP@5.
 
+use crate::crops::sets::{load_sets, CropSet, LoadedCropSet};
+use crate::data::image::load_rgb;
 use crate::data::{read_train_csv, KaggleDir, Prediction, NEW_INDIVIDUAL};
-use crate::embed::Ensemble;
+use crate::embed::{fuse, Ensemble};
 use crate::metrics::{average_precision_at_5, K};
+use crate::model::happywhale::HappyWhaleModel;
 use crate::search::{rank_labels, Aggregation, FlatIndex, Index, Storage};
 use anyhow::Context;
 use indicatif::ProgressBar;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use tch::Tensor;
 
 /// One candidate individual for a query, with its similarity (higher is more alike).
 #[derive(Clone, Debug, PartialEq)]
@@ -125,6 +129,177 @@ pub fn threshold_for_new_share(best_scores: &[f32], share: f64) -> f32 {
     }
 }
 
+/// Queries of a species below which it keeps the global threshold (too few to choose one).
+pub const MIN_SPECIES_QUERIES: usize = 20;
+
+/// new_individual thresholds: one global, and per species where validation had enough queries.
+/// A query's species is that of its best candidate, since test photos carry no species.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Thresholds {
+    pub global: f32,
+    #[serde(default)]
+    pub by_species: BTreeMap<String, f32>,
+}
+
+impl Thresholds {
+    pub fn global(t: f32) -> Self {
+        Self {
+            global: t,
+            by_species: BTreeMap::new(),
+        }
+    }
+
+    /// The threshold for a query whose best candidate is of `species`.
+    pub fn for_species(&self, species: Option<&str>) -> f32 {
+        species
+            .and_then(|s| self.by_species.get(s))
+            .copied()
+            .unwrap_or(self.global)
+    }
+
+    /// The answers of a query: `species_of` maps an individual to its species.
+    pub fn answers(
+        &self,
+        candidates: &[Candidate],
+        species_of: &HashMap<String, String>,
+    ) -> Vec<String> {
+        let species = candidates
+            .first()
+            .and_then(|c| species_of.get(&c.id))
+            .map(String::as_str);
+        answers(candidates, self.for_species(species))
+    }
+}
+
+impl From<&Ensemble> for Thresholds {
+    fn from(e: &Ensemble) -> Self {
+        Self {
+            global: e.threshold,
+            by_species: e.species_thresholds.clone(),
+        }
+    }
+}
+
+/// The `top` best classes of the models' ArcFace heads for each row of `fused` (row-major
+/// `[count, Σ dims]`, the ensemble's fused unit embeddings), the class cosines averaged with
+/// the squared model weights `weights` (as the fused cosine averages the models' cosines); rows
+/// may go on past the models' dimensions (other crop sets), which are ignored. `None` when
+/// the models do not share one class list or one of them has no head (zero-shot features).
+pub fn head_candidates(
+    models: &[&HappyWhaleModel],
+    weights: &[f32],
+    fused: &[f32],
+    count: usize,
+    top: usize,
+) -> anyhow::Result<Option<Vec<Vec<Candidate>>>> {
+    let Some(first) = models.first().map(|m| &m.config.classes) else {
+        return Ok(None);
+    };
+    if count == 0
+        || models
+            .iter()
+            .any(|m| !m.has_head() || &m.config.classes != first)
+    {
+        return Ok(None);
+    }
+    let dim = fused.len() / count;
+    let rows = Tensor::from_slice(fused).view([count as i64, dim as i64]);
+    let mut total: Option<Tensor> = None;
+    let mut offset = 0;
+    let norm: f32 = weights.iter().map(|w| w * w).sum();
+    for (m, &w) in models.iter().zip(weights) {
+        let d = m.config.embedding_size;
+        let part = rows.narrow(1, offset, d).to_device(m.vs.device());
+        offset += d;
+        let cos = tch::no_grad(|| m.head().cosine(&part)).to_device(tch::Device::Cpu)
+            * f64::from(w * w / norm);
+        total = Some(match total {
+            Some(t) => t + cos,
+            None => cos,
+        });
+    }
+    let total = total.expect("an ensemble has a model");
+    let k = (top as i64).min(first.len() as i64);
+    let (values, indices) = total.topk(k, 1, true, true);
+    let values = Vec::<f32>::try_from(values.contiguous().view([-1]))?;
+    let indices = Vec::<i64>::try_from(indices.contiguous().view([-1]))?;
+    let k = k as usize;
+    Ok(Some(
+        (0..count)
+            .map(|q| {
+                (0..k)
+                    .map(|j| Candidate {
+                        id: first[indices[q * k + j] as usize].clone(),
+                        score: values[q * k + j],
+                    })
+                    .collect()
+            })
+            .collect(),
+    ))
+}
+
+/// The global threshold that maximises MAP@5 over all validation queries, and for each species
+/// with at least `min_queries` queries (by its best candidate's species) the one that maximises
+/// it over that species' queries. Returns the thresholds and the MAP@5 they give together.
+pub fn best_thresholds(
+    queries: &[(Vec<Candidate>, String)],
+    species_of: &HashMap<String, String>,
+    min_queries: usize,
+) -> (Thresholds, f64) {
+    let (global, _) = best_threshold(queries);
+    let mut by_group: BTreeMap<&str, Vec<(Vec<Candidate>, String)>> = BTreeMap::new();
+    for q in queries {
+        if let Some(s) = q.0.first().and_then(|c| species_of.get(&c.id)) {
+            by_group.entry(s).or_default().push(q.clone());
+        }
+    }
+    let by_species = by_group
+        .into_iter()
+        .filter(|(_, qs)| qs.len() >= min_queries)
+        .map(|(s, qs)| (s.to_string(), best_threshold(&qs).0))
+        .collect();
+    let t = Thresholds { global, by_species };
+    let map = queries
+        .iter()
+        .map(|(c, truth)| average_precision_at_5(truth, &t.answers(c, species_of)))
+        .sum::<f64>()
+        / queries.len().max(1) as f64;
+    (t, map)
+}
+
+/// kNN and ArcFace-head scores blended per individual, `(1 − weight)·knn + weight·head`, best
+/// first, the `top` best. `knn` and `head` are each a query's best candidates by that score;
+/// an individual missing from one list takes that list's lowest score (an upper bound of its
+/// own, which is below the list).
+pub fn fuse_with_head(
+    knn: &[Candidate],
+    head: &[Candidate],
+    weight: f32,
+    top: usize,
+) -> Vec<Candidate> {
+    let floor = |list: &[Candidate]| list.iter().map(|c| c.score).fold(f32::INFINITY, f32::min);
+    let (knn_floor, head_floor) = (floor(knn), floor(head));
+    let knn_of: HashMap<&str, f32> = knn.iter().map(|c| (c.id.as_str(), c.score)).collect();
+    let head_of: HashMap<&str, f32> = head.iter().map(|c| (c.id.as_str(), c.score)).collect();
+    let mut ids: Vec<&str> = knn.iter().chain(head).map(|c| c.id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut fused: Vec<Candidate> = ids
+        .into_iter()
+        .map(|id| {
+            let k = knn_of.get(id).copied().unwrap_or(knn_floor);
+            let h = head_of.get(id).copied().unwrap_or(head_floor);
+            Candidate {
+                id: id.to_string(),
+                score: (1.0 - weight) * k + weight * h,
+            }
+        })
+        .collect();
+    fused.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.id.cmp(&b.id)));
+    fused.truncate(top);
+    fused
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +352,71 @@ mod tests {
     }
 
     #[test]
+    fn per_species_thresholds_separate_what_one_threshold_cannot() {
+        // Dolphins score high, belugas low: known dolphin 0.8, new dolphin 0.7, known beluga
+        // 0.4, new beluga 0.3 (two queries each), species told by the best candidate.
+        let species: HashMap<String, String> = [
+            ("d1", "dolphin"),
+            ("d2", "dolphin"),
+            ("b1", "beluga"),
+            ("b2", "beluga"),
+        ]
+        .iter()
+        .map(|&(i, s)| (i.to_string(), s.to_string()))
+        .collect();
+        let mut q = Vec::new();
+        for _ in 0..2 {
+            q.push((cands(&[("d1", 0.8), ("d2", 0.1)]), "d1".to_string()));
+            q.push((
+                cands(&[("d2", 0.7), ("d1", 0.1)]),
+                NEW_INDIVIDUAL.to_string(),
+            ));
+            q.push((cands(&[("b1", 0.4), ("b2", 0.1)]), "b1".to_string()));
+            q.push((
+                cands(&[("b2", 0.3), ("b1", 0.1)]),
+                NEW_INDIVIDUAL.to_string(),
+            ));
+        }
+        let (_, global_map) = best_threshold(&q);
+        assert!(global_map < 0.95, "{global_map}");
+        let (t, map) = best_thresholds(&q, &species, 2);
+        assert!((map - 1.0).abs() < 1e-12, "{map}");
+        let d = t.by_species["dolphin"];
+        let b = t.by_species["beluga"];
+        assert!(d > 0.7 && d <= 0.8, "{d}");
+        assert!(b > 0.3 && b <= 0.4, "{b}");
+        // Too few queries per species: the global threshold alone.
+        let (t, m) = best_thresholds(&q, &species, 5);
+        assert!(t.by_species.is_empty());
+        assert!((m - global_map).abs() < 1e-12);
+    }
+
+    #[test]
+    fn knn_and_head_scores_blend_per_individual() {
+        let knn = cands(&[("a", 0.9), ("b", 0.8)]);
+        let head = cands(&[("b", 0.9), ("c", 0.5)]);
+        let fused = fuse_with_head(&knn, &head, 0.5, 5);
+        let got: Vec<(&str, f32)> = fused.iter().map(|c| (c.id.as_str(), c.score)).collect();
+        // a: (0.9 + 0.5 floor) / 2, b: (0.8 + 0.9) / 2, c: (0.8 floor + 0.5) / 2.
+        let want = [("b", 0.85), ("a", 0.7), ("c", 0.65)];
+        for ((id, s), (wid, ws)) in got.iter().zip(want) {
+            assert_eq!(*id, wid);
+            assert!((s - ws).abs() < 1e-6, "{id} {s}");
+        }
+        // Weight 0 is the kNN ranking; equal scores go to the lower id.
+        let ids: Vec<String> = fuse_with_head(&knn, &head, 0.0, 2)
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(ids, ["a", "b"]);
+        let ids: Vec<String> = fuse_with_head(&knn, &head, 1.0, 1)
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(ids, ["b"]);
+    }
+
+    #[test]
     fn a_share_of_new_predictions_sets_the_threshold() {
         let best = [0.9, 0.2, 0.5, 0.7];
         let t = threshold_for_new_share(&best, 0.5);
@@ -204,10 +444,10 @@ pub fn list_images(dir: &Path) -> anyhow::Result<Vec<String>> {
 }
 
 /// Where `new_individual` goes in the answers.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum NewRule {
-    /// Before the first candidate whose similarity is below the threshold.
-    Threshold(f32),
+    /// Before the first candidate whose similarity is below the threshold (of its species).
+    Threshold(Thresholds),
     /// First for this share of the queries, those whose best candidate is weakest (the
     /// winners' fixed share of new predictions).
     Share(f64),
@@ -218,7 +458,8 @@ pub enum NewRule {
 pub fn predict_submission(
     ensemble: &Ensemble,
     data: &KaggleDir,
-    new_rule: NewRule,
+    crops: &[CropSet],
+    new_rule: &NewRule,
     batch: usize,
     flip_tta: bool,
     progress: &ProgressBar,
@@ -231,10 +472,27 @@ pub fn predict_submission(
         data.train_csv().display()
     );
     let names: Vec<String> = train.rows.iter().map(|r| r.image.clone()).collect();
+    let sets = load_sets(crops)?;
     progress.set_message("embedding the catalogue");
-    let gallery = ensemble.embed_files(&data.train_images(), &names, batch, flip_tta, progress)?;
+    let gallery = embed_crops(
+        ensemble,
+        &sets,
+        &data.train_images(),
+        &names,
+        batch,
+        flip_tta,
+        progress,
+    )?;
     progress.set_message("embedding the test photos");
-    let queries = ensemble.embed_files(&data.test_images(), &tests, batch, flip_tta, progress)?;
+    let queries = embed_crops(
+        ensemble,
+        &sets,
+        &data.test_images(),
+        &tests,
+        batch,
+        flip_tta,
+        progress,
+    )?;
     let mut ids: Vec<String> = train.rows.iter().map(|r| r.individual_id.clone()).collect();
     ids.sort();
     ids.dedup();
@@ -243,17 +501,42 @@ pub fn predict_submission(
         .iter()
         .map(|r| ids.binary_search(&r.individual_id).map_or(0, |i| i as u32))
         .collect();
-    let mut index = FlatIndex::new(ensemble.dim(), Storage::F32);
+    let mut index = FlatIndex::new(gallery.len() / names.len(), Storage::F32);
     index.add(&gallery)?;
-    let ranked = rank_candidates(&index, &labels, &ids, &queries, Aggregation::Max, K)?;
-    let threshold = match new_rule {
-        NewRule::Threshold(t) => t,
+    let knn = rank_candidates(
+        &index,
+        &labels,
+        &ids,
+        &queries,
+        Aggregation::Max,
+        FUSION_DEPTH,
+    )?;
+    let models: Vec<&HappyWhaleModel> = ensemble.models.iter().collect();
+    let heads = if ensemble.fusion_weight > 0.0 {
+        head_candidates(
+            &models,
+            &ensemble.weights,
+            &queries,
+            tests.len(),
+            FUSION_DEPTH,
+        )?
+    } else {
+        None
+    };
+    let ranked = fuse_all(knn, heads.as_deref(), ensemble.fusion_weight);
+    let species_of: HashMap<String, String> = train
+        .rows
+        .iter()
+        .map(|r| (r.individual_id.clone(), r.species.clone()))
+        .collect();
+    let thresholds = match new_rule {
+        NewRule::Threshold(t) => t.clone(),
         NewRule::Share(share) => {
             let best: Vec<f32> = ranked
                 .iter()
                 .filter_map(|c| c.first().map(|c| c.score))
                 .collect();
-            threshold_for_new_share(&best, share)
+            Thresholds::global(threshold_for_new_share(&best, *share))
         }
     };
     Ok(tests
@@ -261,9 +544,81 @@ pub fn predict_submission(
         .zip(ranked)
         .map(|(image, c)| Prediction {
             image,
-            ids: answers(&c, threshold),
+            ids: thresholds.answers(&c, &species_of),
         })
         .collect())
+}
+
+/// Unit embeddings of the photos `names` in `dir`: the ensemble's embedding of each crop set's
+/// crop, fused with the sets' shares as weights.
+pub fn embed_crops(
+    ensemble: &Ensemble,
+    sets: &[LoadedCropSet],
+    dir: &Path,
+    names: &[String],
+    batch: usize,
+    flip_tta: bool,
+    progress: &ProgressBar,
+) -> anyhow::Result<Vec<f32>> {
+    let mut parts = Vec::with_capacity(sets.len());
+    for set in sets {
+        let load = |i: usize| Ok(set.apply(&names[i], &load_rgb(&dir.join(&names[i]))?));
+        parts.push(ensemble.embed(names.len(), load, batch, flip_tta, progress)?);
+    }
+    let weights: Vec<f32> = sets.iter().map(|s| s.set.share as f32).collect();
+    Ok(fuse(&parts, &weights, names.len()))
+}
+
+/// Candidates kept per query before blending kNN and head scores.
+pub const FUSION_DEPTH: usize = 20;
+
+/// The five candidates of each query: kNN scores blended with the heads' (`fuse_with_head`)
+/// where `heads` are given and `weight` is positive, the kNN ranking alone otherwise.
+pub fn fuse_all(
+    knn: Vec<Vec<Candidate>>,
+    heads: Option<&[Vec<Candidate>]>,
+    weight: f32,
+) -> Vec<Vec<Candidate>> {
+    match heads {
+        Some(heads) if weight > 0.0 => knn
+            .iter()
+            .zip(heads)
+            .map(|(k, h)| fuse_with_head(k, h, weight, K))
+            .collect(),
+        _ => knn
+            .into_iter()
+            .map(|mut c| {
+                c.truncate(K);
+                c
+            })
+            .collect(),
+    }
+}
+
+/// Head weights tried on validation.
+pub const FUSION_WEIGHTS: [f32; 5] = [0.0, 0.25, 0.5, 0.75, 1.0];
+
+/// The blend weight of kNN and head scores that maximises MAP@5 (with its best global
+/// threshold) over validation queries; the lowest weight among equals. Returns the weight and
+/// the MAP@5 of every weight tried.
+pub fn choose_fusion_weight(
+    knn: &[Vec<Candidate>],
+    heads: &[Vec<Candidate>],
+    truths: &[String],
+) -> (f32, Vec<(f32, f64)>) {
+    let tried: Vec<(f32, f64)> = FUSION_WEIGHTS
+        .iter()
+        .map(|&w| {
+            let ranked = fuse_all(knn.to_vec(), Some(heads), w);
+            let queries: Vec<_> = ranked.into_iter().zip(truths.iter().cloned()).collect();
+            (w, best_threshold(&queries).1)
+        })
+        .collect();
+    let best = tried.iter().fold(
+        (0.0, f64::NEG_INFINITY),
+        |b, &(w, m)| if m > b.1 { (w, m) } else { b },
+    );
+    (best.0, tried)
 }
 
 /// Leave-one-out identification over a labelled set.

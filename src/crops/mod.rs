@@ -4,6 +4,7 @@
 
 pub mod boxes;
 pub mod saliency;
+pub mod sets;
 
 use crate::data::image::load_rgb;
 use crate::fsio;
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 pub use crate::synth::render::PixelBox as BoxPx;
 pub use boxes::{read_boxes, write_boxes, BoxFormat, BoxRow};
 pub use saliency::{auto_box, Detection};
+pub use sets::{CropSet, LoadedCropSet};
 
 /// JPEG quality of the written crops.
 pub const JPEG_QUALITY: u8 = 95;

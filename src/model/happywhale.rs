@@ -124,6 +124,11 @@ impl HappyWhaleModel {
         self.backbone.as_ref()
     }
 
+    /// Whether the model has a trained neck and ArcFace head (not zero-shot features).
+    pub fn has_head(&self) -> bool {
+        !self.pooled_only
+    }
+
     pub fn head(&self) -> &ArcFace {
         &self.fc
     }

@@ -13,13 +13,17 @@
 
 use super::augment::{batch_with, item_rng, resize, AugmentConfig, Pipeline};
 use super::optim::{lr_at, AdamW, Group};
+use crate::crops::sets::{self as crop_sets, load_sets, CropSet};
 use crate::data::folds::{assign_folds, split};
 use crate::data::{image::load_rgb, read_train_csv, KaggleDir, NEW_INDIVIDUAL};
 use crate::embed::{embed_images, input_tensor, to_vec, unit_with_flip};
 use crate::fsio;
 use crate::model::happywhale::{pretrained_weights, HappyWhaleModel, ModelConfig};
 use crate::model::heads::{normalize, ArcFaceConfig};
-use crate::predict::{best_threshold, rank_candidates};
+use crate::predict::{
+    best_threshold, best_thresholds, choose_fusion_weight, fuse_all, head_candidates,
+    rank_candidates, Thresholds, FUSION_DEPTH, MIN_SPECIES_QUERIES,
+};
 use crate::runtime::{configure_threads, prefetched};
 use crate::search::{Aggregation, FlatIndex, Index, Storage};
 use anyhow::{bail, Context, Result};
@@ -28,7 +32,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -87,6 +91,10 @@ pub struct TrainConfig {
     pub val_every: usize,
     /// Validate with the mean embedding of each photo and its mirror image.
     pub flip_tta: bool,
+    /// Kinds of crop mixed in training by their shares; validation uses the first (the one
+    /// `predict` should be given). None: whole photos.
+    #[serde(default)]
+    pub crops: Vec<CropSet>,
 }
 
 impl Default for TrainConfig {
@@ -117,6 +125,7 @@ impl Default for TrainConfig {
             threads: None,
             val_every: 1,
             flip_tta: false,
+            crops: Vec::new(),
         }
     }
 }
@@ -137,8 +146,17 @@ pub struct EpochMetrics {
     pub epoch: usize,
     pub train_loss: Option<f64>,
     pub lr: Option<f64>,
+    /// Validation MAP@5 as `predict` answers: kNN blended with the head at the chosen weight,
+    /// new_individual at the best global threshold (`threshold`).
     pub val_map5: Option<f64>,
     pub threshold: Option<f32>,
+    /// The same with kNN scores alone, and with per-species thresholds.
+    #[serde(default)]
+    pub val_map5_knn: Option<f64>,
+    #[serde(default)]
+    pub val_map5_species: Option<f64>,
+    #[serde(default)]
+    pub fusion_weight: Option<f32>,
     pub images_per_s: Option<f64>,
     pub seconds: f64,
 }
@@ -152,6 +170,10 @@ struct RunState {
     best_epoch: usize,
     threshold: f32,
     zero_shot_map5: Option<f64>,
+    #[serde(default)]
+    species_thresholds: BTreeMap<String, f32>,
+    #[serde(default)]
+    fusion_weight: f32,
 }
 
 /// The outcome of a run (also `summary.json`).
@@ -175,13 +197,38 @@ pub const SUMMARY_FILE: &str = "summary.json";
 
 /// The photos of one run, decoded once and resized to the model's input size.
 struct Photos {
-    images: Vec<RgbImage>,
+    /// `views[set][photo]`: each crop set's crop of each photo, at the model's input size.
+    views: Vec<Vec<RgbImage>>,
+    /// Each crop set's share of the training draws.
+    shares: Vec<f64>,
     /// Class of each training photo.
     train: Vec<(usize, i64)>,
     /// Photo index and true id (`new_individual` when its animal is not trained on).
     val: Vec<(usize, String)>,
     classes: Vec<String>,
     class_counts: Vec<usize>,
+    /// Each training individual's species.
+    species_of: HashMap<String, String>,
+}
+
+impl Photos {
+    fn len(&self) -> usize {
+        self.views[0].len()
+    }
+
+    /// The photo as validated and predicted: its crop of the first set.
+    fn eval_view(&self, photo: usize) -> RgbImage {
+        self.views[0][photo].clone()
+    }
+
+    /// The photo for training draw `draw`: a crop set drawn by the shares.
+    fn train_view(&self, photo: usize, draw: u64) -> RgbImage {
+        let set = match self.views.len() {
+            1 => 0,
+            _ => crop_sets::draw(&self.shares, &mut item_rng(draw, photo as u64)),
+        };
+        self.views[set][photo].clone()
+    }
 }
 
 fn load_photos(cfg: &TrainConfig, size: u32) -> Result<Photos> {
@@ -208,20 +255,32 @@ fn load_photos(cfg: &TrainConfig, size: u32) -> Result<Photos> {
         .collect();
 
     let wanted: Vec<usize> = s.train.iter().chain(&s.val).copied().collect();
+    let sets = load_sets(&cfg.crops)?;
     let bar = bar(wanted.len() as u64, "decoding photos");
     let dir = kaggle.train_images();
-    let images: Vec<RgbImage> = wanted
+    let decoded: Vec<Vec<RgbImage>> = wanted
         .par_iter()
         .map(|&i| {
-            let img = load_rgb(&dir.join(&set.rows[i].image))?;
+            let name = &set.rows[i].image;
+            let img = load_rgb(&dir.join(name))?;
             bar.inc(1);
-            Ok(resize(&img, size, size))
+            Ok(sets
+                .iter()
+                .map(|c| resize(&c.apply(name, &img), size, size))
+                .collect())
         })
         .collect::<Result<_>>()?;
     bar.finish_and_clear();
+    let mut views: Vec<Vec<RgbImage>> = vec![Vec::with_capacity(decoded.len()); sets.len()];
+    for photo in decoded {
+        for (view, img) in views.iter_mut().zip(photo) {
+            view.push(img);
+        }
+    }
     let n_train = s.train.len();
     Ok(Photos {
-        images,
+        views,
+        shares: sets.iter().map(|c| c.set.share).collect(),
         train: s
             .train
             .iter()
@@ -243,6 +302,16 @@ fn load_photos(cfg: &TrainConfig, size: u32) -> Result<Photos> {
             })
             .collect(),
         class_counts: counts.values().copied().collect(),
+        species_of: s
+            .train
+            .iter()
+            .map(|&i| {
+                (
+                    set.rows[i].individual_id.clone(),
+                    set.rows[i].species.clone(),
+                )
+            })
+            .collect(),
         classes,
     })
 }
@@ -257,31 +326,60 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
-/// MAP@5 of validation queries against the training photos as gallery, with the best
-/// new_individual threshold: (MAP@5, threshold).
-fn validation_map(
+/// What validation measured and chose: see [`EpochMetrics`].
+struct Validation {
+    map5: f64,
+    map5_knn: f64,
+    map5_species: f64,
+    fusion_weight: f32,
+    thresholds: Thresholds,
+}
+
+/// Validation queries against the training photos as gallery: the kNN ranking, blended with
+/// the ArcFace head's scores at the weight that serves best (when `model` has a trained head),
+/// and the best new_individual thresholds, global and per species.
+fn validation(
     photos: &Photos,
+    model: Option<&HappyWhaleModel>,
     gallery: &[f32],
     queries: &[f32],
     dim: usize,
-) -> Result<(f64, f32)> {
+) -> Result<Validation> {
     let mut index = FlatIndex::new(dim, Storage::F32);
     index.add(gallery)?;
     let labels: Vec<u32> = photos.train.iter().map(|&(_, c)| c as u32).collect();
-    let ranked = rank_candidates(
+    let knn = rank_candidates(
         &index,
         &labels,
         &photos.classes,
         queries,
         Aggregation::Max,
-        5,
+        FUSION_DEPTH,
     )?;
-    let queries: Vec<_> = ranked
-        .into_iter()
-        .zip(photos.val.iter().map(|(_, t)| t.clone()))
-        .collect();
-    let (threshold, map) = best_threshold(&queries);
-    Ok((map, threshold))
+    let truths: Vec<String> = photos.val.iter().map(|(_, t)| t.clone()).collect();
+    let heads = match model {
+        Some(m) => head_candidates(&[m], &[1.0], queries, truths.len(), FUSION_DEPTH)?,
+        None => None,
+    };
+    let fusion_weight = match &heads {
+        Some(h) => choose_fusion_weight(&knn, h, &truths).0,
+        None => 0.0,
+    };
+    let with_truth = |ranked: Vec<Vec<_>>| -> Vec<_> {
+        ranked.into_iter().zip(truths.iter().cloned()).collect()
+    };
+    let map5_knn = best_threshold(&with_truth(fuse_all(knn.clone(), None, 0.0))).1;
+    let fused = with_truth(fuse_all(knn, heads.as_deref(), fusion_weight));
+    let map5 = best_threshold(&fused).1;
+    let (thresholds, map5_species) =
+        best_thresholds(&fused, &photos.species_of, MIN_SPECIES_QUERIES);
+    Ok(Validation {
+        map5,
+        map5_knn,
+        map5_species,
+        fusion_weight,
+        thresholds,
+    })
 }
 
 /// The run folder's checkpoint files.
@@ -414,6 +512,9 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<TrainSummary
             lr: None,
             val_map5: Some(zs),
             threshold: None,
+            val_map5_knn: Some(zs),
+            val_map5_species: None,
+            fusion_weight: None,
             images_per_s: None,
             seconds: t.elapsed().as_secs_f64(),
         });
@@ -445,18 +546,21 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<TrainSummary
         let images_per_s = photos.train.len() as f64 / seconds;
 
         let validate = epoch % cfg.val_every.max(1) == 0 || epoch == cfg.epochs;
-        let (map, threshold) = if validate {
-            let (map, thr) = trainer.validate(&model, &photos)?;
-            (Some(map), Some(thr))
+        let v = if validate {
+            Some(trainer.validate(&model, &photos)?)
         } else {
-            (None, None)
+            None
         };
+        let map = v.as_ref().map(|v| v.map5);
         let line = EpochMetrics {
             epoch,
             train_loss: Some(loss),
             lr: Some(lr),
             val_map5: map,
-            threshold,
+            threshold: v.as_ref().map(|v| v.thresholds.global),
+            val_map5_knn: v.as_ref().map(|v| v.map5_knn),
+            val_map5_species: v.as_ref().map(|v| v.map5_species),
+            fusion_weight: v.as_ref().map(|v| v.fusion_weight),
             images_per_s: Some(images_per_s),
             seconds: t.elapsed().as_secs_f64(),
         };
@@ -468,10 +572,12 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<TrainSummary
         metrics.push(line);
         state.epoch = epoch;
         let improved = map.is_some_and(|m| m > state.best_map5 || state.best_epoch == 0);
-        if let (true, Some(m), Some(thr)) = (improved, map, threshold) {
-            state.best_map5 = m;
+        if let (true, Some(v)) = (improved, v) {
+            state.best_map5 = v.map5;
             state.best_epoch = epoch;
-            state.threshold = thr;
+            state.threshold = v.thresholds.global;
+            state.species_thresholds = v.thresholds.by_species;
+            state.fusion_weight = v.fusion_weight;
         }
         write_metrics(&out.join(METRICS_FILE), &metrics)?;
         if improved {
@@ -562,7 +668,7 @@ impl Trainer {
         };
         if frozen > 0 {
             let eval = Pipeline::eval((s, s), mean, std)?;
-            let all: Vec<usize> = (0..photos.images.len()).collect();
+            let all: Vec<usize> = (0..photos.len()).collect();
             t.eval_cache = Some(t.frozen_features(
                 model,
                 photos,
@@ -586,7 +692,8 @@ impl Trainer {
         Ok(t)
     }
 
-    /// Outputs of the frozen stages for `photos.images[idx]` under `pipeline`.
+    /// Outputs of the frozen stages for photos `idx` under `pipeline` (their training views
+    /// drawn with `seed`, their eval views when `seed` is `u64::MAX`).
     fn frozen_features(
         &self,
         model: &HappyWhaleModel,
@@ -608,7 +715,12 @@ impl Trainer {
                     pipeline,
                     chunk.len(),
                     seed.wrapping_add(b as u64 * 1_000_003),
-                    |i| Ok(photos.images[chunk[i]].clone()),
+                    |i| {
+                        Ok(match seed {
+                            u64::MAX => photos.eval_view(chunk[i]),
+                            _ => photos.train_view(chunk[i], seed),
+                        })
+                    },
                 )
                 .map(|chw| (chw, chunk.len()))
             },
@@ -716,7 +828,7 @@ impl Trainer {
                         pipeline,
                         batch.len(),
                         seed.wrapping_add(b as u64 * 7919),
-                        |i| Ok(photos.images[photos.train[batch[i]].0].clone()),
+                        |i| Ok(photos.train_view(photos.train[batch[i]].0, seed)),
                     )
                 },
                 |b, chw| {
@@ -755,7 +867,7 @@ impl Trainer {
             let e = embed_images(
                 model,
                 idx.len(),
-                |i| Ok(photos.images[idx[i]].clone()),
+                |i| Ok(photos.eval_view(idx[i])),
                 32,
                 self.cfg.flip_tta,
                 &progress,
@@ -765,13 +877,14 @@ impl Trainer {
         }
     }
 
-    fn validate(&self, model: &HappyWhaleModel, photos: &Photos) -> Result<(f64, f32)> {
+    fn validate(&self, model: &HappyWhaleModel, photos: &Photos) -> Result<Validation> {
         let train: Vec<usize> = photos.train.iter().map(|&(i, _)| i).collect();
         let val: Vec<usize> = photos.val.iter().map(|(i, _)| *i).collect();
         let gallery = self.embeddings(model, photos, &train)?;
         let queries = self.embeddings(model, photos, &val)?;
-        validation_map(
+        validation(
             photos,
+            Some(model),
             &gallery,
             &queries,
             model.config.embedding_size as usize,
@@ -786,7 +899,7 @@ impl Trainer {
             model.config.mean.map(|v| v as f32),
             model.config.std.map(|v| v as f32),
         )?;
-        let all: Vec<usize> = (0..photos.images.len()).collect();
+        let all: Vec<usize> = (0..photos.len()).collect();
         let maps = match &self.eval_cache {
             Some(cache) => {
                 let stages = model.backbone().num_stages();
@@ -805,9 +918,8 @@ impl Trainer {
             None => {
                 let mut parts = Vec::new();
                 for chunk in all.chunks(32) {
-                    let chw = batch_with(&eval, chunk.len(), 0, |i| {
-                        Ok(photos.images[chunk[i]].clone())
-                    })?;
+                    let chw =
+                        batch_with(&eval, chunk.len(), 0, |i| Ok(photos.eval_view(chunk[i])))?;
                     let xs = input_tensor(model, &chw, chunk.len());
                     parts.push(tch::no_grad(|| {
                         model.backbone().forward_features(&xs, false)
@@ -825,7 +937,7 @@ impl Trainer {
         let n_train = photos.train.len() as i64;
         let gallery = to_vec(&features.narrow(0, 0, n_train))?;
         let queries = to_vec(&features.narrow(0, n_train, photos.val.len() as i64))?;
-        Ok(validation_map(photos, &gallery, &queries, dim)?.0)
+        Ok(validation(photos, None, &gallery, &queries, dim)?.map5)
     }
 }
 
@@ -872,14 +984,46 @@ pub fn checkpoint_dir(path: &Path) -> Result<PathBuf> {
         })
 }
 
-/// The new_individual threshold chosen on validation for the checkpoint in `dir` (0 when its
-/// run never validated).
-pub fn saved_threshold(dir: &Path) -> Result<f32> {
+/// The crop set a run validated on (none: whole photos), from its `train_config.json`; `run`
+/// may also be one of its checkpoint folders.
+pub fn validation_crops(run: &Path) -> Result<Vec<CropSet>> {
+    let found = [Some(run), run.parent()]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(CONFIG_FILE))
+        .find(|p| p.is_file());
+    Ok(match found {
+        Some(path) => TrainConfig::load(&path)?
+            .crops
+            .into_iter()
+            .take(1)
+            .collect(),
+        None => Vec::new(),
+    })
+}
+
+/// How a checkpoint's answers are decided, as chosen on validation.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Decision {
+    /// new_individual thresholds, global and per species (0 when the run never validated).
+    pub thresholds: Thresholds,
+    /// Weight of the ArcFace head's scores against the kNN scores.
+    pub fusion_weight: f32,
+}
+
+/// The decision chosen on validation for the checkpoint in `dir`.
+pub fn saved_decision(dir: &Path) -> Result<Decision> {
     let path = dir.join("state.json");
     if !path.is_file() {
-        return Ok(0.0);
+        return Ok(Decision::default());
     }
     let state: RunState = serde_json::from_slice(&std::fs::read(&path)?)
         .with_context(|| format!("{}: not a run state", path.display()))?;
-    Ok(state.threshold)
+    Ok(Decision {
+        thresholds: Thresholds {
+            global: state.threshold,
+            by_species: state.species_thresholds,
+        },
+        fusion_weight: state.fusion_weight,
+    })
 }
