@@ -1,8 +1,9 @@
-//! Crops of the animal from each photo: boxes from the community CSVs ([`boxes`]) or from the
-//! built-in saliency crop ([`saliency`]), expanded by a margin, clipped to the photo, and the
-//! whole photo where there is no usable box.
+//! Crops of the animal from each photo: boxes from the community CSVs ([`boxes`]), from the
+//! built-in saliency crop ([`saliency`]) or from a YOLO detector in ONNX ([`detector`]),
+//! expanded by a margin, clipped to the photo, and the whole photo where there is no usable box.
 
 pub mod boxes;
+pub mod detector;
 pub mod saliency;
 pub mod sets;
 
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 pub use crate::synth::render::PixelBox as BoxPx;
 pub use boxes::{read_boxes, write_boxes, BoxFormat, BoxRow};
+pub use detector::{Detector, DetectorConfig, Layout};
 pub use saliency::{auto_box, Detection};
 pub use sets::{CropSet, LoadedCropSet};
 
