@@ -267,10 +267,12 @@ fn an_undecodable_photo_is_an_error_naming_it() {
     let args = CropArgs {
         boxes: None,
         auto: true,
+        detector: Default::default(),
         images,
         out: dir.path().join("out"),
         margin: 0.1,
         write_boxes: None,
+        truth: None,
     };
     let err = format!("{:#}", crops::run(&args).unwrap_err());
     assert!(err.contains("broken.jpg"), "{err}");

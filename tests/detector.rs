@@ -1,14 +1,16 @@
 //! The YOLO detector against onnxruntime on the fixtures of `tools/make_yolo_fixtures.py`:
 //! two tiny YOLO-like graphs (v5 and v8 output layouts) fed the same letterboxed image; the raw
-//! outputs and the boxes after decoding and NMS.
+//! outputs, the boxes after decoding and NMS, and the `crop --detector` command.
 #![cfg(feature = "detector")]
 
 use finprint::crops::detector::{decode, letterbox, nms, to_nchw, Letterbox, YoloBox};
-use finprint::crops::{Detector, DetectorConfig, Layout};
+use finprint::crops::{iou, read_boxes, BoxPx, Detector, DetectorConfig, Layout};
 use finprint::data::image::load_rgb;
+use image::RgbImage;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 #[derive(Deserialize)]
 struct Reference {
@@ -155,4 +157,115 @@ fn bad_models_and_sizes_are_errors_naming_the_file() {
         ..DetectorConfig::default()
     };
     assert!(Detector::load(&v8, config).is_err());
+}
+
+#[test]
+fn the_crop_command_crops_to_the_best_detection() {
+    let r = reference();
+    let m = &r.models["v8"];
+    let expected = m.detections["64x48"][0];
+    let best = BoxPx {
+        x0: expected[0],
+        y0: expected[1],
+        x1: expected[2],
+        y1: expected[3],
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    let img = load_rgb(&fixtures().join("letterboxed.png")).unwrap();
+    let photo: RgbImage = image::imageops::crop_imm(&img, 0, 8, 64, 48).to_image();
+    photo.save(images.join("fin.png")).unwrap();
+    // The true box: the best detection shifted by 4 px, for a known IoU.
+    let truth_box = BoxPx {
+        x0: best.x0 + 4.0,
+        x1: best.x1 + 4.0,
+        ..best
+    };
+    let truth = dir.path().join("truth.csv");
+    std::fs::write(
+        &truth,
+        format!(
+            "image,box\nfin.png,{} {} {} {}\n",
+            truth_box.x0, truth_box.y0, truth_box.x1, truth_box.y1
+        ),
+    )
+    .unwrap();
+
+    let crop = |conf: f32, out: &str| {
+        let found = dir.path().join(format!("{out}.csv"));
+        let run = Command::new(env!("CARGO_BIN_EXE_finprint"))
+            .args(["crop", "--margin", "0", "--conf", &conf.to_string()])
+            .arg("--detector")
+            .arg(fixtures().join(&m.file))
+            .arg("--images")
+            .arg(&images)
+            .arg("--out")
+            .arg(dir.path().join(out))
+            .arg("--write-boxes")
+            .arg(&found)
+            .arg("--truth")
+            .arg(&truth)
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let boxes = read_boxes(&found).unwrap();
+        (String::from_utf8_lossy(&run.stdout).to_string(), boxes)
+    };
+
+    let (stdout, boxes) = crop(m.conf, "crops");
+    let found = boxes["fin.png"].unwrap();
+    for (a, b) in [
+        (found.x0, best.x0),
+        (found.y0, best.y0),
+        (found.x1, best.x1),
+        (found.y1, best.y1),
+    ] {
+        assert!((a - b).abs() < 1e-3, "{found:?} vs {best:?}");
+    }
+    let written = std::fs::read_to_string(dir.path().join("crops.csv")).unwrap();
+    assert!(
+        written.contains(&format!("[{:.4}]", expected[4])),
+        "{written}"
+    );
+    let whole = BoxPx {
+        x0: 0.0,
+        y0: 0.0,
+        x1: 64.0,
+        y1: 48.0,
+    };
+    assert_eq!(
+        stdout.trim(),
+        format!(
+            "1 photos: 1 cropped (0 clipped), 0 fell back to the whole photo (0 no box, 0 \
+             invalid box), 0 missing from the box file\nmean IoU against the true boxes of 1 \
+             photos: {:.3} (whole photo {:.3})",
+            iou(&found, &truth_box),
+            iou(&whole, &truth_box)
+        )
+    );
+    let crop_img = load_rgb(&dir.path().join("crops/fin.jpg")).unwrap();
+    let (x0, y0) = (found.x0.floor() as u32, found.y0.floor() as u32);
+    let (x1, y1) = (found.x1.ceil() as u32, found.y1.ceil() as u32);
+    assert_eq!(crop_img.dimensions(), (x1 - x0, y1 - y0));
+
+    // Nothing is that confident: the photo is kept whole and the box file says so.
+    let (stdout, boxes) = crop(0.999, "none");
+    assert_eq!(boxes["fin.png"], None);
+    assert!(
+        stdout.starts_with(
+            "1 photos: 0 cropped (0 clipped), 1 fell back to the whole photo (1 no box"
+        ),
+        "{stdout}"
+    );
+    assert_eq!(
+        load_rgb(&dir.path().join("none/fin.jpg"))
+            .unwrap()
+            .dimensions(),
+        (64, 48)
+    );
 }

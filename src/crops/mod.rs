@@ -131,14 +131,17 @@ pub fn iou(a: &BoxPx, b: &BoxPx) -> f32 {
 
 /// `finprint crop`: crop every photo of a folder to its box.
 #[derive(clap::Args, Clone, Debug)]
+#[command(group(clap::ArgGroup::new("finder").args(["auto", "detector"])))]
 pub struct CropArgs {
     /// Box file in a community format: `image,bbox,conf` (`[[x0 y0 x1 y1]]`) or `image,box`
     /// (`x0 y0 x1 y1`).
-    #[arg(long, required_unless_present = "auto", conflicts_with = "auto")]
+    #[arg(long, required_unless_present = "finder", conflicts_with = "finder")]
     pub boxes: Option<PathBuf>,
     /// Find the boxes with the built-in saliency crop instead of reading a box file.
     #[arg(long)]
     pub auto: bool,
+    #[command(flatten)]
+    pub detector: DetectorArgs,
     /// Folder of photos (.jpg, .jpeg, .png).
     #[arg(long)]
     pub images: PathBuf,
@@ -148,13 +151,52 @@ pub struct CropArgs {
     /// Share of the box's width (height) added on each side.
     #[arg(long, default_value_t = 0.1)]
     pub margin: f32,
-    /// With --auto: write the boxes found, in the community `bbox` format.
-    #[arg(long, requires = "auto")]
+    /// With --auto or --detector: write the boxes found, in the community `bbox` format.
+    #[arg(long, requires = "finder")]
     pub write_boxes: Option<PathBuf>,
+    /// A box file of the true boxes (e.g. a synthetic catalogue's `fin_boxes.csv`): report the
+    /// mean IoU of the boxes used against it, a photo without a box counting as the whole photo.
+    #[arg(long)]
+    pub truth: Option<PathBuf>,
+}
+
+/// The `--detector` flags of `finprint crop`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DetectorArgs {
+    /// Find the boxes with a YOLO detector exported to ONNX (v5 or v8 output layout); each
+    /// photo is cropped to its most confident detection.
+    #[arg(long, conflicts_with = "auto")]
+    pub detector: Option<PathBuf>,
+    /// With --detector: least confidence of a detection.
+    #[arg(long, default_value_t = 0.25, requires = "detector")]
+    pub conf: f32,
+    /// With --detector: IoU above which NMS drops the less confident of two boxes of a class.
+    #[arg(long, default_value_t = 0.45, requires = "detector")]
+    pub iou: f32,
+    /// With --detector: input size (default: the model's own where fixed, else 640).
+    #[arg(long, requires = "detector")]
+    pub img_size: Option<u32>,
+    /// With --detector: the output layout, v5 `[1,N,5+C]` or v8 `[1,4+C,N]`.
+    #[arg(long, value_enum, default_value_t = Layout::Auto, requires = "detector")]
+    pub layout: Layout,
+}
+
+/// No detector, and the command line's defaults.
+impl Default for DetectorArgs {
+    fn default() -> Self {
+        let c = DetectorConfig::default();
+        Self {
+            detector: None,
+            conf: c.conf,
+            iou: c.iou,
+            img_size: c.input_size,
+            layout: c.layout,
+        }
+    }
 }
 
 /// What [`run`] did, photo by photo.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct CropSummary {
     pub photos: usize,
     /// Cropped to a box (clipped ones included).
@@ -164,6 +206,18 @@ pub struct CropSummary {
     pub invalid_box: usize,
     /// Photos the box file does not list (kept whole).
     pub missing: usize,
+    /// With `--truth`: the boxes used against the true boxes.
+    pub iou: Option<IouReport>,
+}
+
+/// Mean IoU against the true boxes over the photos that have one, beside the whole photo's.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct IouReport {
+    /// Photos with a true box.
+    pub photos: usize,
+    /// The box found (the whole photo where none was used).
+    pub found: f64,
+    pub whole_photo: f64,
 }
 
 impl fmt::Display for CropSummary {
@@ -179,7 +233,15 @@ impl fmt::Display for CropSummary {
             self.no_box,
             self.invalid_box,
             self.missing
-        )
+        )?;
+        if let Some(r) = &self.iou {
+            write!(
+                f,
+                "\nmean IoU against the true boxes of {} photos: {:.3} (whole photo {:.3})",
+                r.photos, r.found, r.whole_photo
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -219,6 +281,17 @@ fn crop_name(photo: &str) -> PathBuf {
 enum Source {
     File(std::collections::HashMap<String, Option<BoxPx>>),
     Auto,
+    Detector(Box<Detector>),
+}
+
+/// What [`run`] did with one photo.
+struct PhotoDone {
+    /// `None` where the box file does not list the photo.
+    outcome: Option<CropOutcome>,
+    /// The box found by `--auto` or `--detector`.
+    detection: Option<Detection>,
+    /// With `--truth`: the IoU of the box used, and of the whole photo, with the true box.
+    ious: Option<(f32, f32)>,
 }
 
 /// Crop every photo of `args.images` into `args.out`, in parallel, and say what was done.
@@ -229,11 +302,23 @@ pub fn run(args: &CropArgs) -> Result<CropSummary> {
             args.margin
         );
     }
-    let source = match (&args.boxes, args.auto) {
-        (Some(path), false) => Source::File(read_boxes(path)?),
-        (None, true) => Source::Auto,
-        _ => bail!("give either --boxes FILE or --auto"),
+    let d = &args.detector;
+    let source = match (&args.boxes, args.auto, &d.detector) {
+        (Some(path), false, None) => Source::File(read_boxes(path)?),
+        (None, true, None) => Source::Auto,
+        (None, false, Some(model)) => Source::Detector(Box::new(Detector::load(
+            model,
+            DetectorConfig {
+                input_size: d.img_size,
+                conf: d.conf,
+                iou: d.iou,
+                layout: d.layout,
+                class_filter: None,
+            },
+        )?)),
+        _ => bail!("give one of --boxes FILE, --auto or --detector MODEL"),
     };
+    let truth = args.truth.as_deref().map(read_boxes).transpose()?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     if std::fs::canonicalize(&args.out).ok() == std::fs::canonicalize(&args.images).ok() {
@@ -246,7 +331,7 @@ pub fn run(args: &CropArgs) -> Result<CropSummary> {
     );
     let results = photos
         .par_iter()
-        .map(|name| -> Result<(Option<CropOutcome>, Option<Detection>)> {
+        .map(|name| -> Result<PhotoDone> {
             let img = load_rgb(&args.images.join(name))?;
             let (bbox, detection, listed) = match &source {
                 Source::File(map) => match map.get(name) {
@@ -257,15 +342,42 @@ pub fn run(args: &CropArgs) -> Result<CropSummary> {
                     let d = auto_box(&img);
                     (d.map(|d| d.bbox), d, true)
                 }
+                Source::Detector(detector) => {
+                    let found = detector
+                        .detect(&img)
+                        .with_context(|| format!("detecting in {name}"))?;
+                    let d = found.first().map(|d| Detection {
+                        bbox: d.bbox,
+                        conf: d.conf,
+                    });
+                    (d.map(|d| d.bbox), d, true)
+                }
             };
             let (out, outcome) = crop(&img, bbox.as_ref(), args.margin);
+            // The box the crop used (the whole photo where it fell back) against the truth.
+            let used = match outcome {
+                CropOutcome::Fallback(_) => None,
+                _ => bbox,
+            };
+            let whole = BoxPx {
+                x0: 0.0,
+                y0: 0.0,
+                x1: img.width() as f32,
+                y1: img.height() as f32,
+            };
+            let true_box = truth.as_ref().and_then(|t| t.get(name).copied().flatten());
+            let ious = true_box.map(|t| (iou(&used.unwrap_or(whole), &t), iou(&whole, &t)));
             let mut bytes = Vec::new();
             JpegEncoder::new_with_quality(&mut bytes, JPEG_QUALITY)
                 .encode_image(&out)
                 .with_context(|| format!("cannot encode the crop of {name}"))?;
             fsio::write_bytes_atomic(&args.out.join(crop_name(name)), &bytes)?;
             progress.inc(1);
-            Ok((listed.then_some(outcome), detection))
+            Ok(PhotoDone {
+                outcome: listed.then_some(outcome),
+                detection,
+                ious,
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     progress.finish_and_clear();
@@ -274,8 +386,8 @@ pub fn run(args: &CropArgs) -> Result<CropSummary> {
         photos: photos.len(),
         ..CropSummary::default()
     };
-    for (outcome, _) in &results {
-        match outcome {
+    for done in &results {
+        match done.outcome {
             None => summary.missing += 1,
             Some(CropOutcome::Inside) => summary.cropped += 1,
             Some(CropOutcome::Clipped) => {
@@ -286,14 +398,25 @@ pub fn run(args: &CropArgs) -> Result<CropSummary> {
             Some(CropOutcome::Fallback(Fallback::InvalidBox)) => summary.invalid_box += 1,
         }
     }
+    if truth.is_some() {
+        let ious: Vec<(f32, f32)> = results.iter().filter_map(|r| r.ious).collect();
+        let mean = |f: fn(&(f32, f32)) -> f32| {
+            ious.iter().map(|p| f64::from(f(p))).sum::<f64>() / ious.len().max(1) as f64
+        };
+        summary.iou = Some(IouReport {
+            photos: ious.len(),
+            found: mean(|p| p.0),
+            whole_photo: mean(|p| p.1),
+        });
+    }
     if let Some(path) = &args.write_boxes {
         let rows: Vec<BoxRow> = photos
             .iter()
             .zip(&results)
-            .map(|(name, (_, d))| BoxRow {
+            .map(|(name, done)| BoxRow {
                 image: name.clone(),
-                bbox: d.map(|d| d.bbox),
-                conf: d.map_or(0.0, |d| d.conf),
+                bbox: done.detection.map(|d| d.bbox),
+                conf: done.detection.map_or(0.0, |d| d.conf),
             })
             .collect();
         write_boxes(path, BoxFormat::Bbox, &rows)?;
