@@ -32,13 +32,16 @@ pub struct JobStatus {
     pub results: Vec<JobItem>,
 }
 
-/// The jobs of this run of the service (kept in memory: results are also pending photos in
-/// the catalogue, so nothing is lost with them).
+/// The jobs of this run of the service, in memory (their photos are pending photos of the
+/// catalogue, so nothing is lost with them); finished jobs beyond the last [`KEEP`] are dropped.
 #[derive(Default)]
 pub struct Jobs {
     next: AtomicU64,
-    all: Mutex<HashMap<String, Arc<Mutex<JobStatus>>>>,
+    all: Mutex<HashMap<u64, Arc<Mutex<JobStatus>>>>,
 }
+
+/// Jobs whose results stay available.
+const KEEP: u64 = 100;
 
 pub async fn start(
     State(state): State<Arc<AppState>>,
@@ -47,10 +50,8 @@ pub async fn start(
 ) -> ApiResult<Response> {
     authorise(&state, &headers)?;
     let (uploads, sighting) = read_form(form, state.max_upload, MAX_BATCH).await?;
-    let id = format!(
-        "job-{}",
-        state.jobs.next.fetch_add(1, Ordering::Relaxed) + 1
-    );
+    let number = state.jobs.next.fetch_add(1, Ordering::Relaxed) + 1;
+    let id = format!("job-{number}");
     let status = Arc::new(Mutex::new(JobStatus {
         job: id.clone(),
         total: uploads.len(),
@@ -58,12 +59,13 @@ pub async fn start(
         finished: false,
         results: Vec::new(),
     }));
-    state
-        .jobs
-        .all
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(id.clone(), status.clone());
+    {
+        let mut all = state.jobs.all.lock().unwrap_or_else(|e| e.into_inner());
+        all.retain(|&n, job| {
+            n + KEEP > number || !job.lock().unwrap_or_else(|e| e.into_inner()).finished
+        });
+        all.insert(number, status.clone());
+    }
     let catalog = state.catalog.clone();
     let total = uploads.len();
     tokio::task::spawn_blocking(move || {
@@ -98,13 +100,13 @@ pub async fn status(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<JobStatus>> {
-    let job = state
-        .jobs
-        .all
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&id)
-        .cloned()
+    let job = id
+        .strip_prefix("job-")
+        .and_then(|n| n.parse::<u64>().ok())
+        .and_then(|n| {
+            let all = state.jobs.all.lock().unwrap_or_else(|e| e.into_inner());
+            all.get(&n).cloned()
+        })
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job '{id}'")))?;
     let snapshot = job.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ok(Json(snapshot))
