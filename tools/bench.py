@@ -24,7 +24,7 @@ FINPRINT = ROOT / "target/release/finprint"
 EXAMPLES = ROOT / "target/release/examples"
 NYALA = ROOT.parent / "shared/data/nyala-train"
 
-# What each run measures: the full run (about 25 minutes on 2 cores) and the CI smoke run.
+# What each run measures: the full run (34 minutes on 2 cores at a load of 3-5) and the CI smoke run.
 FULL = {
     "threads": os.cpu_count() or 2,
     "model": {"size": 224, "batch": 16, "steps": 8},
