@@ -145,7 +145,7 @@ fn end_to_end(
     let hidden = ProgressBar::hidden();
     let load = |i: usize| Ok(load_rgb(&dir.join(&names[i]))?);
     embed_images(
-        &model,
+        model,
         args.batch.min(names.len()),
         load,
         args.batch,
@@ -155,7 +155,7 @@ fn end_to_end(
     let mut rates = Vec::new();
     for _ in 0..args.runs.max(1) {
         let t = Instant::now();
-        let e = embed_images(&model, names.len(), load, args.batch, false, &hidden)?;
+        let e = embed_images(model, names.len(), load, args.batch, false, &hidden)?;
         rates.push(names.len() as f64 / t.elapsed().as_secs_f64());
         std::hint::black_box(e);
     }
