@@ -76,8 +76,10 @@ pub fn answers(candidates: &[Candidate], threshold: f32) -> Vec<String> {
 }
 
 /// The threshold that maximises MAP@5 over validation queries (candidates, true id), among the
-/// candidates' own scores (the only places where the answers change) and ±∞; ties go to the
-/// lowest threshold. Returns (threshold, MAP@5).
+/// candidates' own scores and the values just above them (the only places where the answers
+/// change: the lowest score never puts new_individual before a candidate, just above the
+/// highest always does); ties go to the lowest threshold. Always finite, so it saves to JSON.
+/// Returns (threshold, MAP@5).
 pub fn best_threshold(queries: &[(Vec<Candidate>, String)]) -> (f32, f64) {
     if queries.is_empty() {
         return (0.0, 0.0);
@@ -85,7 +87,8 @@ pub fn best_threshold(queries: &[(Vec<Candidate>, String)]) -> (f32, f64) {
     let mut grid: Vec<f32> = queries
         .iter()
         .flat_map(|(c, _)| c.iter().take(K).map(|c| c.score))
-        .chain([f32::NEG_INFINITY, f32::INFINITY])
+        .filter(|s| s.is_finite())
+        .chain([0.0])
         .collect();
     // A threshold just above a score puts new_individual before that candidate.
     let above: Vec<f32> = grid.iter().map(|s| s.next_up()).collect();
@@ -349,6 +352,21 @@ mod tests {
             .sum::<f64>()
             / 3.0;
         assert!((check - map).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_best_threshold_is_finite_even_when_new_individual_belongs_first_everywhere() {
+        let all_new = vec![
+            (cands(&[("a", 0.9)]), NEW_INDIVIDUAL.to_string()),
+            (cands(&[("b", 0.4)]), NEW_INDIVIDUAL.to_string()),
+        ];
+        let (t, map) = best_threshold(&all_new);
+        assert!(t.is_finite() && t > 0.9, "{t}");
+        assert!((map - 1.0).abs() < 1e-12);
+        let all_known = vec![(cands(&[("a", -0.3)]), "a".to_string())];
+        let (t, map) = best_threshold(&all_known);
+        assert!(t.is_finite() && t <= -0.3, "{t}");
+        assert!((map - 1.0).abs() < 1e-12);
     }
 
     #[test]
