@@ -649,6 +649,17 @@ fn run(cli: Cli) -> Result<()> {
                 std::fs::remove_dir_all(&run)
                     .with_context(|| format!("cannot replace {}", run.display()))?;
             }
+            // The seed trains on crops of the animal: here the built-in saliency crop's boxes
+            // (no detector weights needed), mixed with some whole photos.
+            let boxes = out.join("auto_boxes.csv");
+            let n = finprint::crops::sets::write_auto_boxes(
+                &[kaggle.train_images(), kaggle.test_images()],
+                &boxes,
+            )?;
+            say!(
+                "found the animal in {n} photos by saliency: {}",
+                boxes.display()
+            );
             let train_cfg = TrainConfig {
                 data: out.clone(),
                 mode: Mode::Fast,
@@ -656,6 +667,10 @@ fn run(cli: Cli) -> Result<()> {
                 img_size: Some(img_size),
                 lr: 1e-3,
                 aug_passes: 3,
+                crops: vec![
+                    format!("auto={}:0.85", boxes.display()).parse()?,
+                    "full:0.15".parse()?,
+                ],
                 ..TrainConfig::default()
             };
             let summary = train::run::train(&train_cfg, &run, false)?;

@@ -246,7 +246,7 @@ impl fmt::Display for CropSummary {
 }
 
 /// The photos of `dir` (.jpg, .jpeg, .png, any case), sorted by name.
-fn list_photos(dir: &Path) -> Result<Vec<String>> {
+pub(crate) fn list_photos(dir: &Path) -> Result<Vec<String>> {
     let mut names = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
         let path = entry

@@ -5,13 +5,15 @@
 //! `fullbody=train2.csv+test2.csv:0.6`. A photo a set's files have no usable box for is kept
 //! whole, as `finprint crop` does.
 
-use super::{crop, read_boxes, BoxPx};
+use super::{auto_box, crop, list_photos, read_boxes, write_boxes, BoxFormat, BoxPx, BoxRow};
+use crate::data::image::load_rgb;
 use anyhow::{bail, Context, Result};
 use image::RgbImage;
 use rand::Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 /// Margin added around every box of a crop set, as a share of the box's width and height.
@@ -112,6 +114,30 @@ pub fn load_sets(sets: &[CropSet]) -> Result<Vec<LoadedCropSet>> {
         bail!("the crop sets' shares add up to 0");
     }
     sets.iter().map(LoadedCropSet::load).collect()
+}
+
+/// Find every photo's box in the folders `dirs` with the built-in saliency crop and write them
+/// to `out` in the community `bbox` format (a photo where nothing stands out gets an empty
+/// box): a box file for a crop set that needs no detector. Returns the photos seen.
+pub fn write_auto_boxes(dirs: &[PathBuf], out: &Path) -> Result<usize> {
+    let mut rows = Vec::new();
+    for dir in dirs {
+        let names = list_photos(dir)?;
+        let found: Vec<BoxRow> = names
+            .par_iter()
+            .map(|name| {
+                let d = auto_box(&load_rgb(&dir.join(name))?);
+                Ok(BoxRow {
+                    image: name.clone(),
+                    bbox: d.map(|d| d.bbox),
+                    conf: d.map_or(0.0, |d| d.conf),
+                })
+            })
+            .collect::<Result<_>>()?;
+        rows.extend(found);
+    }
+    write_boxes(out, BoxFormat::Bbox, &rows)?;
+    Ok(rows.len())
 }
 
 /// Draw a set index by `shares` (not all zero).
