@@ -53,12 +53,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tch::set_num_threads(args.threads as i32);
-    tch::set_num_interop_threads(1);
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(args.threads)
-        .build_global()?;
-    tch::manual_seed(0);
+    common::fix_threads(args.threads)?;
     let photos: Vec<String> = std::fs::read_to_string(&args.list)?
         .lines()
         .map(str::trim)

@@ -50,12 +50,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tch::set_num_threads(args.threads as i32);
-    tch::set_num_interop_threads(1);
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(args.threads)
-        .build_global()?;
-    tch::manual_seed(0);
+    common::fix_threads(args.threads)?;
     let classes = 1000;
     let names = (0..classes).map(|c| c.to_string()).collect();
     let mut cfg = ModelConfig::for_backbone("efficientnet_lite0", names, vec![1; classes])?;

@@ -140,14 +140,8 @@ enum Command {
     },
     /// Leave-one-out identification over a labelled folder: top-1, top-5, MAP@5.
     Evaluate {
-        #[arg(long, value_delimiter = ',', required_unless_present = "zero_shot")]
-        models: Vec<PathBuf>,
-        /// Instead of trained models: a pretrained backbone's GeM features (the baseline).
-        #[arg(long, conflicts_with = "models")]
-        zero_shot: Option<String>,
-        /// Input size for --zero-shot (default: the backbone's own).
-        #[arg(long)]
-        img_size: Option<i64>,
+        #[command(flatten)]
+        model: ModelArgs,
         /// CSV with columns image,individual_id (image paths relative to --images).
         #[arg(long)]
         labels: PathBuf,
@@ -202,21 +196,41 @@ enum Command {
     Catalog(CatalogCommand),
 }
 
+/// The models that embed photos: trained runs, or a pretrained backbone's features.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Trained models (run folders), fused by concatenating their embeddings.
+    #[arg(long, value_delimiter = ',', required_unless_present = "zero_shot")]
+    models: Vec<PathBuf>,
+    /// Instead of trained models: a pretrained backbone's GeM features (the baseline; no
+    /// training needed).
+    #[arg(long, conflicts_with = "models")]
+    zero_shot: Option<String>,
+    /// Input size for --zero-shot (default: the backbone's own).
+    #[arg(long)]
+    img_size: Option<i64>,
+}
+
+impl ModelArgs {
+    fn spec(self) -> finprint::catalog::ModelSpec {
+        match self.zero_shot {
+            Some(backbone) => finprint::catalog::ModelSpec::ZeroShot {
+                backbone,
+                img_size: self.img_size,
+            },
+            None => finprint::catalog::ModelSpec::Runs(self.models),
+        }
+    }
+}
+
 /// `finprint serve`.
 #[derive(clap::Args)]
 struct ServeArgs {
     /// The catalogue folder (created when missing).
     #[arg(long)]
     catalog: PathBuf,
-    /// Trained models (run folders) that embed the photos.
-    #[arg(long, value_delimiter = ',', required_unless_present = "zero_shot")]
-    models: Vec<PathBuf>,
-    /// Instead of trained models: a pretrained backbone's features (no training needed).
-    #[arg(long, conflicts_with = "models")]
-    zero_shot: Option<String>,
-    /// Input size for --zero-shot (default: the backbone's own).
-    #[arg(long)]
-    img_size: Option<i64>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// The new_individual threshold (default: the one the models saved; 0 for --zero-shot).
     #[arg(long)]
     threshold: Option<f32>,
@@ -507,9 +521,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Evaluate {
-            models,
-            zero_shot,
-            img_size,
+            model,
             labels,
             images,
             group,
@@ -522,15 +534,7 @@ fn run(cli: Cli) -> Result<()> {
             crops,
         } => {
             configure_threads(None);
-            let ensemble = match &zero_shot {
-                Some(backbone) => Ensemble::zero_shot(
-                    backbone,
-                    img_size,
-                    threshold.unwrap_or(0.0),
-                    runtime::device(),
-                )?,
-                None => Ensemble::load(&models, runtime::device())?,
-            };
+            let ensemble = model.spec().load(threshold, runtime::device())?;
             let table = data::CsvFile::read(&labels)?;
             let (ci, cid) = (table.column("image")?, table.column("individual_id")?);
             let cg = group.as_deref().map(|g| table.column(g)).transpose()?;
@@ -710,20 +714,12 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
-    use finprint::catalog::ModelSpec;
     use finprint::service;
     configure_threads(args.threads);
-    let model = match args.zero_shot {
-        Some(backbone) => ModelSpec::ZeroShot {
-            backbone,
-            img_size: args.img_size,
-        },
-        None => ModelSpec::Runs(args.models),
-    };
     let opts = service::ServeOptions {
         catalog: args.catalog.clone(),
         import: args.import,
-        model,
+        model: args.model.spec(),
         threshold: args.threshold,
     };
     let progress = bar(0, "opening the catalogue");

@@ -97,3 +97,15 @@ pub fn stats(values: &[f64]) -> Value {
         "runs": v.len(),
     })
 }
+
+/// Fixed threads for a side-by-side measurement: libtorch intra-op `threads`, one inter-op
+/// thread, rayon `threads`, and libtorch's seed 0.
+pub fn fix_threads(threads: usize) -> anyhow::Result<()> {
+    tch::set_num_threads(threads as i32);
+    tch::set_num_interop_threads(1);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()?;
+    tch::manual_seed(0);
+    Ok(())
+}
