@@ -454,7 +454,7 @@ fn run(cli: Cli) -> Result<()> {
                 true => finprint::train::run::validation_crops(&models[0])?,
                 false => crops,
             };
-            let names = predict::list_images(&images)?;
+            let names = data::image::list_photos(&images)?;
             let progress = bar(0, "embedding");
             let sets = finprint::crops::sets::load_sets(&crops)?;
             let vectors = predict::embed_crops(

@@ -2,13 +2,12 @@
 //! the threshold chosen on validation queries to maximise MAP@5.
 
 use crate::crops::sets::{load_sets, CropSet, LoadedCropSet};
-use crate::data::image::load_rgb;
+use crate::data::image::{list_photos, load_rgb};
 use crate::data::{read_train_csv, KaggleDir, Prediction, NEW_INDIVIDUAL};
 use crate::embed::{fuse, Ensemble};
 use crate::metrics::{average_precision_at_5, K};
 use crate::model::happywhale::HappyWhaleModel;
 use crate::search::{rank_labels, Aggregation, FlatIndex, Index, Storage};
-use anyhow::Context;
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -444,23 +443,6 @@ mod tests {
     }
 }
 
-/// The photos (`.jpg`, `.jpeg`, `.png`) of a folder, sorted by name.
-pub fn list_images(dir: &Path) -> anyhow::Result<Vec<String>> {
-    let entries =
-        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
-    let mut names = Vec::new();
-    for e in entries {
-        let e = e.with_context(|| format!("cannot list {}", dir.display()))?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        let ext = name.rsplit('.').next().unwrap_or("").to_ascii_lowercase();
-        if matches!(ext.as_str(), "jpg" | "jpeg" | "png") && e.path().is_file() {
-            names.push(name);
-        }
-    }
-    names.sort();
-    Ok(names)
-}
-
 /// Where `new_individual` goes in the answers.
 #[derive(Clone, Debug, PartialEq)]
 pub enum NewRule {
@@ -483,7 +465,7 @@ pub fn predict_submission(
     progress: &ProgressBar,
 ) -> anyhow::Result<Vec<Prediction>> {
     let train = read_train_csv(&data.train_csv())?;
-    let tests = list_images(&data.test_images())?;
+    let tests = list_photos(&data.test_images())?;
     anyhow::ensure!(
         !train.rows.is_empty(),
         "{} lists no photo",

@@ -7,7 +7,7 @@ pub mod detector;
 pub mod saliency;
 pub mod sets;
 
-use crate::data::image::load_rgb;
+use crate::data::image::{list_photos, load_rgb};
 use crate::fsio;
 use anyhow::{bail, Context, Result};
 use image::codecs::jpeg::JpegEncoder;
@@ -243,27 +243,6 @@ impl fmt::Display for CropSummary {
         }
         Ok(())
     }
-}
-
-/// The photos of `dir` (.jpg, .jpeg, .png, any case), sorted by name.
-pub(crate) fn list_photos(dir: &Path) -> Result<Vec<String>> {
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
-        let path = entry
-            .with_context(|| format!("cannot read {}", dir.display()))?
-            .path();
-        let is_photo = path.is_file()
-            && path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-                ["jpg", "jpeg", "png"]
-                    .iter()
-                    .any(|x| e.eq_ignore_ascii_case(x))
-            });
-        if let (true, Some(name)) = (is_photo, path.file_name().and_then(|n| n.to_str())) {
-            names.push(name.to_string());
-        }
-    }
-    names.sort();
-    Ok(names)
 }
 
 /// The crop's file name: the photo's, with `.jpg` unless it already names a JPEG.

@@ -5,8 +5,8 @@
 //! `fullbody=train2.csv+test2.csv:0.6`. A photo a set's files have no usable box for is kept
 //! whole, as `finprint crop` does.
 
-use super::{auto_box, crop, list_photos, read_boxes, write_boxes, BoxFormat, BoxPx, BoxRow};
-use crate::data::image::load_rgb;
+use super::{auto_box, crop, read_boxes, write_boxes, BoxFormat, BoxPx, BoxRow};
+use crate::data::image::{list_photos, load_rgb};
 use anyhow::{bail, Context, Result};
 use image::RgbImage;
 use rand::Rng;

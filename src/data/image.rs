@@ -2,6 +2,7 @@
 //! 16-bit or with alpha), turned upright by its EXIF orientation. Every failure names the file.
 
 use super::DataError;
+use anyhow::Context;
 use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 use std::io::Cursor;
 use std::path::Path;
@@ -50,6 +51,23 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
 fn has_jpeg_end(bytes: &[u8]) -> bool {
     let tail = &bytes[bytes.len().saturating_sub(64)..];
     tail.windows(2).any(|w| w == [0xFF, 0xD9])
+}
+
+/// The photos (`.jpg`, `.jpeg`, `.png`) of a folder, sorted by name.
+pub fn list_photos(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    let mut names = Vec::new();
+    for e in entries {
+        let e = e.with_context(|| format!("cannot list {}", dir.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ext = name.rsplit('.').next().unwrap_or("").to_ascii_lowercase();
+        if matches!(ext.as_str(), "jpg" | "jpeg" | "png") && e.path().is_file() {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
 }
 
 #[cfg(test)]
