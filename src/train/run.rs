@@ -361,16 +361,17 @@ fn validation(
         Some(m) => head_candidates(&[m], &[1.0], queries, truths.len(), FUSION_DEPTH)?,
         None => None,
     };
-    let fusion_weight = match &heads {
-        Some(h) => choose_fusion_weight(&knn, h, &truths).0,
-        None => 0.0,
+    let (fusion_weight, tried) = match &heads {
+        Some(h) => choose_fusion_weight(&knn, h, &truths),
+        None => (0.0, Vec::new()),
     };
-    let with_truth = |ranked: Vec<Vec<_>>| -> Vec<_> {
-        ranked.into_iter().zip(truths.iter().cloned()).collect()
-    };
-    let map5_knn = best_threshold(&with_truth(fuse_all(knn.clone(), None, 0.0))).1;
-    let fused = with_truth(fuse_all(knn, heads.as_deref(), fusion_weight));
+    let fused: Vec<_> = fuse_all(knn, heads.as_deref(), fusion_weight)
+        .into_iter()
+        .zip(truths.iter().cloned())
+        .collect();
     let map5 = best_threshold(&fused).1;
+    // The first weight tried is 0, kNN alone; without a head, `fused` is kNN alone.
+    let map5_knn = tried.first().map_or(map5, |&(_, m)| m);
     let (thresholds, map5_species) =
         best_thresholds(&fused, &photos.species_of, MIN_SPECIES_QUERIES);
     Ok(Validation {
