@@ -5,7 +5,7 @@
 //! Without `--images`: inference and training-step images/s on a random batch, each timed per
 //! step (median, min, max over `--steps` after a warm-up). With `--images DIR --list FILE`:
 //! end to end, the photos named in FILE decoded, resized, normalised and embedded by the
-//! library's own path (`embed::embed_images`, which `Ensemble::embed_files` runs per model,
+//! library's own path (`embed::embed_images`, which `Ensemble::embed` runs per model,
 //! decoding the next batch while the model works), images/s of `--runs` passes after a
 //! one-batch warm-up.
 //!

@@ -244,19 +244,6 @@ impl Ensemble {
         })
     }
 
-    /// Fused unit embeddings of the photos `names` in `dir`.
-    pub fn embed_files(
-        &self,
-        dir: &Path,
-        names: &[String],
-        batch: usize,
-        flip_tta: bool,
-        progress: &ProgressBar,
-    ) -> Result<Vec<f32>> {
-        let load = |i: usize| Ok(crate::data::image::load_rgb(&dir.join(&names[i]))?);
-        self.embed(names.len(), load, batch, flip_tta, progress)
-    }
-
     pub fn dim(&self) -> usize {
         self.models
             .iter()
