@@ -2,7 +2,7 @@
 //! both `[]` or empty when nothing was found) and `box` files (`x0 y0 x1 y1`, empty when nothing
 //! was found). The format is told by the column present.
 
-use super::BoxPx;
+use super::{BoxPx, Detection};
 use crate::data::{CsvFile, DataError};
 use crate::fsio;
 use anyhow::Result;
@@ -25,6 +25,18 @@ pub struct BoxRow {
     pub bbox: Option<BoxPx>,
     /// Written in the `bbox` format only.
     pub conf: f32,
+}
+
+impl BoxRow {
+    /// The row for what a finder (`--auto`, `--detector`) found in `image`: an empty box
+    /// with confidence 0 where it found nothing.
+    pub fn found(image: &str, detection: Option<Detection>) -> Self {
+        Self {
+            image: image.to_string(),
+            bbox: detection.map(|d| d.bbox),
+            conf: detection.map_or(0.0, |d| d.conf),
+        }
+    }
 }
 
 /// Read a box file in either community format: each image's box, `None` where the file says

@@ -392,11 +392,7 @@ pub fn run(args: &CropArgs) -> Result<CropSummary> {
         let rows: Vec<BoxRow> = photos
             .iter()
             .zip(&results)
-            .map(|(name, done)| BoxRow {
-                image: name.clone(),
-                bbox: done.detection.map(|d| d.bbox),
-                conf: done.detection.map_or(0.0, |d| d.conf),
-            })
+            .map(|(name, done)| BoxRow::found(name, done.detection))
             .collect();
         write_boxes(path, BoxFormat::Bbox, &rows)?;
     }

@@ -125,14 +125,7 @@ pub fn write_auto_boxes(dirs: &[PathBuf], out: &Path) -> Result<usize> {
         let names = list_photos(dir)?;
         let found: Vec<BoxRow> = names
             .par_iter()
-            .map(|name| {
-                let d = auto_box(&load_rgb(&dir.join(name))?);
-                Ok(BoxRow {
-                    image: name.clone(),
-                    bbox: d.map(|d| d.bbox),
-                    conf: d.map_or(0.0, |d| d.conf),
-                })
-            })
+            .map(|name| Ok(BoxRow::found(name, auto_box(&load_rgb(&dir.join(name))?))))
             .collect::<Result<_>>()?;
         rows.extend(found);
     }
