@@ -8,6 +8,8 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
+use std::sync::atomic::AtomicU32;
+use std::sync::atomic::Ordering::{Relaxed, Release};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// The knobs of an [`HnswIndex`], named as in hnswlib and faiss.
@@ -36,20 +38,27 @@ impl Default for HnswParams {
 
 /// Approximate search, as faiss's `IndexHNSWFlat` with inner product.
 ///
-/// Rows are stored as f32 beside their links. [`Index::add`] inserts rows in parallel (rayon),
-/// so the graph, and with it the approximate results, depends on thread timing unless the
-/// rayon pool has one thread; searching a built graph is deterministic.
+/// Rows are stored as f32, contiguously. Layer-0 links, which nearly every step of a search
+/// follows, live in one flat array with a fixed number of slots per node (no pointer to chase);
+/// the few nodes that reach higher layers keep those links in small lists. [`Index::add`]
+/// inserts rows in parallel (rayon), so the graph, and with it the approximate results, depends
+/// on thread timing unless the rayon pool has one thread; searching a built graph is
+/// deterministic.
 pub struct HnswIndex {
     dim: usize,
     params: HnswParams,
     vectors: Vec<f32>,
-    /// `links[node][layer]`: the node's neighbours on each layer it reaches.
-    links: Vec<Vec<Vec<u32>>>,
+    /// Layer 0: `1 + 2·m` slots per node, the number of its links and then the links. Writers
+    /// hold the node's lock; readers load without one and may see a list being rewritten, whose
+    /// entries are all valid ids (the approximate search tolerates that).
+    base: Vec<AtomicU32>,
+    /// `upper[node][layer - 1]`: the node's links on the layers above 0 it reaches.
+    upper: Vec<Vec<Mutex<Vec<u32>>>>,
     /// The node reaching the top layer, and that layer.
     entry: Option<(u32, usize)>,
     rng: ChaCha8Rng,
     dot: DotFn,
-    visited: Mutex<Vec<Visited>>,
+    scratch: Mutex<Vec<Scratch>>,
 }
 
 /// Nodes inserted one by one before the rest go in parallel, so that early nodes find each other.
@@ -69,11 +78,12 @@ impl HnswIndex {
             dim,
             params,
             vectors: Vec::new(),
-            links: Vec::new(),
+            base: Vec::new(),
+            upper: Vec::new(),
             entry: None,
             rng: ChaCha8Rng::seed_from_u64(params.seed),
             dot: dot_fn(),
-            visited: Mutex::new(Vec::new()),
+            scratch: Mutex::new(Vec::new()),
         }
     }
 
@@ -95,6 +105,20 @@ impl HnswIndex {
         (self.dot)(query, self.vector(id))
     }
 
+    /// Asks the CPU to fetch row `id` into its caches while other work goes on.
+    #[inline]
+    fn prefetch(&self, id: u32) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let row = self.vectors.as_ptr().wrapping_add(id as usize * self.dim);
+            for line in (0..self.dim).step_by(16) {
+                // SAFETY: a prefetch is a hint that never faults, whatever the address.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(line).cast::<i8>()) };
+            }
+        }
+    }
+
     fn max_links(&self, layer: usize) -> usize {
         if layer == 0 {
             2 * self.params.m
@@ -103,28 +127,56 @@ impl HnswIndex {
         }
     }
 
+    /// The layer-0 slots of `node`: its number of links, then room for `2·m` links.
+    fn base_slots(&self, node: u32) -> &[AtomicU32] {
+        let width = 1 + 2 * self.params.m;
+        let start = node as usize * width;
+        &self.base[start..start + width]
+    }
+
+    /// The links of `node` on `layer`, into `out`.
+    fn links_into(&self, node: u32, layer: usize, out: &mut Vec<u32>) {
+        out.clear();
+        if layer == 0 {
+            let slots = self.base_slots(node);
+            let count = (slots[0].load(Relaxed) as usize).min(slots.len() - 1);
+            out.extend(slots[1..=count].iter().map(|s| s.load(Relaxed)));
+        } else if let Some(list) = self.upper[node as usize].get(layer - 1) {
+            out.extend_from_slice(&lock(list));
+        }
+    }
+
+    /// Replaces the layer-0 links of `node`; the caller holds its lock.
+    fn set_base_links(&self, node: u32, links: &[u32]) {
+        let slots = self.base_slots(node);
+        let count = links.len().min(slots.len() - 1);
+        for (slot, &id) in slots[1..].iter().zip(&links[..count]) {
+            slot.store(id, Relaxed);
+        }
+        slots[0].store(count as u32, Release);
+    }
+
     fn draw_layer(&mut self) -> usize {
         let scale = 1.0 / (self.params.m as f64).ln();
         let u: f64 = self.rng.gen();
         ((-(1.0 - u).ln() * scale) as usize).min(MAX_LAYER)
     }
 
-    fn take_visited(&self) -> Visited {
-        lock(&self.visited).pop().unwrap_or_default()
+    fn take_scratch(&self) -> Scratch {
+        lock(&self.scratch).pop().unwrap_or_default()
     }
 
-    fn give_back_visited(&self, visited: Visited) {
-        lock(&self.visited).push(visited);
+    fn give_back_scratch(&self, scratch: Scratch) {
+        lock(&self.scratch).push(scratch);
     }
 
     /// Follows ever better neighbours on `layer` from `from` until none is better.
-    fn greedy(&self, query: &[f32], from: Neighbor, layer: usize, graph: &impl Links) -> Neighbor {
+    fn greedy(&self, query: &[f32], from: Neighbor, layer: usize, buf: &mut Vec<u32>) -> Neighbor {
         let mut best = from;
-        let mut buf = Vec::new();
         loop {
-            graph.copy_into(best.id, layer, &mut buf);
+            self.links_into(best.id, layer, buf);
             let mut moved = false;
-            for &id in &buf {
+            for &id in buf.iter() {
                 let candidate = Neighbor {
                     id,
                     score: self.score(query, id),
@@ -147,11 +199,16 @@ impl HnswIndex {
         entries: &[Neighbor],
         ef: usize,
         layer: usize,
-        graph: &impl Links,
-        visited: &mut Visited,
+        scratch: &mut Scratch,
     ) -> Vec<Neighbor> {
+        let Scratch {
+            visited,
+            frontier,
+            links,
+            fresh,
+        } = scratch;
         visited.reset(self.len());
-        let mut frontier: BinaryHeap<Better> = BinaryHeap::new();
+        frontier.clear();
         let mut found = TopK::new(ef);
         for &e in entries {
             if visited.insert(e.id) {
@@ -159,15 +216,19 @@ impl HnswIndex {
                 found.push(e);
             }
         }
-        let mut buf = Vec::new();
         while let Some(Better(current)) = frontier.pop() {
             if found.is_full() && current.score < found.floor() {
                 break;
             }
-            graph.copy_into(current.id, layer, &mut buf);
-            for &id in &buf {
-                if !visited.insert(id) {
-                    continue;
+            self.links_into(current.id, layer, links);
+            fresh.clear();
+            fresh.extend(links.iter().copied().filter(|&id| visited.insert(id)));
+            if let Some(&first) = fresh.first() {
+                self.prefetch(first);
+            }
+            for (i, &id) in fresh.iter().enumerate() {
+                if let Some(&next) = fresh.get(i + 1) {
+                    self.prefetch(next);
                 }
                 let candidate = Neighbor {
                     id,
@@ -198,21 +259,21 @@ impl HnswIndex {
         chosen
     }
 
-    /// Links node `id`, whose layers already exist in `graph`, into the graph.
-    fn insert(&self, id: u32, graph: &BuildGraph, entry: &Mutex<Option<(u32, usize)>>) {
+    /// Links node `id`, whose slots already exist, into the graph.
+    fn insert(&self, id: u32, locks: &[Mutex<()>], entry: &Mutex<Option<(u32, usize)>>) {
         let Some((entry_id, top)) = *lock(entry) else {
             return;
         };
-        let level = graph.nodes[id as usize].len().saturating_sub(1);
+        let level = self.upper[id as usize].len();
         let query = self.vector(id);
+        let mut scratch = self.take_scratch();
         let mut ep = Neighbor {
             id: entry_id,
             score: self.score(query, entry_id),
         };
         for layer in (level + 1..=top).rev() {
-            ep = self.greedy(query, ep, layer, graph);
+            ep = self.greedy(query, ep, layer, &mut scratch.links);
         }
-        let mut visited = self.take_visited();
         let mut entries = vec![ep];
         for layer in (0..=level.min(top)).rev() {
             let found = self.search_layer(
@@ -220,19 +281,21 @@ impl HnswIndex {
                 &entries,
                 self.params.ef_construction,
                 layer,
-                graph,
-                &mut visited,
+                &mut scratch,
             );
             let chosen = self.select(&found, self.max_links(layer));
-            if let Some(mine) = graph.layer(id, layer) {
-                *lock(mine) = chosen.clone();
+            if layer == 0 {
+                let _guard = lock(&locks[id as usize]);
+                self.set_base_links(id, &chosen);
+            } else {
+                *lock(&self.upper[id as usize][layer - 1]) = chosen.clone();
             }
             for &other in &chosen {
-                self.connect(other, id, layer, graph);
+                self.connect(other, id, layer, locks, &mut scratch.links);
             }
             entries = found;
         }
-        self.give_back_visited(visited);
+        self.give_back_scratch(scratch);
         if level > top {
             let mut entry = lock(entry);
             if entry.is_none_or(|(_, top)| level > top) {
@@ -242,18 +305,35 @@ impl HnswIndex {
     }
 
     /// Adds a link from `from` to `to` on `layer`, pruning `from`'s links when over the limit.
-    fn connect(&self, from: u32, to: u32, layer: usize, graph: &BuildGraph) {
-        let Some(list) = graph.layer(from, layer) else {
+    fn connect(&self, from: u32, to: u32, layer: usize, locks: &[Mutex<()>], buf: &mut Vec<u32>) {
+        let max = self.max_links(layer);
+        if layer == 0 {
+            let _guard = lock(&locks[from as usize]);
+            self.links_into(from, 0, buf);
+            if buf.len() < max {
+                buf.push(to);
+                self.set_base_links(from, buf);
+            } else {
+                let pruned = self.prune(from, buf, to, max);
+                self.set_base_links(from, &pruned);
+            }
+            return;
+        }
+        let Some(list) = self.upper[from as usize].get(layer - 1) else {
             return;
         };
         let mut list = lock(list);
-        let max = self.max_links(layer);
         if list.len() < max {
             list.push(to);
-            return;
+        } else {
+            *list = self.prune(from, &list, to, max);
         }
+    }
+
+    /// The at most `max` links that `from` keeps of `links` and `to`, by [`Self::select`].
+    fn prune(&self, from: u32, links: &[u32], to: u32, max: usize) -> Vec<u32> {
         let base = self.vector(from);
-        let mut candidates: Vec<Neighbor> = list
+        let mut candidates: Vec<Neighbor> = links
             .iter()
             .chain(std::iter::once(&to))
             .map(|&id| Neighbor {
@@ -262,7 +342,7 @@ impl HnswIndex {
             })
             .collect();
         candidates.sort_by(Neighbor::rank_cmp);
-        *list = self.select(&candidates, max);
+        self.select(&candidates, max)
     }
 }
 
@@ -280,48 +360,35 @@ impl Index for HnswIndex {
         let old = self.len();
         check_capacity(old, n)?;
         self.vectors.extend_from_slice(vectors);
-        let mut links = std::mem::take(&mut self.links);
+        let width = 1 + 2 * self.params.m;
+        self.base
+            .resize_with((old + n) * width, || AtomicU32::new(0));
         for _ in 0..n {
-            let layers = self.draw_layer() + 1;
-            links.push(vec![Vec::new(); layers]);
+            let layers = self.draw_layer();
+            self.upper
+                .push((0..layers).map(|_| Mutex::new(Vec::new())).collect());
         }
-        let graph = BuildGraph {
-            nodes: links
-                .into_iter()
-                .map(|layers| layers.into_iter().map(Mutex::new).collect())
-                .collect(),
-        };
         let mut first = old;
         if self.entry.is_none() && n > 0 {
-            self.entry = Some((old as u32, graph.nodes[old].len() - 1));
+            self.entry = Some((old as u32, self.upper[old].len()));
             first += 1;
         }
+        let locks: Vec<Mutex<()>> = (0..old + n).map(|_| Mutex::new(())).collect();
         let entry = Mutex::new(self.entry);
         let head_end = (first + SERIAL_HEAD).min(old + n);
         let this = &*self;
         for id in first..head_end {
-            this.insert(id as u32, &graph, &entry);
+            this.insert(id as u32, &locks, &entry);
         }
         (head_end..old + n)
             .into_par_iter()
-            .for_each(|id| this.insert(id as u32, &graph, &entry));
+            .for_each(|id| this.insert(id as u32, &locks, &entry));
         self.entry = entry.into_inner().unwrap_or_else(PoisonError::into_inner);
-        self.links = graph
-            .nodes
-            .into_iter()
-            .map(|layers| {
-                layers
-                    .into_iter()
-                    .map(|l| l.into_inner().unwrap_or_else(PoisonError::into_inner))
-                    .collect()
-            })
-            .collect();
         Ok(())
     }
 
     fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<Neighbor>>, SearchError> {
         rows_of(queries.len(), self.dim)?;
-        let graph = FrozenGraph(&self.links);
         let ef = self.params.ef_search.max(k);
         Ok(queries
             .par_chunks_exact(self.dim)
@@ -329,16 +396,16 @@ impl Index for HnswIndex {
                 let Some((entry_id, top)) = self.entry.filter(|_| k > 0) else {
                     return Vec::new();
                 };
+                let mut scratch = self.take_scratch();
                 let mut ep = Neighbor {
                     id: entry_id,
                     score: self.score(query, entry_id),
                 };
                 for layer in (1..=top).rev() {
-                    ep = self.greedy(query, ep, layer, &graph);
+                    ep = self.greedy(query, ep, layer, &mut scratch.links);
                 }
-                let mut visited = self.take_visited();
-                let mut found = self.search_layer(query, &[ep], ef, 0, &graph, &mut visited);
-                self.give_back_visited(visited);
+                let mut found = self.search_layer(query, &[ep], ef, 0, &mut scratch);
+                self.give_back_scratch(scratch);
                 found.truncate(k);
                 found
             })
@@ -346,19 +413,22 @@ impl Index for HnswIndex {
     }
 
     fn storage_bytes(&self) -> usize {
-        let header = std::mem::size_of::<Vec<u32>>();
-        let links: usize = self
-            .links
+        let header = std::mem::size_of::<Vec<Mutex<Vec<u32>>>>();
+        let list = std::mem::size_of::<Mutex<Vec<u32>>>();
+        let upper: usize = self
+            .upper
             .iter()
             .map(|layers| {
                 header
                     + layers
                         .iter()
-                        .map(|l| header + 4 * l.capacity())
+                        .map(|l| list + 4 * lock(l).capacity())
                         .sum::<usize>()
             })
             .sum();
-        std::mem::size_of_val(self.vectors.as_slice()) + links
+        std::mem::size_of_val(self.vectors.as_slice())
+            + std::mem::size_of_val(self.base.as_slice())
+            + upper
     }
 }
 
@@ -389,41 +459,14 @@ impl PartialEq for Better {
 
 impl Eq for Better {}
 
-/// Read access to the neighbours of a node on a layer.
-trait Links {
-    fn copy_into(&self, node: u32, layer: usize, out: &mut Vec<u32>);
-}
-
-/// The graph while nodes are inserted in parallel: one lock per node and layer.
-struct BuildGraph {
-    nodes: Vec<Vec<Mutex<Vec<u32>>>>,
-}
-
-impl BuildGraph {
-    fn layer(&self, node: u32, layer: usize) -> Option<&Mutex<Vec<u32>>> {
-        self.nodes.get(node as usize)?.get(layer)
-    }
-}
-
-impl Links for BuildGraph {
-    fn copy_into(&self, node: u32, layer: usize, out: &mut Vec<u32>) {
-        out.clear();
-        if let Some(list) = self.layer(node, layer) {
-            out.extend_from_slice(&lock(list));
-        }
-    }
-}
-
-/// The built graph, read without locks.
-struct FrozenGraph<'a>(&'a [Vec<Vec<u32>>]);
-
-impl Links for FrozenGraph<'_> {
-    fn copy_into(&self, node: u32, layer: usize, out: &mut Vec<u32>) {
-        out.clear();
-        if let Some(list) = self.0.get(node as usize).and_then(|l| l.get(layer)) {
-            out.extend_from_slice(list);
-        }
-    }
+/// What one search reuses from the last: the visited set, the frontier and link buffers.
+#[derive(Default)]
+struct Scratch {
+    visited: Visited,
+    frontier: BinaryHeap<Better>,
+    links: Vec<u32>,
+    /// The links not visited yet.
+    fresh: Vec<u32>,
 }
 
 /// Which nodes one search has seen: a stamp per node, so clearing is one increment.
@@ -497,6 +540,61 @@ mod tests {
         }
         let recall = recall_at(10, &got, &exact);
         assert!(recall >= 0.95, "recall@10 = {recall}");
+    }
+
+    /// `per` photos of each of `individuals` random centres: centre + noise (cosine about 0.8),
+    /// renormalised, in an order mixing the individuals; and one new photo of every 7th.
+    fn clustered(individuals: usize, per: usize, dim: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+        let centres = random_unit_vectors(individuals, dim, seed);
+        let photo = |i: usize, noise: &[f32]| -> Vec<f32> {
+            let c = &centres[i * dim..(i + 1) * dim];
+            let mut v: Vec<f32> = c.iter().zip(noise).map(|(c, e)| c + 0.75 * e).collect();
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.iter_mut().for_each(|x| *x /= norm);
+            v
+        };
+        let noise = random_unit_vectors(individuals * per, dim, seed + 1);
+        let rows = (0..individuals * per)
+            .flat_map(|r| photo(r % individuals, &noise[r * dim..(r + 1) * dim]))
+            .collect();
+        let fresh = random_unit_vectors(individuals, dim, seed + 2);
+        let queries = (0..individuals)
+            .step_by(7)
+            .flat_map(|i| photo(i, &fresh[i * dim..(i + 1) * dim]))
+            .collect();
+        (rows, queries)
+    }
+
+    #[test]
+    fn recall_at_10_is_at_least_095_on_clustered_vectors_at_ef_64() {
+        let dim = 64;
+        let (rows, queries) = clustered(2_000, 5, dim, 21);
+        let mut flat = FlatIndex::new(dim, Storage::F32);
+        flat.add(&rows).expect("whole rows");
+        let exact = flat.search(&queries, 10).expect("search");
+        let params = HnswParams {
+            ef_construction: 40,
+            ef_search: 64,
+            ..HnswParams::default()
+        };
+        let mut hnsw = HnswIndex::new(dim, params);
+        hnsw.add(&rows).expect("whole rows");
+        let got = hnsw.search(&queries, 10).expect("search");
+        let recall = recall_at(10, &got, &exact);
+        assert!(recall >= 0.95, "recall@10 = {recall}");
+        // Every query's own individual (rows i, i + 2000, ...) comes first.
+        for (q, g) in got.iter().enumerate() {
+            assert_eq!(g[0].id as usize % 2_000, q * 7, "query {q}");
+        }
+        // Layer-0 lists stay within their 2·m slots and name existing rows other than the node.
+        for node in 0..hnsw.len() as u32 {
+            let mut links = Vec::new();
+            hnsw.links_into(node, 0, &mut links);
+            assert!(!links.is_empty() && links.len() <= 2 * params.m);
+            assert!(links
+                .iter()
+                .all(|&l| l != node && (l as usize) < hnsw.len()));
+        }
     }
 
     #[test]
