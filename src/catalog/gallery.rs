@@ -22,7 +22,6 @@ pub fn from_blob(b: &[u8]) -> Vec<f32> {
 pub struct Gallery {
     index: FlatIndex,
     dim: usize,
-    vectors: Vec<f32>,
     images: Vec<String>,
     labels: Vec<u32>,
     ids: Vec<String>,
@@ -35,7 +34,6 @@ impl Gallery {
         let mut g = Gallery {
             index: FlatIndex::new(dim, Storage::F32),
             dim,
-            vectors: Vec::new(),
             images: Vec::new(),
             labels: Vec::new(),
             ids: Vec::new(),
@@ -84,7 +82,6 @@ impl Gallery {
             self.dim
         );
         self.index.add(v)?;
-        self.vectors.extend_from_slice(v);
         self.images.push(image.to_string());
         let label = self.label(id);
         self.labels.push(label);
@@ -131,11 +128,7 @@ impl Gallery {
                     .filter(|&i| self.labels[i] == label)
                     .map(|i| PhotoMatch {
                         image: self.images[i].clone(),
-                        score: self.vectors[i * self.dim..(i + 1) * self.dim]
-                            .iter()
-                            .zip(query)
-                            .map(|(a, b)| a * b)
-                            .sum(),
+                        score: self.index.score(query, i).unwrap_or(f32::NAN),
                     })
                     .collect();
                 photos.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.image.cmp(&b.image)));

@@ -59,6 +59,22 @@ impl FlatIndex {
         }
     }
 
+    /// The inner product of `query` and row `id`, as a search scores it; `None` past the last
+    /// row or for a query of another length.
+    pub fn score(&self, query: &[f32], id: usize) -> Option<f32> {
+        if query.len() != self.dim {
+            return None;
+        }
+        let range = id.checked_mul(self.dim)?..(id + 1).checked_mul(self.dim)?;
+        match &self.rows {
+            Rows::F32(v) => Some((self.dot)(query, v.get(range)?)),
+            Rows::F16(v) => {
+                let row: Vec<f32> = v.get(range)?.iter().map(|x| x.to_f32()).collect();
+                Some((self.dot)(query, &row))
+            }
+        }
+    }
+
     pub fn storage(&self) -> Storage {
         match self.rows {
             Rows::F32(_) => Storage::F32,
@@ -244,6 +260,22 @@ mod tests {
         // Few queries take the inner-product path instead of the matrix product.
         let few = &queries[..3 * dim];
         assert_same(&index.search(few, 10).expect("search"), &want[..3], 1e-5);
+    }
+
+    #[test]
+    fn score_of_one_row_matches_the_search() {
+        let dim = 16;
+        let rows = random_unit_vectors(20, dim, 8);
+        let query = &random_unit_vectors(1, dim, 9)[..];
+        for storage in [Storage::F32, Storage::F16] {
+            let index = index_of(dim, storage, &rows);
+            for n in &index.search(query, 20).expect("search")[0] {
+                let score = index.score(query, n.id as usize).expect("a row");
+                assert!((score - n.score).abs() < 1e-5, "{storage:?} row {}", n.id);
+            }
+            assert_eq!(index.score(query, 20), None);
+            assert_eq!(index.score(&query[..dim - 1], 0), None);
+        }
     }
 
     #[test]
