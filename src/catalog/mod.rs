@@ -17,6 +17,7 @@ mod gallery;
 
 pub use embedder::{fnv1a, Embedder, ModelSpec};
 pub use exchange::ImportSummary;
+pub use gallery::to_blob;
 
 use crate::data::image::decode_rgb;
 use crate::data::NEW_INDIVIDUAL;
