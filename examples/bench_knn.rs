@@ -12,7 +12,11 @@
 //! individuals of the HNSW subset (a fresh perturbation of their centre). Random i.i.d. vectors
 //! would be the worst case of a graph index and nothing like embeddings of animals.
 //!
+//! Besides recall@k against the exact answer, each row reports `own_first`: the share of
+//! queries whose first result is a photo of the query's own individual.
+//!
 //! Writes `<out>/base.f32` and `<out>/queries.f32` (raw little-endian f32, row-major),
+//! `<out>/labels.u32` and `<out>/query_labels.u32` (each row's and query's individual),
 //! `<out>/meta.json` and `<out>/rust.json`. Single-query latency: median, min and max over
 //! `--single` queries; batched throughput: over `--batch-runs` searches of all the queries.
 //! `tools/bench.sh` runs it.
@@ -20,7 +24,7 @@
 mod common;
 
 use clap::Parser;
-use common::{catalogue, reset_peak_rss, stats, vm_hwm_mb, write_f32};
+use common::{catalogue, reset_peak_rss, stats, vm_hwm_mb, write_f32, write_u32};
 use finprint::search::{FlatIndex, HnswIndex, HnswParams, Index, Neighbor, Storage};
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -76,7 +80,13 @@ fn main() -> anyhow::Result<()> {
 
     let start = Instant::now();
     let cat = catalogue(n, dim, args.seed);
-    let queries = cat.queries(args.queries, hnsw_n.max(1), args.seed + 1);
+    let (queries, query_labels) = cat.queries(args.queries, hnsw_n.max(1), args.seed + 1);
+    write_u32(&args.out.join("labels.u32"), &cat.labels)?;
+    write_u32(&args.out.join("query_labels.u32"), &query_labels)?;
+    let truth = Truth {
+        labels: &cat.labels,
+        queries: &query_labels,
+    };
     let base = cat.photos;
     write_f32(&args.out.join("base.f32"), &base)?;
     write_f32(&args.out.join("queries.f32"), &queries)?;
@@ -99,12 +109,13 @@ fn main() -> anyhow::Result<()> {
 
     let mut rows = Vec::new();
     let mut flat = FlatIndex::new(dim, Storage::F32);
-    let (exact, row) = measure("flat f32", None, &mut flat, &base, &queries, &args, None)?;
+    let (exact, mut row) = measure("flat f32", None, &mut flat, &base, &queries, &args, None)?;
+    row["own_first"] = json!(truth.own_first(&exact));
     rows.push(row);
     drop(flat);
     if !args.no_f16 {
         let mut half = FlatIndex::new(dim, Storage::F16);
-        let (_, row) = measure(
+        let (found, mut row) = measure(
             "flat f16",
             None,
             &mut half,
@@ -113,10 +124,18 @@ fn main() -> anyhow::Result<()> {
             &args,
             Some(&exact),
         )?;
+        row["own_first"] = json!(truth.own_first(&found));
         rows.push(row);
     }
     if hnsw_n > 0 {
-        hnsw_rows(&args, &base[..hnsw_n * dim], &queries, exact, &mut rows)?;
+        hnsw_rows(
+            &args,
+            &base[..hnsw_n * dim],
+            &queries,
+            exact,
+            &truth,
+            &mut rows,
+        )?;
     }
     print_rows(&rows);
     let report = json!({ "meta": meta, "rows": rows });
@@ -133,6 +152,7 @@ fn hnsw_rows(
     sub: &[f32],
     queries: &[f32],
     exact: Vec<Vec<Neighbor>>,
+    truth: &Truth,
     rows: &mut Vec<Value>,
 ) -> anyhow::Result<()> {
     let (dim, k) = (args.dim, args.k);
@@ -151,7 +171,7 @@ fn hnsw_rows(
         seed: args.seed,
     };
     let mut hnsw = HnswIndex::new(dim, params);
-    let (_, first) = measure(
+    let (found, mut first) = measure(
         "hnsw",
         Some(params.ef_search),
         &mut hnsw,
@@ -160,12 +180,14 @@ fn hnsw_rows(
         args,
         Some(&exact_subset),
     )?;
+    first["own_first"] = json!(truth.own_first(&found));
     let build = first["build_s"].clone();
     rows.push(first);
     for &ef in args.ef_search.iter().skip(1) {
         hnsw.set_ef_search(ef);
-        let (_, mut row) =
+        let (found, mut row) =
             measure_search("hnsw", Some(ef), &hnsw, queries, args, Some(&exact_subset))?;
+        row["own_first"] = json!(truth.own_first(&found));
         row["build_s"] = build.clone();
         rows.push(row);
     }
@@ -179,8 +201,16 @@ fn hnsw_rows(
 
 fn print_rows(rows: &[Value]) {
     println!(
-        "{:<24} {:>9} {:>8} {:>11} {:>10} {:>9} {:>10} {:>9}",
-        "index", "n", "build s", "storage MB", "VmHWM MB", "1q ms", "batch q/s", "recall"
+        "{:<24} {:>9} {:>8} {:>11} {:>10} {:>9} {:>10} {:>9} {:>9}",
+        "index",
+        "n",
+        "build s",
+        "storage MB",
+        "VmHWM MB",
+        "1q ms",
+        "batch q/s",
+        "recall",
+        "own 1st"
     );
     for r in rows {
         let name = match r["ef_search"].as_u64() {
@@ -189,7 +219,7 @@ fn print_rows(rows: &[Value]) {
         };
         let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
         println!(
-            "{:<24} {:>9} {:>8.2} {:>11.1} {:>10.0} {:>9.3} {:>10.0} {:>9.4}",
+            "{:<24} {:>9} {:>8.2} {:>11.1} {:>10.0} {:>9.3} {:>10.0} {:>9.4} {:>9.4}",
             name,
             r["n"],
             f(&r["build_s"]),
@@ -198,6 +228,7 @@ fn print_rows(rows: &[Value]) {
             f(&r["single_ms"]["median"]),
             f(&r["batch_qps"]["median"]),
             f(&r["recall"]),
+            f(&r["own_first"]),
         );
     }
 }
@@ -262,6 +293,24 @@ fn measure_search(
         row["single_ms"]["median"], row["batch_qps"]["median"]
     );
     Ok((results, row))
+}
+
+/// Which individual each catalogue row and each query shows.
+struct Truth<'a> {
+    labels: &'a [u32],
+    queries: &'a [u32],
+}
+
+impl Truth<'_> {
+    /// The share of queries whose first result shows the query's own individual.
+    fn own_first(&self, results: &[Vec<Neighbor>]) -> f64 {
+        let hits = results
+            .iter()
+            .zip(self.queries)
+            .filter(|(r, &q)| r.first().is_some_and(|n| self.labels[n.id as usize] == q))
+            .count();
+        hits as f64 / results.len().max(1) as f64
+    }
 }
 
 /// Mean fraction of the exact `k` best found, per query.

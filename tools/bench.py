@@ -290,7 +290,7 @@ class Bench:
                                                              "--dir", d])
                 entry["faiss"] = json.loads((d / "faiss.json").read_text())["rows"]
                 entry["faiss_rss_mb"] = rss
-            for f in ["base.f32", "queries.f32"]:
+            for f in ["base.f32", "queries.f32", "labels.u32", "query_labels.u32"]:
                 (d / f).unlink(missing_ok=True)
             sizes.append(entry)
         if not self.ref:
@@ -625,7 +625,9 @@ def markdown(res, out, md_path):
           f"{kn['ef_construction']} for both{lighter_text}; recall@{kn['k']} against the exact answer (the flat "
           "f32 index of the same library; flat f16 is measured against it). Beyond the photos of a query's own "
           "individual, its exact 10 nearest are photos of other individuals barely closer than many more, which "
-          "a graph index finds only with wide searches (both libraries alike). finprint: `search::FlatIndex` (f32, "
+          "a graph index finds only with wide searches (both libraries alike); \"own individual first\" is the "
+          "share of queries whose first result is a photo of the query's own individual (the exact indexes "
+          "give its ceiling: some new photos are closer to another individual). finprint: `search::FlatIndex` (f32, "
           "f16) and `search::HnswIndex`; faiss: `IndexFlatIP`, `IndexScalarQuantizer(fp16)`, `IndexHNSWFlat`.\n")
         rows = []
         for e in kn["sizes"]:
@@ -639,9 +641,11 @@ def markdown(res, out, md_path):
                              ratio(med(t["single_ms"]), med(o["single_ms"])) if t else "–",
                              f"{f(o['batch_qps'], 0)} / {f(t.get('batch_qps'), 0)}",
                              ratio(med(o["batch_qps"]), med(t["batch_qps"])) if t else "–",
-                             f"{f(o.get('recall'), 3)} / {f(t.get('recall'), 3)}"])
+                             f"{f(o.get('recall'), 3)} / {f(t.get('recall'), 3)}",
+                             f"{f(o.get('own_first'), 3)} / {f(t.get('own_first'), 3)}"])
         w(table(["index", "rows", "build s finprint / faiss", "1 query ms finprint / faiss", "finprint ×",
-                 "batched queries/s finprint / faiss", "finprint ×", "recall@10 finprint / faiss"], rows))
+                 "batched queries/s finprint / faiss", "finprint ×", "recall@10 finprint / faiss",
+                 "own individual first finprint / faiss"], rows))
         big = max(kn["sizes"], key=lambda e: e["n"])
         if big["hnsw_n"] == 0:
             w(f"HNSW is measured at {max(e['hnsw_n'] for e in kn['sizes']):,} rows only: building it over "

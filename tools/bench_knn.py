@@ -37,12 +37,21 @@ def recall(got, exact, k):
     return hits / (k * len(exact))
 
 
+def own_first(ids, truth):
+    """The share of queries whose first result shows the query's own individual."""
+    if truth is None:
+        return None
+    labels, query_labels = truth
+    first = ids[:, 0]
+    return float(np.mean((first >= 0) & (labels[np.maximum(first, 0)] == query_labels)))
+
+
 def stats(values):
     v = sorted(values)
     return {"median": float(np.median(v)), "min": v[0], "max": v[-1], "runs": len(v)}
 
 
-def measure_search(name, ef, index, queries, meta, exact):
+def measure_search(name, ef, index, queries, meta, exact, truth=None):
     k, single = meta["k"], meta["single"]
     latencies = []
     for i in range(single):
@@ -63,17 +72,18 @@ def measure_search(name, ef, index, queries, meta, exact):
         "batch_qps": stats(rates),
         "vm_hwm_mb": vm_hwm_mb(),
         "recall": None if exact is None else recall(ids, exact, k),
+        "own_first": own_first(ids, truth),
     }
 
 
-def measure(name, index, rows, queries, meta, exact, storage_bytes, ef=None):
+def measure(name, index, rows, queries, meta, exact, storage_bytes, ef=None, truth=None):
     reset_peak_rss()
     start = time.perf_counter()
     if not index.is_trained:
         index.train(rows)
     index.add(rows)
     build_s = time.perf_counter() - start
-    ids, row = measure_search(name, ef, index, queries, meta, exact)
+    ids, row = measure_search(name, ef, index, queries, meta, exact, truth)
     row["build_s"] = build_s
     row["storage_mb"] = storage_bytes(index) / 1e6
     print(f"{name}: built in {build_s:.2f} s", flush=True)
@@ -89,18 +99,21 @@ def main():
     faiss.omp_set_num_threads(meta["threads"])
     base = np.fromfile(args.dir / "base.f32", dtype="<f4").reshape(n, dim)
     queries = np.fromfile(args.dir / "queries.f32", dtype="<f4").reshape(-1, dim)
+    truth = None
+    if (args.dir / "labels.u32").exists():
+        truth = (np.fromfile(args.dir / "labels.u32", dtype="<u4"), np.fromfile(args.dir / "query_labels.u32", dtype="<u4"))
 
     rows = []
     flat = faiss.IndexFlatIP(dim)
-    exact, row = measure("flat f32", flat, base, queries, meta, None, lambda i: i.ntotal * dim * 4)
+    exact, row = measure("flat f32", flat, base, queries, meta, None, lambda i: i.ntotal * dim * 4, truth=truth)
     rows.append(row)
     del flat
     if meta.get("f16", True):
         half = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-        rows.append(measure("flat f16", half, base, queries, meta, exact, lambda i: i.ntotal * dim * 2)[1])
+        rows.append(measure("flat f16", half, base, queries, meta, exact, lambda i: i.ntotal * dim * 2, truth=truth)[1])
         del half
     if hnsw_n > 0:
-        rows.extend(hnsw_rows(base[:hnsw_n], queries, meta, exact))
+        rows.extend(hnsw_rows(base[:hnsw_n], queries, meta, exact, truth))
 
     (args.dir / "faiss.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     ours_path = args.dir / "rust.json"
@@ -108,7 +121,7 @@ def main():
     print_table(ours, rows)
 
 
-def hnsw_rows(subset, queries, meta, exact):
+def hnsw_rows(subset, queries, meta, exact, truth):
     dim, k = meta["dim"], meta["k"]
     if len(subset) < meta["n"]:
         exact_flat = faiss.IndexFlatIP(dim)
@@ -124,11 +137,11 @@ def hnsw_rows(subset, queries, meta, exact):
         links = faiss.vector_to_array(index.hnsw.neighbors).nbytes
         return index.ntotal * dim * 4 + links
 
-    _, first = measure("hnsw", hnsw, subset, queries, meta, exact, hnsw_bytes, ef=efs[0])
+    _, first = measure("hnsw", hnsw, subset, queries, meta, exact, hnsw_bytes, ef=efs[0], truth=truth)
     rows = [first]
     for ef in efs[1:]:
         hnsw.hnsw.efSearch = ef
-        _, row = measure_search("hnsw", ef, hnsw, queries, meta, exact)
+        _, row = measure_search("hnsw", ef, hnsw, queries, meta, exact, truth)
         row["build_s"], row["storage_mb"] = first["build_s"], first["storage_mb"]
         rows.append(row)
     return rows
@@ -142,6 +155,7 @@ def print_table(ours, theirs):
         ("single_ms", "1q ms"),
         ("batch_qps", "batch q/s"),
         ("recall", "recall"),
+        ("own_first", "own first"),
     ]
     print("| index | n | " + " | ".join(f"{t} ours / faiss (ratio)" for _, t in columns) + " |")
     print("|---|---:|" + "---:|" * len(columns))

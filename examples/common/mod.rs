@@ -105,15 +105,16 @@ pub fn new_photos(centres: &[f32], labels: &[u32], dim: usize, seed: u64) -> Vec
 }
 
 impl Catalogue {
-    /// `count` queries: new photos of the individuals of photos picked at random among the
-    /// first `among` rows (so every query's individual is in that part of the catalogue).
-    pub fn queries(&self, count: usize, among: usize, seed: u64) -> Vec<f32> {
+    /// `count` queries and their individuals: new photos of the individuals of photos picked at
+    /// random among the first `among` rows (so every query's individual is in that part).
+    pub fn queries(&self, count: usize, among: usize, seed: u64) -> (Vec<f32>, Vec<u32>) {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let among = among.clamp(1, self.labels.len());
         let labels: Vec<u32> = (0..count)
             .map(|_| self.labels[rng.gen_range(0..among)])
             .collect();
-        new_photos(&self.centres, &labels, self.dim, seed ^ 0x9E37)
+        let photos = new_photos(&self.centres, &labels, self.dim, seed ^ 0x9E37);
+        (photos, labels)
     }
 
     pub fn individuals(&self) -> usize {
@@ -139,6 +140,12 @@ pub fn write_f32(path: &Path, values: &[f32]) -> std::io::Result<()> {
         file.write_all(&bytes)?;
     }
     file.flush()
+}
+
+/// Raw little-endian u32.
+pub fn write_u32(path: &Path, values: &[u32]) -> std::io::Result<()> {
+    let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+    std::fs::write(path, bytes)
 }
 
 /// Resets the process's peak resident set (VmHWM) to its current size (Linux ≥ 4.0).
