@@ -194,15 +194,33 @@ pub struct Ensemble {
 }
 
 impl Ensemble {
-    /// Load run folders (or checkpoint folders) with equal weights.
+    /// Load run folders (or checkpoint folders) with equal weights; a run whose validation
+    /// chose to fuse the pretrained backbone's features brings them as a member of its own, at
+    /// the chosen weight (one member for runs sharing a backbone and size).
     pub fn load(runs: &[std::path::PathBuf], device: tch::Device) -> Result<Self> {
         anyhow::ensure!(!runs.is_empty(), "no model given");
         let mut models = Vec::new();
         let mut saved = Vec::new();
+        let mut pretrained: Vec<((String, i64), f32)> = Vec::new();
         for run in runs {
             let dir = crate::train::run::checkpoint_dir(run)?;
-            models.push(HappyWhaleModel::load(&dir, device)?);
-            saved.push(crate::train::run::saved_decision(&dir)?);
+            let model = HappyWhaleModel::load(&dir, device)?;
+            let decision = crate::train::run::saved_decision(&dir)?;
+            if decision.pretrained_weight > 0.0 {
+                let key = (model.config.backbone.clone(), model.config.img_size);
+                match pretrained.iter_mut().find(|(k, _)| *k == key) {
+                    // Fused cosines add as squared weights.
+                    Some((_, w)) => *w = w.hypot(decision.pretrained_weight),
+                    None => pretrained.push((key, decision.pretrained_weight)),
+                }
+            }
+            models.push(model);
+            saved.push(decision);
+        }
+        let mut weights = vec![1.0; models.len()];
+        for ((backbone, size), w) in pretrained {
+            models.push(HappyWhaleModel::zero_shot(&backbone, Some(size), device)?);
+            weights.push(w);
         }
         let n = saved.len() as f32;
         let species: std::collections::BTreeSet<&String> = saved
@@ -220,7 +238,7 @@ impl Ensemble {
             })
             .collect();
         Ok(Self {
-            weights: vec![1.0; models.len()],
+            weights,
             models,
             threshold: saved.iter().map(|d| d.thresholds.global).sum::<f32>() / n,
             species_thresholds,

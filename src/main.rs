@@ -330,6 +330,10 @@ struct TrainArgs {
     hflip_p: Option<f64>,
     #[arg(long)]
     pretrained: Option<bool>,
+    /// Fuse the pretrained backbone's own features with the trained embedding, at the weight
+    /// validation finds best (default true; 0 is among the weights tried).
+    #[arg(long)]
+    fuse_pretrained: Option<bool>,
     #[arg(long)]
     seed: Option<u64>,
     #[arg(long)]
@@ -359,7 +363,7 @@ impl TrainArgs {
             warmup_epochs => c.warmup_epochs, mode => c.mode, aug_passes => c.aug_passes,
             embedding_size => c.embedding_size, arc_s => c.arcface.s, arc_m => c.arcface.m,
             hflip_p => c.augment.hflip_p, pretrained => c.pretrained, seed => c.seed,
-            val_every => c.val_every);
+            val_every => c.val_every, fuse_pretrained => c.fuse_pretrained);
         if self.img_size.is_some() {
             c.img_size = self.img_size;
         }

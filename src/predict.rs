@@ -185,8 +185,9 @@ impl From<&Ensemble> for Thresholds {
 /// The `top` best classes of the models' ArcFace heads for each row of `fused` (row-major
 /// `[count, Σ dims]`, the ensemble's fused unit embeddings), the class cosines averaged with
 /// the squared model weights `weights` (as the fused cosine averages the models' cosines); rows
-/// may go on past the models' dimensions (other crop sets), which are ignored. `None` when
-/// the models do not share one class list or one of them has no head (zero-shot features).
+/// may go on past the models' dimensions (other crop sets), which are ignored, as are members
+/// without a head (pretrained features). `None` when no model has a head or those with one do
+/// not share one class list.
 pub fn head_candidates(
     models: &[&HappyWhaleModel],
     weights: &[f32],
@@ -194,13 +195,17 @@ pub fn head_candidates(
     count: usize,
     top: usize,
 ) -> anyhow::Result<Option<Vec<Vec<Candidate>>>> {
-    let Some(first) = models.first().map(|m| &m.config.classes) else {
+    let Some(first) = models
+        .iter()
+        .find(|m| m.has_head())
+        .map(|m| &m.config.classes)
+    else {
         return Ok(None);
     };
     if count == 0
         || models
             .iter()
-            .any(|m| !m.has_head() || &m.config.classes != first)
+            .any(|m| m.has_head() && &m.config.classes != first)
     {
         return Ok(None);
     }
@@ -208,11 +213,15 @@ pub fn head_candidates(
     let rows = Tensor::from_slice(fused).view([count as i64, dim as i64]);
     let mut total: Option<Tensor> = None;
     let mut offset = 0;
-    let norm: f32 = weights.iter().map(|w| w * w).sum();
+    let with_head = || models.iter().zip(weights).filter(|(m, _)| m.has_head());
+    let norm: f32 = with_head().map(|(_, w)| w * w).sum();
     for (m, &w) in models.iter().zip(weights) {
         let d = m.config.embedding_size;
         let part = rows.narrow(1, offset, d).to_device(m.vs.device());
         offset += d;
+        if !m.has_head() {
+            continue;
+        }
         let cos = tch::no_grad(|| m.head().cosine(&part)).to_device(tch::Device::Cpu)
             * f64::from(w * w / norm);
         total = Some(match total {

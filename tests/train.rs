@@ -2,8 +2,10 @@
 //! the synthetic catalogue learns well beyond the pretrained backbone's zero-shot features.
 
 use finprint::data::KaggleDir;
+use finprint::embed::Ensemble;
+use finprint::predict::head_candidates;
 use finprint::synth::{generate, SynthConfig};
-use finprint::train::run::{read_metrics, TrainSummary};
+use finprint::train::run::{read_metrics, TrainSummary, PRETRAINED_WEIGHTS};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -226,4 +228,38 @@ fn a_short_fast_run_beats_zero_shot_features_and_predict_agrees_with_validation(
         "test MAP@5 {test_map:.4} far from validation {:.4}",
         summary.best_map5
     );
+    pretrained_features_join_the_ensemble_at_the_saved_weight(&run);
+}
+
+/// A checkpoint whose validation chose to fuse the pretrained features loads them as a member
+/// of its own at that weight, and the trained member's ArcFace head still scores.
+fn pretrained_features_join_the_ensemble_at_the_saved_weight(run: &Path) {
+    let metrics = read_metrics(&run.join("metrics.jsonl")).unwrap();
+    assert!(metrics[1..].iter().all(|m| m
+        .pretrained_weight
+        .is_some_and(|w| PRETRAINED_WEIGHTS.contains(&w))));
+    let copy = run.parent().unwrap().join("fused");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(run.join("best").join(f), copy.join(f)).unwrap();
+    }
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("best/state.json")).unwrap()).unwrap();
+    for (w, members) in [(0.0, 1), (0.75, 2)] {
+        state["pretrained_weight"] = serde_json::json!(w);
+        std::fs::write(copy.join("state.json"), state.to_string()).unwrap();
+        let e = Ensemble::load(std::slice::from_ref(&copy), tch::Device::Cpu).unwrap();
+        assert_eq!(e.models.len(), members);
+        assert_eq!(e.dim(), 512 + 1280 * (members - 1));
+        if members == 2 {
+            assert_eq!(e.weights, [1.0, 0.75]);
+            assert!(e.models[0].has_head() && !e.models[1].has_head());
+        }
+        let models: Vec<_> = e.models.iter().collect();
+        let rows: Vec<f32> = (0..e.dim())
+            .map(|i| ((i % 7) as f32 - 3.0) / 50.0)
+            .collect();
+        let heads = head_candidates(&models, &e.weights, &rows, 1, 3).unwrap();
+        assert_eq!(heads.map(|h| h[0].len()), Some(3), "{members} members");
+    }
 }

@@ -16,10 +16,10 @@ use super::optim::{lr_at, AdamW, Group};
 use crate::crops::sets::{self as crop_sets, load_sets, CropSet};
 use crate::data::folds::{assign_folds, split};
 use crate::data::{image::load_rgb, read_train_csv, KaggleDir, NEW_INDIVIDUAL};
-use crate::embed::{embed_images, input_tensor, to_vec, unit_with_flip};
+use crate::embed::{embed_images, fuse, input_tensor, to_vec, unit_with_flip};
 use crate::fsio;
 use crate::model::happywhale::{pretrained_weights, HappyWhaleModel, ModelConfig};
-use crate::model::heads::{normalize, ArcFaceConfig};
+use crate::model::heads::ArcFaceConfig;
 use crate::predict::{
     best_threshold, best_thresholds, choose_fusion_weight, fuse_all, head_candidates,
     rank_candidates, Thresholds, FUSION_DEPTH, MIN_SPECIES_QUERIES,
@@ -95,6 +95,10 @@ pub struct TrainConfig {
     /// `predict` should be given). None: whole photos.
     #[serde(default)]
     pub crops: Vec<CropSet>,
+    /// Fuse the trained embedding with the pretrained backbone's own GeM features, at the
+    /// weight validation finds best (0 when they do not help): on few animals the ImageNet
+    /// features still carry what training has not learnt.
+    pub fuse_pretrained: bool,
 }
 
 impl Default for TrainConfig {
@@ -126,6 +130,7 @@ impl Default for TrainConfig {
             val_every: 1,
             flip_tta: false,
             crops: Vec::new(),
+            fuse_pretrained: true,
         }
     }
 }
@@ -157,6 +162,10 @@ pub struct EpochMetrics {
     pub val_map5_species: Option<f64>,
     #[serde(default)]
     pub fusion_weight: Option<f32>,
+    /// Weight of the pretrained features fused with the trained embedding (see
+    /// [`TrainConfig::fuse_pretrained`]).
+    #[serde(default)]
+    pub pretrained_weight: Option<f32>,
     pub images_per_s: Option<f64>,
     pub seconds: f64,
 }
@@ -174,6 +183,8 @@ struct RunState {
     species_thresholds: BTreeMap<String, f32>,
     #[serde(default)]
     fusion_weight: f32,
+    #[serde(default)]
+    pretrained_weight: f32,
 }
 
 /// The outcome of a run (also `summary.json`).
@@ -332,7 +343,33 @@ struct Validation {
     map5_knn: f64,
     map5_species: f64,
     fusion_weight: f32,
+    pretrained_weight: f32,
     thresholds: Thresholds,
+}
+
+/// Weights of the pretrained features tried by validation (see [`TrainConfig::fuse_pretrained`]).
+pub const PRETRAINED_WEIGHTS: [f32; 5] = [0.0, 0.5, 0.75, 1.0, 1.5];
+
+/// Unit embeddings of the training photos (gallery) and the validation photos (queries).
+struct Views {
+    gallery: Vec<f32>,
+    queries: Vec<f32>,
+    dim: usize,
+}
+
+impl Views {
+    /// Each row of `self` concatenated with `other`'s at `weight` (see [`fuse`]).
+    fn fused(&self, other: &Views, weight: f32) -> Views {
+        let both = |a: &[f32], b: &[f32]| {
+            let n = a.len() / self.dim;
+            fuse(&[a.to_vec(), b.to_vec()], &[1.0, weight], n)
+        };
+        Views {
+            gallery: both(&self.gallery, &other.gallery),
+            queries: both(&self.queries, &other.queries),
+            dim: self.dim + other.dim,
+        }
+    }
 }
 
 /// Validation queries against the training photos as gallery: the kNN ranking, blended with
@@ -340,25 +377,13 @@ struct Validation {
 /// and the best new_individual thresholds, global and per species.
 fn validation(
     photos: &Photos,
-    model: Option<&HappyWhaleModel>,
-    gallery: &[f32],
-    queries: &[f32],
-    dim: usize,
+    head: Option<(&HappyWhaleModel, &[f32])>,
+    views: &Views,
 ) -> Result<Validation> {
-    let mut index = FlatIndex::new(dim, Storage::F32);
-    index.add(gallery)?;
-    let labels: Vec<u32> = photos.train.iter().map(|&(_, c)| c as u32).collect();
-    let knn = rank_candidates(
-        &index,
-        &labels,
-        &photos.classes,
-        queries,
-        Aggregation::Max,
-        FUSION_DEPTH,
-    )?;
+    let knn = knn_ranking(photos, views)?;
     let truths: Vec<String> = photos.val.iter().map(|(_, t)| t.clone()).collect();
-    let heads = match model {
-        Some(m) => head_candidates(&[m], &[1.0], queries, truths.len(), FUSION_DEPTH)?,
+    let heads = match head {
+        Some((m, queries)) => head_candidates(&[m], &[1.0], queries, truths.len(), FUSION_DEPTH)?,
         None => None,
     };
     let (fusion_weight, tried) = match &heads {
@@ -379,8 +404,34 @@ fn validation(
         map5_knn,
         map5_species,
         fusion_weight,
+        pretrained_weight: 0.0,
         thresholds,
     })
+}
+
+/// Each validation query's candidates by kNN over the training photos.
+fn knn_ranking(photos: &Photos, views: &Views) -> Result<Vec<Vec<crate::predict::Candidate>>> {
+    let mut index = FlatIndex::new(views.dim, Storage::F32);
+    index.add(&views.gallery)?;
+    let labels: Vec<u32> = photos.train.iter().map(|&(_, c)| c as u32).collect();
+    rank_candidates(
+        &index,
+        &labels,
+        &photos.classes,
+        &views.queries,
+        Aggregation::Max,
+        FUSION_DEPTH,
+    )
+}
+
+/// kNN MAP@5 (at the best threshold) of the validation queries.
+fn knn_map5(photos: &Photos, views: &Views) -> Result<f64> {
+    let truths = photos.val.iter().map(|(_, t)| t.clone());
+    let ranked: Vec<_> = knn_ranking(photos, views)?
+        .into_iter()
+        .zip(truths)
+        .collect();
+    Ok(best_threshold(&ranked).1)
 }
 
 /// The run folder's checkpoint files.
@@ -502,10 +553,13 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<TrainSummary
         eprintln!("resuming after epoch {} of {}", state.epoch, cfg.epochs);
     }
 
+    let t = Instant::now();
     let mut trainer = Trainer::new(&cfg, &model, &photos)?;
-    if !resume {
-        let t = Instant::now();
-        let zs = trainer.zero_shot_map(&model, &photos)?;
+    if cfg.pretrained && (cfg.fuse_pretrained || !resume) {
+        trainer.pretrained = Some(pretrained_views(&cfg, size, &photos)?);
+    }
+    if let (false, Some(views)) = (resume, &trainer.pretrained) {
+        let zs = knn_map5(&photos, views)?;
         state.zero_shot_map5 = Some(zs);
         metrics.push(EpochMetrics {
             epoch: 0,
@@ -516,11 +570,15 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<TrainSummary
             val_map5_knn: Some(zs),
             val_map5_species: None,
             fusion_weight: None,
+            pretrained_weight: None,
             images_per_s: None,
             seconds: t.elapsed().as_secs_f64(),
         });
         write_metrics(&out.join(METRICS_FILE), &metrics)?;
         eprintln!("zero-shot (pretrained GeM features) validation MAP@5 {zs:.4}");
+    }
+    if !cfg.fuse_pretrained {
+        trainer.pretrained = None;
     }
 
     let steps_per_epoch = photos.train.len().div_ceil(cfg.batch_size);
@@ -562,6 +620,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<TrainSummary
             val_map5_knn: v.as_ref().map(|v| v.map5_knn),
             val_map5_species: v.as_ref().map(|v| v.map5_species),
             fusion_weight: v.as_ref().map(|v| v.fusion_weight),
+            pretrained_weight: v.as_ref().map(|v| v.pretrained_weight),
             images_per_s: Some(images_per_s),
             seconds: t.elapsed().as_secs_f64(),
         };
@@ -579,6 +638,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<TrainSummary
             state.threshold = v.thresholds.global;
             state.species_thresholds = v.thresholds.by_species;
             state.fusion_weight = v.fusion_weight;
+            state.pretrained_weight = v.pretrained_weight;
         }
         write_metrics(&out.join(METRICS_FILE), &metrics)?;
         if improved {
@@ -647,6 +707,8 @@ struct Trainer {
     train_cache: Vec<Tensor>,
     /// Fast mode: frozen-stage outputs of every photo's validation view.
     eval_cache: Option<Tensor>,
+    /// The pretrained backbone's features, fused with the trained ones at validation.
+    pretrained: Option<Views>,
 }
 
 impl Trainer {
@@ -666,6 +728,7 @@ impl Trainer {
             frozen,
             train_cache: Vec::new(),
             eval_cache: None,
+            pretrained: None,
         };
         if frozen > 0 {
             let eval = Pipeline::eval((s, s), mean, std)?;
@@ -878,68 +941,65 @@ impl Trainer {
         }
     }
 
+    /// Validation of the trained embeddings, fused with the pretrained features at the weight
+    /// that serves kNN best when there are some.
     fn validate(&self, model: &HappyWhaleModel, photos: &Photos) -> Result<Validation> {
         let train: Vec<usize> = photos.train.iter().map(|&(i, _)| i).collect();
         let val: Vec<usize> = photos.val.iter().map(|(i, _)| *i).collect();
-        let gallery = self.embeddings(model, photos, &train)?;
-        let queries = self.embeddings(model, photos, &val)?;
-        validation(
-            photos,
-            Some(model),
-            &gallery,
-            &queries,
-            model.config.embedding_size as usize,
-        )
-    }
-
-    /// MAP@5 with the pretrained backbone's GeM-pooled features (p = 3), before any training.
-    fn zero_shot_map(&self, model: &HappyWhaleModel, photos: &Photos) -> Result<f64> {
-        let s = model.config.img_size as u32;
-        let eval = Pipeline::eval(
-            (s, s),
-            model.config.mean.map(|v| v as f32),
-            model.config.std.map(|v| v as f32),
-        )?;
-        let all: Vec<usize> = (0..photos.len()).collect();
-        let maps = match &self.eval_cache {
-            Some(cache) => {
-                let stages = model.backbone().num_stages();
-                let mut parts = Vec::new();
-                for chunk in all.chunks(64) {
-                    let ids: Vec<i64> = chunk.iter().map(|&i| i as i64).collect();
-                    let xs = cache.index_select(0, &Tensor::from_slice(&ids));
-                    parts.push(tch::no_grad(|| {
-                        model
-                            .backbone()
-                            .forward_stages(&xs, false, self.frozen, stages)
-                    }));
-                }
-                parts
-            }
-            None => {
-                let mut parts = Vec::new();
-                for chunk in all.chunks(32) {
-                    let chw =
-                        batch_with(&eval, chunk.len(), 0, |i| Ok(photos.eval_view(chunk[i])))?;
-                    let xs = input_tensor(model, &chw, chunk.len());
-                    parts.push(tch::no_grad(|| {
-                        model.backbone().forward_features(&xs, false)
-                    }));
-                }
-                parts
-            }
+        let trained = Views {
+            gallery: self.embeddings(model, photos, &train)?,
+            queries: self.embeddings(model, photos, &val)?,
+            dim: model.config.embedding_size as usize,
         };
-        let pooled: Vec<Tensor> = maps
-            .iter()
-            .map(|m| tch::no_grad(|| normalize(&model.pool(m))))
-            .collect();
-        let features = Tensor::cat(&pooled, 0);
-        let dim = features.size()[1] as usize;
-        let n_train = photos.train.len() as i64;
-        let gallery = to_vec(&features.narrow(0, 0, n_train))?;
-        let queries = to_vec(&features.narrow(0, n_train, photos.val.len() as i64))?;
-        Ok(validation(photos, None, &gallery, &queries, dim)?.map5)
+        let head = Some((model, trained.queries.as_slice()));
+        let Some(pretrained) = &self.pretrained else {
+            return validation(photos, head, &trained);
+        };
+        let mut best = (0.0, f64::NEG_INFINITY);
+        for w in PRETRAINED_WEIGHTS {
+            let map5 = knn_map5(photos, &trained.fused(pretrained, w))?;
+            if map5 > best.1 {
+                best = (w, map5);
+            }
+        }
+        Ok(Validation {
+            pretrained_weight: best.0,
+            ..validation(photos, head, &trained.fused(pretrained, best.0))?
+        })
     }
+}
+
+/// GeM-pooled features (p = 3) of the pretrained backbone, for the training and validation
+/// photos: the zero-shot baseline, and what [`TrainConfig::fuse_pretrained`] fuses.
+fn pretrained_views(cfg: &TrainConfig, size: i64, photos: &Photos) -> Result<Views> {
+    let model = HappyWhaleModel::zero_shot(&cfg.model, Some(size), crate::runtime::device())?;
+    let idx: Vec<usize> = photos
+        .train
+        .iter()
+        .map(|&(i, _)| i)
+        .chain(photos.val.iter().map(|(i, _)| *i))
+        .collect();
+    let progress = bar(idx.len() as u64, "pretrained features");
+    let all = embed_images(
+        &model,
+        idx.len(),
+        |i| Ok(photos.eval_view(idx[i])),
+        32,
+        cfg.flip_tta,
+        &progress,
+    )?;
+    progress.finish_and_clear();
+    let dim = model.config.embedding_size as usize;
+    let split = photos.train.len() * dim;
+    Ok(Views {
+        queries: all[split..].to_vec(),
+        gallery: {
+            let mut g = all;
+            g.truncate(split);
+            g
+        },
+        dim,
+    })
 }
 
 pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>> {
@@ -1010,6 +1070,8 @@ pub struct Decision {
     pub thresholds: Thresholds,
     /// Weight of the ArcFace head's scores against the kNN scores.
     pub fusion_weight: f32,
+    /// Weight of the pretrained backbone's features fused with the trained embedding (0: none).
+    pub pretrained_weight: f32,
 }
 
 /// The decision chosen on validation for the checkpoint in `dir`.
@@ -1026,5 +1088,6 @@ pub fn saved_decision(dir: &Path) -> Result<Decision> {
             by_species: state.species_thresholds,
         },
         fusion_weight: state.fusion_weight,
+        pretrained_weight: state.pretrained_weight,
     })
 }
