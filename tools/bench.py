@@ -49,7 +49,7 @@ FULL = {
     "nyala": {
         "bootstrap": 1000,
         "runs": {
-            "fast": ["--mode", "fast", "--epochs", "12", "--lr", "1e-3", "--aug-passes", "4"],
+            "fast": ["--mode", "fast", "--freeze-stages", "6", "--epochs", "10", "--lr", "3e-4", "--aug-passes", "4"],
             "fine-tuned": ["--mode", "full", "--epochs", "4", "--img-size", "160", "--lr", "3e-4"],
         },
     },
@@ -221,9 +221,17 @@ class Bench:
             _, wall, rss = self.run(f"nyala-train-{name}", [
                 FINPRINT, "train", "--data", d / "data", "--out", run, "--hflip-p", "0", *flags])
             summary = json.loads((run / "summary.json").read_text())
-            rows[name] = {**evaluate(name, ["--models", run]), "training": " ".join(flags),
-                          "train_s": summary["seconds"], "train_wall_s": wall, "train_rss_mb": rss,
-                          "train_photos": summary["train_images"], "epochs": summary["epochs"]}
+            state = json.loads((run / "best/state.json").read_text())
+            weight = state.get("pretrained_weight", 0.0)
+            trained = {"training": " ".join(flags), "train_s": summary["seconds"], "train_wall_s": wall,
+                       "train_rss_mb": rss, "train_photos": summary["train_images"], "epochs": summary["epochs"],
+                       "pretrained_weight": weight}
+            if weight > 0:
+                alone = trained_alone(run, d / f"{name}-alone")
+                rows[f"{name}, trained embedding alone"] = {**evaluate(f"{name}-alone", ["--models", alone]),
+                                                            **trained, "pretrained_weight": 0.0}
+            rows[name + (f", fused with the pretrained features (weight {weight:g})" if weight > 0 else "")] = {
+                **evaluate(name, ["--models", run]), **trained}
         return {"rows": rows, "val_photos": count_rows(d / "val_labels.csv"),
                 "train_photos": count_rows(d / "data/train.csv")}
 
@@ -316,6 +324,7 @@ class Bench:
         if not (run / "summary.json").exists():
             self.skip("service memory", f"no trained run at {run} (the synth section failed)")
             return None
+        run = trained_alone(run, self.work / "synth/run-alone")
         root, names, _, _ = self.photo_list()
         photo = root / names.read_text().split()[0]
         rows = []
@@ -448,6 +457,18 @@ class Bench:
         return 1 if self.results["errors"] else 0
 
 
+def trained_alone(run, dest):
+    """A copy of `run`'s best checkpoint (weights linked) without the pretrained features that its
+    validation chose to fuse: what training alone learnt, with the trained embedding's size."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for f in ("config.json", "model.safetensors"):
+        (dest / f).symlink_to((run / "best" / f).resolve())
+    state = json.loads((run / "best/state.json").read_text())
+    (dest / "state.json").write_text(json.dumps({**state, "pretrained_weight": 0.0}))
+    return dest
+
+
 def proc_status_mb(pid, field):
     """A memory field of /proc/PID/status (VmHWM: the peak resident set) in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -549,7 +570,10 @@ def markdown(res, out, md_path):
           "another photo. 95% intervals: percentile bootstrap, "
           f"{next(iter(ny['rows'].values()))['bootstrap']['resamples']} resamples of the "
           f"{next(iter(ny['rows'].values()))['bootstrap']['units']} animals that have such a query "
-          "(`finprint evaluate --bootstrap 1000`, fixed seed).\n")
+          "(`finprint evaluate --bootstrap 1000`, fixed seed). A trained model embeds with its trained embedding "
+          "fused with the pretrained backbone's GeM features at the weight its own validation (on training animals) "
+          "chose (`--fuse-pretrained`, the default); the row \"trained embedding alone\" is the same checkpoint "
+          "without them.\n")
         rows = []
         for name, r in ny["rows"].items():
             b = r["bootstrap"]
@@ -711,7 +735,7 @@ def markdown(res, out, md_path):
     w("The `finprint serve` row is the real service (`VmHWM` of its process from `/proc/PID/status` after "
       "one identification): `bench_catalog` writes a catalogue of confirmed photos whose embeddings are "
       "synthetic (the kNN catalogue above) but stored under the identity of the synthetic section's trained "
-      "run, so `finprint serve --models` that run loads them without embedding anything, then the bench "
+      "run (its 512-d trained embedding, without the pretrained features that validation may fuse), so `finprint serve --models` that run loads them without embedding anything, then the bench "
       "starts it on a free port, waits for `/api/health`, identifies one photo and stops it; the catalogue is "
       "deleted afterwards. The \"service structures\" rows measure the in-memory structures of "
       "identification in one program (`bench_identify`): the model, the exact index, each row's individual "
