@@ -695,7 +695,8 @@ def markdown(res, out, md_path):
     rows = []
     if ny and "rows" in ny:
         for name, r in ny["rows"].items():
-            if r.get("train_rss_mb"):
+            # A "trained embedding alone" row shares its training run with the fused row.
+            if r.get("train_rss_mb") and "alone" not in name:
                 rows.append([f"training: `finprint train` nyala, {name}", f"`{r['training']}`, {r['train_photos']} photos",
                              f(r["train_rss_mb"], 0)])
     if sy and "train_rss_mb" in sy:
