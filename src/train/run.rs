@@ -22,7 +22,7 @@ use crate::model::happywhale::{pretrained_weights, HappyWhaleModel, ModelConfig}
 use crate::model::heads::ArcFaceConfig;
 use crate::predict::{
     best_threshold, best_thresholds, choose_fusion_weight, fuse_all, head_candidates,
-    rank_candidates, Thresholds, FUSION_DEPTH, MIN_SPECIES_QUERIES,
+    rank_candidates, Candidate, Thresholds, FUSION_DEPTH, MIN_SPECIES_QUERIES,
 };
 use crate::runtime::{configure_threads, prefetched};
 use crate::search::{Aggregation, FlatIndex, Index, Storage};
@@ -372,15 +372,15 @@ impl Views {
     }
 }
 
-/// Validation queries against the training photos as gallery: the kNN ranking, blended with
-/// the ArcFace head's scores at the weight that serves best (when `model` has a trained head),
-/// and the best new_individual thresholds, global and per species.
+/// Validation queries against the training photos as gallery: the kNN ranking `knn` (see
+/// [`knn_ranking`]), blended with the ArcFace head's scores at the weight that serves best (when
+/// `head` gives a model with its queries' embeddings), and the best new_individual thresholds,
+/// global and per species.
 fn validation(
     photos: &Photos,
     head: Option<(&HappyWhaleModel, &[f32])>,
-    views: &Views,
+    knn: Vec<Vec<Candidate>>,
 ) -> Result<Validation> {
-    let knn = knn_ranking(photos, views)?;
     let truths: Vec<String> = photos.val.iter().map(|(_, t)| t.clone()).collect();
     let heads = match head {
         Some((m, queries)) => head_candidates(&[m], &[1.0], queries, truths.len(), FUSION_DEPTH)?,
@@ -410,7 +410,7 @@ fn validation(
 }
 
 /// Each validation query's candidates by kNN over the training photos.
-fn knn_ranking(photos: &Photos, views: &Views) -> Result<Vec<Vec<crate::predict::Candidate>>> {
+fn knn_ranking(photos: &Photos, views: &Views) -> Result<Vec<Vec<Candidate>>> {
     let mut index = FlatIndex::new(views.dim, Storage::F32);
     index.add(&views.gallery)?;
     let labels: Vec<u32> = photos.train.iter().map(|&(_, c)| c as u32).collect();
@@ -424,14 +424,11 @@ fn knn_ranking(photos: &Photos, views: &Views) -> Result<Vec<Vec<crate::predict:
     )
 }
 
-/// kNN MAP@5 (at the best threshold) of the validation queries.
-fn knn_map5(photos: &Photos, views: &Views) -> Result<f64> {
+/// MAP@5 (at the best threshold) of a ranking of the validation queries.
+fn map5_of(photos: &Photos, ranked: &[Vec<Candidate>]) -> f64 {
     let truths = photos.val.iter().map(|(_, t)| t.clone());
-    let ranked: Vec<_> = knn_ranking(photos, views)?
-        .into_iter()
-        .zip(truths)
-        .collect();
-    Ok(best_threshold(&ranked).1)
+    let queries: Vec<_> = ranked.iter().cloned().zip(truths).collect();
+    best_threshold(&queries).1
 }
 
 /// The run folder's checkpoint files.
@@ -555,11 +552,12 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<TrainSummary
 
     let t = Instant::now();
     let mut trainer = Trainer::new(&cfg, &model, &photos)?;
-    if cfg.pretrained && (cfg.fuse_pretrained || !resume) {
-        trainer.pretrained = Some(pretrained_views(&cfg, size, &photos)?);
-    }
-    if let (false, Some(views)) = (resume, &trainer.pretrained) {
-        let zs = knn_map5(&photos, views)?;
+    let pretrained = match cfg.pretrained && (cfg.fuse_pretrained || !resume) {
+        true => Some(pretrained_views(&cfg, size, &photos)?),
+        false => None,
+    };
+    if let (false, Some(views)) = (resume, &pretrained) {
+        let zs = map5_of(&photos, &knn_ranking(&photos, views)?);
         state.zero_shot_map5 = Some(zs);
         metrics.push(EpochMetrics {
             epoch: 0,
@@ -577,9 +575,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<TrainSummary
         write_metrics(&out.join(METRICS_FILE), &metrics)?;
         eprintln!("zero-shot (pretrained GeM features) validation MAP@5 {zs:.4}");
     }
-    if !cfg.fuse_pretrained {
-        trainer.pretrained = None;
-    }
+    trainer.pretrained = pretrained.filter(|_| cfg.fuse_pretrained);
 
     let steps_per_epoch = photos.train.len().div_ceil(cfg.batch_size);
     let total_steps = steps_per_epoch * cfg.epochs;
@@ -953,18 +949,24 @@ impl Trainer {
         };
         let head = Some((model, trained.queries.as_slice()));
         let Some(pretrained) = &self.pretrained else {
-            return validation(photos, head, &trained);
+            return validation(photos, head, knn_ranking(photos, &trained)?);
         };
-        let mut best = (0.0, f64::NEG_INFINITY);
+        // (weight, MAP@5, ranking) of the best weight so far; weight 0 is the trained alone.
+        let mut best: Option<(f32, f64, Vec<Vec<Candidate>>)> = None;
         for w in PRETRAINED_WEIGHTS {
-            let map5 = knn_map5(photos, &trained.fused(pretrained, w))?;
-            if map5 > best.1 {
-                best = (w, map5);
+            let ranked = match w > 0.0 {
+                true => knn_ranking(photos, &trained.fused(pretrained, w))?,
+                false => knn_ranking(photos, &trained)?,
+            };
+            let map5 = map5_of(photos, &ranked);
+            if best.as_ref().is_none_or(|b| map5 > b.1) {
+                best = Some((w, map5, ranked));
             }
         }
+        let (weight, _, knn) = best.context("no pretrained weight to try")?;
         Ok(Validation {
-            pretrained_weight: best.0,
-            ..validation(photos, head, &trained.fused(pretrained, best.0))?
+            pretrained_weight: weight,
+            ..validation(photos, head, knn)?
         })
     }
 }
@@ -990,14 +992,11 @@ fn pretrained_views(cfg: &TrainConfig, size: i64, photos: &Photos) -> Result<Vie
     )?;
     progress.finish_and_clear();
     let dim = model.config.embedding_size as usize;
-    let split = photos.train.len() * dim;
+    let mut gallery = all;
+    let queries = gallery.split_off(photos.train.len() * dim);
     Ok(Views {
-        queries: all[split..].to_vec(),
-        gallery: {
-            let mut g = all;
-            g.truncate(split);
-            g
-        },
+        gallery,
+        queries,
         dim,
     })
 }
