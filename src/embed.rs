@@ -6,6 +6,7 @@
 
 use crate::model::happywhale::HappyWhaleModel;
 use crate::model::heads::normalize;
+use crate::model::whitening::Whitening;
 use crate::runtime::prefetched;
 use crate::train::augment::{batch_with, Pipeline};
 use anyhow::{bail, Context, Result};
@@ -191,21 +192,44 @@ pub struct Ensemble {
     pub species_thresholds: BTreeMap<String, f32>,
     /// Weight of the ArcFace heads' scores against the kNN scores (the models' mean; 0 = kNN).
     pub fusion_weight: f32,
+    /// Runs of the frozen mode: groups of members whose fused features a learnt whitening maps
+    /// to one embedding.
+    pub whitened: Vec<Whitened>,
+}
+
+/// Members `first..first + count` of an ensemble, fused with equal weights and whitened into
+/// one part (weighted as member `first`).
+pub struct Whitened {
+    pub first: usize,
+    pub count: usize,
+    pub whitening: Whitening,
 }
 
 impl Ensemble {
     /// Load run folders (or checkpoint folders) with equal weights; a run whose validation
     /// chose to fuse the pretrained backbone's features brings them as a member of its own, at
-    /// the chosen weight (one member for runs sharing a backbone and size).
+    /// the chosen weight (one member for runs sharing a backbone and size); a frozen-mode run
+    /// brings its backbones and their whitening.
     pub fn load(runs: &[std::path::PathBuf], device: tch::Device) -> Result<Self> {
         anyhow::ensure!(!runs.is_empty(), "no model given");
         let mut models = Vec::new();
         let mut saved = Vec::new();
+        let mut whitened = Vec::new();
         let mut pretrained: Vec<((String, i64), f32)> = Vec::new();
         for run in runs {
             let dir = crate::train::run::checkpoint_dir(run)?;
-            let model = HappyWhaleModel::load(&dir, device)?;
             let decision = crate::train::run::saved_decision(&dir)?;
+            if let Some((members, whitening)) = crate::train::frozen::load(&dir, device)? {
+                whitened.push(Whitened {
+                    first: models.len(),
+                    count: members.len(),
+                    whitening,
+                });
+                models.extend(members);
+                saved.push(decision);
+                continue;
+            }
+            let model = HappyWhaleModel::load(&dir, device)?;
             if decision.pretrained_weight > 0.0 {
                 let key = (model.config.backbone.clone(), model.config.img_size);
                 match pretrained.iter_mut().find(|(k, _)| *k == key) {
@@ -243,6 +267,7 @@ impl Ensemble {
             threshold: saved.iter().map(|d| d.thresholds.global).sum::<f32>() / n,
             species_thresholds,
             fusion_weight: saved.iter().map(|d| d.fusion_weight).sum::<f32>() / n,
+            whitened,
         })
     }
 
@@ -259,14 +284,24 @@ impl Ensemble {
             threshold,
             species_thresholds: BTreeMap::new(),
             fusion_weight: 0.0,
+            whitened: Vec::new(),
         })
     }
 
     pub fn dim(&self) -> usize {
-        self.models
+        let whitened: usize = self.whitened.iter().map(|g| g.whitening.dim_out).sum();
+        let members: usize = (0..self.models.len())
+            .filter(|&i| self.group_of(i).is_none())
+            .map(|i| self.models[i].config.embedding_size as usize)
+            .sum();
+        whitened + members
+    }
+
+    /// The whitened group that member `i` belongs to.
+    fn group_of(&self, i: usize) -> Option<&Whitened> {
+        self.whitened
             .iter()
-            .map(|m| m.config.embedding_size as usize)
-            .sum()
+            .find(|g| (g.first..g.first + g.count).contains(&i))
     }
 
     /// Fused unit embeddings of `count` photos, `load(i)` giving photo i.
@@ -289,7 +324,22 @@ impl Ensemble {
                 embed_images(m, count, &load, batch, flip_tta, progress)
             })
             .collect::<Result<_>>()?;
-        Ok(fuse(&parts, &self.weights, count))
+        if self.whitened.is_empty() {
+            return Ok(fuse(&parts, &self.weights, count));
+        }
+        let (mut fused, mut weights) = (Vec::new(), Vec::new());
+        for (i, part) in parts.iter().enumerate() {
+            match self.group_of(i) {
+                Some(g) if g.first == i => {
+                    let group = fuse(&parts[i..i + g.count], &vec![1.0; g.count], count);
+                    fused.push(g.whitening.apply(&group)?);
+                }
+                Some(_) => continue,
+                None => fused.push(part.clone()),
+            }
+            weights.push(self.weights[i]);
+        }
+        Ok(fuse(&fused, &weights, count))
     }
 }
 

@@ -279,7 +279,8 @@ struct TrainArgs {
     /// A folder in Kaggle's layout.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Backbone variant (e.g. efficientnet_lite0).
+    /// Backbone variant (e.g. efficientnet_lite0); with --mode frozen, one or more,
+    /// comma-separated (e.g. efficientnet_lite0,efficientnet_lite1,efficientnet_lite2).
     #[arg(long)]
     model: Option<String>,
     /// The run folder (checkpoints, metrics, summary).
@@ -311,7 +312,8 @@ struct TrainArgs {
     weight_decay: Option<f64>,
     #[arg(long)]
     warmup_epochs: Option<f64>,
-    /// full: fine-tune everything; fast: freeze and cache the early backbone stages.
+    /// full: fine-tune everything; fast: freeze and cache the early backbone stages; frozen: no
+    /// gradient steps, the pretrained features whitened on the training identities.
     #[arg(long, value_enum)]
     mode: Option<Mode>,
     #[arg(long)]

@@ -265,3 +265,79 @@ fn pretrained_features_join_the_ensemble_at_the_saved_weight(run: &Path) {
         assert_eq!(heads.map(|h| h[0].len()), Some(3), "{members} members");
     }
 }
+
+#[test]
+fn the_frozen_mode_whitens_pretrained_features_beyond_zero_shot_and_predict_uses_it() {
+    if !pretrained_weights_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cat");
+    synth(&data, 300, 256, 192, 11);
+    let run = dir.path().join("run");
+    let o = finprint()
+        .args([
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+        ])
+        .args(["--mode", "frozen", "--img-size", "128", "--folds", "3"])
+        .args(["--model", "efficientnet_lite0,efficientnet_lite1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: TrainSummary =
+        serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    let zero_shot = summary.zero_shot_map5.unwrap();
+    eprintln!(
+        "validation MAP@5: zero-shot {zero_shot:.4}, whitened {:.4}",
+        summary.best_map5
+    );
+    assert!(
+        summary.best_map5 > zero_shot + 0.05,
+        "whitened {:.4} vs zero-shot {zero_shot:.4}",
+        summary.best_map5
+    );
+    let metrics = read_metrics(&run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.iter().map(|m| m.epoch).collect::<Vec<_>>(), [0, 1]);
+    assert_eq!(metrics[1].val_map5, Some(summary.best_map5));
+
+    let frozen: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("best/frozen.json")).unwrap()).unwrap();
+    let e = Ensemble::load(std::slice::from_ref(&run), tch::Device::Cpu).unwrap();
+    assert_eq!(e.models.len(), 2);
+    assert_eq!(e.dim() as u64, frozen["dim"].as_u64().unwrap());
+
+    let sub = dir.path().join("sub.csv");
+    let o = finprint()
+        .args(["predict", "--models", run.to_str().unwrap()])
+        .args([
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            sub.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = finprint()
+        .args([
+            "score",
+            "--solution",
+            data.join("test_solution.csv").to_str().unwrap(),
+            "--submission",
+            sub.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    let test_map: f64 = text.trim().trim_start_matches("MAP@5 ").parse().unwrap();
+    eprintln!("test MAP@5 of predict: {test_map:.4}");
+    assert!(
+        (test_map - summary.best_map5).abs() < 0.12,
+        "test MAP@5 {test_map:.4} far from validation {:.4}",
+        summary.best_map5
+    );
+}

@@ -162,7 +162,23 @@ pub fn report(run: &Path) -> Result<ReportFiles> {
 
     let mut md = String::new();
     writeln!(md, "# Training run `{}`\n", run.display())?;
-    writeln!(
+    if config.mode == super::run::Mode::Frozen {
+        let whitening = std::fs::read(run.join("best").join(super::frozen::MEMBERS_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<super::frozen::Frozen>(&b).ok())
+            .map_or(String::new(), |f| {
+                format!(" (shrinkage {}, {} dimensions)", f.shrink, f.dim)
+            });
+        writeln!(
+            md,
+            "{} on `{}`, fold {} of {}, Frozen mode: the pretrained backbones' GeM features, concatenated and whitened{whitening}; epoch 1 is the whitening.\n",
+            config.model,
+            config.data.display(),
+            config.fold,
+            config.folds,
+        )?;
+    } else {
+        writeln!(
         md,
         "{} on `{}`, fold {} of {}, {:?} mode, {} epochs, input {} px, batch {}, lr {} (heads ×{}).\n",
         config.model,
@@ -176,6 +192,7 @@ pub fn report(run: &Path) -> Result<ReportFiles> {
         config.lr,
         config.head_lr_mult
     )?;
+    }
     if let Some(s) = &summary {
         writeln!(
             md,

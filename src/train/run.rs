@@ -46,6 +46,11 @@ pub enum Mode {
     Full,
     /// Freeze (and cache) the backbone's early stages; train the rest.
     Fast,
+    /// Freeze whole pretrained backbones (`--model` may list several, comma-separated): their
+    /// GeM features, concatenated, through a whitening learnt in closed form on the training
+    /// identities (see [`super::frozen`]). No gradient steps: seconds after one pass over the
+    /// photos, and the best mode when there are few photos per animal.
+    Frozen,
 }
 
 /// Everything a run needs; also the form of `--config FILE.json` (missing keys: defaults).
@@ -172,19 +177,19 @@ pub struct EpochMetrics {
 
 /// What `state.json` of a checkpoint records.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-struct RunState {
+pub(super) struct RunState {
     /// Epochs completed.
-    epoch: usize,
-    best_map5: f64,
-    best_epoch: usize,
-    threshold: f32,
-    zero_shot_map5: Option<f64>,
+    pub epoch: usize,
+    pub best_map5: f64,
+    pub best_epoch: usize,
+    pub threshold: f32,
+    pub zero_shot_map5: Option<f64>,
     #[serde(default)]
-    species_thresholds: BTreeMap<String, f32>,
+    pub species_thresholds: BTreeMap<String, f32>,
     #[serde(default)]
-    fusion_weight: f32,
+    pub fusion_weight: f32,
     #[serde(default)]
-    pretrained_weight: f32,
+    pub pretrained_weight: f32,
 }
 
 /// The outcome of a run (also `summary.json`).
@@ -207,16 +212,16 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const SUMMARY_FILE: &str = "summary.json";
 
 /// The photos of one run, decoded once and resized to the model's input size.
-struct Photos {
+pub(super) struct Photos {
     /// `views[set][photo]`: each crop set's crop of each photo, at the model's input size.
     views: Vec<Vec<RgbImage>>,
     /// Each crop set's share of the training draws.
     shares: Vec<f64>,
     /// Class of each training photo.
-    train: Vec<(usize, i64)>,
+    pub train: Vec<(usize, i64)>,
     /// Photo index and true id (`new_individual` when its animal is not trained on).
-    val: Vec<(usize, String)>,
-    classes: Vec<String>,
+    pub val: Vec<(usize, String)>,
+    pub classes: Vec<String>,
     class_counts: Vec<usize>,
     /// Each training individual's species.
     species_of: HashMap<String, String>,
@@ -242,7 +247,7 @@ impl Photos {
     }
 }
 
-fn load_photos(cfg: &TrainConfig, size: u32) -> Result<Photos> {
+pub(super) fn load_photos(cfg: &TrainConfig, size: u32) -> Result<Photos> {
     let kaggle = KaggleDir::new(&cfg.data);
     let set = read_train_csv(&kaggle.train_csv())?;
     anyhow::ensure!(cfg.folds >= 2, "--folds must be at least 2");
@@ -327,7 +332,7 @@ fn load_photos(cfg: &TrainConfig, size: u32) -> Result<Photos> {
     })
 }
 
-fn bar(len: u64, what: &str) -> ProgressBar {
+pub(super) fn bar(len: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len).with_message(what.to_string());
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} eta {eta}")
@@ -338,37 +343,42 @@ fn bar(len: u64, what: &str) -> ProgressBar {
 }
 
 /// What validation measured and chose: see [`EpochMetrics`].
-struct Validation {
-    map5: f64,
-    map5_knn: f64,
-    map5_species: f64,
-    fusion_weight: f32,
-    pretrained_weight: f32,
-    thresholds: Thresholds,
+pub(super) struct Validation {
+    pub map5: f64,
+    pub map5_knn: f64,
+    pub map5_species: f64,
+    pub fusion_weight: f32,
+    pub pretrained_weight: f32,
+    pub thresholds: Thresholds,
 }
 
 /// Weights of the pretrained features tried by validation (see [`TrainConfig::fuse_pretrained`]).
 pub const PRETRAINED_WEIGHTS: [f32; 5] = [0.0, 0.5, 0.75, 1.0, 1.5];
 
 /// Unit embeddings of the training photos (gallery) and the validation photos (queries).
-struct Views {
-    gallery: Vec<f32>,
-    queries: Vec<f32>,
-    dim: usize,
+pub(super) struct Views {
+    pub gallery: Vec<f32>,
+    pub queries: Vec<f32>,
+    pub dim: usize,
 }
 
 impl Views {
-    /// Each row of `self` concatenated with `other`'s at `weight` (see [`fuse`]).
-    fn fused(&self, other: &Views, weight: f32) -> Views {
-        let both = |a: &[f32], b: &[f32]| {
-            let n = a.len() / self.dim;
-            fuse(&[a.to_vec(), b.to_vec()], &[1.0, weight], n)
+    /// The rows of `parts` concatenated at `weights` (see [`fuse`]).
+    pub(super) fn concat(parts: &[&Views], weights: &[f32]) -> Views {
+        let join = |rows: Vec<Vec<f32>>| {
+            let n = rows[0].len() / parts[0].dim;
+            fuse(&rows, weights, n)
         };
         Views {
-            gallery: both(&self.gallery, &other.gallery),
-            queries: both(&self.queries, &other.queries),
-            dim: self.dim + other.dim,
+            gallery: join(parts.iter().map(|v| v.gallery.clone()).collect()),
+            queries: join(parts.iter().map(|v| v.queries.clone()).collect()),
+            dim: parts.iter().map(|v| v.dim).sum(),
         }
+    }
+
+    /// Each row of `self` concatenated with `other`'s at `weight`.
+    fn fused(&self, other: &Views, weight: f32) -> Views {
+        Views::concat(&[self, other], &[1.0, weight])
     }
 }
 
@@ -376,7 +386,7 @@ impl Views {
 /// [`knn_ranking`]), blended with the ArcFace head's scores at the weight that serves best (when
 /// `head` gives a model with its queries' embeddings), and the best new_individual thresholds,
 /// global and per species.
-fn validation(
+pub(super) fn validation(
     photos: &Photos,
     head: Option<(&HappyWhaleModel, &[f32])>,
     knn: Vec<Vec<Candidate>>,
@@ -410,7 +420,7 @@ fn validation(
 }
 
 /// Each validation query's candidates by kNN over the training photos.
-fn knn_ranking(photos: &Photos, views: &Views) -> Result<Vec<Vec<Candidate>>> {
+pub(super) fn knn_ranking(photos: &Photos, views: &Views) -> Result<Vec<Vec<Candidate>>> {
     let mut index = FlatIndex::new(views.dim, Storage::F32);
     index.add(&views.gallery)?;
     let labels: Vec<u32> = photos.train.iter().map(|&(_, c)| c as u32).collect();
@@ -425,15 +435,15 @@ fn knn_ranking(photos: &Photos, views: &Views) -> Result<Vec<Vec<Candidate>>> {
 }
 
 /// MAP@5 (at the best threshold) of a ranking of the validation queries.
-fn map5_of(photos: &Photos, ranked: &[Vec<Candidate>]) -> f64 {
+pub(super) fn map5_of(photos: &Photos, ranked: &[Vec<Candidate>]) -> f64 {
     let truths = photos.val.iter().map(|(_, t)| t.clone());
     let queries: Vec<_> = ranked.iter().cloned().zip(truths).collect();
     best_threshold(&queries).1
 }
 
 /// The run folder's checkpoint files.
-struct Checkpoints {
-    root: PathBuf,
+pub(super) struct Checkpoints {
+    pub root: PathBuf,
 }
 
 impl Checkpoints {
@@ -441,7 +451,7 @@ impl Checkpoints {
         self.root.join(name)
     }
 
-    /// Write `name/` whole, then swap it in: a kill leaves the previous one (or `name.old/`).
+    /// Write a checkpoint of a trained model (see [`Self::save_with`]).
     fn save(
         &self,
         name: &str,
@@ -449,10 +459,25 @@ impl Checkpoints {
         opt: &AdamW,
         state: &RunState,
     ) -> Result<()> {
+        self.save_with(name, state, |tmp| {
+            model.save(tmp)?;
+            opt.save(&tmp.join("optimizer.safetensors"))
+        })
+    }
+
+    /// Write `name/` whole (`state.json` and what `write` puts in the folder it is given), then
+    /// swap it in: a kill leaves the previous one (or `name.old/`).
+    pub(super) fn save_with(
+        &self,
+        name: &str,
+        state: &RunState,
+        write: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<()> {
         let tmp = self.root.join(format!("{name}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
-        model.save(&tmp)?;
-        opt.save(&tmp.join("optimizer.safetensors"))?;
+        std::fs::create_dir_all(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        write(&tmp)?;
         fsio::write_bytes_atomic(&tmp.join("state.json"), &serde_json::to_vec_pretty(state)?)?;
         let (target, old) = (self.dir(name), self.root.join(format!("{name}.old")));
         let _ = std::fs::remove_dir_all(&old);
@@ -467,7 +492,7 @@ impl Checkpoints {
     }
 
     /// The newest complete `name/` checkpoint folder, if any.
-    fn find(&self, name: &str) -> Option<PathBuf> {
+    pub(super) fn find(&self, name: &str) -> Option<PathBuf> {
         [self.dir(name), self.root.join(format!("{name}.old"))]
             .into_iter()
             .find(|d| d.join("state.json").is_file())
@@ -496,6 +521,14 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<TrainSummary
     let threads = configure_threads(cfg.threads);
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     fsio::write_bytes_atomic(&out.join(CONFIG_FILE), &serde_json::to_vec_pretty(&cfg)?)?;
+    if cfg.mode == Mode::Frozen {
+        return super::frozen::train(&cfg, &ckpt, started);
+    }
+    anyhow::ensure!(
+        !cfg.model.contains(','),
+        "--model {:?}: only --mode frozen fuses several backbones",
+        cfg.model
+    );
 
     let variant = crate::model::variant(&cfg.model)
         .with_context(|| format!("unknown backbone {:?}", cfg.model))?;
@@ -553,7 +586,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<TrainSummary
     let t = Instant::now();
     let mut trainer = Trainer::new(&cfg, &model, &photos)?;
     let pretrained = match cfg.pretrained && (cfg.fuse_pretrained || !resume) {
-        true => Some(pretrained_views(&cfg, size, &photos)?),
+        true => Some(pretrained_views(&cfg.model, size, cfg.flip_tta, &photos)?),
         false => None,
     };
     if let (false, Some(views)) = (resume, &pretrained) {
@@ -717,6 +750,7 @@ impl Trainer {
         let frozen = match cfg.mode {
             Mode::Full => 0,
             Mode::Fast => cfg.freeze_stages.unwrap_or(stages - 1).min(stages),
+            Mode::Frozen => bail!("the frozen mode has no gradient steps (see train::frozen)"),
         };
         let mut t = Self {
             cfg: cfg.clone(),
@@ -971,10 +1005,15 @@ impl Trainer {
     }
 }
 
-/// GeM-pooled features (p = 3) of the pretrained backbone, for the training and validation
+/// GeM-pooled features (p = 3) of a pretrained backbone, for the training and validation
 /// photos: the zero-shot baseline, and what [`TrainConfig::fuse_pretrained`] fuses.
-fn pretrained_views(cfg: &TrainConfig, size: i64, photos: &Photos) -> Result<Views> {
-    let model = HappyWhaleModel::zero_shot(&cfg.model, Some(size), crate::runtime::device())?;
+pub(super) fn pretrained_views(
+    backbone: &str,
+    size: i64,
+    flip_tta: bool,
+    photos: &Photos,
+) -> Result<Views> {
+    let model = HappyWhaleModel::zero_shot(backbone, Some(size), crate::runtime::device())?;
     let idx: Vec<usize> = photos
         .train
         .iter()
@@ -987,7 +1026,7 @@ fn pretrained_views(cfg: &TrainConfig, size: i64, photos: &Photos) -> Result<Vie
         idx.len(),
         |i| Ok(photos.eval_view(idx[i])),
         32,
-        cfg.flip_tta,
+        flip_tta,
         &progress,
     )?;
     progress.finish_and_clear();
@@ -1014,7 +1053,7 @@ pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>> {
         .collect()
 }
 
-fn write_metrics(path: &Path, metrics: &[EpochMetrics]) -> Result<()> {
+pub(super) fn write_metrics(path: &Path, metrics: &[EpochMetrics]) -> Result<()> {
     fsio::write_atomic(path, |w| {
         for m in metrics {
             writeln!(w, "{}", serde_json::to_string(m)?)?;
@@ -1026,7 +1065,10 @@ fn write_metrics(path: &Path, metrics: &[EpochMetrics]) -> Result<()> {
 /// The checkpoint folder of a trained model: `path` itself when it holds a model, else the
 /// run's `best/`, else its `last/`.
 pub fn checkpoint_dir(path: &Path) -> Result<PathBuf> {
-    let holds_model = |d: &Path| d.join(crate::model::happywhale::CONFIG_FILE).is_file();
+    let holds_model = |d: &Path| {
+        d.join(crate::model::happywhale::CONFIG_FILE).is_file()
+            || d.join(super::frozen::MEMBERS_FILE).is_file()
+    };
     if holds_model(path) {
         return Ok(path.to_path_buf());
     }

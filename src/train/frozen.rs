@@ -1,0 +1,222 @@
+//! The frozen mode: whole pretrained backbones, no gradient step. Each backbone's GeM features
+//! (p = 3) of every photo are computed once; the unit features of all backbones are
+//! concatenated, and a whitening learnt in closed form on the training identities
+//! ([`crate::model::whitening`]) maps them to the embedding. Validation picks the whitening's
+//! shrinkage and size among [`SHRINKS`] × {embedding size / 2, embedding size}; metrics line 0
+//! is the plain concatenation (the zero-shot baseline), line 1 the chosen whitening.
+//!
+//! The checkpoint folder (`best/`, and `last/` alike) holds `state.json`, [`MEMBERS_FILE`] and
+//! [`WHITENING_FILE`]: [`load`] rebuilds the members and their whitening from it.
+
+use super::run::{
+    bar, knn_ranking, load_photos, map5_of, pretrained_views, validation, write_metrics,
+    Checkpoints, EpochMetrics, RunState, TrainConfig, TrainSummary, Validation, Views,
+    METRICS_FILE, SUMMARY_FILE,
+};
+use crate::fsio;
+use crate::model::happywhale::HappyWhaleModel;
+use crate::model::whitening::{self, Whitening};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Instant;
+
+pub const MEMBERS_FILE: &str = "frozen.json";
+pub const WHITENING_FILE: &str = "whitening.safetensors";
+/// Shrinkages of the within-identity covariance tried by validation.
+pub const SHRINKS: [f64; 4] = [0.2, 0.4, 0.6, 0.8];
+
+/// A pretrained backbone at its input size.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    pub backbone: String,
+    pub img_size: i64,
+}
+
+/// What [`MEMBERS_FILE`] records: the members, and the whitening validation chose.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Frozen {
+    pub members: Vec<Member>,
+    pub shrink: f64,
+    pub dim: usize,
+}
+
+/// The backbones of `--model`, comma-separated.
+fn backbones(model: &str) -> Vec<&str> {
+    model
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Fit the frozen mode's whitening as `cfg` says into the run folder of `ckpt`.
+pub(super) fn train(
+    cfg: &TrainConfig,
+    ckpt: &Checkpoints,
+    started: Instant,
+) -> Result<TrainSummary> {
+    let out = &ckpt.root;
+    anyhow::ensure!(
+        cfg.pretrained,
+        "--mode frozen needs the pretrained weights (it trains no backbone)"
+    );
+    let names = backbones(&cfg.model);
+    anyhow::ensure!(!names.is_empty(), "--model names no backbone");
+    let mut members = Vec::new();
+    let mut parts = Vec::new();
+    let mut photos = None;
+    for name in names {
+        let variant =
+            crate::model::variant(name).with_context(|| format!("unknown backbone {name:?}"))?;
+        let size = cfg.img_size.unwrap_or(variant.input_size);
+        let p = match photos.take() {
+            Some((s, p)) if s == size => p,
+            _ => load_photos(cfg, size as u32)?,
+        };
+        anyhow::ensure!(
+            !p.train.is_empty() && !p.val.is_empty(),
+            "fold {} leaves no training or no validation photos",
+            cfg.fold
+        );
+        if members.is_empty() {
+            eprintln!(
+                "frozen {} on {} photos of {} individuals, validating on {} photos",
+                cfg.model,
+                p.train.len(),
+                p.classes.len(),
+                p.val.len()
+            );
+        }
+        parts.push(pretrained_views(name, size, cfg.flip_tta, &p)?);
+        members.push(Member {
+            backbone: name.to_string(),
+            img_size: size,
+        });
+        photos = Some((size, p));
+    }
+    let (_, photos) = photos.context("no photos")?;
+    let t = Instant::now();
+    let refs: Vec<&Views> = parts.iter().collect();
+    let raw = Views::concat(&refs, &vec![1.0; refs.len()]);
+    let zero_shot = map5_of(&photos, &knn_ranking(&photos, &raw)?);
+    let zero_shot_seconds = t.elapsed().as_secs_f64();
+    eprintln!("zero-shot (pretrained GeM features) validation MAP@5 {zero_shot:.4}");
+
+    let labels: Vec<usize> = photos.train.iter().map(|&(_, c)| c as usize).collect();
+    let dims = [cfg.embedding_size as usize / 2, cfg.embedding_size as usize];
+    let progress = bar((SHRINKS.len() * dims.len()) as u64, "fitting whitenings");
+    let mut best: Option<(f64, Frozen, Whitening, Vec<_>)> = None;
+    for shrink in SHRINKS {
+        for dim in dims {
+            let w = whitening::fit(&raw.gallery, raw.dim, &labels, shrink, dim.max(1))?;
+            let views = Views {
+                gallery: w.apply(&raw.gallery)?,
+                queries: w.apply(&raw.queries)?,
+                dim: w.dim_out,
+            };
+            let ranked = knn_ranking(&photos, &views)?;
+            let map5 = map5_of(&photos, &ranked);
+            if best.as_ref().is_none_or(|b| map5 > b.0) {
+                let frozen = Frozen {
+                    members: members.clone(),
+                    shrink,
+                    dim: w.dim_out,
+                };
+                best = Some((map5, frozen, w, ranked));
+            }
+            progress.inc(1);
+        }
+    }
+    progress.finish_and_clear();
+    let (_, frozen, w, ranked) = best.context("no whitening fitted")?;
+    let v = validation(&photos, None, ranked)?;
+    eprintln!(
+        "whitened (shrinkage {}, {} dimensions) validation MAP@5 {:.4}, new_individual threshold {:.3}",
+        frozen.shrink, frozen.dim, v.map5, v.thresholds.global
+    );
+
+    let line = |epoch, map5: f64, knn: f64, v: Option<&Validation>, seconds| EpochMetrics {
+        epoch,
+        train_loss: None,
+        lr: None,
+        val_map5: Some(map5),
+        threshold: v.map(|v| v.thresholds.global),
+        val_map5_knn: Some(knn),
+        val_map5_species: v.map(|v| v.map5_species),
+        fusion_weight: None,
+        pretrained_weight: None,
+        images_per_s: None,
+        seconds,
+    };
+    let metrics = [
+        line(0, zero_shot, zero_shot, None, zero_shot_seconds),
+        line(1, v.map5, v.map5_knn, Some(&v), t.elapsed().as_secs_f64()),
+    ];
+    write_metrics(&out.join(METRICS_FILE), &metrics)?;
+    let state = RunState {
+        epoch: 1,
+        best_map5: v.map5,
+        best_epoch: 1,
+        threshold: v.thresholds.global,
+        zero_shot_map5: Some(zero_shot),
+        species_thresholds: v.thresholds.by_species.clone(),
+        ..RunState::default()
+    };
+    for name in ["best", "last"] {
+        ckpt.save_with(name, &state, |dir| {
+            w.save(&dir.join(WHITENING_FILE))?;
+            fsio::write_bytes_atomic(
+                &dir.join(MEMBERS_FILE),
+                &serde_json::to_vec_pretty(&frozen)?,
+            )
+        })?;
+    }
+    let summary = TrainSummary {
+        epochs: 1,
+        best_epoch: 1,
+        best_map5: v.map5,
+        threshold: v.thresholds.global,
+        zero_shot_map5: Some(zero_shot),
+        train_images: photos.train.len(),
+        val_images: photos.val.len(),
+        classes: photos.classes.len(),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    fsio::write_bytes_atomic(
+        &out.join(SUMMARY_FILE),
+        &serde_json::to_vec_pretty(&summary)?,
+    )?;
+    Ok(summary)
+}
+
+/// The pretrained members and the whitening of the frozen checkpoint in `dir`, or `None` when
+/// `dir` holds a trained model instead.
+pub fn load(dir: &Path, device: tch::Device) -> Result<Option<(Vec<HappyWhaleModel>, Whitening)>> {
+    let path = dir.join(MEMBERS_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let frozen: Frozen = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
+    )
+    .with_context(|| format!("{}: not a frozen-mode checkpoint", path.display()))?;
+    let models = frozen
+        .members
+        .iter()
+        .map(|m| HappyWhaleModel::zero_shot(&m.backbone, Some(m.img_size), device))
+        .collect::<Result<Vec<_>>>()?;
+    let whitening = Whitening::load(&dir.join(WHITENING_FILE))?;
+    let dims: usize = models
+        .iter()
+        .map(|m| m.config.embedding_size as usize)
+        .sum();
+    if dims != whitening.dim_in {
+        bail!(
+            "{}: the members' features have {dims} dimensions, the whitening takes {}",
+            dir.display(),
+            whitening.dim_in
+        );
+    }
+    Ok(Some((models, whitening)))
+}
