@@ -162,6 +162,10 @@ enum Command {
         bootstrap: usize,
         #[arg(long, default_value_t = 0)]
         bootstrap_seed: u64,
+        /// Also evaluate a pretrained backbone's zero-shot features on the same photos and give
+        /// the gain over them, with 95% paired-bootstrap intervals (with --bootstrap).
+        #[arg(long)]
+        baseline: Option<String>,
         /// Also write the figures (and intervals) to this JSON file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -536,6 +540,7 @@ fn run(cli: Cli) -> Result<()> {
             batch_size,
             bootstrap,
             bootstrap_seed,
+            baseline,
             json,
             crops,
         } => {
@@ -559,20 +564,22 @@ fn run(cli: Cli) -> Result<()> {
                 ));
                 groups.push(g.to_string());
             }
-            let progress = bar(0, "embedding");
             let sets = finprint::crops::sets::load_sets(&crops)?;
-            let emb = predict::embed_crops(
-                &ensemble, &sets, &images, &names, batch_size, flip_tta, &progress,
-            )?;
-            progress.finish_and_clear();
-            let threshold = threshold.unwrap_or(ensemble.threshold);
-            let r = predict::leave_one_out(
-                &emb,
-                ensemble.dim(),
-                &ids,
-                cg.map(|_| groups.as_slice()),
-                threshold,
-            )?;
+            let evaluate = |ensemble: &Ensemble, threshold: f32| {
+                let progress = bar(0, "embedding");
+                let emb = predict::embed_crops(
+                    ensemble, &sets, &images, &names, batch_size, flip_tta, &progress,
+                )?;
+                progress.finish_and_clear();
+                predict::leave_one_out(
+                    &emb,
+                    ensemble.dim(),
+                    &ids,
+                    cg.map(|_| groups.as_slice()),
+                    threshold,
+                )
+            };
+            let r = evaluate(&ensemble, threshold.unwrap_or(ensemble.threshold))?;
             say!(
                 "{} photos, {} with another photo of their identity",
                 r.queries,
@@ -595,8 +602,31 @@ fn run(cli: Cli) -> Result<()> {
                     b.units, b.resamples, b.top1[0], b.top1[1], b.top5[0], b.top5[1], b.map5[0], b.map5[1]
                 );
             }
+            let mut compared = None;
+            if let Some(backbone) = &baseline {
+                let zero_shot = Ensemble::zero_shot(backbone, None, 0.0, runtime::device())?;
+                let base = evaluate(&zero_shot, r.threshold)?;
+                let d = r.paired_bootstrap(&base, &animals, bootstrap, bootstrap_seed)?;
+                let ci = |v: [f64; 2]| match bootstrap {
+                    0 => String::new(),
+                    _ => format!(" ({:+.4} to {:+.4})", v[0], v[1]),
+                };
+                say!(
+                    "gain over zero-shot {backbone} (MAP@5 {:.4}): top-1 {:+.4}{}  top-5 {:+.4}{}  MAP@5 {:+.4}{}",
+                    base.map5_known,
+                    d.top1,
+                    ci(d.interval.top1),
+                    d.top5,
+                    ci(d.interval.top5),
+                    d.map5,
+                    ci(d.interval.map5)
+                );
+                compared =
+                    Some(serde_json::json!({ "backbone": backbone, "report": base, "gain": d }));
+            }
             if let Some(path) = json {
-                let value = serde_json::json!({ "report": r, "bootstrap": ci });
+                let value =
+                    serde_json::json!({ "report": r, "bootstrap": ci, "baseline": compared });
                 fsio::write_bytes_atomic(&path, serde_json::to_string_pretty(&value)?.as_bytes())?;
             }
             Ok(())
