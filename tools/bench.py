@@ -49,6 +49,7 @@ FULL = {
     "nyala": {
         "bootstrap": 1000,
         "runs": {
+            "frozen": ["--mode", "frozen", "--model", "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"],
             "fast": ["--mode", "fast", "--freeze-stages", "6", "--epochs", "10", "--lr", "3e-4", "--aug-passes", "4"],
             "fine-tuned": ["--mode", "full", "--epochs", "4", "--img-size", "160", "--lr", "3e-4"],
         },
@@ -434,24 +435,33 @@ class Bench:
         tmp.replace(path)
 
     def main(self):
-        self.environment()
-        self.section("synth", self.synth)
-        self.section("nyala", self.nyala)
-        self.section("model", self.model_speed)
-        self.section("e2e", self.e2e)
-        self.section("knn", self.knn)
-        self.section("identify", self.identify)
-        self.section("serve", self.serve)
-        self.section("plots", self.plots)
+        sections = {"synth": self.synth, "nyala": self.nyala, "model": self.model_speed, "e2e": self.e2e,
+                    "knn": self.knn, "identify": self.identify, "serve": self.serve, "plots": self.plots}
+        only = [x for x in (self.args.only or "").split(",") if x]
+        unknown = [x for x in only if x not in sections]
+        if unknown:
+            raise SystemExit(f"--only: unknown sections {unknown}; known: {', '.join(sections)}")
+        if only:
+            # Re-run some sections on top of an earlier full run: its other figures stay as measured.
+            earlier = json.loads((self.out / "results.json").read_text())
+            earlier["errors"] = [e for e in earlier["errors"] if e.split(":")[0] not in only]
+            self.results = {**earlier, "rerun": {**earlier.get("rerun", {}), **{
+                name: datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") for name in only}}}
+        else:
+            self.environment()
+        for name, fn in sections.items():
+            if not only or name in only:
+                self.section(name, fn)
         env = self.results["environment"]
-        env["load_after"] = os.getloadavg()
-        env["wall_s"] = time.time() - self.started
+        if not only:
+            env["load_after"] = os.getloadavg()
+            env["wall_s"] = time.time() - self.started
         self.write_results()
         md = markdown(self.results, self.out, self.args.md)
         tmp = self.args.md.with_suffix(".md.tmp")
         tmp.write_text(md)
         tmp.replace(self.args.md)
-        self.log(f"wrote {self.args.md} and {self.out / 'results.json'} in {env['wall_s'] / 60:.1f} min")
+        self.log(f"wrote {self.args.md} and {self.out / 'results.json'} in {(time.time() - self.started) / 60:.1f} min")
         for e in self.results["errors"]:
             print(f"error: {e}", file=sys.stderr)
         return 1 if self.results["errors"] else 0
@@ -533,6 +543,10 @@ def markdown(res, out, md_path):
     w(f"Every figure below comes from one run of `bash tools/bench.sh{' --smoke' if res['smoke'] else ''}` "
       f"started {env['date_utc']}, which took {env['wall_s'] / 60:.1f} minutes after building finprint; the raw figures are in "
       f"[`{rel}/results.json`]({rel}/results.json) and each step's log in `target/bench-work*/logs/`.\n")
+    for name, when in res.get("rerun", {}).items():
+        w(f"- Section `{name}` was run again on its own, {when} (`bash tools/bench.sh --only {name}`).")
+    if res.get("rerun"):
+        w("")
     if res["smoke"]:
         w("**This is a smoke run** (tiny sizes, no references): it checks that the command works; its figures "
           "mean nothing.\n")
@@ -570,7 +584,9 @@ def markdown(res, out, md_path):
           "another photo. 95% intervals: percentile bootstrap, "
           f"{next(iter(ny['rows'].values()))['bootstrap']['resamples']} resamples of the "
           f"{next(iter(ny['rows'].values()))['bootstrap']['units']} animals that have such a query "
-          "(`finprint evaluate --bootstrap 1000`, fixed seed). A trained model embeds with its trained embedding "
+          "(`finprint evaluate --bootstrap 1000`, fixed seed). The frozen mode trains no layer: the GeM features "
+          "of the three pretrained EfficientNet-Lite backbones, concatenated, through a whitening learnt on the "
+          "training animals (shrinkage and size chosen on its validation). A trained model embeds with its trained embedding "
           "fused with the pretrained backbone's GeM features at the weight its own validation (on training animals) "
           "chose (`--fuse-pretrained`, the default); the row \"trained embedding alone\" is the same checkpoint "
           "without them.\n")
@@ -755,6 +771,8 @@ def main():
                                            "repository's for the default full run)")
     a.add_argument("--work", type=Path)
     a.add_argument("--ref-python", help="the reference virtualenv's python (none: reference rows skipped)")
+    a.add_argument("--only", help="comma-separated sections to run again on top of OUT/results.json "
+                                  "(synth, nyala, model, e2e, knn, identify, serve, plots)")
     a.add_argument("--render", action="store_true", help="only write the Markdown again from OUT/results.json")
     args = a.parse_args()
     default_out = ROOT / ("target/bench-smoke" if args.smoke else "bench")

@@ -3,12 +3,13 @@
 # timm, onnxruntime, faiss-cpu), on this machine in one run: writes BENCHMARKS.md,
 # bench/results.json and bench/*.png.
 #
-#   bash tools/bench.sh [--smoke] [--out DIR] [--md FILE]
+#   bash tools/bench.sh [--smoke] [--out DIR] [--md FILE] [--only SECTION,...]
 #
 # The full run (last: 18.7 minutes after the build, 2 cores at a load of about 2) installs the references into .venv-bench from PyPI
 # on first use (a few GB, pinned below) and reads the real photos of ../shared/data/nyala-train
 # when present (skipped otherwise). --smoke takes seconds, needs no reference and no data, and
-# writes to target/bench-smoke/: CI runs it so that the command cannot rot.
+# writes to target/bench-smoke/: CI runs it so that the command cannot rot. --only nyala,plots runs
+# those sections again on top of the last bench/results.json, keeping the other figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 smoke=0
