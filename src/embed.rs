@@ -291,17 +291,15 @@ impl Ensemble {
     pub fn dim(&self) -> usize {
         let whitened: usize = self.whitened.iter().map(|g| g.whitening.dim_out).sum();
         let members: usize = (0..self.models.len())
-            .filter(|&i| self.group_of(i).is_none())
+            .filter(|&i| {
+                !self
+                    .whitened
+                    .iter()
+                    .any(|g| (g.first..g.first + g.count).contains(&i))
+            })
             .map(|i| self.models[i].config.embedding_size as usize)
             .sum();
         whitened + members
-    }
-
-    /// The whitened group that member `i` belongs to.
-    fn group_of(&self, i: usize) -> Option<&Whitened> {
-        self.whitened
-            .iter()
-            .find(|g| (g.first..g.first + g.count).contains(&i))
     }
 
     /// Fused unit embeddings of `count` photos, `load(i)` giving photo i.
@@ -324,23 +322,38 @@ impl Ensemble {
                 embed_images(m, count, &load, batch, flip_tta, progress)
             })
             .collect::<Result<_>>()?;
-        if self.whitened.is_empty() {
-            return Ok(fuse(&parts, &self.weights, count));
-        }
-        let (mut fused, mut weights) = (Vec::new(), Vec::new());
-        for (i, part) in parts.iter().enumerate() {
-            match self.group_of(i) {
-                Some(g) if g.first == i => {
-                    let group = fuse(&parts[i..i + g.count], &vec![1.0; g.count], count);
-                    fused.push(g.whitening.apply(&group)?);
-                }
-                Some(_) => continue,
-                None => fused.push(part.clone()),
-            }
-            weights.push(self.weights[i]);
-        }
-        Ok(fuse(&fused, &weights, count))
+        fuse_members(&parts, &self.weights, &self.whitened, count)
     }
+}
+
+/// The members' unit embeddings `parts` fused as an ensemble does: each whitened group's parts
+/// fused with equal weights and whitened into one part (weighted as its first member), then
+/// all parts fused with their weights (see [`fuse`]).
+fn fuse_members(
+    parts: &[Vec<f32>],
+    weights: &[f32],
+    whitened: &[Whitened],
+    count: usize,
+) -> Result<Vec<f32>> {
+    if whitened.is_empty() {
+        return Ok(fuse(parts, weights, count));
+    }
+    let (mut fused, mut kept) = (Vec::new(), Vec::new());
+    for (i, part) in parts.iter().enumerate() {
+        match whitened
+            .iter()
+            .find(|g| (g.first..g.first + g.count).contains(&i))
+        {
+            Some(g) if g.first == i => {
+                let group = fuse(&parts[i..i + g.count], &vec![1.0; g.count], count);
+                fused.push(g.whitening.apply(&group)?);
+            }
+            Some(_) => continue,
+            None => fused.push(part.clone()),
+        }
+        kept.push(weights[i]);
+    }
+    Ok(fuse(&fused, &kept, count))
 }
 
 /// Concatenate per-model unit embeddings (`parts[m]` is row-major `[count, d_m]`) with
@@ -370,7 +383,34 @@ pub fn fuse(parts: &[Vec<f32>], weights: &[f32], count: usize) -> Vec<f32> {
 
 #[cfg(test)]
 mod fuse_tests {
-    use super::fuse;
+    use super::{fuse, fuse_members, Whitened, Whitening};
+
+    #[test]
+    fn a_whitened_group_becomes_one_part_beside_the_other_members() {
+        // One photo; members 0 and 1 (1-d each) form a group whose whitening subtracts
+        // (0, 1/√2) and swaps the two axes; member 2 (1-d) stays as it is, at weight 2.
+        let r = std::f32::consts::FRAC_1_SQRT_2;
+        let group = Whitened {
+            first: 0,
+            count: 2,
+            whitening: Whitening {
+                mean: vec![0.0, r],
+                proj: vec![0.0, 1.0, 1.0, 0.0],
+                dim_in: 2,
+                dim_out: 2,
+            },
+        };
+        let parts = [vec![1.0], vec![1.0], vec![1.0]];
+        let out = fuse_members(&parts, &[1.0, 1.0, 2.0], &[group], 1).unwrap();
+        // Group: fuse → (r, r); minus mean → (r, 0); swapped → (0, r); unit → (0, 1).
+        // Then (0, 1) at weight 1 beside 1 at weight 2: (0, 1, 2) / √5.
+        let s = 5f32.sqrt();
+        let want = [0.0, 1.0 / s, 2.0 / s];
+        assert!(
+            out.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6),
+            "{out:?}"
+        );
+    }
 
     #[test]
     fn fused_cosine_is_the_weighted_mean_of_the_models_cosines() {
