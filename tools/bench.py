@@ -206,15 +206,18 @@ class Bench:
         self.run("nyala-prepare", ["bash", ROOT / "tools/nyala.sh", d, "--prepare-only"])
         rows = {}
 
-        def evaluate(name, model_flags):
+        def evaluate(name, model_flags, baseline=True):
             report = d / f"{name}.json"
             text, wall, rss = self.run(f"nyala-evaluate-{name}", [
                 FINPRINT, "evaluate", *model_flags, "--labels", d / "val_labels.csv", "--images", NYALA,
-                "--group", "view", "--bootstrap", c["bootstrap"], "--json", report])
+                "--group", "view", "--bootstrap", c["bootstrap"], "--json", report,
+                *(["--baseline", "efficientnet_lite0"] if baseline else [])])
             r = json.loads(report.read_text())
-            return {**r["report"], "bootstrap": r["bootstrap"], "evaluate_s": wall, "evaluate_rss_mb": rss}
+            gain = (r.get("baseline") or {}).get("gain")
+            return {**r["report"], "bootstrap": r["bootstrap"], "evaluate_s": wall, "evaluate_rss_mb": rss,
+                    "gain": gain and {"map5": gain["map5"], "map5_ci": gain["interval"]["map5"]}}
 
-        rows["zero-shot"] = {**evaluate("zero-shot", ["--zero-shot", "efficientnet_lite0"]),
+        rows["zero-shot"] = {**evaluate("zero-shot", ["--zero-shot", "efficientnet_lite0"], baseline=False),
                              "training": "none (ImageNet EfficientNet-Lite0, GeM features, 224 px)", "train_s": 0.0}
         for name, flags in c["runs"].items():
             run = d / name
@@ -543,10 +546,11 @@ def markdown(res, out, md_path):
     w(f"Every figure below comes from one run of `bash tools/bench.sh{' --smoke' if res['smoke'] else ''}` "
       f"started {env['date_utc']}, which took {env['wall_s'] / 60:.1f} minutes after building finprint; the raw figures are in "
       f"[`{rel}/results.json`]({rel}/results.json) and each step's log in `target/bench-work*/logs/`.\n")
-    for name, when in res.get("rerun", {}).items():
-        w(f"- Section `{name}` was run again on its own, {when} (`bash tools/bench.sh --only {name}`).")
-    if res.get("rerun"):
-        w("")
+    rerun = res.get("rerun", {})
+    for when in sorted(set(rerun.values())):
+        names = ",".join(n for n, t in rerun.items() if t == when)
+        w(f"Sections `{names}` were run again on their own, started {when} (`bash tools/bench.sh --only {names}`); "
+          "the others are from the run above.\n")
     if res["smoke"]:
         w("**This is a smoke run** (tiny sizes, no references): it checks that the command works; its figures "
           "mean nothing.\n")
@@ -584,7 +588,9 @@ def markdown(res, out, md_path):
           "another photo. 95% intervals: percentile bootstrap, "
           f"{next(iter(ny['rows'].values()))['bootstrap']['resamples']} resamples of the "
           f"{next(iter(ny['rows'].values()))['bootstrap']['units']} animals that have such a query "
-          "(`finprint evaluate --bootstrap 1000`, fixed seed). The frozen mode trains no layer: the GeM features "
+          "(`finprint evaluate --bootstrap 1000`, fixed seed). The gain over zero-shot compares both on the same "
+          "queries, resampling animals for both at once (`--baseline efficientnet_lite0`): an interval above 0 is a "
+          "clear gain. The frozen mode trains no layer: the GeM features "
           "of the three pretrained EfficientNet-Lite backbones, concatenated, through a whitening learnt on the "
           "training animals (shrinkage and size chosen on its validation). A trained model embeds with its trained embedding "
           "fused with the pretrained backbone's GeM features at the weight its own validation (on training animals) "
@@ -596,9 +602,11 @@ def markdown(res, out, md_path):
             rows.append([name, f"`{r['training']}`" if r["train_s"] else r["training"],
                          f(r["train_s"], 0), f"{r['top1']:.3f} ({b['top1'][0]:.3f}–{b['top1'][1]:.3f})",
                          f"{r['top5']:.3f} ({b['top5'][0]:.3f}–{b['top5'][1]:.3f})",
-                         f"**{r['map5_known']:.3f}** ({b['map5'][0]:.3f}–{b['map5'][1]:.3f})", r["known_queries"]])
+                         f"**{r['map5_known']:.3f}** ({b['map5'][0]:.3f}–{b['map5'][1]:.3f})",
+                         f"{r['gain']['map5']:+.3f} ({r['gain']['map5_ci'][0]:+.3f} to {r['gain']['map5_ci'][1]:+.3f})"
+                         if r.get("gain") else "", r["known_queries"]])
         w(table(["model", "training (`finprint train` flags)", "training s", "top-1 (95% CI)", "top-5 (95% CI)",
-                 "MAP@5 (95% CI)", "queries"], rows))
+                 "MAP@5 (95% CI)", "MAP@5 gain over zero-shot (paired 95% CI)", "queries"], rows))
         w(load(ny) + "\n")
         if "map5_vs_training_time" in res.get("plots", {}):
             w(f"![MAP@5 vs training time]({rel}/map5_vs_training_time.png)\n")
