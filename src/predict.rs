@@ -759,6 +759,28 @@ pub struct Bootstrap {
     pub map5: [f64; 2],
 }
 
+impl Bootstrap {
+    /// Intervals of the means of per-query top-1, top-5 and MAP@5 `values` (see
+    /// [`bootstrap_means`]), `unit_count` distinct units.
+    fn of(
+        values: &[[f64; 3]],
+        units: &[usize],
+        unit_count: usize,
+        resamples: usize,
+        seed: u64,
+    ) -> Self {
+        let [top1, top5, map5] = bootstrap_means(values, units, resamples, seed);
+        Bootstrap {
+            resamples,
+            seed,
+            units: unit_count,
+            top1,
+            top5,
+            map5,
+        }
+    }
+}
+
 impl LooReport {
     /// Each known query's unit (an index into the sorted distinct units, also returned) and its
     /// top-1, top-5 and MAP@5 values.
@@ -790,15 +812,7 @@ impl LooReport {
     /// given to `leave_one_out` (for nyala the animal, while the identity is animal + flank).
     pub fn bootstrap(&self, unit_of: &[String], resamples: usize, seed: u64) -> Bootstrap {
         let (names, units, values) = self.known_values(unit_of);
-        let [top1, top5, map5] = bootstrap_means(&values, &units, resamples, seed);
-        Bootstrap {
-            resamples,
-            seed,
-            units: names.len(),
-            top1,
-            top5,
-            map5,
-        }
+        Bootstrap::of(&values, &units, names.len(), resamples, seed)
     }
 
     /// How much better `self` does than `baseline` on the same photos: the differences of
@@ -827,19 +841,11 @@ impl LooReport {
             .map(|(a, b)| std::array::from_fn(|k| a[k] - b[k]))
             .collect();
         let mean = |k: usize| diffs.iter().map(|d| d[k]).sum::<f64>() / diffs.len().max(1) as f64;
-        let [top1, top5, map5] = bootstrap_means(&diffs, &units, resamples, seed);
         Ok(Difference {
             top1: mean(0),
             top5: mean(1),
             map5: mean(2),
-            interval: Bootstrap {
-                resamples,
-                seed,
-                units: names.len(),
-                top1,
-                top5,
-                map5,
-            },
+            interval: Bootstrap::of(&diffs, &units, names.len(), resamples, seed),
         })
     }
 }
