@@ -10,8 +10,8 @@
 
 use super::run::{
     bar, knn_ranking, load_photos, map5_of, pretrained_views, validation, write_metrics,
-    Checkpoints, EpochMetrics, RunState, TrainConfig, TrainSummary, Validation, Views,
-    METRICS_FILE, SUMMARY_FILE,
+    write_summary, Checkpoints, EpochMetrics, RunState, TrainConfig, TrainSummary, Validation,
+    Views, METRICS_FILE,
 };
 use crate::fsio;
 use crate::model::happywhale::HappyWhaleModel;
@@ -172,22 +172,7 @@ pub(super) fn train(
             )
         })?;
     }
-    let summary = TrainSummary {
-        epochs: 1,
-        best_epoch: 1,
-        best_map5: v.map5,
-        threshold: v.thresholds.global,
-        zero_shot_map5: Some(zero_shot),
-        train_images: photos.train.len(),
-        val_images: photos.val.len(),
-        classes: photos.classes.len(),
-        seconds: started.elapsed().as_secs_f64(),
-    };
-    fsio::write_bytes_atomic(
-        &out.join(SUMMARY_FILE),
-        &serde_json::to_vec_pretty(&summary)?,
-    )?;
-    Ok(summary)
+    write_summary(out, 1, &state, &photos, started)
 }
 
 /// The pretrained members and the whitening of the frozen checkpoint in `dir`, or `None` when

@@ -676,8 +676,19 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<TrainSummary
         ckpt.save("last", &model, &opt, &state)?;
     }
 
+    write_summary(out, cfg.epochs, &state, &photos, started)
+}
+
+/// The run's outcome from its final state, written to `summary.json`.
+pub(super) fn write_summary(
+    out: &Path,
+    epochs: usize,
+    state: &RunState,
+    photos: &Photos,
+    started: Instant,
+) -> Result<TrainSummary> {
     let summary = TrainSummary {
-        epochs: cfg.epochs,
+        epochs,
         best_epoch: state.best_epoch,
         best_map5: state.best_map5,
         threshold: state.threshold,
