@@ -150,6 +150,36 @@ fn pretrained_weights_present() -> bool {
     present
 }
 
+/// `finprint predict` with `run` on the catalogue `data` into `sub`, then `finprint score`
+/// against its test solution: the test MAP@5.
+fn predict_and_score(run: &Path, data: &Path, sub: &Path) -> f64 {
+    let o = finprint()
+        .args(["predict", "--models", run.to_str().unwrap()])
+        .args([
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            sub.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = finprint()
+        .args([
+            "score",
+            "--solution",
+            data.join("test_solution.csv").to_str().unwrap(),
+            "--submission",
+            sub.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    let test_map: f64 = text.trim().trim_start_matches("MAP@5 ").parse().unwrap();
+    eprintln!("test MAP@5 of predict: {test_map:.4}");
+    test_map
+}
+
 #[test]
 fn a_short_fast_run_beats_zero_shot_features_and_predict_agrees_with_validation() {
     if !pretrained_weights_present() {
@@ -194,33 +224,7 @@ fn a_short_fast_run_beats_zero_shot_features_and_predict_agrees_with_validation(
         summary.best_map5
     );
 
-    let sub = dir.path().join("sub.csv");
-    let o = finprint()
-        .args([
-            "predict",
-            "--models",
-            run.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            sub.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = finprint()
-        .args([
-            "score",
-            "--solution",
-            data.join("test_solution.csv").to_str().unwrap(),
-            "--submission",
-            sub.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&o.stdout);
-    let test_map: f64 = text.trim().trim_start_matches("MAP@5 ").parse().unwrap();
-    eprintln!("test MAP@5 of predict: {test_map:.4}");
+    let test_map = predict_and_score(&run, &data, &dir.path().join("sub.csv"));
     assert!(
         test_map > zero_shot + 0.05,
         "test MAP@5 {test_map:.4}, zero-shot validation {zero_shot:.4}"
@@ -310,31 +314,7 @@ fn the_frozen_mode_whitens_pretrained_features_beyond_zero_shot_and_predict_uses
     assert_eq!(e.models.len(), 2);
     assert_eq!(e.dim() as u64, frozen["dim"].as_u64().unwrap());
 
-    let sub = dir.path().join("sub.csv");
-    let o = finprint()
-        .args(["predict", "--models", run.to_str().unwrap()])
-        .args([
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            sub.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = finprint()
-        .args([
-            "score",
-            "--solution",
-            data.join("test_solution.csv").to_str().unwrap(),
-            "--submission",
-            sub.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&o.stdout);
-    let test_map: f64 = text.trim().trim_start_matches("MAP@5 ").parse().unwrap();
-    eprintln!("test MAP@5 of predict: {test_map:.4}");
+    let test_map = predict_and_score(&run, &data, &dir.path().join("sub.csv"));
     assert!(
         (test_map - summary.best_map5).abs() < 0.12,
         "test MAP@5 {test_map:.4} far from validation {:.4}",
