@@ -7,50 +7,12 @@
 //! (32 channels), the head (1280 channels) and the repeats of the first and last block groups are
 //! not scaled. Inputs are `(x − 127) / 128` on 0..255 pixels.
 
+use super::efficientnet::{StageDef, ARCH_B};
 use super::layers::{
     make_divisible, Act, Block, BnCfg, ConvBnAct, LayerCfg, MbConv, MbConvCfg, Padding, StagedNet,
     LUKEMELAS_MBCONV,
 };
 use tch::nn;
-
-/// One block group of the base network (Lite0): `r1_k3_s11_e1_i32_o16` and so on.
-#[derive(Debug, Clone, Copy)]
-struct GroupDef {
-    repeats: usize,
-    kernel: i64,
-    stride: i64,
-    expand: i64,
-    c_in: i64,
-    c_out: i64,
-}
-
-const fn group(
-    repeats: usize,
-    kernel: i64,
-    stride: i64,
-    expand: i64,
-    c_in: i64,
-    c_out: i64,
-) -> GroupDef {
-    GroupDef {
-        repeats,
-        kernel,
-        stride,
-        expand,
-        c_in,
-        c_out,
-    }
-}
-
-const GROUPS: [GroupDef; 7] = [
-    group(1, 3, 1, 1, 32, 16),
-    group(2, 3, 2, 6, 16, 24),
-    group(2, 5, 2, 6, 24, 40),
-    group(3, 3, 2, 6, 40, 80),
-    group(3, 5, 1, 6, 80, 112),
-    group(4, 5, 2, 6, 112, 192),
-    group(1, 3, 1, 6, 192, 320),
-];
 
 const STEM: i64 = 32;
 const HEAD: i64 = 1280;
@@ -82,10 +44,12 @@ impl LiteConfig {
         make_divisible(filters as f64 * self.width, 8, 0.9)
     }
 
-    /// Block groups with scaled widths and repeats: `(repeats, c_in, c_out)`.
-    fn groups(&self) -> Vec<(GroupDef, usize, i64, i64)> {
-        let last = GROUPS.len() - 1;
-        GROUPS
+    /// The block groups of EfficientNet-B0 ([`ARCH_B`], without its squeeze-excitation) with
+    /// scaled widths and repeats: `(group, repeats, c_in, c_out)`.
+    fn groups(&self) -> Vec<(&'static StageDef, usize, i64, i64)> {
+        let last = ARCH_B.len() - 1;
+        let mut c_in = STEM;
+        ARCH_B
             .iter()
             .enumerate()
             .map(|(i, g)| {
@@ -95,12 +59,10 @@ impl LiteConfig {
                 } else {
                     (self.depth * g.repeats as f64).ceil() as usize
                 };
-                let c_in = if i == 0 {
-                    STEM
-                } else {
-                    self.round_filters(g.c_in)
-                };
-                (*g, repeats, c_in, self.round_filters(g.c_out))
+                let c_out = self.round_filters(g.c_out);
+                let group = (g, repeats, c_in, c_out);
+                c_in = c_out;
+                group
             })
             .collect()
     }
@@ -129,7 +91,7 @@ pub fn efficientnet_lite(p: &nn::Path, cfg: &LiteConfig) -> StagedNet {
             let block = MbConvCfg {
                 c_in,
                 c_out,
-                expand_to: (g.expand != 1).then_some(c_in * g.expand),
+                expand_to: (g.expand != 1.0).then_some(c_in * g.expand as i64),
                 kernel: g.kernel,
                 stride: if j == 0 { g.stride } else { 1 },
                 se: None,
