@@ -20,7 +20,7 @@ use finprint::embed::{embed_batch, input_tensor, to_vec};
 use finprint::model::happywhale::{HappyWhaleModel, ModelConfig};
 use finprint::predict::{answers, rank_candidates};
 use finprint::search::{Aggregation, FlatIndex, Index, Storage};
-use finprint::train::augment::{batch_with, Pipeline};
+use finprint::transforms::{batch_with, Pipeline};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;

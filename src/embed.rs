@@ -4,16 +4,19 @@
 //! File layout: safetensors with one f32 tensor `embeddings` `[N, D]`, and the image names as
 //! a JSON list in the metadata entry `names` (row i belongs to `names[i]`).
 
+use crate::crops::CropSet;
+use crate::crops::LoadedCropSet;
+use crate::data::image::load_rgb;
 use crate::model::happywhale::HappyWhaleModel;
 use crate::model::heads::normalize;
-use crate::model::whitening::Whitening;
+use crate::runs::{Ensemble, ModelArgs, ModelSpec, Whitened};
 use crate::runtime::prefetched;
-use crate::train::augment::{batch_with, Pipeline};
+use crate::transforms::{batch_with, Pipeline};
 use anyhow::{bail, Context, Result};
 use image::RgbImage;
 use indicatif::ProgressBar;
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
 /// Row-major `[names.len(), dim]` unit vectors.
@@ -158,150 +161,7 @@ where
     Ok(out)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn embeddings_round_trip_through_their_file() {
-        let e = Embeddings {
-            names: vec!["a.jpg".into(), "b,c.jpg".into()],
-            dim: 3,
-            vectors: vec![1.0, 0.0, 0.0, 0.0, 0.6, 0.8],
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("e.safetensors");
-        e.save(&path).unwrap();
-        assert_eq!(Embeddings::load(&path).unwrap(), e);
-        assert_eq!(e.row(1), &[0.0, 0.6, 0.8]);
-        std::fs::write(&path, b"garbage").unwrap();
-        let err = Embeddings::load(&path).unwrap_err().to_string();
-        assert!(err.contains("e.safetensors"), "{err}");
-    }
-}
-
-/// Trained models whose embeddings are fused: each L2-normalised and weighted, concatenated,
-/// and normalised again, so the fused cosine is the weighted mean of the models' cosines.
-pub struct Ensemble {
-    pub models: Vec<HappyWhaleModel>,
-    pub weights: Vec<f32>,
-    /// The new_individual threshold: the mean of the models' own thresholds.
-    pub threshold: f32,
-    /// Per-species thresholds: for each species, the mean over the models (a model without
-    /// one for that species counts its global threshold).
-    pub species_thresholds: BTreeMap<String, f32>,
-    /// Weight of the ArcFace heads' scores against the kNN scores (the models' mean; 0 = kNN).
-    pub fusion_weight: f32,
-    /// Runs of the frozen mode: groups of members whose fused features a learnt whitening maps
-    /// to one embedding.
-    pub whitened: Vec<Whitened>,
-}
-
-/// Members `first..first + count` of an ensemble, fused with equal weights and whitened into
-/// one part (weighted as member `first`).
-pub struct Whitened {
-    pub first: usize,
-    pub count: usize,
-    pub whitening: Whitening,
-}
-
 impl Ensemble {
-    /// Load run folders (or checkpoint folders) with equal weights; a run whose validation
-    /// chose to fuse the pretrained backbone's features brings them as a member of its own, at
-    /// the chosen weight (one member for runs sharing a backbone and size); a frozen-mode run
-    /// brings its backbones and their whitening.
-    pub fn load(runs: &[std::path::PathBuf], device: tch::Device) -> Result<Self> {
-        anyhow::ensure!(!runs.is_empty(), "no model given");
-        let mut models = Vec::new();
-        let mut saved = Vec::new();
-        let mut whitened = Vec::new();
-        let mut pretrained: Vec<((String, i64), f32)> = Vec::new();
-        for run in runs {
-            let dir = crate::train::run::checkpoint_dir(run)?;
-            let decision = crate::train::run::saved_decision(&dir)?;
-            if let Some((members, whitening)) = crate::train::frozen::load(&dir, device)? {
-                whitened.push(Whitened {
-                    first: models.len(),
-                    count: members.len(),
-                    whitening,
-                });
-                models.extend(members);
-                saved.push(decision);
-                continue;
-            }
-            let model = HappyWhaleModel::load(&dir, device)?;
-            if decision.pretrained_weight > 0.0 {
-                let key = (model.config.backbone.clone(), model.config.img_size);
-                match pretrained.iter_mut().find(|(k, _)| *k == key) {
-                    // Fused cosines add as squared weights.
-                    Some((_, w)) => *w = w.hypot(decision.pretrained_weight),
-                    None => pretrained.push((key, decision.pretrained_weight)),
-                }
-            }
-            models.push(model);
-            saved.push(decision);
-        }
-        let mut weights = vec![1.0; models.len()];
-        for ((backbone, size), w) in pretrained {
-            models.push(HappyWhaleModel::zero_shot(&backbone, Some(size), device)?);
-            weights.push(w);
-        }
-        let n = saved.len() as f32;
-        let species: std::collections::BTreeSet<&String> = saved
-            .iter()
-            .flat_map(|d| d.thresholds.by_species.keys())
-            .collect();
-        let species_thresholds = species
-            .into_iter()
-            .map(|s| {
-                let sum: f32 = saved
-                    .iter()
-                    .map(|d| d.thresholds.for_species(Some(s)))
-                    .sum();
-                (s.clone(), sum / n)
-            })
-            .collect();
-        Ok(Self {
-            weights,
-            models,
-            threshold: saved.iter().map(|d| d.thresholds.global).sum::<f32>() / n,
-            species_thresholds,
-            fusion_weight: saved.iter().map(|d| d.fusion_weight).sum::<f32>() / n,
-            whitened,
-        })
-    }
-
-    /// A pretrained backbone's GeM-pooled features, with a given new_individual threshold.
-    pub fn zero_shot(
-        backbone: &str,
-        img_size: Option<i64>,
-        threshold: f32,
-        device: tch::Device,
-    ) -> Result<Self> {
-        Ok(Self {
-            models: vec![HappyWhaleModel::zero_shot(backbone, img_size, device)?],
-            weights: vec![1.0],
-            threshold,
-            species_thresholds: BTreeMap::new(),
-            fusion_weight: 0.0,
-            whitened: Vec::new(),
-        })
-    }
-
-    pub fn dim(&self) -> usize {
-        let whitened: usize = self.whitened.iter().map(|g| g.whitening.dim_out).sum();
-        let members: usize = (0..self.models.len())
-            .filter(|&i| {
-                !self
-                    .whitened
-                    .iter()
-                    .any(|g| (g.first..g.first + g.count).contains(&i))
-            })
-            .map(|i| self.models[i].config.embedding_size as usize)
-            .sum();
-        whitened + members
-    }
-
     /// Fused unit embeddings of `count` photos, `load(i)` giving photo i.
     pub fn embed<F>(
         &self,
@@ -324,6 +184,106 @@ impl Ensemble {
             .collect::<Result<_>>()?;
         fuse_members(&parts, &self.weights, &self.whitened, count)
     }
+}
+
+/// How photos are embedded: the option group of every command that embeds.
+#[derive(Clone, Debug, clap::Args)]
+pub struct EmbedOptions {
+    /// Embed each photo as the mean of its embedding and its mirror image's.
+    #[arg(long)]
+    pub flip_tta: bool,
+    /// Photos per batch through the model.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Crop sets embedded and fused by share (NAME=BOXES.csv[+MORE.csv][:SHARE] or full), their
+    /// boxes covering the photos [default: the set the first model validated on; whole photos
+    /// for --zero-shot].
+    #[arg(long, value_delimiter = ',')]
+    pub crops: Vec<CropSet>,
+}
+
+impl EmbedOptions {
+    /// The crop sets to embed: those given, else the ones `spec`'s models validated on.
+    pub fn crop_sets(&self, spec: &ModelSpec) -> Result<Vec<LoadedCropSet>> {
+        let crops = match self.crops.is_empty() {
+            true => spec.validation_crops()?,
+            false => self.crops.clone(),
+        };
+        crate::crops::sets::load_sets(&crops)
+    }
+
+    /// Unit embeddings of the photos `names` in `dir` (see [`embed_crops`]).
+    pub fn embed(
+        &self,
+        ensemble: &Ensemble,
+        sets: &[LoadedCropSet],
+        dir: &Path,
+        names: &[String],
+        progress: &ProgressBar,
+    ) -> Result<Vec<f32>> {
+        embed_crops(
+            ensemble,
+            sets,
+            dir,
+            names,
+            self.batch_size,
+            self.flip_tta,
+            progress,
+        )
+    }
+}
+
+/// `finprint embed`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct EmbedArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Folder of photos (.jpg, .jpeg, .png).
+    #[arg(long)]
+    pub images: PathBuf,
+    /// The embeddings file to write (safetensors, image names in its metadata).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub options: EmbedOptions,
+}
+
+/// Embed every photo of `args.images` and write the embeddings file; returns what was written.
+pub fn run(args: &EmbedArgs, progress: &ProgressBar) -> Result<Embeddings> {
+    let spec = args.model.spec();
+    let ensemble = spec.load(None, crate::runtime::device())?;
+    let sets = args.options.crop_sets(&spec)?;
+    let names = crate::data::image::list_photos(&args.images)?;
+    let vectors = args
+        .options
+        .embed(&ensemble, &sets, &args.images, &names, progress)?;
+    let embeddings = Embeddings {
+        dim: vectors.len() / names.len().max(1),
+        names,
+        vectors,
+    };
+    embeddings.save(&args.out)?;
+    Ok(embeddings)
+}
+
+/// Unit embeddings of the photos `names` in `dir`: the ensemble's embedding of each crop set's
+/// crop, fused with the sets' shares as weights.
+pub fn embed_crops(
+    ensemble: &Ensemble,
+    sets: &[LoadedCropSet],
+    dir: &Path,
+    names: &[String],
+    batch: usize,
+    flip_tta: bool,
+    progress: &ProgressBar,
+) -> anyhow::Result<Vec<f32>> {
+    let mut parts = Vec::with_capacity(sets.len());
+    for set in sets {
+        let load = |i: usize| Ok(set.apply(&names[i], &load_rgb(&dir.join(&names[i]))?));
+        parts.push(ensemble.embed(names.len(), load, batch, flip_tta, progress)?);
+    }
+    let weights: Vec<f32> = sets.iter().map(|s| s.set.share as f32).collect();
+    Ok(fuse(&parts, &weights, names.len()))
 }
 
 /// The members' unit embeddings `parts` fused as an ensemble does: each whitened group's parts
@@ -382,8 +342,26 @@ pub fn fuse(parts: &[Vec<f32>], weights: &[f32], count: usize) -> Vec<f32> {
 }
 
 #[cfg(test)]
-mod fuse_tests {
-    use super::{fuse, fuse_members, Whitened, Whitening};
+mod tests {
+    use super::*;
+    use crate::model::whitening::Whitening;
+
+    #[test]
+    fn embeddings_round_trip_through_their_file() {
+        let e = Embeddings {
+            names: vec!["a.jpg".into(), "b,c.jpg".into()],
+            dim: 3,
+            vectors: vec![1.0, 0.0, 0.0, 0.0, 0.6, 0.8],
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.safetensors");
+        e.save(&path).unwrap();
+        assert_eq!(Embeddings::load(&path).unwrap(), e);
+        assert_eq!(e.row(1), &[0.0, 0.6, 0.8]);
+        std::fs::write(&path, b"garbage").unwrap();
+        let err = Embeddings::load(&path).unwrap_err().to_string();
+        assert!(err.contains("e.safetensors"), "{err}");
+    }
 
     #[test]
     fn a_whitened_group_becomes_one_part_beside_the_other_members() {

@@ -52,9 +52,23 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// FNV-1a, 64 bits: a stable fingerprint of bytes (std's hasher may change between releases).
+pub fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
+    bytes.iter().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fnv1a_matches_its_published_values() {
+        // FNV-1a 64 test vectors: "" and "a".
+        assert_eq!(fnv1a(b"", 0), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a", 0), 0xaf63_dc4c_8601_ec8c);
+    }
 
     #[test]
     fn failed_write_keeps_the_old_file_and_leaves_no_temporary() {

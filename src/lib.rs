@@ -1,35 +1,44 @@
 //! finprint identifies individual whales and dolphins from photos of their fins.
 //!
-//! The pipeline flows one way through these modules:
+//! The pipeline flows one way through these modules; each uses only those above it:
 //!
 //! | stage | module | holds |
 //! |---|---|---|
+//! | plumbing | [`fsio`], [`runtime`], [`args`] | atomic writes and fingerprints; device and threads; argument plumbing and progress bars |
 //! | data | [`data`] | Kaggle CSVs, images, species names, folds, statistics |
+//! | transforms | [`transforms`] | the photo as a network sees it: resize, normalise, batches |
+//! | crops | [`crops`] | boxes, the saliency crop, the ONNX detector, crop sets |
 //! | synthetic data | [`synth`] | a generated Kaggle-format catalogue of rendered fin photos |
-//! | crops | [`crops`] | box files, the saliency crop, the ONNX detector, crop sets |
-//! | model | [`model`] | backbones (registry), GeM, neck, ArcFace; checkpoints |
-//! | training | [`train`] | augmentations, AdamW, runs with validation, reports |
-//! | embeddings | [`embed`] | photos to unit vectors, flip TTA, model fusion |
-//! | search | [`search`] | the `Index` trait: exact (f32/f16) and HNSW |
-//! | prediction | [`predict`] | ranking individuals, `new_individual`, kNN + head fusion |
+//! | model | [`model`] | backbones (registry), GeM, neck, ArcFace, whitening; checkpoints |
+//! | run folders | [`runs`] | config, metrics, checkpoints and state of a run; loading runs as an [`runs::Ensemble`] |
+//! | embeddings | [`embed`] | photos (and their crops) to unit vectors, flip TTA, model fusion |
+//! | search | [`search`] | the `Index` trait: exact (f32/f16) and HNSW, chosen by an [`search::IndexSpec`] |
 //! | scoring | [`metrics`] | MAP@5 as Kaggle defines it |
+//! | prediction | [`predict`] | ranking individuals, `new_individual`, kNN + head fusion, submissions |
+//! | evaluation | [`evaluate`] | leave-one-out identification, bootstrap and paired bootstrap |
+//! | training | [`train`] | augmentations, AdamW, the gradient and frozen modes, reports |
+//! | demo | [`demo`] | the main job on the synthetic default |
 //! | catalogue | [`catalog`] | individuals, photos, sightings and decisions in SQLite |
 //! | service | [`service`] | the HTTP API and web page over a catalogue |
 //!
-//! [`runtime`] picks the device and threads.
-//!
-//! Every file written goes through [`fsio`]: a temporary file, then a rename.
+//! `src/main.rs` is the command line: each command is a function of these modules taking its
+//! typed arguments.
 
+pub mod args;
 pub mod catalog;
 pub mod crops;
 pub mod data;
+pub mod demo;
 pub mod embed;
+pub mod evaluate;
 pub mod fsio;
 pub mod metrics;
 pub mod model;
 pub mod predict;
+pub mod runs;
 pub mod runtime;
 pub mod search;
 pub mod service;
 pub mod synth;
 pub mod train;
+pub mod transforms;

@@ -1,7 +1,33 @@
 //! MAP@5 as Kaggle's Happywhale competition scores a submission.
 
-use crate::data::{Prediction, SolutionRow};
+use crate::data::{read_solution, read_submission, Prediction, SolutionRow};
+use anyhow::Context;
 use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// `finprint score`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ScoreArgs {
+    /// The truth: image,individual_id.
+    #[arg(long)]
+    pub solution: PathBuf,
+    /// The submission: image,predictions (5 space-separated ids).
+    #[arg(long)]
+    pub submission: PathBuf,
+}
+
+/// MAP@5 of the submission file against the solution file.
+pub fn score(args: &ScoreArgs) -> anyhow::Result<f64> {
+    let solution = read_solution(&args.solution)?;
+    let predictions = read_submission(&args.submission)?;
+    map_at_5(&solution, &predictions).with_context(|| {
+        format!(
+            "scoring {} against {}",
+            args.submission.display(),
+            args.solution.display()
+        )
+    })
+}
 
 /// How many ranked ids of a prediction count.
 pub const K: usize = 5;

@@ -1,17 +1,18 @@
 //! From ranked individuals to answers: `new_individual` inserted by a similarity threshold, and
 //! the threshold chosen on validation queries to maximise MAP@5.
 
-use crate::crops::sets::{load_sets, CropSet, LoadedCropSet};
-use crate::data::image::{list_photos, load_rgb};
-use crate::data::{read_train_csv, KaggleDir, Prediction, NEW_INDIVIDUAL};
-use crate::embed::{fuse, Ensemble};
+use crate::crops::LoadedCropSet;
+use crate::data::image::list_photos;
+use crate::data::{read_train_csv, write_submission, KaggleDir, Prediction, NEW_INDIVIDUAL};
+use crate::embed::EmbedOptions;
 use crate::metrics::{average_precision_at_5, K};
 use crate::model::happywhale::HappyWhaleModel;
-use crate::search::{rank_labels, Aggregation, FlatIndex, Index, Storage};
+use crate::runs::{Ensemble, ModelArgs};
+use crate::search::{rank_labels, Aggregation, Index, IndexSpec};
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::PathBuf;
 use tch::Tensor;
 
 /// One candidate individual for a query, with its similarity (higher is more alike).
@@ -311,6 +312,210 @@ pub fn fuse_with_head(
     fused
 }
 
+/// Where `new_individual` goes in the answers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum NewRule {
+    /// Before the first candidate whose similarity is below the threshold (of its species).
+    Threshold(Thresholds),
+    /// First for this share of the queries, those whose best candidate is weakest (the
+    /// winners' fixed share of new predictions).
+    Share(f64),
+}
+
+/// `finprint predict`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct PredictArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A folder in Kaggle's layout: train.csv and train_images/ are the catalogue,
+    /// test_images/ the photos to identify.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The submission to write (image,predictions).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The new_individual threshold [default: the one chosen on the models' validation; 0 for
+    /// --zero-shot].
+    #[arg(long)]
+    pub threshold: Option<f32>,
+    /// Instead of a threshold: put new_individual first for this share of the test photos
+    /// (those whose best candidate is weakest).
+    #[arg(long, conflicts_with = "threshold")]
+    pub new_share: Option<f64>,
+    /// Weight of the ArcFace heads' scores against the kNN scores [default: the one chosen on
+    /// the models' validation]; 0: kNN alone.
+    #[arg(long)]
+    pub fusion_weight: Option<f32>,
+    /// The catalogue's search index: flat (exact), flat-f16 or hnsw[:M[,EF]].
+    #[arg(long, default_value_t = IndexSpec::default())]
+    pub index: IndexSpec,
+    #[command(flatten)]
+    pub options: EmbedOptions,
+}
+
+/// Predict `test_images/` of `args.data` and write the submission; returns the rule that
+/// placed new_individual and the number of predictions.
+pub fn run(args: &PredictArgs, progress: &ProgressBar) -> anyhow::Result<(NewRule, usize)> {
+    let spec = args.model.spec();
+    let mut ensemble = spec.load(None, crate::runtime::device())?;
+    if let Some(w) = args.fusion_weight {
+        ensemble.fusion_weight = w;
+    }
+    let rule = match (args.new_share, args.threshold) {
+        (Some(share), _) => NewRule::Share(share),
+        (None, Some(t)) => NewRule::Threshold(Thresholds::global(t)),
+        (None, None) => NewRule::Threshold((&ensemble).into()),
+    };
+    let sets = args.options.crop_sets(&spec)?;
+    let predictions = predict_submission(
+        &ensemble,
+        &KaggleDir::new(&args.data),
+        &sets,
+        &rule,
+        &args.options,
+        args.index,
+        progress,
+    )?;
+    anyhow::ensure!(
+        !predictions.is_empty(),
+        "{} holds no photo to predict",
+        KaggleDir::new(&args.data).test_images().display()
+    );
+    write_submission(&args.out, &predictions)?;
+    Ok((rule, predictions.len()))
+}
+
+/// A Kaggle submission for `test_images/` of `data`: every photo of `train.csv` is the
+/// catalogue (searched through an index of kind `index`), ranked per individual by its best
+/// photo, `new_individual` by the rule.
+pub fn predict_submission(
+    ensemble: &Ensemble,
+    data: &KaggleDir,
+    sets: &[LoadedCropSet],
+    new_rule: &NewRule,
+    options: &EmbedOptions,
+    index: IndexSpec,
+    progress: &ProgressBar,
+) -> anyhow::Result<Vec<Prediction>> {
+    let train = read_train_csv(&data.train_csv())?;
+    let tests = list_photos(&data.test_images())?;
+    anyhow::ensure!(
+        !train.rows.is_empty(),
+        "{} lists no photo",
+        data.train_csv().display()
+    );
+    let names: Vec<String> = train.rows.iter().map(|r| r.image.clone()).collect();
+    progress.set_message("embedding the catalogue");
+    let gallery = options.embed(ensemble, sets, &data.train_images(), &names, progress)?;
+    progress.set_message("embedding the test photos");
+    let queries = options.embed(ensemble, sets, &data.test_images(), &tests, progress)?;
+    let mut ids: Vec<String> = train.rows.iter().map(|r| r.individual_id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    let labels: Vec<u32> = train
+        .rows
+        .iter()
+        .map(|r| ids.binary_search(&r.individual_id).map_or(0, |i| i as u32))
+        .collect();
+    let index = index.build_with(gallery.len() / names.len(), &gallery)?;
+    let knn = rank_candidates(
+        index.as_ref(),
+        &labels,
+        &ids,
+        &queries,
+        Aggregation::Max,
+        FUSION_DEPTH,
+    )?;
+    let models: Vec<&HappyWhaleModel> = ensemble.models.iter().collect();
+    let heads = if ensemble.fusion_weight > 0.0 {
+        head_candidates(
+            &models,
+            &ensemble.weights,
+            &queries,
+            tests.len(),
+            FUSION_DEPTH,
+        )?
+    } else {
+        None
+    };
+    let ranked = fuse_all(knn, heads.as_deref(), ensemble.fusion_weight);
+    let species_of: HashMap<String, String> = train
+        .rows
+        .iter()
+        .map(|r| (r.individual_id.clone(), r.species.clone()))
+        .collect();
+    let thresholds = match new_rule {
+        NewRule::Threshold(t) => t.clone(),
+        NewRule::Share(share) => {
+            let best: Vec<f32> = ranked
+                .iter()
+                .filter_map(|c| c.first().map(|c| c.score))
+                .collect();
+            Thresholds::global(threshold_for_new_share(&best, *share))
+        }
+    };
+    Ok(tests
+        .into_iter()
+        .zip(ranked)
+        .map(|(image, c)| Prediction {
+            image,
+            ids: thresholds.answers(&c, &species_of),
+        })
+        .collect())
+}
+
+/// Candidates kept per query before blending kNN and head scores.
+pub const FUSION_DEPTH: usize = 20;
+
+/// The five candidates of each query: kNN scores blended with the heads' (`fuse_with_head`)
+/// where `heads` are given and `weight` is positive, the kNN ranking alone otherwise.
+pub fn fuse_all(
+    knn: Vec<Vec<Candidate>>,
+    heads: Option<&[Vec<Candidate>]>,
+    weight: f32,
+) -> Vec<Vec<Candidate>> {
+    match heads {
+        Some(heads) if weight > 0.0 => knn
+            .iter()
+            .zip(heads)
+            .map(|(k, h)| fuse_with_head(k, h, weight, K))
+            .collect(),
+        _ => knn
+            .into_iter()
+            .map(|mut c| {
+                c.truncate(K);
+                c
+            })
+            .collect(),
+    }
+}
+
+/// Head weights tried on validation.
+pub const FUSION_WEIGHTS: [f32; 5] = [0.0, 0.25, 0.5, 0.75, 1.0];
+
+/// The blend weight of kNN and head scores that maximises MAP@5 (with its best global
+/// threshold) over validation queries; the lowest weight among equals. Returns the weight and
+/// the MAP@5 of every weight tried.
+pub fn choose_fusion_weight(
+    knn: &[Vec<Candidate>],
+    heads: &[Vec<Candidate>],
+    truths: &[String],
+) -> (f32, Vec<(f32, f64)>) {
+    let tried: Vec<(f32, f64)> = FUSION_WEIGHTS
+        .iter()
+        .map(|&w| {
+            let ranked = fuse_all(knn.to_vec(), Some(heads), w);
+            let queries: Vec<_> = ranked.into_iter().zip(truths.iter().cloned()).collect();
+            (w, best_threshold(&queries).1)
+        })
+        .collect();
+    let best = tried.iter().fold(
+        (0.0, f64::NEG_INFINITY),
+        |b, &(w, m)| if m > b.1 { (w, m) } else { b },
+    );
+    (best.0, tried)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -449,541 +654,5 @@ mod tests {
         assert!((t - 0.6).abs() < 1e-6);
         assert_eq!(best.iter().filter(|&&s| s < t).count(), 2);
         assert_eq!(threshold_for_new_share(&best, 0.0), f32::NEG_INFINITY);
-    }
-}
-
-/// Where `new_individual` goes in the answers.
-#[derive(Clone, Debug, PartialEq)]
-pub enum NewRule {
-    /// Before the first candidate whose similarity is below the threshold (of its species).
-    Threshold(Thresholds),
-    /// First for this share of the queries, those whose best candidate is weakest (the
-    /// winners' fixed share of new predictions).
-    Share(f64),
-}
-
-/// A Kaggle submission for `test_images/` of `data`: every photo of `train.csv` is the
-/// catalogue, ranked per individual by its best photo, `new_individual` by the threshold.
-pub fn predict_submission(
-    ensemble: &Ensemble,
-    data: &KaggleDir,
-    crops: &[CropSet],
-    new_rule: &NewRule,
-    batch: usize,
-    flip_tta: bool,
-    progress: &ProgressBar,
-) -> anyhow::Result<Vec<Prediction>> {
-    let train = read_train_csv(&data.train_csv())?;
-    let tests = list_photos(&data.test_images())?;
-    anyhow::ensure!(
-        !train.rows.is_empty(),
-        "{} lists no photo",
-        data.train_csv().display()
-    );
-    let names: Vec<String> = train.rows.iter().map(|r| r.image.clone()).collect();
-    let sets = load_sets(crops)?;
-    progress.set_message("embedding the catalogue");
-    let gallery = embed_crops(
-        ensemble,
-        &sets,
-        &data.train_images(),
-        &names,
-        batch,
-        flip_tta,
-        progress,
-    )?;
-    progress.set_message("embedding the test photos");
-    let queries = embed_crops(
-        ensemble,
-        &sets,
-        &data.test_images(),
-        &tests,
-        batch,
-        flip_tta,
-        progress,
-    )?;
-    let mut ids: Vec<String> = train.rows.iter().map(|r| r.individual_id.clone()).collect();
-    ids.sort();
-    ids.dedup();
-    let labels: Vec<u32> = train
-        .rows
-        .iter()
-        .map(|r| ids.binary_search(&r.individual_id).map_or(0, |i| i as u32))
-        .collect();
-    let mut index = FlatIndex::new(gallery.len() / names.len(), Storage::F32);
-    index.add(&gallery)?;
-    let knn = rank_candidates(
-        &index,
-        &labels,
-        &ids,
-        &queries,
-        Aggregation::Max,
-        FUSION_DEPTH,
-    )?;
-    let models: Vec<&HappyWhaleModel> = ensemble.models.iter().collect();
-    let heads = if ensemble.fusion_weight > 0.0 {
-        head_candidates(
-            &models,
-            &ensemble.weights,
-            &queries,
-            tests.len(),
-            FUSION_DEPTH,
-        )?
-    } else {
-        None
-    };
-    let ranked = fuse_all(knn, heads.as_deref(), ensemble.fusion_weight);
-    let species_of: HashMap<String, String> = train
-        .rows
-        .iter()
-        .map(|r| (r.individual_id.clone(), r.species.clone()))
-        .collect();
-    let thresholds = match new_rule {
-        NewRule::Threshold(t) => t.clone(),
-        NewRule::Share(share) => {
-            let best: Vec<f32> = ranked
-                .iter()
-                .filter_map(|c| c.first().map(|c| c.score))
-                .collect();
-            Thresholds::global(threshold_for_new_share(&best, *share))
-        }
-    };
-    Ok(tests
-        .into_iter()
-        .zip(ranked)
-        .map(|(image, c)| Prediction {
-            image,
-            ids: thresholds.answers(&c, &species_of),
-        })
-        .collect())
-}
-
-/// Unit embeddings of the photos `names` in `dir`: the ensemble's embedding of each crop set's
-/// crop, fused with the sets' shares as weights.
-pub fn embed_crops(
-    ensemble: &Ensemble,
-    sets: &[LoadedCropSet],
-    dir: &Path,
-    names: &[String],
-    batch: usize,
-    flip_tta: bool,
-    progress: &ProgressBar,
-) -> anyhow::Result<Vec<f32>> {
-    let mut parts = Vec::with_capacity(sets.len());
-    for set in sets {
-        let load = |i: usize| Ok(set.apply(&names[i], &load_rgb(&dir.join(&names[i]))?));
-        parts.push(ensemble.embed(names.len(), load, batch, flip_tta, progress)?);
-    }
-    let weights: Vec<f32> = sets.iter().map(|s| s.set.share as f32).collect();
-    Ok(fuse(&parts, &weights, names.len()))
-}
-
-/// Candidates kept per query before blending kNN and head scores.
-pub const FUSION_DEPTH: usize = 20;
-
-/// The five candidates of each query: kNN scores blended with the heads' (`fuse_with_head`)
-/// where `heads` are given and `weight` is positive, the kNN ranking alone otherwise.
-pub fn fuse_all(
-    knn: Vec<Vec<Candidate>>,
-    heads: Option<&[Vec<Candidate>]>,
-    weight: f32,
-) -> Vec<Vec<Candidate>> {
-    match heads {
-        Some(heads) if weight > 0.0 => knn
-            .iter()
-            .zip(heads)
-            .map(|(k, h)| fuse_with_head(k, h, weight, K))
-            .collect(),
-        _ => knn
-            .into_iter()
-            .map(|mut c| {
-                c.truncate(K);
-                c
-            })
-            .collect(),
-    }
-}
-
-/// Head weights tried on validation.
-pub const FUSION_WEIGHTS: [f32; 5] = [0.0, 0.25, 0.5, 0.75, 1.0];
-
-/// The blend weight of kNN and head scores that maximises MAP@5 (with its best global
-/// threshold) over validation queries; the lowest weight among equals. Returns the weight and
-/// the MAP@5 of every weight tried.
-pub fn choose_fusion_weight(
-    knn: &[Vec<Candidate>],
-    heads: &[Vec<Candidate>],
-    truths: &[String],
-) -> (f32, Vec<(f32, f64)>) {
-    let tried: Vec<(f32, f64)> = FUSION_WEIGHTS
-        .iter()
-        .map(|&w| {
-            let ranked = fuse_all(knn.to_vec(), Some(heads), w);
-            let queries: Vec<_> = ranked.into_iter().zip(truths.iter().cloned()).collect();
-            (w, best_threshold(&queries).1)
-        })
-        .collect();
-    let best = tried.iter().fold(
-        (0.0, f64::NEG_INFINITY),
-        |b, &(w, m)| if m > b.1 { (w, m) } else { b },
-    );
-    (best.0, tried)
-}
-
-/// Leave-one-out identification over a labelled set.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct LooReport {
-    pub queries: usize,
-    /// Queries whose identity has another photo to be found by.
-    pub known_queries: usize,
-    /// Over the known queries, ranking identities only: top-1, top-5 and MAP@5.
-    pub top1: f64,
-    pub top5: f64,
-    pub map5_known: f64,
-    /// Over all queries, `new_individual` inserted at `threshold` (truth for lone photos).
-    pub map5: f64,
-    pub threshold: f32,
-    /// The threshold that would have been best here, and its MAP@5 (an optimistic bound).
-    pub best_threshold: f32,
-    pub best_map5: f64,
-    /// Each known query's row in `ids` and the rank of its true identity among its first
-    /// five candidates (`None` when not among them): what `bootstrap` resamples.
-    #[serde(skip)]
-    pub known_ranks: Vec<(usize, Option<usize>)>,
-}
-
-/// Query every photo against all the others (of the same group, when `groups` is given):
-/// `emb` is row-major `[ids.len(), dim]` unit vectors.
-pub fn leave_one_out(
-    emb: &[f32],
-    dim: usize,
-    ids: &[String],
-    groups: Option<&[String]>,
-    threshold: f32,
-) -> anyhow::Result<LooReport> {
-    let n = ids.len();
-    anyhow::ensure!(n > 1, "leave-one-out needs at least two photos, got {n}");
-    let mut members: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for i in 0..n {
-        members
-            .entry(groups.map_or("", |g| g[i].as_str()))
-            .or_default()
-            .push(i);
-    }
-    let mut queries: Vec<(Vec<Candidate>, String)> = vec![(Vec::new(), String::new()); n];
-    for rows in members.values() {
-        let mut names: Vec<String> = rows.iter().map(|&i| ids[i].clone()).collect();
-        names.sort();
-        names.dedup();
-        let labels: Vec<u32> = rows
-            .iter()
-            .map(|&i| names.binary_search(&ids[i]).map_or(0, |x| x as u32))
-            .collect();
-        let vectors: Vec<f32> = rows
-            .iter()
-            .flat_map(|&i| emb[i * dim..(i + 1) * dim].iter().copied())
-            .collect();
-        let mut index = FlatIndex::new(dim, Storage::F32);
-        index.add(&vectors)?;
-        let k = (K * 20 + 1).max(101).min(rows.len());
-        let found = index.search(&vectors, k)?;
-        let mut count: HashMap<&str, usize> = HashMap::new();
-        rows.iter()
-            .for_each(|&i| *count.entry(ids[i].as_str()).or_default() += 1);
-        for (local, neighbors) in found.into_iter().enumerate() {
-            let others: Vec<_> = neighbors
-                .into_iter()
-                .filter(|nb| nb.id as usize != local)
-                .collect();
-            let candidates = rank_labels(&others, &labels, Aggregation::Max, K)
-                .into_iter()
-                .map(|(l, score)| Candidate {
-                    id: names[l as usize].clone(),
-                    score,
-                })
-                .collect();
-            let i = rows[local];
-            let truth = if count[ids[i].as_str()] > 1 {
-                ids[i].clone()
-            } else {
-                NEW_INDIVIDUAL.to_string()
-            };
-            queries[i] = (candidates, truth);
-        }
-    }
-    let known: Vec<&(Vec<Candidate>, String)> = queries
-        .iter()
-        .filter(|(_, t)| t != NEW_INDIVIDUAL)
-        .collect();
-    let rank_of = |(c, t): &(Vec<Candidate>, String)| c.iter().position(|x| &x.id == t);
-    let share = |f: &dyn Fn(Option<usize>) -> f64| {
-        known.iter().map(|q| f(rank_of(q))).sum::<f64>() / known.len().max(1) as f64
-    };
-    let map_at = |t: f32| {
-        queries
-            .iter()
-            .map(|(c, truth)| average_precision_at_5(truth, &answers(c, t)))
-            .sum::<f64>()
-            / n.max(1) as f64
-    };
-    let (best_threshold, best_map5) = best_threshold(&queries);
-    Ok(LooReport {
-        queries: n,
-        known_queries: known.len(),
-        top1: share(&|r| f64::from(u8::from(r == Some(0)))),
-        top5: share(&|r| f64::from(u8::from(r.is_some_and(|r| r < K)))),
-        map5_known: share(&|r| r.filter(|&r| r < K).map_or(0.0, |r| 1.0 / (r + 1) as f64)),
-        map5: map_at(threshold),
-        threshold,
-        best_threshold,
-        best_map5,
-        known_ranks: queries
-            .iter()
-            .enumerate()
-            .filter(|(_, (_, t))| t != NEW_INDIVIDUAL)
-            .map(|(i, q)| (i, rank_of(q)))
-            .collect(),
-    })
-}
-
-/// 95% percentile-bootstrap intervals of the known queries' top-1, top-5 and MAP@5 (each
-/// `[low, high]`), resampling whole units (animals) with replacement.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Bootstrap {
-    pub resamples: usize,
-    pub seed: u64,
-    /// Units resampled: the distinct units of the known queries.
-    pub units: usize,
-    pub top1: [f64; 2],
-    pub top5: [f64; 2],
-    pub map5: [f64; 2],
-}
-
-impl Bootstrap {
-    /// Intervals of the means of per-query top-1, top-5 and MAP@5 `values` (see
-    /// [`bootstrap_means`]), `unit_count` distinct units.
-    fn of(
-        values: &[[f64; 3]],
-        units: &[usize],
-        unit_count: usize,
-        resamples: usize,
-        seed: u64,
-    ) -> Self {
-        let [top1, top5, map5] = bootstrap_means(values, units, resamples, seed);
-        Bootstrap {
-            resamples,
-            seed,
-            units: unit_count,
-            top1,
-            top5,
-            map5,
-        }
-    }
-}
-
-impl LooReport {
-    /// Each known query's unit (an index into the sorted distinct units, also returned) and its
-    /// top-1, top-5 and MAP@5 values.
-    fn known_values<'a>(&self, unit_of: &'a [String]) -> (Vec<&'a str>, Vec<usize>, Vec<[f64; 3]>) {
-        let mut names: Vec<&str> = self
-            .known_ranks
-            .iter()
-            .map(|&(i, _)| unit_of[i].as_str())
-            .collect();
-        names.sort_unstable();
-        names.dedup();
-        let (units, values) = self
-            .known_ranks
-            .iter()
-            .map(|&(i, r)| {
-                let hit = |ok: bool| f64::from(u8::from(ok));
-                let unit = names.binary_search(&unit_of[i].as_str()).unwrap_or(0);
-                let map = r.filter(|&r| r < K).map_or(0.0, |r| 1.0 / (r + 1) as f64);
-                (
-                    unit,
-                    [hit(r == Some(0)), hit(r.is_some_and(|r| r < K)), map],
-                )
-            })
-            .unzip();
-        (names, units, values)
-    }
-
-    /// Bootstrap intervals over units, `unit_of[i]` naming the unit of row `i` of the `ids`
-    /// given to `leave_one_out` (for nyala the animal, while the identity is animal + flank).
-    pub fn bootstrap(&self, unit_of: &[String], resamples: usize, seed: u64) -> Bootstrap {
-        let (names, units, values) = self.known_values(unit_of);
-        Bootstrap::of(&values, &units, names.len(), resamples, seed)
-    }
-
-    /// How much better `self` does than `baseline` on the same photos: the differences of
-    /// top-1, top-5 and MAP@5 over the known queries, with 95% intervals of a paired bootstrap
-    /// (each resample draws units and compares both on the same queries), which is narrower
-    /// than two separate intervals as an animal hard for one is usually hard for the other.
-    pub fn paired_bootstrap(
-        &self,
-        baseline: &LooReport,
-        unit_of: &[String],
-        resamples: usize,
-        seed: u64,
-    ) -> anyhow::Result<Difference> {
-        let same_queries = self.known_ranks.len() == baseline.known_ranks.len()
-            && self
-                .known_ranks
-                .iter()
-                .zip(&baseline.known_ranks)
-                .all(|(a, b)| a.0 == b.0);
-        anyhow::ensure!(same_queries, "the two evaluations have different queries");
-        let (names, units, values) = self.known_values(unit_of);
-        let (_, _, base) = baseline.known_values(unit_of);
-        let diffs: Vec<[f64; 3]> = values
-            .iter()
-            .zip(&base)
-            .map(|(a, b)| std::array::from_fn(|k| a[k] - b[k]))
-            .collect();
-        let mean = |k: usize| diffs.iter().map(|d| d[k]).sum::<f64>() / diffs.len().max(1) as f64;
-        Ok(Difference {
-            top1: mean(0),
-            top5: mean(1),
-            map5: mean(2),
-            interval: Bootstrap::of(&diffs, &units, names.len(), resamples, seed),
-        })
-    }
-}
-
-/// Differences of top-1, top-5 and MAP@5 (known queries) between two evaluations of the same
-/// photos, with their paired-bootstrap intervals.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Difference {
-    pub top1: f64,
-    pub top5: f64,
-    pub map5: f64,
-    pub interval: Bootstrap,
-}
-
-/// The 2.5% and 97.5% percentiles of the mean of `values` (one row per query, `unit[i]` the
-/// unit of query `i`) when the units are drawn with replacement `resamples` times: each draw
-/// takes as many units as there are, and its mean is over all the queries of the drawn units.
-pub fn bootstrap_means<const M: usize>(
-    values: &[[f64; M]],
-    unit: &[usize],
-    resamples: usize,
-    seed: u64,
-) -> [[f64; 2]; M] {
-    use rand::{Rng, SeedableRng};
-    let units = unit.iter().max().map_or(0, |&u| u + 1);
-    let mut sums = vec![([0.0; M], 0usize); units];
-    for (v, &u) in values.iter().zip(unit) {
-        sums[u].1 += 1;
-        for (s, x) in sums[u].0.iter_mut().zip(v) {
-            *s += x;
-        }
-    }
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let mut draws: [Vec<f64>; M] = std::array::from_fn(|_| Vec::with_capacity(resamples));
-    for _ in 0..resamples.max(1) {
-        let mut total = [0.0; M];
-        let mut count = 0;
-        for _ in 0..units {
-            let (s, n) = &sums[rng.gen_range(0..units)];
-            total.iter_mut().zip(s).for_each(|(t, x)| *t += x);
-            count += n;
-        }
-        for (d, t) in draws.iter_mut().zip(total) {
-            d.push(t / count.max(1) as f64);
-        }
-    }
-    draws.map(|mut d| {
-        d.sort_by(f64::total_cmp);
-        let at = |p: f64| d[((d.len() - 1) as f64 * p).round() as usize];
-        [at(0.025), at(0.975)]
-    })
-}
-
-#[cfg(test)]
-mod bootstrap_tests {
-    use super::*;
-
-    #[test]
-    fn equal_animals_give_a_zero_width_interval() {
-        // Four animals with the same outcomes: every resample has the same mean.
-        let values = vec![[1.0, 0.5]; 8];
-        let unit = [0, 0, 1, 1, 2, 2, 3, 3];
-        let ci = bootstrap_means(&values, &unit, 500, 1);
-        assert_eq!(ci, [[1.0, 1.0], [0.5, 0.5]]);
-    }
-
-    #[test]
-    fn two_animals_span_both_extremes() {
-        // Draws of two animals: {a,a} mean 1 and {b,b} mean 0, each a quarter of the time.
-        let ci = bootstrap_means(&[[1.0], [0.0]], &[0, 1], 1000, 3);
-        assert_eq!(ci, [[0.0, 1.0]]);
-    }
-
-    #[test]
-    fn the_interval_matches_the_normal_approximation() {
-        // 100 animals, half always right: mean 0.5, standard error sqrt(0.25 / 100) = 0.05,
-        // so the 95% interval is about 0.5 ± 0.098. The same seed gives the same interval.
-        let values: Vec<[f64; 1]> = (0..100)
-            .map(|i| [f64::from(u8::from(i % 2 == 0))])
-            .collect();
-        let unit: Vec<usize> = (0..100).collect();
-        let [[lo, hi]] = bootstrap_means(&values, &unit, 4000, 7);
-        assert!(
-            (lo - 0.402).abs() < 0.02 && (hi - 0.598).abs() < 0.02,
-            "{lo} {hi}"
-        );
-        assert_eq!(bootstrap_means(&values, &unit, 4000, 7), [[lo, hi]]);
-    }
-
-    #[test]
-    fn leave_one_out_ranks_feed_the_bootstrap_by_animal() {
-        // Animal a (identity x): photo 0 is nearer photo 3 of y than its own photo 1, so it
-        // ranks x second; photo 1 ranks x first. Animal b (identity y): photo 2 ranks y first,
-        // photo 3 second (behind x). Photo 4 is alone: a new individual, not a known query.
-        let emb = [
-            1.0, 0.0, //
-            0.6, -0.8, //
-            0.0, 1.0, //
-            0.8, 0.6, //
-            -1.0, 0.0,
-        ];
-        let ids: Vec<String> = ["x", "x", "y", "y", "z"].map(String::from).to_vec();
-        let r = leave_one_out(&emb, 2, &ids, None, -1.0).unwrap();
-        assert_eq!(r.known_queries, 4);
-        assert_eq!(
-            r.known_ranks,
-            [(0, Some(1)), (1, Some(0)), (2, Some(0)), (3, Some(1))]
-        );
-        assert!((r.top1 - 0.5).abs() < 1e-12 && (r.map5_known - 0.75).abs() < 1e-12);
-        let animals: Vec<String> = ["a", "a", "b", "b", "c"].map(String::from).to_vec();
-        paired_differences_resample_animals(&r, &animals);
-        let b = r.bootstrap(&animals, 1000, 5);
-        assert_eq!(b.units, 2);
-        // Each animal has one query right and one second: every resample gives the same.
-        assert_eq!(
-            (b.top1, b.top5, b.map5),
-            ([0.5, 0.5], [1.0, 1.0], [0.75, 0.75])
-        );
-    }
-
-    /// Against a baseline that ranks photo 0's identity first (one better) and photo 2's
-    /// third (two steps worse): differences over the 4 known queries, top-1 (−1 + 1) / 4 = 0,
-    /// top-5 0, MAP@5 (1/2 − 1 + 1 − 1/3) / 4 = 1/24. Animal a's queries differ by −1/2 in
-    /// MAP@5, b's by +2/3: resamples {a,a}, {a,b}, {b,b} span −1/4 … +1/3.
-    fn paired_differences_resample_animals(r: &LooReport, animals: &[String]) {
-        let mut baseline = r.clone();
-        baseline.known_ranks = vec![(0, Some(0)), (1, Some(0)), (2, Some(2)), (3, Some(1))];
-        let d = r.paired_bootstrap(&baseline, animals, 2000, 1).unwrap();
-        assert!(d.top1.abs() < 1e-12 && d.top5.abs() < 1e-12, "{d:?}");
-        assert!((d.map5 - 1.0 / 24.0).abs() < 1e-12, "{}", d.map5);
-        let [lo, hi] = d.interval.map5;
-        assert!(
-            (lo + 0.25).abs() < 1e-12 && (hi - 1.0 / 3.0).abs() < 1e-12,
-            "{lo} {hi}"
-        );
-        assert_eq!(d.interval.units, 2);
-        let mut other = baseline;
-        other.known_ranks.pop();
-        assert!(r.paired_bootstrap(&other, animals, 10, 1).is_err());
     }
 }

@@ -1,14 +1,11 @@
 //! The `finprint` command as a user runs it.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn finprint(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_finprint"))
-        .args(args)
-        .output()
-        .expect("finprint runs")
-}
+mod common;
+
+use common::run as finprint;
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

@@ -5,14 +5,13 @@ use finprint::crops::{
     self, auto_box, crop, crop_rect, iou, read_boxes, write_boxes, BoxFormat, BoxPx, BoxRow,
     CropArgs, CropOutcome,
 };
+mod common;
+
 use finprint::data::image::load_rgb;
 use finprint::data::KaggleDir;
-use finprint::synth::{generate, SynthConfig};
 use image::{Rgb, RgbImage};
-use indicatif::ProgressBar;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn b(x0: f32, y0: f32, x1: f32, y1: f32) -> BoxPx {
     BoxPx { x0, y0, x1, y1 }
@@ -25,16 +24,7 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 fn synth(dir: &Path, individuals: usize, width: u32, height: u32) -> KaggleDir {
-    let kaggle = KaggleDir::new(dir);
-    let cfg = SynthConfig {
-        individuals,
-        width,
-        height,
-        seed: 7,
-        ..SynthConfig::default()
-    };
-    generate(&kaggle, &cfg, &ProgressBar::hidden()).unwrap();
-    kaggle
+    common::synth(dir, individuals, width, height, 7)
 }
 
 #[test]
@@ -198,7 +188,7 @@ fn the_crop_command_crops_a_synthetic_catalogue() {
     write_boxes(&box_file, BoxFormat::Bbox, &rows).unwrap();
 
     let out = dir.path().join("crops");
-    let run = Command::new(env!("CARGO_BIN_EXE_finprint"))
+    let run = common::finprint()
         .args(["crop", "--boxes"])
         .arg(&box_file)
         .arg("--images")
@@ -235,7 +225,7 @@ fn the_crop_command_crops_a_synthetic_catalogue() {
 
     let auto_out = dir.path().join("auto");
     let found = dir.path().join("found.csv");
-    let run = Command::new(env!("CARGO_BIN_EXE_finprint"))
+    let run = common::finprint()
         .args(["crop", "--auto", "--margin", "0", "--images"])
         .arg(&images)
         .arg("--out")

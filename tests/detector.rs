@@ -3,6 +3,8 @@
 //! outputs, the boxes after decoding and NMS, and the `crop --detector` command.
 #![cfg(feature = "detector")]
 
+mod common;
+
 use finprint::crops::detector::{decode, letterbox, nms, to_nchw, Letterbox, YoloBox};
 use finprint::crops::{iou, read_boxes, BoxPx, Detector, DetectorConfig, Layout};
 use finprint::data::image::load_rgb;
@@ -10,7 +12,6 @@ use image::RgbImage;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 #[derive(Deserialize)]
 struct Reference {
@@ -194,7 +195,7 @@ fn the_crop_command_crops_to_the_best_detection() {
 
     let crop = |conf: f32, out: &str| {
         let found = dir.path().join(format!("{out}.csv"));
-        let run = Command::new(env!("CARGO_BIN_EXE_finprint"))
+        let run = common::finprint()
             .args(["crop", "--margin", "0", "--conf", &conf.to_string()])
             .arg("--detector")
             .arg(fixtures().join(&m.file))

@@ -1,12 +1,10 @@
 //! The assembled model: checkpoints restore exactly, and a few optimiser steps fit a batch.
 
+mod common;
+
 use finprint::model::happywhale::{HappyWhaleModel, ModelConfig};
 use finprint::train::optim::{AdamW, Group};
-use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
-
-/// libtorch's threads collapse when two models run at once: one model test at a time.
-static LOCK: Mutex<()> = Mutex::new(());
 
 fn config(classes: usize) -> ModelConfig {
     let names = (0..classes).map(|c| format!("id{c}")).collect();
@@ -18,7 +16,7 @@ fn config(classes: usize) -> ModelConfig {
 
 #[test]
 fn save_then_load_restores_every_weight_and_the_embeddings() {
-    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = common::serial();
     tch::manual_seed(0);
     let model = HappyWhaleModel::new(config(5), Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -52,7 +50,7 @@ fn a_missing_checkpoint_names_the_file() {
 
 #[test]
 fn adamw_steps_fit_a_small_batch() {
-    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = common::serial();
     tch::manual_seed(1);
     let model = HappyWhaleModel::new(config(4), Device::Cpu).unwrap();
     let params = model.vs.trainable_variables();

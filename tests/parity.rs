@@ -4,6 +4,8 @@
 //! maps, and every full-size variant of the registry must have the reference's variable names and
 //! shapes. Also the registry itself.
 
+mod common;
+
 use finprint::model::efficientnet::{efficientnet, EfficientNetConfig};
 use finprint::model::efficientnet_lite::{efficientnet_lite, LiteConfig};
 use finprint::model::layers::StagedNet;
@@ -11,17 +13,9 @@ use finprint::model::{self, Backbone};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Mutex;
 use tch::{nn, Device, Kind, Tensor};
 
-/// Model tests run one at a time: libtorch parallelises each of them already.
-static LOCK: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    tch::set_num_threads(2);
-    guard
-}
+use common::serial;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -173,8 +167,8 @@ fn registry_builds_by_name_and_refuses_unknown_names() {
     assert_eq!(model::variants().len(), 16);
     let lite0 = model::variant("efficientnet_lite0").expect("lite0");
     assert_eq!(
-        (lite0.input_size, lite0.weights),
-        (224, Some("efficientnet_lite0.safetensors"))
+        (lite0.input_size, lite0.weights_file()),
+        (224, Some("efficientnet_lite0.safetensors".to_string()))
     );
     assert_eq!(
         model::variant("tf_efficientnet_b3_ns").map(|v| v.input_size),

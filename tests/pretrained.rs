@@ -3,23 +3,17 @@
 //! classify scikit-image's sample photos into the right ImageNet classes, and give the reference
 //! package's logits. Each test skips, saying so, when `weights/` is absent.
 
+mod common;
+
 use finprint::data::image::load_rgb;
 use finprint::model::{self, Backbone, Variant};
 use image::imageops::{self, FilterType};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Instant;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-/// Model tests run one at a time: libtorch parallelises each of them already.
-static LOCK: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    tch::set_num_threads(2);
-    guard
-}
+use common::serial;
 
 const PHOTOS: [&str; 4] = [
     "chelsea.png",
@@ -64,7 +58,7 @@ impl Classifier {
             1000,
             Default::default(),
         );
-        let path = dir.join(variant.weights.expect("pretrained weights"));
+        let path = dir.join(variant.weights_file().expect("pretrained weights"));
         vs.load(&path)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         Classifier {
@@ -119,10 +113,10 @@ fn lite_classifies_sample_photos() {
         "efficientnet_lite1",
         "efficientnet_lite2",
     ] {
-        let Some(file) = model::variant(name).and_then(|v| v.weights) else {
+        let Some(file) = model::variant(name).and_then(|v| v.weights_file()) else {
             continue;
         };
-        if !dir.join(file).is_file() {
+        if !dir.join(&file).is_file() {
             eprintln!("skipped {name}: no {file}");
             continue;
         }

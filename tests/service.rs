@@ -4,8 +4,10 @@
 
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
-use finprint::catalog::{Catalog, Decision, Embedder, ModelSpec, Sighting};
+use finprint::catalog::{Catalog, Decision, Embedder, Sighting};
 use finprint::data::{read_solution, KaggleDir, NEW_INDIVIDUAL};
+use finprint::runs::ModelSpec;
+use finprint::search::IndexSpec;
 use finprint::service::{router, AppState};
 use finprint::synth::{generate, SynthConfig};
 use indicatif::ProgressBar;
@@ -62,6 +64,7 @@ fn fixture() -> Option<&'static Fixture> {
             let embedded = cat
                 .attach(
                     Embedder::start(&model(), None).unwrap(),
+                    IndexSpec::default(),
                     &ProgressBar::hidden(),
                 )
                 .unwrap();
@@ -93,6 +96,7 @@ fn catalogue(f: &Fixture) -> (tempfile::TempDir, Catalog) {
     let embedded = cat
         .attach(
             Embedder::start(&model(), None).unwrap(),
+            IndexSpec::default(),
             &ProgressBar::hidden(),
         )
         .unwrap();

@@ -1,34 +1,19 @@
 //! Training as a user runs it: a killed run resumes to the same weights, and a short run on
 //! the synthetic catalogue learns well beyond the pretrained backbone's zero-shot features.
 
-use finprint::data::KaggleDir;
-use finprint::embed::Ensemble;
+mod common;
+
 use finprint::predict::head_candidates;
-use finprint::synth::{generate, SynthConfig};
-use finprint::train::run::{read_metrics, TrainSummary, PRETRAINED_WEIGHTS};
+use finprint::runs::{read_metrics, Ensemble, TrainSummary};
+use finprint::train::PRETRAINED_WEIGHTS;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 use tch::Tensor;
 
-fn finprint() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_finprint"))
-}
+use common::finprint;
 
 fn synth(dir: &Path, individuals: usize, width: u32, height: u32, seed: u64) {
-    let cfg = SynthConfig {
-        individuals,
-        seed,
-        width,
-        height,
-        ..SynthConfig::default()
-    };
-    generate(
-        &KaggleDir::new(dir),
-        &cfg,
-        &indicatif::ProgressBar::hidden(),
-    )
-    .unwrap();
+    common::synth(dir, individuals, width, height, seed);
 }
 
 fn epoch_done(run: &Path) -> usize {
@@ -123,7 +108,7 @@ fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
     // Without pretrained weights there is no zero-shot baseline (epoch 0): a line per epoch.
     let epochs_seen: Vec<usize> = ma.iter().map(|m| m.epoch).collect();
     assert_eq!(epochs_seen, (1..=epochs).collect::<Vec<_>>());
-    let losses = |m: &[finprint::train::run::EpochMetrics]| {
+    let losses = |m: &[finprint::runs::EpochMetrics]| {
         m.iter()
             .map(|e| (e.epoch, e.train_loss, e.val_map5))
             .collect::<Vec<_>>()

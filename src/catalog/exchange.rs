@@ -19,7 +19,7 @@ use indicatif::ProgressBar;
 use rusqlite::{params, TransactionBehavior};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// What an import brought in, or an export wrote.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -27,6 +27,42 @@ pub struct ImportSummary {
     pub individuals: usize,
     pub photos: usize,
     pub decisions: usize,
+}
+
+impl std::fmt::Display for ImportSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} individuals, {} photos and {} decisions",
+            self.individuals, self.photos, self.decisions
+        )
+    }
+}
+
+/// `finprint catalog import`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ImportArgs {
+    /// The catalogue folder (created when missing; it must hold no photo yet).
+    #[arg(long)]
+    pub catalog: PathBuf,
+    /// A Kaggle folder (train.csv, train_images/) or a finprint export.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Who the import decisions are recorded as.
+    #[arg(long, default_value = "import")]
+    pub by: String,
+}
+
+/// `finprint catalog export`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ExportArgs {
+    /// The catalogue folder.
+    #[arg(long)]
+    pub catalog: PathBuf,
+    /// The folder to write: individuals.csv, photos.csv, decisions.csv, train.csv and
+    /// train_images/ (imports back unchanged).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 const INDIVIDUALS: [&str; 5] = ["id", "species", "merged_into", "created_at", "created_by"];

@@ -2,7 +2,7 @@
 
 use super::{alias_map, canonical, PhotoMatch};
 use crate::predict::{rank_candidates, Candidate};
-use crate::search::{Aggregation, FlatIndex, Index, Storage};
+use crate::search::{Aggregation, Index, IndexSpec};
 use anyhow::Result;
 use rusqlite::Connection;
 use std::collections::HashMap;
@@ -20,7 +20,7 @@ pub fn from_blob(b: &[u8]) -> Vec<f32> {
 
 /// Confirmed photos, each row labelled with the individual it resolves to now.
 pub struct Gallery {
-    index: FlatIndex,
+    index: Box<dyn Index>,
     dim: usize,
     images: Vec<String>,
     labels: Vec<u32>,
@@ -29,10 +29,10 @@ pub struct Gallery {
 }
 
 impl Gallery {
-    /// Every confirmed photo with an embedding of `model`.
-    pub fn load(conn: &Connection, model: &str, dim: usize) -> Result<Self> {
+    /// Every confirmed photo with an embedding of `model`, in an index of kind `index`.
+    pub fn load(conn: &Connection, model: &str, dim: usize, index: IndexSpec) -> Result<Self> {
         let mut g = Gallery {
-            index: FlatIndex::new(dim, Storage::F32),
+            index: index.build(dim),
             dim,
             images: Vec::new(),
             labels: Vec::new(),
@@ -111,7 +111,7 @@ impl Gallery {
             return Ok(Vec::new());
         }
         let candidates = rank_candidates(
-            &self.index,
+            self.index.as_ref(),
             &self.labels,
             &self.ids,
             query,

@@ -15,14 +15,15 @@ mod embedder;
 mod exchange;
 mod gallery;
 
-pub use embedder::{fnv1a, Embedder, ModelSpec};
-pub use exchange::ImportSummary;
+pub use embedder::Embedder;
+pub use exchange::{ExportArgs, ImportArgs, ImportSummary};
 pub use gallery::to_blob;
 
 use crate::data::image::decode_rgb;
 use crate::data::NEW_INDIVIDUAL;
-use crate::fsio;
+use crate::fsio::{self, fnv1a};
 use crate::predict::{answers, Candidate};
+use crate::search::IndexSpec;
 use anyhow::{Context, Result};
 use gallery::Gallery;
 use indicatif::ProgressBar;
@@ -292,8 +293,14 @@ impl Catalog {
     }
 
     /// Search with `embedder`: photos without its embedding are embedded (progress on
-    /// `progress`), and the index is built. Returns how many photos were embedded.
-    pub fn attach(&mut self, embedder: Embedder, progress: &ProgressBar) -> Result<usize> {
+    /// `progress`), and an index of kind `index` is built. Returns how many photos were
+    /// embedded.
+    pub fn attach(
+        &mut self,
+        embedder: Embedder,
+        index: IndexSpec,
+        progress: &ProgressBar,
+    ) -> Result<usize> {
         let missing: Vec<String> = {
             let conn = self.conn();
             let mut st = conn.prepare(
@@ -320,7 +327,7 @@ impl Catalog {
         }
         let gallery = {
             let conn = self.conn();
-            Gallery::load(&conn, &embedder.model_id, embedder.dim)?
+            Gallery::load(&conn, &embedder.model_id, embedder.dim, index)?
         };
         *self.gallery.write().unwrap_or_else(|e| e.into_inner()) = Some(gallery);
         self.embedder = Some(embedder);

@@ -2,12 +2,21 @@
 //! both `[]` or empty when nothing was found) and `box` files (`x0 y0 x1 y1`, empty when nothing
 //! was found). The format is told by the column present.
 
-use super::{BoxPx, Detection};
+use super::Detection;
 use crate::data::{CsvFile, DataError};
 use crate::fsio;
 use anyhow::Result;
 use std::collections::HashMap;
 use std::path::Path;
+
+/// A box in pixel coordinates, x0 < x1, y0 < y1, inside the image.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BoxPx {
+    pub x0: f32,
+    pub y0: f32,
+    pub x1: f32,
+    pub y1: f32,
+}
 
 /// Which community format a box file is in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -12,7 +12,7 @@
 //! `detector` feature (on by default).
 
 use super::{iou, BoxPx};
-use crate::train::augment::resize;
+use crate::transforms::resize;
 use anyhow::{bail, ensure, Result};
 use image::{Rgb, RgbImage};
 use std::path::Path;

@@ -12,13 +12,11 @@ use crate::fsio;
 use anyhow::{bail, Context, Result};
 use image::codecs::jpeg::JpegEncoder;
 use image::RgbImage;
-use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-pub use crate::synth::render::PixelBox as BoxPx;
-pub use boxes::{read_boxes, write_boxes, BoxFormat, BoxRow};
+pub use boxes::{read_boxes, write_boxes, BoxFormat, BoxPx, BoxRow};
 pub use detector::{Detector, DetectorConfig, Layout};
 pub use saliency::{auto_box, Detection};
 pub use sets::{CropSet, LoadedCropSet};
@@ -304,10 +302,7 @@ pub fn run(args: &CropArgs) -> Result<CropSummary> {
         bail!("--out must not be the --images folder (the photos would be overwritten)");
     }
     let photos = list_photos(&args.images)?;
-    let progress = ProgressBar::new(photos.len() as u64).with_style(
-        ProgressStyle::with_template("cropping {bar:40} {pos}/{len} {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let progress = crate::args::bar(photos.len() as u64, "cropping");
     let results = photos
         .par_iter()
         .map(|name| -> Result<PhotoDone> {

@@ -5,8 +5,11 @@
 //! trained on, so the right answer is `new_individual`), the others are *known* (some photos
 //! stay in training as their gallery, the rest are queries). All other folds train.
 
-use super::TrainRow;
+use super::{read_train_csv, KaggleDir, TrainRow};
+use crate::fsio;
 use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
 
 /// What a photo does when its individual's home fold validates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,6 +123,42 @@ pub fn split(assignments: &[FoldAssignment], fold: usize) -> Split {
         }
     }
     s
+}
+
+/// `finprint folds`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct FoldsArgs {
+    /// A folder with train.csv (Kaggle layout), or the CSV itself.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The CSV to write: image,individual_id,fold,role.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Folds of the individuals (each animal's photos stay in one fold).
+    #[arg(long, default_value_t = 5)]
+    pub folds: usize,
+    /// Share of each validation fold's individuals kept out of training.
+    #[arg(long, default_value_t = 0.2)]
+    pub new_share: f64,
+    /// Seeds the assignment: the same seed gives the same folds on any machine.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Write the fold assignment of `args.data` to `args.out`; returns each fold's split.
+pub fn write(args: &FoldsArgs) -> anyhow::Result<Vec<Split>> {
+    anyhow::ensure!(args.folds >= 2, "--folds must be at least 2");
+    let set = read_train_csv(&KaggleDir::train_csv_of(&args.data))?;
+    let assignments = assign_folds(&set.rows, args.folds, args.new_share, args.seed);
+    fsio::write_atomic(&args.out, |w| {
+        writeln!(w, "image,individual_id,fold,role")?;
+        for (r, a) in set.rows.iter().zip(&assignments) {
+            let role = a.role.as_str();
+            writeln!(w, "{},{},{},{role}", r.image, r.individual_id, a.fold)?;
+        }
+        Ok(())
+    })?;
+    Ok((0..args.folds).map(|k| split(&assignments, k)).collect())
 }
 
 #[cfg(test)]

@@ -41,6 +41,13 @@ impl KaggleDir {
     pub fn train_csv(&self) -> PathBuf {
         self.root.join("train.csv")
     }
+    /// `train.csv` inside the Kaggle folder `data`, or `data` itself when it names a file.
+    pub fn train_csv_of(data: &Path) -> PathBuf {
+        match data.is_dir() {
+            true => KaggleDir::new(data).train_csv(),
+            false => data.to_path_buf(),
+        }
+    }
     pub fn train_images(&self) -> PathBuf {
         self.root.join("train_images")
     }

@@ -1,8 +1,9 @@
 //! What a catalogue holds: species, individuals, photos per individual, singletons.
 
-use super::TrainSet;
+use super::{read_train_csv, KaggleDir, TrainSet};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 /// Photos-per-individual buckets reported by `finprint stats`: (lowest, highest) count.
 const BUCKETS: &[(usize, usize)] = &[
@@ -38,7 +39,20 @@ pub struct Stats {
     pub species_fixes: BTreeMap<(String, String), usize>,
 }
 
+/// `finprint stats`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct StatsArgs {
+    /// A folder with train.csv (Kaggle layout), or the CSV itself.
+    #[arg(long)]
+    pub data: PathBuf,
+}
+
 impl Stats {
+    /// The statistics of `data`: a Kaggle folder or a `train.csv`.
+    pub fn of_path(data: &Path) -> anyhow::Result<Self> {
+        Ok(Self::of(&read_train_csv(&KaggleDir::train_csv_of(data))?))
+    }
+
     pub fn of(set: &TrainSet) -> Self {
         let mut counts: HashMap<&str, usize> = HashMap::new();
         let mut species: BTreeMap<&str, (usize, HashSet<&str>)> = BTreeMap::new();

@@ -247,7 +247,7 @@ pub fn weights_dir() -> std::path::PathBuf {
 /// The pretrained weights file of `backbone`, which must exist.
 pub fn pretrained_weights(backbone: &str) -> Result<std::path::PathBuf> {
     let v = variant(backbone).with_context(|| format!("unknown backbone {backbone:?}"))?;
-    let Some(file) = v.weights else {
+    let Some(file) = v.weights_file() else {
         bail!("no pretrained weights are known for {backbone}; train with --pretrained false");
     };
     let path = weights_dir().join(file);

@@ -54,32 +54,53 @@ impl DynamicMargin {
 
 /// ArcFace exactly as the seed's `ArcMarginProduct` defines it, plus sub-centers and dynamic
 /// margins.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default)]
 pub struct ArcFaceConfig {
-    /// Scale of the logits.
+    /// ArcFace: scale of the logits.
+    #[arg(
+        long = "arc-s",
+        id = "arcface.s",
+        value_name = "S",
+        default_value_t = 30.0
+    )]
     pub s: f64,
-    /// Additive angular margin (when `dynamic` is not set).
+    /// ArcFace: additive angular margin (when no dynamic margins are configured).
+    #[arg(
+        long = "arc-m",
+        id = "arcface.m",
+        value_name = "M",
+        default_value_t = 0.5
+    )]
     pub m: f64,
-    /// Apply the margin only where cos θ > 0 (else: the seed's `cos θ − sin(π−m)·m` beyond π−m).
+    /// ArcFace: apply the margin only where cos θ > 0 (else: the seed's `cos θ − sin(π−m)·m`
+    /// beyond π−m).
+    #[arg(long = "arc-easy-margin", id = "arcface.easy_margin", value_name = "BOOL", default_value_t = false, action = clap::ArgAction::Set)]
     pub easy_margin: bool,
-    /// Label smoothing of the one-hot target.
+    /// ArcFace: label smoothing of the one-hot target.
+    #[arg(
+        long = "arc-ls-eps",
+        id = "arcface.ls_eps",
+        value_name = "EPS",
+        default_value_t = 0.0
+    )]
     pub ls_eps: f64,
-    /// Centers per class; the class cosine is the best of its centers.
+    /// ArcFace: centers per class; the class cosine is the best of its centers.
+    #[arg(
+        long = "arc-subcenters",
+        id = "arcface.subcenters",
+        value_name = "N",
+        default_value_t = 1
+    )]
     pub subcenters: i64,
-    /// Per-class margins from image counts, replacing `m`.
+    /// Per-class margins from image counts, replacing `m` (config file only).
+    #[arg(skip)]
     pub dynamic: Option<DynamicMargin>,
 }
 
 impl Default for ArcFaceConfig {
     fn default() -> Self {
-        Self {
-            s: 30.0,
-            m: 0.5,
-            easy_margin: false,
-            ls_eps: 0.0,
-            subcenters: 1,
-            dynamic: None,
-        }
+        crate::args::defaults_of()
     }
 }
 

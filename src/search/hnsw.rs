@@ -101,7 +101,7 @@ impl HnswIndex {
         &self.vectors[start..start + self.dim]
     }
 
-    fn score(&self, query: &[f32], id: u32) -> f32 {
+    fn row_score(&self, query: &[f32], id: u32) -> f32 {
         (self.dot)(query, self.vector(id))
     }
 
@@ -179,7 +179,7 @@ impl HnswIndex {
             for &id in buf.iter() {
                 let candidate = Neighbor {
                     id,
-                    score: self.score(query, id),
+                    score: self.row_score(query, id),
                 };
                 if candidate.rank_cmp(&best) == Ordering::Less {
                     best = candidate;
@@ -232,7 +232,7 @@ impl HnswIndex {
                 }
                 let candidate = Neighbor {
                     id,
-                    score: self.score(query, id),
+                    score: self.row_score(query, id),
                 };
                 if !found.is_full() || candidate.score >= found.floor() {
                     frontier.push(Better(candidate));
@@ -252,7 +252,7 @@ impl HnswIndex {
                 break;
             }
             let v = self.vector(c.id);
-            if chosen.iter().all(|&r| self.score(v, r) < c.score) {
+            if chosen.iter().all(|&r| self.row_score(v, r) < c.score) {
                 chosen.push(c.id);
             }
         }
@@ -269,7 +269,7 @@ impl HnswIndex {
         let mut scratch = self.take_scratch();
         let mut ep = Neighbor {
             id: entry_id,
-            score: self.score(query, entry_id),
+            score: self.row_score(query, entry_id),
         };
         for layer in (level + 1..=top).rev() {
             ep = self.greedy(query, ep, layer, &mut scratch.links);
@@ -338,7 +338,7 @@ impl HnswIndex {
             .chain(std::iter::once(&to))
             .map(|&id| Neighbor {
                 id,
-                score: self.score(base, id),
+                score: self.row_score(base, id),
             })
             .collect();
         candidates.sort_by(Neighbor::rank_cmp);
@@ -399,7 +399,7 @@ impl Index for HnswIndex {
                 let mut scratch = self.take_scratch();
                 let mut ep = Neighbor {
                     id: entry_id,
-                    score: self.score(query, entry_id),
+                    score: self.row_score(query, entry_id),
                 };
                 for layer in (1..=top).rev() {
                     ep = self.greedy(query, ep, layer, &mut scratch.links);
@@ -429,6 +429,13 @@ impl Index for HnswIndex {
         std::mem::size_of_val(self.vectors.as_slice())
             + std::mem::size_of_val(self.base.as_slice())
             + upper
+    }
+
+    fn score(&self, query: &[f32], id: usize) -> Option<f32> {
+        let row = self
+            .vectors
+            .get(id.checked_mul(self.dim)?..(id + 1).checked_mul(self.dim)?)?;
+        (query.len() == self.dim).then(|| (self.dot)(query, row))
     }
 }
 

@@ -9,6 +9,8 @@
 //! | [`FlatIndex`] | exact: blocked matrix products and a partial top-k | `4·dim` (f32) or `2·dim` (f16) bytes |
 //! | [`HnswIndex`] | approximate: a hierarchical navigable small-world graph | `4·dim` bytes plus about `8·M` bytes of links |
 //!
+//! [`IndexSpec`] chooses one by value (`--index flat|flat-f16|hnsw[:M[,EF]]`).
+//!
 //! Neighbours come best first: higher score first, and the lower id first among equal scores.
 //! [`rank_labels`] then turns the neighbours of one query into a ranking of individuals.
 
@@ -74,6 +76,110 @@ pub trait Index: Send + Sync {
     fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<Neighbor>>, SearchError>;
     /// Bytes the index holds for its rows and any search structure.
     fn storage_bytes(&self) -> usize;
+    /// The score of row `id` for `query` (`None` for a wrong length or an unknown row).
+    fn score(&self, query: &[f32], id: usize) -> Option<f32>;
+}
+
+/// Which index to build, as a value (faiss's `index_factory`): `flat` (exact, f32), `flat-f16`
+/// (exact, half the memory) or `hnsw[:M[,EF]]` (approximate; M links per node, EF candidates
+/// followed per search).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IndexSpec {
+    Flat(Storage),
+    Hnsw { m: usize, ef_search: usize },
+}
+
+impl Default for IndexSpec {
+    fn default() -> Self {
+        IndexSpec::Flat(Storage::F32)
+    }
+}
+
+impl IndexSpec {
+    /// An empty index of `dim`-dimensional rows.
+    pub fn build(&self, dim: usize) -> Box<dyn Index> {
+        match *self {
+            IndexSpec::Flat(storage) => Box::new(FlatIndex::new(dim, storage)),
+            IndexSpec::Hnsw { m, ef_search } => Box::new(HnswIndex::new(
+                dim,
+                HnswParams {
+                    m,
+                    ef_search,
+                    ..HnswParams::default()
+                },
+            )),
+        }
+    }
+
+    /// An index of `dim`-dimensional rows holding `rows` (row-major).
+    pub fn build_with(&self, dim: usize, rows: &[f32]) -> Result<Box<dyn Index>, SearchError> {
+        let mut index = self.build(dim);
+        index.add(rows)?;
+        Ok(index)
+    }
+
+    /// Whether the index finds the exact neighbours.
+    pub fn is_exact(&self) -> bool {
+        matches!(self, IndexSpec::Flat(Storage::F32))
+    }
+}
+
+impl std::str::FromStr for IndexSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kind, params) = s.split_once(':').unwrap_or((s, ""));
+        let number = |v: &str, what: &str| {
+            v.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("index {s:?}: {what} {v:?} is not a positive whole number"))
+        };
+        match (kind.trim(), params.is_empty()) {
+            ("flat", true) => Ok(IndexSpec::Flat(Storage::F32)),
+            ("flat-f16", true) => Ok(IndexSpec::Flat(Storage::F16)),
+            ("hnsw", _) => {
+                let defaults = HnswParams::default();
+                let mut parts = params.split(',').filter(|p| !p.trim().is_empty());
+                let m = parts.next().map_or(Ok(defaults.m), |v| number(v, "M"))?;
+                let ef_search = parts
+                    .next()
+                    .map_or(Ok(defaults.ef_search), |v| number(v, "EF"))?;
+                if parts.next().is_some() {
+                    return Err(format!("index {s:?}: hnsw takes at most M and EF"));
+                }
+                Ok(IndexSpec::Hnsw { m, ef_search })
+            }
+            _ => Err(format!(
+                "unknown index {s:?}: flat, flat-f16 or hnsw[:M[,EF]]"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for IndexSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IndexSpec::Flat(Storage::F32) => write!(f, "flat"),
+            IndexSpec::Flat(Storage::F16) => write!(f, "flat-f16"),
+            IndexSpec::Hnsw { m, ef_search } => write!(f, "hnsw:{m},{ef_search}"),
+        }
+    }
+}
+
+/// The share of the exact `k` nearest neighbours of each query that `found` holds (recall@k),
+/// `exact` and `found` listing each query's neighbours.
+pub fn recall(exact: &[Vec<Neighbor>], found: &[Vec<Neighbor>]) -> f64 {
+    let (mut hit, mut total) = (0usize, 0usize);
+    for (e, f) in exact.iter().zip(found) {
+        total += e.len();
+        hit += e.iter().filter(|n| f.iter().any(|g| g.id == n.id)).count();
+    }
+    match total {
+        0 => 1.0,
+        _ => hit as f64 / total as f64,
+    }
 }
 
 /// Checks that `len` values are whole `dim`-dimensional vectors and returns how many.
@@ -149,6 +255,66 @@ mod tests {
 
     fn n(id: u32, score: f32) -> Neighbor {
         Neighbor { id, score }
+    }
+
+    #[test]
+    fn index_specs_parse_print_and_build_their_kind() {
+        let parse = |s: &str| s.parse::<IndexSpec>();
+        assert_eq!(parse("flat"), Ok(IndexSpec::Flat(Storage::F32)));
+        assert_eq!(parse("flat-f16"), Ok(IndexSpec::Flat(Storage::F16)));
+        let d = HnswParams::default();
+        assert_eq!(
+            parse("hnsw"),
+            Ok(IndexSpec::Hnsw {
+                m: d.m,
+                ef_search: d.ef_search
+            })
+        );
+        assert_eq!(
+            parse("hnsw:8"),
+            Ok(IndexSpec::Hnsw {
+                m: 8,
+                ef_search: d.ef_search
+            })
+        );
+        let spec = parse("hnsw:12,200").unwrap();
+        assert_eq!(
+            spec,
+            IndexSpec::Hnsw {
+                m: 12,
+                ef_search: 200
+            }
+        );
+        for s in ["flat", "flat-f16", "hnsw:12,200"] {
+            assert_eq!(parse(s).unwrap().to_string(), s);
+        }
+        for bad in ["ivf", "flat:3", "hnsw:0", "hnsw:x", "hnsw:1,2,3"] {
+            let err = parse(bad).unwrap_err();
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
+        assert!(IndexSpec::default().is_exact() && !spec.is_exact());
+
+        // Every kind holds its rows and scores them as the exact index does.
+        let rows: Vec<f32> = (0..40).map(|i| ((i * 7) % 11) as f32 / 11.0).collect();
+        let query = &rows[..4];
+        for spec in [IndexSpec::default(), parse("flat-f16").unwrap(), spec] {
+            let index = spec.build_with(4, &rows).unwrap();
+            assert_eq!(index.len(), 10, "{spec}");
+            let exact: f32 = query.iter().zip(&rows[8..12]).map(|(a, b)| a * b).sum();
+            let got = index.score(query, 2).unwrap();
+            assert!((got - exact).abs() < 1e-2, "{spec}: {got} vs {exact}");
+            assert_eq!(index.score(query, 10), None, "{spec}");
+            assert_eq!(index.score(&query[..3], 0), None, "{spec}");
+        }
+    }
+
+    #[test]
+    fn recall_counts_the_exact_neighbours_found() {
+        let exact = vec![vec![n(1, 0.9), n(2, 0.8)], vec![n(3, 0.7), n(4, 0.6)]];
+        let found = vec![vec![n(1, 0.9), n(5, 0.7)], vec![n(4, 0.6), n(3, 0.7)]];
+        assert_eq!(recall(&exact, &found), 0.75);
+        assert_eq!(recall(&exact, &exact), 1.0);
+        assert_eq!(recall(&[], &[]), 1.0);
     }
 
     #[test]

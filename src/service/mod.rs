@@ -386,20 +386,82 @@ async fn individual(
     Ok(Json(detail).into_response())
 }
 
-/// How `finprint serve` opens its catalogue.
-pub struct ServeOptions {
+/// `finprint serve`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The catalogue folder (created when missing).
+    #[arg(long)]
     pub catalog: std::path::PathBuf,
-    /// A Kaggle folder or finprint export imported when the catalogue is empty.
-    pub import: Option<std::path::PathBuf>,
-    pub model: crate::catalog::ModelSpec,
-    /// Replaces the models' saved new_individual threshold.
+    #[command(flatten)]
+    pub model: crate::runs::ModelArgs,
+    /// The new_individual threshold [default: the one the models saved; 0 for --zero-shot].
+    #[arg(long)]
     pub threshold: Option<f32>,
+    /// A Kaggle folder (train.csv, train_images/) or a finprint export imported into an empty
+    /// catalogue; ignored once the catalogue holds photos.
+    #[arg(long)]
+    pub import: Option<std::path::PathBuf>,
+    /// The address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: String,
+    /// The token that writes need [default: $FINPRINT_TOKEN, else a random one, printed].
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Largest photo accepted, in megabytes.
+    #[arg(long, default_value_t = 20.0)]
+    pub max_upload_mb: f64,
+    /// The catalogue's search index: flat (exact), flat-f16 or hnsw[:M[,EF]].
+    #[arg(long, default_value_t = crate::search::IndexSpec::default())]
+    pub index: crate::search::IndexSpec,
+    /// libtorch threads [default: the free cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// Open the catalogue as `args` says and serve it until Ctrl-C; `say` prints each line a
+/// person should see (what was opened, then the address with the token).
+pub fn run(args: &ServeArgs, say: &mut dyn FnMut(String)) -> anyhow::Result<()> {
+    use anyhow::Context;
+    crate::runtime::configure_threads(args.threads);
+    anyhow::ensure!(args.max_upload_mb > 0.0, "--max-upload-mb must be positive");
+    let progress = crate::args::bar(0, "opening the catalogue");
+    let (catalog, said) = open_catalog(args, &progress)?;
+    progress.finish_and_clear();
+    let counts = catalog.counts()?;
+    say(format!(
+        "catalogue {}: {} individuals, {} photos ({said})",
+        args.catalog.display(),
+        counts.individuals,
+        counts.photos
+    ));
+    let token = args
+        .token
+        .clone()
+        .or_else(|| std::env::var("FINPRINT_TOKEN").ok())
+        .filter(|t| !t.trim().is_empty())
+        .unwrap_or_else(random_token);
+    let max_upload = (args.max_upload_mb * 1e6) as usize;
+    let state = AppState::new(Arc::new(catalog), token.clone(), max_upload);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(async {
+            let listener = tokio::net::TcpListener::bind(&args.addr)
+                .await
+                .with_context(|| format!("cannot listen on {}", args.addr))?;
+            let addr = listener.local_addr()?;
+            say(format!(
+                "finprint serving on http://{addr}/#token={token}  (Ctrl-C stops)"
+            ));
+            serve(state, listener).await
+        })
 }
 
 /// Open the catalogue, import into it when it is empty, and attach the models (embedding the
 /// photos that lack their embedding). Returns the catalogue and a line saying what was done.
 pub fn open_catalog(
-    opts: &ServeOptions,
+    opts: &ServeArgs,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<(Catalog, String)> {
     let mut catalog = Catalog::open(&opts.catalog)?;
@@ -423,10 +485,10 @@ pub fn open_catalog(
         }
     }
     progress.set_message("loading the model");
-    let embedder = crate::catalog::Embedder::start(&opts.model, opts.threshold)?;
+    let embedder = crate::catalog::Embedder::start(&opts.model.spec(), opts.threshold)?;
     progress.set_message("embedding new photos");
     progress.reset();
-    let embedded = catalog.attach(embedder, progress)?;
+    let embedded = catalog.attach(embedder, opts.index, progress)?;
     said.push(format!("embedded {embedded} photos"));
     Ok((catalog, said.join("; ")))
 }

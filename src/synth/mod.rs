@@ -6,6 +6,7 @@
 
 pub mod render;
 
+use crate::crops::BoxPx;
 use crate::data::{
     write_solution, write_submission, write_train_csv, KaggleDir, Prediction, SolutionRow,
     TrainRow, NEW_INDIVIDUAL,
@@ -17,7 +18,7 @@ use rand::distributions::WeightedIndex;
 use rand::prelude::*;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
-use render::{Individual, PixelBox, SPECIES, SPECIES_WEIGHTS};
+use render::{Individual, SPECIES, SPECIES_WEIGHTS};
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 
@@ -40,34 +41,57 @@ const REAL_PHOTOS_PER_INDIVIDUAL: &[(usize, usize)] = &[
 ];
 
 /// What to generate.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct SynthConfig {
+    /// Individuals rendered.
+    #[arg(long, default_value_t = 200)]
     pub individuals: usize,
+    /// Seeds every draw: same arguments and seed, same bytes.
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Photo width in pixels.
+    #[arg(long, default_value_t = 384)]
     pub width: u32,
+    /// Photo height in pixels.
+    #[arg(long, default_value_t = 256)]
     pub height: u32,
     /// Share of individuals seen only in the test images (their truth is `new_individual`).
+    #[arg(long, default_value_t = 0.15)]
     pub new_share: f64,
     /// Share of a known individual's photos, beyond its first, held out as test images.
+    #[arg(long, default_value_t = 0.3)]
     pub test_share: f64,
-    /// Photos per individual are drawn from the real distribution, capped here.
+    /// Most photos of one individual (drawn from the real distribution, capped here).
+    #[arg(long, default_value_t = 60)]
     pub max_photos: usize,
     /// JPEG quality of the written photos.
+    #[arg(long, default_value_t = 90)]
     pub quality: u8,
 }
 
 impl Default for SynthConfig {
     fn default() -> Self {
-        Self {
-            individuals: 200,
-            seed: 0,
-            width: 384,
-            height: 256,
-            new_share: 0.15,
-            test_share: 0.3,
-            max_photos: 60,
-            quality: 90,
-        }
+        crate::args::defaults_of()
+    }
+}
+
+/// `finprint synth`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct SynthArgs {
+    /// The catalogue folder to write (Kaggle's layout).
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    #[command(flatten)]
+    pub config: SynthConfig,
+}
+
+impl std::fmt::Display for SynthSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} individuals ({} only in test), {} train and {} test photos",
+            self.individuals, self.new_individuals, self.train_images, self.test_images
+        )
     }
 }
 
@@ -106,7 +130,7 @@ fn unique_hex(rng: &mut impl Rng, n: usize, taken: &mut HashSet<String>) -> Stri
 }
 
 /// A box in the community format: `[[x0 y0 x1 y1]]` in whole pixels.
-fn community_bbox(b: &PixelBox) -> String {
+fn community_bbox(b: &BoxPx) -> String {
     format!(
         "[[{} {} {} {}]]",
         b.x0.floor() as i64,
@@ -160,9 +184,9 @@ pub fn generate(
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
     progress.set_length(shots.len() as u64);
-    let boxes: Vec<(PixelBox, PixelBox)> = shots
+    let boxes: Vec<(BoxPx, BoxPx)> = shots
         .par_iter()
-        .map(|shot| -> Result<(PixelBox, PixelBox)> {
+        .map(|shot| -> Result<(BoxPx, BoxPx)> {
             let mut rng = ChaCha8Rng::seed_from_u64(shot.seed);
             let photo =
                 render::render(&animals[shot.individual].1, cfg.width, cfg.height, &mut rng);

@@ -18,6 +18,7 @@
 //! per-pixel noise is hashed from positions, so equal seeds give equal bytes. The
 //! work is a fixed number of passes over the image plus one over the animal's box.
 
+use crate::crops::BoxPx;
 use image::RgbImage;
 use rand::Rng;
 use std::f32::consts::PI;
@@ -39,22 +40,13 @@ const PILOT_WHALE: usize = 2;
 const FIN_WHALE: usize = 3;
 const SPINNER: usize = 4;
 
-/// A box in pixel coordinates, x0 < x1, y0 < y1, inside the image.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PixelBox {
-    pub x0: f32,
-    pub y0: f32,
-    pub x1: f32,
-    pub y1: f32,
-}
-
 /// One rendered photo with its true boxes.
 pub struct Photo {
     pub image: RgbImage,
     /// Tight box of the visible fin (above the water and any splash).
-    pub fin_box: PixelBox,
+    pub fin_box: BoxPx,
     /// Box of the visible fin and back.
-    pub body_box: PixelBox,
+    pub body_box: BoxPx,
 }
 
 // ---------------------------------------------------------------------------
@@ -1719,8 +1711,8 @@ impl Bounds {
         self.x0 >= self.x1 || self.y0 >= self.y1
     }
 
-    fn to_box(self) -> PixelBox {
-        PixelBox {
+    fn to_box(self) -> BoxPx {
+        BoxPx {
             x0: self.x0 as f32,
             y0: self.y0 as f32,
             x1: self.x1 as f32,
@@ -2297,7 +2289,7 @@ mod tests {
         for seed in 0..40 {
             let p = photo(100 + seed, seed as usize % SPECIES.len(), 256, 192);
             let (f, b) = (p.fin_box, p.body_box);
-            let inside = |r: PixelBox, x: u32, y: u32| {
+            let inside = |r: BoxPx, x: u32, y: u32| {
                 let (x, y) = (x as f32 + 0.5, y as f32 + 0.5);
                 x > r.x0 && x < r.x1 && y > r.y0 && y < r.y1
             };

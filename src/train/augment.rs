@@ -1,5 +1,5 @@
 //! The reference solution's training augmentations, with albumentations' (OpenCV's) semantics,
-//! and the validation transform.
+//! as steps of a [`crate::transforms::Pipeline`].
 //!
 //! Training, in order, each step run with its own probability (one uniform draw per step,
 //! drawn whether or not the step runs, as `albumentations.Compose` does):
@@ -15,89 +15,115 @@
 //! | [`BrightnessContrast`] | 0.5 | `alpha·v + beta·255`, alpha ∈ 1 ± 0.2, beta ∈ ±0.2 |
 //! | [`HorizontalFlip`] | 0.1 | mirror left–right |
 //!
-//! then [`Normalize`] with the backbone's mean and std into a CHW `f32` buffer. The first two run
-//! as one step, [`AffineResizedCrop`], which warps only the pixels the crop's resize reads (same
-//! pixels, a fraction of the work). Validation is a
-//! bilinear resize to the model's size and the same normalisation ([`Pipeline::eval`]).
+//! then the pipeline's normalisation with the backbone's mean and std into a CHW `f32` buffer.
+//! The first two run as one step, [`AffineResizedCrop`], which warps only the pixels the crop's
+//! resize reads (same pixels, a fraction of the work). Validation is the pipeline's bilinear
+//! resize and the same normalisation alone ([`Pipeline::eval`]).
 //!
 //! Images stay 8-bit between steps, rounded and clamped where albumentations rounds and clamps
 //! (and truncated where its `clip(...).astype(uint8)` truncates), so each step sees what it
-//! would see in the reference. [`batch`] runs a pipeline over many photos in parallel, each
+//! would see in the reference. [`crate::transforms::batch`] runs a pipeline over many photos in parallel, each
 //! photo with its own random stream, so a batch does not depend on the number of threads.
 
+use crate::transforms::{
+    clip_window, linear_taps, resize_taps, resize_window, CropWindow, Pipeline, Transform,
+};
 use anyhow::{ensure, Result};
 use image::RgbImage;
 use rand::seq::SliceRandom;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::fmt;
 
-/// Every probability and range of the training augmentations; `Default` is the reference's.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Every probability and range of the training augmentations; the defaults are the
+/// reference's. Ranges (pairs) are set in a `--config` file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default)]
 pub struct AugmentConfig {
-    /// Probability of [`Affine`].
+    /// Probability of the affine warp (rotate, translate, shear).
+    #[arg(long, id = "augment.affine_p", value_name = "P", default_value_t = 0.5)]
     pub affine_p: f64,
-    /// Rotation drawn from `±rotate_deg` degrees.
+    /// Rotation drawn from ±rotate-deg degrees.
+    #[arg(
+        long,
+        id = "augment.rotate_deg",
+        value_name = "DEG",
+        default_value_t = 15.0
+    )]
     pub rotate_deg: f64,
     /// Translation range as a fraction of width (x) and height (y), each axis drawn on its own.
     /// albumentations' `translate_percent=(0, 0.25)` draws from this range as given: shifts are
     /// right/down only. Use `(-0.25, 0.25)` for shifts both ways.
+    #[arg(skip = (0.0, 0.25))]
     pub translate: (f64, f64),
-    /// Shear drawn from `±shear_deg` degrees, independently along x and y.
+    /// Shear drawn from ±shear-deg degrees, independently along x and y.
+    #[arg(
+        long,
+        id = "augment.shear_deg",
+        value_name = "DEG",
+        default_value_t = 3.0
+    )]
     pub shear_deg: f64,
     /// Share of the area kept by [`RandomResizedCrop`].
+    #[arg(skip = (0.9, 1.0))]
     pub crop_scale: (f64, f64),
     /// Aspect ratio (width / height) range of the crop, drawn log-uniformly.
+    #[arg(skip = (0.75, 4.0 / 3.0))]
     pub crop_ratio: (f64, f64),
-    /// Probability of [`ToGray`].
+    /// Probability of turning the photo grey.
+    #[arg(long, id = "augment.gray_p", value_name = "P", default_value_t = 0.1)]
     pub gray_p: f64,
-    /// Probability of [`GaussianBlur`].
+    /// Probability of a Gaussian blur.
+    #[arg(long, id = "augment.blur_p", value_name = "P", default_value_t = 0.07)]
     pub blur_p: f64,
     /// Smallest and largest odd kernel size of the blur.
+    #[arg(skip = (3, 7))]
     pub blur_kernel: (u32, u32),
-    /// Probability of [`GaussNoise`].
+    /// Probability of Gaussian noise.
+    #[arg(long, id = "augment.noise_p", value_name = "P", default_value_t = 0.07)]
     pub noise_p: f64,
     /// Range of the noise variance, in 0..255 units.
+    #[arg(skip = (10.0, 50.0))]
     pub noise_var: (f64, f64),
-    /// Probability of [`RandomGridShuffle`].
+    /// Probability of shuffling the tiles of a grid.
+    #[arg(
+        long,
+        id = "augment.grid_shuffle_p",
+        value_name = "P",
+        default_value_t = 0.28
+    )]
     pub grid_shuffle_p: f64,
     /// Grid of the shuffle, (rows, columns).
+    #[arg(skip = (2, 2))]
     pub grid: (u32, u32),
-    /// Probability of [`BrightnessContrast`].
+    /// Probability of a brightness and contrast change.
+    #[arg(
+        long,
+        id = "augment.brightness_contrast_p",
+        value_name = "P",
+        default_value_t = 0.5
+    )]
     pub brightness_contrast_p: f64,
-    /// `beta` is drawn from `±brightness`.
+    /// Brightness: beta is drawn from ±brightness.
+    #[arg(
+        long,
+        id = "augment.brightness",
+        value_name = "X",
+        default_value_t = 0.2
+    )]
     pub brightness: f64,
-    /// `alpha` is drawn from `1 ± contrast`.
+    /// Contrast: alpha is drawn from 1 ± contrast.
+    #[arg(long, id = "augment.contrast", value_name = "X", default_value_t = 0.2)]
     pub contrast: f64,
-    /// Probability of [`HorizontalFlip`].
+    /// Horizontal-flip probability (0 where a mirror changes identity, as for a flank).
+    #[arg(long, id = "augment.hflip_p", value_name = "P", default_value_t = 0.1)]
     pub hflip_p: f64,
 }
 
 impl Default for AugmentConfig {
     fn default() -> Self {
-        AugmentConfig {
-            affine_p: 0.5,
-            rotate_deg: 15.0,
-            translate: (0.0, 0.25),
-            shear_deg: 3.0,
-            crop_scale: (0.9, 1.0),
-            crop_ratio: (0.75, 4.0 / 3.0),
-            gray_p: 0.1,
-            blur_p: 0.07,
-            blur_kernel: (3, 7),
-            noise_p: 0.07,
-            noise_var: (10.0, 50.0),
-            grid_shuffle_p: 0.28,
-            grid: (2, 2),
-            brightness_contrast_p: 0.5,
-            brightness: 0.2,
-            contrast: 0.2,
-            hflip_p: 0.1,
-        }
+        crate::args::defaults_of()
     }
 }
 
@@ -170,13 +196,6 @@ fn check_range(name: &str, (lo, hi): (f64, f64), min: f64) -> Result<()> {
          got ({lo}, {hi})"
     );
     Ok(())
-}
-
-/// One augmentation. `apply` draws its parameters from `rng` and transforms `img`, in place
-/// where it can.
-pub trait Transform: Send + Sync + fmt::Debug {
-    /// Transform `img` with parameters drawn from `rng`.
-    fn apply(&self, img: RgbImage, rng: &mut dyn RngCore) -> RgbImage;
 }
 
 /// Python's `random.uniform(lo, hi)`.
@@ -361,15 +380,6 @@ fn round_u8(v: f32) -> u8 {
 // ---------------------------------------------------------------------------------------------
 // RandomResizedCrop and resizing
 
-/// A crop rectangle in pixels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CropWindow {
-    pub x: u32,
-    pub y: u32,
-    pub width: u32,
-    pub height: u32,
-}
-
 /// A random crop of a share of the area at a random aspect ratio, resized (bilinear) to `size`
 /// (albumentations/torchvision `RandomResizedCrop`).
 #[derive(Clone, Debug, PartialEq)]
@@ -438,82 +448,6 @@ pub fn sample_crop_window(
     }
 }
 
-/// Bilinear resize of the whole image to `size` (`cv2.resize`, `INTER_LINEAR`).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Resize {
-    /// Output (width, height).
-    pub size: (u32, u32),
-}
-
-impl Transform for Resize {
-    fn apply(&self, img: RgbImage, _rng: &mut dyn RngCore) -> RgbImage {
-        if img.dimensions() == self.size {
-            return img;
-        }
-        resize(&img, self.size.0, self.size.1)
-    }
-}
-
-/// Bilinear resize of the whole image (`cv2.resize`, `INTER_LINEAR`).
-pub fn resize(img: &RgbImage, width: u32, height: u32) -> RgbImage {
-    let window = CropWindow {
-        x: 0,
-        y: 0,
-        width: img.width(),
-        height: img.height(),
-    };
-    resize_window(img, window, width, height)
-}
-
-/// Weights of a linear resize, in 1/2048 (OpenCV's `INTER_RESIZE_COEF_BITS` = 11).
-const RESIZE_BITS: u32 = 11;
-
-/// Source taps of a linear resize along one axis: pixel centres aligned
-/// (`src = (dst + 0.5)·scale − 0.5`), edges replicated, as `cv2.resize` with `INTER_LINEAR`.
-/// Each tap is (first index, second index, weight of the second in 1/2048).
-fn linear_taps(src_len: u32, dst_len: u32, offset: u32) -> Vec<(usize, usize, u32)> {
-    let scale = f64::from(src_len) / f64::from(dst_len);
-    let last = i64::from(src_len) - 1;
-    (0..dst_len)
-        .map(|d| {
-            let f = (f64::from(d) + 0.5) * scale - 0.5;
-            let f0 = f.floor();
-            let i0 = f0 as i64;
-            let a = i0.clamp(0, last) as usize + offset as usize;
-            let b = (i0 + 1).clamp(0, last) as usize + offset as usize;
-            let weight = ((f - f0) * f64::from(1u32 << RESIZE_BITS)).round() as u32;
-            (a, b, weight)
-        })
-        .collect()
-}
-
-/// `window` clipped to a `width × height` image: (x, y, w, h).
-fn clip_window(window: CropWindow, width: u32, height: u32) -> (u32, u32, u32, u32) {
-    let x = window.x.min(width);
-    let y = window.y.min(height);
-    (
-        x,
-        y,
-        window.width.min(width - x),
-        window.height.min(height - y),
-    )
-}
-
-/// Crop `window` out of `img` and resize it bilinearly to `width × height` in one pass
-/// (`cv2.resize(img[y:y+h, x:x+w], (width, height), INTER_LINEAR)`). The window is clipped to
-/// the image; an empty window gives a black image.
-pub fn resize_window(img: &RgbImage, window: CropWindow, width: u32, height: u32) -> RgbImage {
-    let mut out = RgbImage::new(width, height);
-    let (x0, y0, ww, wh) = clip_window(window, img.width(), img.height());
-    if ww == 0 || wh == 0 || width == 0 || height == 0 {
-        return out;
-    }
-    let xs = linear_taps(ww, width, x0);
-    let ys = linear_taps(wh, height, y0);
-    resize_taps(img.as_raw(), img.width() as usize * 3, &xs, &ys, &mut out);
-    out
-}
-
 /// `resize_window(&warp_affine(img, forward), window, width, height)`, bit for bit, but the
 /// warp is computed only at the (at most `2·width × 2·height`) pixels the resize reads.
 pub fn warp_resize_window(
@@ -549,33 +483,6 @@ pub fn warp_resize_window(
     }
     resize_taps(&compact, cols.len() * 3, &xs, &ys, &mut out);
     out
-}
-
-/// The bilinear resize proper: output row `j` blends source rows `ys[j]`, output column `i`
-/// blends source columns `xs[i]` of `src` (rows `stride` bytes apart).
-fn resize_taps(
-    src: &[u8],
-    stride: usize,
-    xs: &[(usize, usize, u32)],
-    ys: &[(usize, usize, u32)],
-    out: &mut RgbImage,
-) {
-    let one = 1u32 << RESIZE_BITS;
-    let out_stride = out.width() as usize * 3;
-    for (row, &(r0, r1, fy)) in out.chunks_exact_mut(out_stride).zip(ys) {
-        let top = &src[r0 * stride..(r0 + 1) * stride];
-        let bottom = &src[r1 * stride..(r1 + 1) * stride];
-        for (px, &(c0, c1, fx)) in row.chunks_exact_mut(3).zip(xs) {
-            let (t0, t1) = (&top[c0 * 3..c0 * 3 + 3], &top[c1 * 3..c1 * 3 + 3]);
-            let (b0, b1) = (&bottom[c0 * 3..c0 * 3 + 3], &bottom[c1 * 3..c1 * 3 + 3]);
-            for c in 0..3 {
-                let t = u32::from(t0[c]) * (one - fx) + u32::from(t1[c]) * fx;
-                let b = u32::from(b0[c]) * (one - fx) + u32::from(b1[c]) * fx;
-                px[c] = ((t * (one - fy) + b * fy + (1 << (2 * RESIZE_BITS - 1)))
-                    >> (2 * RESIZE_BITS)) as u8;
-            }
-        }
-    }
 }
 
 /// [`Affine`] with probability `affine_p`, then [`RandomResizedCrop`], fused: the warp is
@@ -919,264 +826,65 @@ pub fn hflip(img: &mut RgbImage) {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Normalisation and the pipeline
-
-/// `(v/255 − mean) / std` per channel, written channel-major (CHW) as `f32`
-/// (albumentations `Normalize(max_pixel_value=255)` then `ToTensorV2`).
-#[derive(Clone)]
-pub struct Normalize {
-    lut: [[f32; 256]; 3],
+/// The reference's training augmentations for a model of input `size` = (width, height)
+/// whose backbone normalises with `mean` and `std` (0..1 units). Seven steps: the fused
+/// affine + crop (p = 1; the affine's own probability inside), then gray, blur, noise,
+/// grid shuffle, brightness/contrast and flip.
+pub fn train_pipeline(
+    cfg: &AugmentConfig,
+    size: (u32, u32),
     mean: [f32; 3],
     std: [f32; 3],
-}
-
-impl fmt::Debug for Normalize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Normalize")
-            .field("mean", &self.mean)
-            .field("std", &self.std)
-            .finish()
-    }
-}
-
-impl Normalize {
-    /// `mean` and `std` in 0..1 units; every std must be positive.
-    pub fn new(mean: [f32; 3], std: [f32; 3]) -> Result<Self> {
-        ensure!(
-            mean.iter().all(|m| m.is_finite()) && std.iter().all(|s| s.is_finite() && *s > 0.0),
-            "augment: normalisation needs finite means and positive stds, got {mean:?} / {std:?}"
-        );
-        let mut lut = [[0f32; 256]; 3];
-        for (c, table) in lut.iter_mut().enumerate() {
-            let m = mean[c] * 255.0;
-            let inv = 1.0 / (std[c] * 255.0);
-            for (v, entry) in table.iter_mut().enumerate() {
-                *entry = (v as f32 - m) * inv;
-            }
-        }
-        Ok(Normalize { lut, mean, std })
-    }
-
-    /// Write `img` as normalised CHW into `out` (length `3·w·h`).
-    fn write_chw(&self, img: &RgbImage, out: &mut [f32]) {
-        let plane = img.width() as usize * img.height() as usize;
-        let (r, rest) = out.split_at_mut(plane);
-        let (g, b) = rest.split_at_mut(plane);
-        for (i, px) in img.chunks_exact(3).enumerate() {
-            r[i] = self.lut[0][usize::from(px[0])];
-            g[i] = self.lut[1][usize::from(px[1])];
-            b[i] = self.lut[2][usize::from(px[2])];
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Step {
-    p: f64,
-    transform: Box<dyn Transform>,
-}
-
-/// Transforms, each run with its probability, then a resize to `size` if the image is not
-/// already that size, then [`Normalize`].
-#[derive(Debug)]
-pub struct Pipeline {
-    steps: Vec<Step>,
-    size: (u32, u32),
-    normalize: Normalize,
-}
-
-impl Pipeline {
-    /// A pipeline without steps: resize to `size` = (width, height) and normalise.
-    pub fn new(size: (u32, u32), mean: [f32; 3], std: [f32; 3]) -> Result<Self> {
-        ensure!(
-            size.0 > 0 && size.1 > 0,
-            "augment: the model's input size must be positive, got {size:?}"
-        );
-        Ok(Pipeline {
-            steps: Vec::new(),
-            size,
-            normalize: Normalize::new(mean, std)?,
-        })
-    }
-
-    /// Append `transform`, run with probability `p`.
-    pub fn push(&mut self, p: f64, transform: impl Transform + 'static) -> Result<&mut Self> {
-        check_probability("step probability", p)?;
-        self.steps.push(Step {
-            p,
-            transform: Box::new(transform),
-        });
-        Ok(self)
-    }
-
-    /// The reference's training augmentations for a model of input `size` = (width, height)
-    /// whose backbone normalises with `mean` and `std` (0..1 units). Seven steps: the fused
-    /// affine + crop (p = 1; the affine's own probability inside), then gray, blur, noise,
-    /// grid shuffle, brightness/contrast and flip.
-    pub fn train(
-        cfg: &AugmentConfig,
-        size: (u32, u32),
-        mean: [f32; 3],
-        std: [f32; 3],
-    ) -> Result<Self> {
-        cfg.validate()?;
-        ensure!(
-            cfg.grid.0 <= size.1 / 2 && cfg.grid.1 <= size.0 / 2,
-            "augment: a {:?} grid is too fine for a {}×{} image (albumentations refuses it)",
-            cfg.grid,
-            size.0,
-            size.1
-        );
-        let mut p = Pipeline::new(size, mean, std)?;
-        p.push(
-            1.0,
-            AffineResizedCrop {
-                affine_p: cfg.affine_p,
-                affine: Affine {
-                    rotate_deg: cfg.rotate_deg,
-                    translate: cfg.translate,
-                    shear_deg: cfg.shear_deg,
-                },
-                crop: RandomResizedCrop {
-                    size,
-                    scale: cfg.crop_scale,
-                    ratio: cfg.crop_ratio,
-                },
+) -> Result<Pipeline> {
+    cfg.validate()?;
+    ensure!(
+        cfg.grid.0 <= size.1 / 2 && cfg.grid.1 <= size.0 / 2,
+        "augment: a {:?} grid is too fine for a {}×{} image (albumentations refuses it)",
+        cfg.grid,
+        size.0,
+        size.1
+    );
+    let mut p = Pipeline::new(size, mean, std)?;
+    p.push(
+        1.0,
+        AffineResizedCrop {
+            affine_p: cfg.affine_p,
+            affine: Affine {
+                rotate_deg: cfg.rotate_deg,
+                translate: cfg.translate,
+                shear_deg: cfg.shear_deg,
             },
-        )?
-        .push(cfg.gray_p, ToGray)?
-        .push(
-            cfg.blur_p,
-            GaussianBlur {
-                kernel: cfg.blur_kernel,
+            crop: RandomResizedCrop {
+                size,
+                scale: cfg.crop_scale,
+                ratio: cfg.crop_ratio,
             },
-        )?
-        .push(cfg.noise_p, GaussNoise { var: cfg.noise_var })?
-        .push(cfg.grid_shuffle_p, RandomGridShuffle { grid: cfg.grid })?
-        .push(
-            cfg.brightness_contrast_p,
-            BrightnessContrast {
-                brightness: cfg.brightness,
-                contrast: cfg.contrast,
-            },
-        )?
-        .push(cfg.hflip_p, HorizontalFlip)?;
-        Ok(p)
-    }
-
-    /// Validation: bilinear resize to `size` = (width, height) and normalise.
-    pub fn eval(size: (u32, u32), mean: [f32; 3], std: [f32; 3]) -> Result<Self> {
-        let mut p = Pipeline::new(size, mean, std)?;
-        p.push(1.0, Resize { size })?;
-        Ok(p)
-    }
-
-    /// Output (width, height).
-    pub fn size(&self) -> (u32, u32) {
-        self.size
-    }
-
-    /// Length of one output, `3·w·h`.
-    pub fn output_len(&self) -> usize {
-        3 * self.size.0 as usize * self.size.1 as usize
-    }
-
-    /// The probability of every step, in order.
-    pub fn probabilities(&self) -> Vec<f64> {
-        self.steps.iter().map(|s| s.p).collect()
-    }
-
-    /// Run every step on `img` (one uniform draw per step decides whether it runs) and resize
-    /// to the output size if needed: the augmented 8-bit image.
-    pub fn augment(&self, img: &RgbImage, rng: &mut dyn RngCore) -> RgbImage {
-        match self.augment_steps(img, rng) {
-            Some(out) if out.dimensions() == self.size => out,
-            Some(out) => resize(&out, self.size.0, self.size.1),
-            None if img.dimensions() == self.size => img.clone(),
-            None => resize(img, self.size.0, self.size.1),
-        }
-    }
-
-    /// `None` when no step ran.
-    fn augment_steps(&self, img: &RgbImage, rng: &mut dyn RngCore) -> Option<RgbImage> {
-        let mut current: Option<RgbImage> = None;
-        for step in &self.steps {
-            if rng.gen::<f64>() < step.p {
-                let input = current.take().unwrap_or_else(|| img.clone());
-                current = Some(step.transform.apply(input, rng));
-            }
-        }
-        current
-    }
-
-    /// Augment and normalise `img`: CHW `f32`, length [`Pipeline::output_len`].
-    pub fn run(&self, img: &RgbImage, rng: &mut dyn RngCore) -> Vec<f32> {
-        let mut out = vec![0f32; self.output_len()];
-        self.run_into(img, rng, &mut out);
-        out
-    }
-
-    fn run_into(&self, img: &RgbImage, rng: &mut dyn RngCore, out: &mut [f32]) {
-        match self.augment_steps(img, rng) {
-            Some(done) if done.dimensions() == self.size => self.normalize.write_chw(&done, out),
-            Some(done) => self
-                .normalize
-                .write_chw(&resize(&done, self.size.0, self.size.1), out),
-            None if img.dimensions() == self.size => self.normalize.write_chw(img, out),
-            None => self
-                .normalize
-                .write_chw(&resize(img, self.size.0, self.size.1), out),
-        }
-    }
-}
-
-/// The random stream of item `index` of a batch drawn with `seed`: ChaCha8 seeded from `seed`,
-/// stream `index`.
-pub fn item_rng(seed: u64, index: u64) -> ChaCha8Rng {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(index);
-    rng
-}
-
-/// Run `pipeline` on every image in parallel (rayon): `N·3·h·w` values, item `i` at
-/// `i·output_len`, drawn from [`item_rng`]`(seed, i)`, whatever the number of threads.
-pub fn batch(pipeline: &Pipeline, images: &[&RgbImage], seed: u64) -> Vec<f32> {
-    let len = pipeline.output_len();
-    let mut out = vec![0f32; len * images.len()];
-    out.par_chunks_mut(len)
-        .zip(images.par_iter())
-        .enumerate()
-        .for_each(|(i, (chunk, img))| {
-            pipeline.run_into(img, &mut item_rng(seed, i as u64), chunk);
-        });
-    out
-}
-
-/// Like [`batch`], but item `i` is first loaded (decoded) by `load(i)`, in the same parallel
-/// pass. The first error (by index) is returned.
-pub fn batch_with<F>(pipeline: &Pipeline, count: usize, seed: u64, load: F) -> Result<Vec<f32>>
-where
-    F: Fn(usize) -> Result<RgbImage> + Sync,
-{
-    let len = pipeline.output_len();
-    let mut out = vec![0f32; len * count];
-    let results: Vec<Result<()>> = out
-        .par_chunks_mut(len)
-        .enumerate()
-        .map(|(i, chunk)| {
-            let img = load(i)?;
-            pipeline.run_into(&img, &mut item_rng(seed, i as u64), chunk);
-            Ok(())
-        })
-        .collect();
-    results.into_iter().collect::<Result<()>>()?;
-    Ok(out)
+        },
+    )?
+    .push(cfg.gray_p, ToGray)?
+    .push(
+        cfg.blur_p,
+        GaussianBlur {
+            kernel: cfg.blur_kernel,
+        },
+    )?
+    .push(cfg.noise_p, GaussNoise { var: cfg.noise_var })?
+    .push(cfg.grid_shuffle_p, RandomGridShuffle { grid: cfg.grid })?
+    .push(
+        cfg.brightness_contrast_p,
+        BrightnessContrast {
+            brightness: cfg.brightness,
+            contrast: cfg.contrast,
+        },
+    )?
+    .push(cfg.hflip_p, HorizontalFlip)?;
+    Ok(p)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transforms::{batch, batch_with, item_rng, resize, Normalize};
     use image::Rgb;
 
     const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -1474,31 +1182,6 @@ mod tests {
     }
 
     #[test]
-    fn resize_matches_opencv_linear() {
-        let img = photo(40, 30);
-        assert_eq!(resize(&img, 40, 30), img, "same size is the identity");
-        // Halving: every output pixel averages a 2×2 block (taps at 2d + 0.5).
-        let img = RgbImage::from_fn(4, 2, |x, _| Rgb([(x * 40) as u8, 0, 0]));
-        let out = resize(&img, 2, 1);
-        assert_eq!(out.get_pixel(0, 0)[0], 20);
-        assert_eq!(out.get_pixel(1, 0)[0], 100);
-        // Upscaling replicates the edges: 2 → 4 gives taps −0.25, 0.25, 0.75, 1.25.
-        let img = RgbImage::from_fn(2, 1, |x, _| Rgb([(x * 100) as u8, 0, 0]));
-        let out = resize(&img, 4, 1);
-        let row: Vec<u8> = out.pixels().map(|p| p[0]).collect();
-        assert_eq!(row, vec![0, 25, 75, 100]);
-        // A window resizes only what it covers.
-        let img = RgbImage::from_fn(10, 10, |x, _| Rgb([if x >= 5 { 200 } else { 0 }, 0, 0]));
-        let win = CropWindow {
-            x: 5,
-            y: 0,
-            width: 5,
-            height: 10,
-        };
-        assert!(resize_window(&img, win, 3, 3).pixels().all(|p| p[0] == 200));
-    }
-
-    #[test]
     fn to_gray_writes_the_luma_to_every_channel() {
         let mut img = RgbImage::from_pixel(3, 2, Rgb([200, 100, 50]));
         img.put_pixel(1, 1, Rgb([255, 255, 255]));
@@ -1679,28 +1362,8 @@ mod tests {
     }
 
     #[test]
-    fn normalize_centres_the_mean_and_writes_chw() {
-        let norm = Normalize::new([0.4, 0.2, 0.6], [0.2, 0.5, 0.25]).expect("valid");
-        let img = RgbImage::from_fn(3, 2, |x, y| Rgb([(x * 10 + y) as u8, 51, 153 + x as u8]));
-        let mut out = vec![f32::NAN; 18];
-        norm.write_chw(&img, &mut out);
-        for (x, y, p) in img.enumerate_pixels() {
-            let i = (y * 3 + x) as usize;
-            let r = (f32::from(p[0]) - 102.0) / 51.0;
-            assert!((out[i] - r).abs() < 1e-6);
-            assert_eq!(out[6 + i], 0.0, "0.2·255 = 51 maps to 0");
-            assert!((out[12 + i] - x as f32 / 63.75).abs() < 1e-6);
-        }
-        let grey = RgbImage::from_pixel(1, 1, Rgb([102, 51, 153]));
-        let mut out = vec![1.0; 3];
-        norm.write_chw(&grey, &mut out);
-        assert_eq!(out, vec![0.0, 0.0, 0.0]);
-        assert!(Normalize::new(MEAN, [0.2, 0.0, 0.2]).is_err());
-    }
-
-    #[test]
     fn pipeline_is_deterministic_per_seed() {
-        let pipe = Pipeline::train(&AugmentConfig::default(), (224, 224), MEAN, STD).expect("ok");
+        let pipe = train_pipeline(&AugmentConfig::default(), (224, 224), MEAN, STD).expect("ok");
         let img = photo(300, 260);
         let a = pipe.run(&img, &mut rng(9));
         let b = pipe.run(&img, &mut rng(9));
@@ -1724,7 +1387,7 @@ mod tests {
 
     #[test]
     fn batch_equals_per_item_runs_on_any_thread_count() {
-        let pipe = Pipeline::train(&AugmentConfig::default(), (64, 48), MEAN, STD).expect("ok");
+        let pipe = train_pipeline(&AugmentConfig::default(), (64, 48), MEAN, STD).expect("ok");
         let owned: Vec<RgbImage> = (0..7).map(|i| photo(90 + i * 7, 70 + i * 3)).collect();
         let images: Vec<&RgbImage> = owned.iter().collect();
         let run_on = |threads: usize| {
@@ -1754,7 +1417,7 @@ mod tests {
     #[test]
     fn step_probabilities_follow_the_config() {
         let cfg = AugmentConfig::default();
-        let pipe = Pipeline::train(&cfg, (224, 224), MEAN, STD).expect("ok");
+        let pipe = train_pipeline(&cfg, (224, 224), MEAN, STD).expect("ok");
         assert_eq!(
             pipe.probabilities(),
             vec![1.0, 0.1, 0.07, 0.07, 0.28, 0.5, 0.1]
@@ -1775,12 +1438,12 @@ mod tests {
         let img = photo(200, 200);
         let eval = Pipeline::eval((96, 96), MEAN, STD).expect("ok");
         let want = eval.augment(&img, &mut rng(0));
-        let pipe = Pipeline::train(&off, (96, 96), MEAN, STD).expect("ok");
+        let pipe = train_pipeline(&off, (96, 96), MEAN, STD).expect("ok");
         for s in 0..20 {
             assert_eq!(pipe.augment(&img, &mut rng(s)), want);
         }
         // Flip always.
-        let flip = Pipeline::train(
+        let flip = train_pipeline(
             &AugmentConfig {
                 hflip_p: 1.0,
                 ..off.clone()
@@ -1796,7 +1459,7 @@ mod tests {
             assert_eq!(flip.augment(&img, &mut rng(s)), flipped);
         }
         // Grey always: the three channels agree for every draw.
-        let gray = Pipeline::train(
+        let gray = train_pipeline(
             &AugmentConfig {
                 gray_p: 1.0,
                 affine_p: 1.0,
@@ -1812,7 +1475,7 @@ mod tests {
             assert!(out.pixels().all(|p| p[0] == p[1] && p[1] == p[2]));
         }
         // Brightness/contrast always: never the plain crop.
-        let bc = Pipeline::train(
+        let bc = train_pipeline(
             &AugmentConfig {
                 brightness_contrast_p: 1.0,
                 ..off.clone()
@@ -1863,10 +1526,10 @@ mod tests {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
         assert!(
-            Pipeline::train(&cfg, (3, 3), MEAN, STD).is_err(),
+            train_pipeline(&cfg, (3, 3), MEAN, STD).is_err(),
             "grid too fine"
         );
-        assert!(Pipeline::train(&cfg, (0, 224), MEAN, STD).is_err());
+        assert!(train_pipeline(&cfg, (0, 224), MEAN, STD).is_err());
     }
 
     /// `cargo test --release --lib train::augment -- --ignored --nocapture`
@@ -1938,12 +1601,12 @@ mod tests {
             println!("{name}: {:.2} ms", 1e3 / rate);
         }
         let mut out = vec![0f32; 3 * 224 * 224];
-        let train = Pipeline::train(&AugmentConfig::default(), (224, 224), MEAN, STD).expect("ok");
+        let train = train_pipeline(&AugmentConfig::default(), (224, 224), MEAN, STD).expect("ok");
         let always = AugmentConfig {
             affine_p: 1.0,
             ..AugmentConfig::default()
         };
-        let always = Pipeline::train(&always, (224, 224), MEAN, STD).expect("ok");
+        let always = train_pipeline(&always, (224, 224), MEAN, STD).expect("ok");
         let eval = Pipeline::eval((224, 224), MEAN, STD).expect("ok");
         for (name, pipe) in [
             ("train", &train),

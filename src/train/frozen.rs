@@ -5,41 +5,19 @@
 //! shrinkage and size among [`SHRINKS`] × {embedding size / 2, embedding size}; metrics line 0
 //! is the plain concatenation (the zero-shot baseline), line 1 the chosen whitening.
 //!
-//! The checkpoint folder (`best/`, and `last/` alike) holds `state.json`, [`MEMBERS_FILE`] and
-//! [`WHITENING_FILE`]: [`load`] rebuilds the members and their whitening from it.
+//! The checkpoint folder (`best/`, and `last/` alike) holds the run state, the members and the
+//! whitening ([`crate::runs::save_frozen`]); [`crate::runs::Ensemble::load`] rebuilds them.
 
-use super::run::{
-    bar, knn_ranking, load_photos, map5_of, pretrained_views, validation, write_metrics,
-    write_summary, Checkpoints, EpochMetrics, RunState, TrainConfig, TrainSummary, Validation,
-    Views, METRICS_FILE,
-};
-use crate::fsio;
-use crate::model::happywhale::HappyWhaleModel;
+use super::config::TrainConfig;
+use super::photos::load_photos;
+use super::validate::{knn_ranking, map5_of, pretrained_views, validation, Validation, Views};
+use crate::args::bar;
 use crate::model::whitening::{self, Whitening};
-use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
-use std::path::Path;
+use crate::runs::{save_frozen, EpochMetrics, Frozen, Member, RunDir, RunState, TrainSummary};
+use anyhow::{Context, Result};
 use std::time::Instant;
-
-pub const MEMBERS_FILE: &str = "frozen.json";
-pub const WHITENING_FILE: &str = "whitening.safetensors";
 /// Shrinkages of the within-identity covariance tried by validation.
 pub const SHRINKS: [f64; 4] = [0.2, 0.4, 0.6, 0.8];
-
-/// A pretrained backbone at its input size.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Member {
-    pub backbone: String,
-    pub img_size: i64,
-}
-
-/// What [`MEMBERS_FILE`] records: the members, and the whitening validation chose.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Frozen {
-    pub members: Vec<Member>,
-    pub shrink: f64,
-    pub dim: usize,
-}
 
 /// The backbones of `--model`, comma-separated.
 fn backbones(model: &str) -> Vec<&str> {
@@ -50,13 +28,8 @@ fn backbones(model: &str) -> Vec<&str> {
         .collect()
 }
 
-/// Fit the frozen mode's whitening as `cfg` says into the run folder of `ckpt`.
-pub(super) fn train(
-    cfg: &TrainConfig,
-    ckpt: &Checkpoints,
-    started: Instant,
-) -> Result<TrainSummary> {
-    let out = &ckpt.root;
+/// Fit the frozen mode's whitening as `cfg` says into `run`, whose config is written.
+pub(super) fn fit(cfg: &TrainConfig, run: &RunDir, started: Instant) -> Result<TrainSummary> {
     anyhow::ensure!(
         cfg.pretrained,
         "--mode frozen needs the pretrained weights (it trains no backbone)"
@@ -153,7 +126,7 @@ pub(super) fn train(
         line(0, zero_shot, zero_shot, None, zero_shot_seconds),
         line(1, v.map5, v.map5_knn, Some(&v), t.elapsed().as_secs_f64()),
     ];
-    write_metrics(&out.join(METRICS_FILE), &metrics)?;
+    run.write_metrics(&metrics)?;
     let state = RunState {
         epoch: 1,
         best_map5: v.map5,
@@ -164,44 +137,9 @@ pub(super) fn train(
         ..RunState::default()
     };
     for name in ["best", "last"] {
-        ckpt.save_with(name, &state, |dir| {
-            w.save(&dir.join(WHITENING_FILE))?;
-            fsio::write_bytes_atomic(
-                &dir.join(MEMBERS_FILE),
-                &serde_json::to_vec_pretty(&frozen)?,
-            )
-        })?;
+        run.save_checkpoint(name, &state, |dir| save_frozen(dir, &frozen, &w))?;
     }
-    write_summary(out, 1, &state, &photos, started)
-}
-
-/// The pretrained members and the whitening of the frozen checkpoint in `dir`, or `None` when
-/// `dir` holds a trained model instead.
-pub fn load(dir: &Path, device: tch::Device) -> Result<Option<(Vec<HappyWhaleModel>, Whitening)>> {
-    let path = dir.join(MEMBERS_FILE);
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let frozen: Frozen = serde_json::from_slice(
-        &std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
-    )
-    .with_context(|| format!("{}: not a frozen-mode checkpoint", path.display()))?;
-    let models = frozen
-        .members
-        .iter()
-        .map(|m| HappyWhaleModel::zero_shot(&m.backbone, Some(m.img_size), device))
-        .collect::<Result<Vec<_>>>()?;
-    let whitening = Whitening::load(&dir.join(WHITENING_FILE))?;
-    let dims: usize = models
-        .iter()
-        .map(|m| m.config.embedding_size as usize)
-        .sum();
-    if dims != whitening.dim_in {
-        bail!(
-            "{}: the members' features have {dims} dimensions, the whitening takes {}",
-            dir.display(),
-            whitening.dim_in
-        );
-    }
-    Ok(Some((models, whitening)))
+    let summary = photos.summary(1, &state, started);
+    run.write_summary(&summary)?;
+    Ok(summary)
 }

@@ -1,9 +1,8 @@
 //! `finprint report RUN`: the loss and MAP@5 curves of a run as PNG, and a Markdown summary.
 
-use super::run::{
-    read_metrics, EpochMetrics, TrainConfig, TrainSummary, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE,
-};
+use super::config::TrainConfig;
 use crate::fsio;
+use crate::runs::{EpochMetrics, RunDir};
 use anyhow::{Context, Result};
 use plotters::prelude::*;
 use std::fmt::Write as _;
@@ -16,6 +15,18 @@ pub struct ReportFiles {
     pub loss_png: PathBuf,
     pub map_png: PathBuf,
     pub markdown: PathBuf,
+}
+
+impl std::fmt::Display for ReportFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "wrote {}, {} and {}",
+            self.markdown.display(),
+            self.map_png.display(),
+            self.loss_png.display()
+        )
+    }
 }
 
 /// Plots need a font; the DejaVu font ships inside the binary.
@@ -105,11 +116,10 @@ pub fn plot(
 
 /// Draw the curves of the run in `run` and write `report.md` beside them.
 pub fn report(run: &Path) -> Result<ReportFiles> {
-    let metrics = read_metrics(&run.join(METRICS_FILE))?;
-    let config = TrainConfig::load(&run.join(CONFIG_FILE))?;
-    let summary: Option<TrainSummary> = std::fs::read(run.join(SUMMARY_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
+    let dir = RunDir::new(run);
+    let metrics = dir.read_metrics()?;
+    let config: TrainConfig = dir.read_config()?;
+    let summary = dir.read_summary().ok().flatten();
     let files = ReportFiles {
         loss_png: run.join("loss.png"),
         map_png: run.join("map5.png"),
@@ -162,10 +172,10 @@ pub fn report(run: &Path) -> Result<ReportFiles> {
 
     let mut md = String::new();
     writeln!(md, "# Training run `{}`\n", run.display())?;
-    if config.mode == super::run::Mode::Frozen {
-        let whitening = std::fs::read(run.join("best").join(super::frozen::MEMBERS_FILE))
+    if config.mode == super::Mode::Frozen {
+        let whitening = std::fs::read(run.join("best").join(crate::runs::MEMBERS_FILE))
             .ok()
-            .and_then(|b| serde_json::from_slice::<super::frozen::Frozen>(&b).ok())
+            .and_then(|b| serde_json::from_slice::<crate::runs::Frozen>(&b).ok())
             .map_or(String::new(), |f| {
                 format!(" (shrinkage {}, {} dimensions)", f.shrink, f.dim)
             });

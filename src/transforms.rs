@@ -1,0 +1,388 @@
+//! Inference transforms: the photo as the network sees it. A bilinear resize with OpenCV's
+//! `INTER_LINEAR` semantics, normalisation into a CHW `f32` buffer, and the [`Pipeline`] of
+//! optional steps that runs before them; [`batch_with`] runs it over many photos in parallel,
+//! each with its own random stream. Training adds its random augmentations as steps
+//! (`train::augment`); validation, prediction and detection use [`Pipeline::eval`] alone.
+
+use anyhow::{ensure, Result};
+use image::RgbImage;
+use rand::{Rng, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use std::fmt;
+
+/// One augmentation. `apply` draws its parameters from `rng` and transforms `img`, in place
+/// where it can.
+pub trait Transform: Send + Sync + fmt::Debug {
+    /// Transform `img` with parameters drawn from `rng`.
+    fn apply(&self, img: RgbImage, rng: &mut dyn RngCore) -> RgbImage;
+}
+
+/// A crop rectangle in pixels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CropWindow {
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// Bilinear resize of the whole image to `size` (`cv2.resize`, `INTER_LINEAR`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resize {
+    /// Output (width, height).
+    pub size: (u32, u32),
+}
+
+impl Transform for Resize {
+    fn apply(&self, img: RgbImage, _rng: &mut dyn RngCore) -> RgbImage {
+        if img.dimensions() == self.size {
+            return img;
+        }
+        resize(&img, self.size.0, self.size.1)
+    }
+}
+
+/// Bilinear resize of the whole image (`cv2.resize`, `INTER_LINEAR`).
+pub fn resize(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let window = CropWindow {
+        x: 0,
+        y: 0,
+        width: img.width(),
+        height: img.height(),
+    };
+    resize_window(img, window, width, height)
+}
+
+/// Weights of a linear resize, in 1/2048 (OpenCV's `INTER_RESIZE_COEF_BITS` = 11).
+const RESIZE_BITS: u32 = 11;
+
+/// Source taps of a linear resize along one axis: pixel centres aligned
+/// (`src = (dst + 0.5)·scale − 0.5`), edges replicated, as `cv2.resize` with `INTER_LINEAR`.
+/// Each tap is (first index, second index, weight of the second in 1/2048).
+pub(crate) fn linear_taps(src_len: u32, dst_len: u32, offset: u32) -> Vec<(usize, usize, u32)> {
+    let scale = f64::from(src_len) / f64::from(dst_len);
+    let last = i64::from(src_len) - 1;
+    (0..dst_len)
+        .map(|d| {
+            let f = (f64::from(d) + 0.5) * scale - 0.5;
+            let f0 = f.floor();
+            let i0 = f0 as i64;
+            let a = i0.clamp(0, last) as usize + offset as usize;
+            let b = (i0 + 1).clamp(0, last) as usize + offset as usize;
+            let weight = ((f - f0) * f64::from(1u32 << RESIZE_BITS)).round() as u32;
+            (a, b, weight)
+        })
+        .collect()
+}
+
+/// `window` clipped to a `width × height` image: (x, y, w, h).
+pub(crate) fn clip_window(window: CropWindow, width: u32, height: u32) -> (u32, u32, u32, u32) {
+    let x = window.x.min(width);
+    let y = window.y.min(height);
+    (
+        x,
+        y,
+        window.width.min(width - x),
+        window.height.min(height - y),
+    )
+}
+
+/// Crop `window` out of `img` and resize it bilinearly to `width × height` in one pass
+/// (`cv2.resize(img[y:y+h, x:x+w], (width, height), INTER_LINEAR)`). The window is clipped to
+/// the image; an empty window gives a black image.
+pub fn resize_window(img: &RgbImage, window: CropWindow, width: u32, height: u32) -> RgbImage {
+    let mut out = RgbImage::new(width, height);
+    let (x0, y0, ww, wh) = clip_window(window, img.width(), img.height());
+    if ww == 0 || wh == 0 || width == 0 || height == 0 {
+        return out;
+    }
+    let xs = linear_taps(ww, width, x0);
+    let ys = linear_taps(wh, height, y0);
+    resize_taps(img.as_raw(), img.width() as usize * 3, &xs, &ys, &mut out);
+    out
+}
+
+/// The bilinear resize proper: output row `j` blends source rows `ys[j]`, output column `i`
+/// blends source columns `xs[i]` of `src` (rows `stride` bytes apart).
+pub(crate) fn resize_taps(
+    src: &[u8],
+    stride: usize,
+    xs: &[(usize, usize, u32)],
+    ys: &[(usize, usize, u32)],
+    out: &mut RgbImage,
+) {
+    let one = 1u32 << RESIZE_BITS;
+    let out_stride = out.width() as usize * 3;
+    for (row, &(r0, r1, fy)) in out.chunks_exact_mut(out_stride).zip(ys) {
+        let top = &src[r0 * stride..(r0 + 1) * stride];
+        let bottom = &src[r1 * stride..(r1 + 1) * stride];
+        for (px, &(c0, c1, fx)) in row.chunks_exact_mut(3).zip(xs) {
+            let (t0, t1) = (&top[c0 * 3..c0 * 3 + 3], &top[c1 * 3..c1 * 3 + 3]);
+            let (b0, b1) = (&bottom[c0 * 3..c0 * 3 + 3], &bottom[c1 * 3..c1 * 3 + 3]);
+            for c in 0..3 {
+                let t = u32::from(t0[c]) * (one - fx) + u32::from(t1[c]) * fx;
+                let b = u32::from(b0[c]) * (one - fx) + u32::from(b1[c]) * fx;
+                px[c] = ((t * (one - fy) + b * fy + (1 << (2 * RESIZE_BITS - 1)))
+                    >> (2 * RESIZE_BITS)) as u8;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Normalisation and the pipeline
+
+/// `(v/255 − mean) / std` per channel, written channel-major (CHW) as `f32`
+/// (albumentations `Normalize(max_pixel_value=255)` then `ToTensorV2`).
+#[derive(Clone)]
+pub struct Normalize {
+    lut: [[f32; 256]; 3],
+    mean: [f32; 3],
+    std: [f32; 3],
+}
+
+impl fmt::Debug for Normalize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Normalize")
+            .field("mean", &self.mean)
+            .field("std", &self.std)
+            .finish()
+    }
+}
+
+impl Normalize {
+    /// `mean` and `std` in 0..1 units; every std must be positive.
+    pub fn new(mean: [f32; 3], std: [f32; 3]) -> Result<Self> {
+        ensure!(
+            mean.iter().all(|m| m.is_finite()) && std.iter().all(|s| s.is_finite() && *s > 0.0),
+            "augment: normalisation needs finite means and positive stds, got {mean:?} / {std:?}"
+        );
+        let mut lut = [[0f32; 256]; 3];
+        for (c, table) in lut.iter_mut().enumerate() {
+            let m = mean[c] * 255.0;
+            let inv = 1.0 / (std[c] * 255.0);
+            for (v, entry) in table.iter_mut().enumerate() {
+                *entry = (v as f32 - m) * inv;
+            }
+        }
+        Ok(Normalize { lut, mean, std })
+    }
+
+    /// Write `img` as normalised CHW into `out` (length `3·w·h`).
+    pub fn write_chw(&self, img: &RgbImage, out: &mut [f32]) {
+        let plane = img.width() as usize * img.height() as usize;
+        let (r, rest) = out.split_at_mut(plane);
+        let (g, b) = rest.split_at_mut(plane);
+        for (i, px) in img.chunks_exact(3).enumerate() {
+            r[i] = self.lut[0][usize::from(px[0])];
+            g[i] = self.lut[1][usize::from(px[1])];
+            b[i] = self.lut[2][usize::from(px[2])];
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Step {
+    p: f64,
+    transform: Box<dyn Transform>,
+}
+
+/// Transforms, each run with its probability, then a resize to `size` if the image is not
+/// already that size, then [`Normalize`].
+#[derive(Debug)]
+pub struct Pipeline {
+    steps: Vec<Step>,
+    size: (u32, u32),
+    normalize: Normalize,
+}
+
+impl Pipeline {
+    /// A pipeline without steps: resize to `size` = (width, height) and normalise.
+    pub fn new(size: (u32, u32), mean: [f32; 3], std: [f32; 3]) -> Result<Self> {
+        ensure!(
+            size.0 > 0 && size.1 > 0,
+            "augment: the model's input size must be positive, got {size:?}"
+        );
+        Ok(Pipeline {
+            steps: Vec::new(),
+            size,
+            normalize: Normalize::new(mean, std)?,
+        })
+    }
+
+    /// Append `transform`, run with probability `p`.
+    pub fn push(&mut self, p: f64, transform: impl Transform + 'static) -> Result<&mut Self> {
+        ensure!(
+            (0.0..=1.0).contains(&p),
+            "transforms: a step probability must lie in [0, 1], got {p}"
+        );
+        self.steps.push(Step {
+            p,
+            transform: Box::new(transform),
+        });
+        Ok(self)
+    }
+
+    /// Validation: bilinear resize to `size` = (width, height) and normalise.
+    pub fn eval(size: (u32, u32), mean: [f32; 3], std: [f32; 3]) -> Result<Self> {
+        let mut p = Pipeline::new(size, mean, std)?;
+        p.push(1.0, Resize { size })?;
+        Ok(p)
+    }
+
+    /// Output (width, height).
+    pub fn size(&self) -> (u32, u32) {
+        self.size
+    }
+
+    /// Length of one output, `3·w·h`.
+    pub fn output_len(&self) -> usize {
+        3 * self.size.0 as usize * self.size.1 as usize
+    }
+
+    /// The probability of every step, in order.
+    pub fn probabilities(&self) -> Vec<f64> {
+        self.steps.iter().map(|s| s.p).collect()
+    }
+
+    /// Run every step on `img` (one uniform draw per step decides whether it runs) and resize
+    /// to the output size if needed: the augmented 8-bit image.
+    pub fn augment(&self, img: &RgbImage, rng: &mut dyn RngCore) -> RgbImage {
+        match self.augment_steps(img, rng) {
+            Some(out) if out.dimensions() == self.size => out,
+            Some(out) => resize(&out, self.size.0, self.size.1),
+            None if img.dimensions() == self.size => img.clone(),
+            None => resize(img, self.size.0, self.size.1),
+        }
+    }
+
+    /// `None` when no step ran.
+    fn augment_steps(&self, img: &RgbImage, rng: &mut dyn RngCore) -> Option<RgbImage> {
+        let mut current: Option<RgbImage> = None;
+        for step in &self.steps {
+            if rng.gen::<f64>() < step.p {
+                let input = current.take().unwrap_or_else(|| img.clone());
+                current = Some(step.transform.apply(input, rng));
+            }
+        }
+        current
+    }
+
+    /// Augment and normalise `img`: CHW `f32`, length [`Pipeline::output_len`].
+    pub fn run(&self, img: &RgbImage, rng: &mut dyn RngCore) -> Vec<f32> {
+        let mut out = vec![0f32; self.output_len()];
+        self.run_into(img, rng, &mut out);
+        out
+    }
+
+    /// [`Pipeline::run`] into `out` (length [`Pipeline::output_len`]).
+    pub fn run_into(&self, img: &RgbImage, rng: &mut dyn RngCore, out: &mut [f32]) {
+        match self.augment_steps(img, rng) {
+            Some(done) if done.dimensions() == self.size => self.normalize.write_chw(&done, out),
+            Some(done) => self
+                .normalize
+                .write_chw(&resize(&done, self.size.0, self.size.1), out),
+            None if img.dimensions() == self.size => self.normalize.write_chw(img, out),
+            None => self
+                .normalize
+                .write_chw(&resize(img, self.size.0, self.size.1), out),
+        }
+    }
+}
+
+/// The random stream of item `index` of a batch drawn with `seed`: ChaCha8 seeded from `seed`,
+/// stream `index`.
+pub fn item_rng(seed: u64, index: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(index);
+    rng
+}
+
+/// Run `pipeline` on every image in parallel (rayon): `N·3·h·w` values, item `i` at
+/// `i·output_len`, drawn from [`item_rng`]`(seed, i)`, whatever the number of threads.
+pub fn batch(pipeline: &Pipeline, images: &[&RgbImage], seed: u64) -> Vec<f32> {
+    let len = pipeline.output_len();
+    let mut out = vec![0f32; len * images.len()];
+    out.par_chunks_mut(len)
+        .zip(images.par_iter())
+        .enumerate()
+        .for_each(|(i, (chunk, img))| {
+            pipeline.run_into(img, &mut item_rng(seed, i as u64), chunk);
+        });
+    out
+}
+
+/// Like [`batch`], but item `i` is first loaded (decoded) by `load(i)`, in the same parallel
+/// pass. The first error (by index) is returned.
+pub fn batch_with<F>(pipeline: &Pipeline, count: usize, seed: u64, load: F) -> Result<Vec<f32>>
+where
+    F: Fn(usize) -> Result<RgbImage> + Sync,
+{
+    let len = pipeline.output_len();
+    let mut out = vec![0f32; len * count];
+    let results: Vec<Result<()>> = out
+        .par_chunks_mut(len)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let img = load(i)?;
+            pipeline.run_into(&img, &mut item_rng(seed, i as u64), chunk);
+            Ok(())
+        })
+        .collect();
+    results.into_iter().collect::<Result<()>>()?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::Rgb;
+
+    const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+
+    #[test]
+    fn resize_matches_opencv_linear() {
+        let img = RgbImage::from_fn(40, 30, |x, y| Rgb([(x * 6) as u8, (y * 8) as u8, 7]));
+        assert_eq!(resize(&img, 40, 30), img, "same size is the identity");
+        // Halving: every output pixel averages a 2×2 block (taps at 2d + 0.5).
+        let img = RgbImage::from_fn(4, 2, |x, _| Rgb([(x * 40) as u8, 0, 0]));
+        let out = resize(&img, 2, 1);
+        assert_eq!(out.get_pixel(0, 0)[0], 20);
+        assert_eq!(out.get_pixel(1, 0)[0], 100);
+        // Upscaling replicates the edges: 2 → 4 gives taps −0.25, 0.25, 0.75, 1.25.
+        let img = RgbImage::from_fn(2, 1, |x, _| Rgb([(x * 100) as u8, 0, 0]));
+        let out = resize(&img, 4, 1);
+        let row: Vec<u8> = out.pixels().map(|p| p[0]).collect();
+        assert_eq!(row, vec![0, 25, 75, 100]);
+        // A window resizes only what it covers.
+        let img = RgbImage::from_fn(10, 10, |x, _| Rgb([if x >= 5 { 200 } else { 0 }, 0, 0]));
+        let win = CropWindow {
+            x: 5,
+            y: 0,
+            width: 5,
+            height: 10,
+        };
+        assert!(resize_window(&img, win, 3, 3).pixels().all(|p| p[0] == 200));
+    }
+
+    #[test]
+    fn normalize_centres_the_mean_and_writes_chw() {
+        let norm = Normalize::new([0.4, 0.2, 0.6], [0.2, 0.5, 0.25]).expect("valid");
+        let img = RgbImage::from_fn(3, 2, |x, y| Rgb([(x * 10 + y) as u8, 51, 153 + x as u8]));
+        let mut out = vec![f32::NAN; 18];
+        norm.write_chw(&img, &mut out);
+        for (x, y, p) in img.enumerate_pixels() {
+            let i = (y * 3 + x) as usize;
+            let r = (f32::from(p[0]) - 102.0) / 51.0;
+            assert!((out[i] - r).abs() < 1e-6);
+            assert_eq!(out[6 + i], 0.0, "0.2·255 = 51 maps to 0");
+            assert!((out[12 + i] - x as f32 / 63.75).abs() < 1e-6);
+        }
+        let grey = RgbImage::from_pixel(1, 1, Rgb([102, 51, 153]));
+        let mut out = vec![1.0; 3];
+        norm.write_chw(&grey, &mut out);
+        assert_eq!(out, vec![0.0, 0.0, 0.0]);
+        assert!(Normalize::new(MEAN, [0.2, 0.0, 0.2]).is_err());
+    }
+}
