@@ -20,7 +20,7 @@ use finprint::embed::{embed_batch, input_tensor, to_vec};
 use finprint::model::happywhale::{HappyWhaleModel, ModelConfig};
 use finprint::predict::{answers, rank_candidates};
 use finprint::search::{Aggregation, FlatIndex, Index, Storage};
-use finprint::transforms::{batch_with, Pipeline};
+use finprint::transforms::{batch_with, Fit, ImgSize, Pipeline};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -64,12 +64,12 @@ fn main() -> anyhow::Result<()> {
 
     // The model, as the service loads a trained one.
     let mut cfg = ModelConfig::for_backbone("efficientnet_lite0", vec!["x".into()], vec![1])?;
-    cfg.img_size = args.size;
+    cfg.img_size = ImgSize::square(args.size as u32);
     let model = HappyWhaleModel::new(cfg, Device::Cpu)?;
     let dim = model.config.embedding_size as usize;
-    let s = args.size as u32;
     let pipeline = Pipeline::eval(
-        (s, s),
+        model.config.img_size,
+        Fit::Squash,
         model.config.mean.map(|v| v as f32),
         model.config.std.map(|v| v as f32),
     )?;

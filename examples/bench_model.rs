@@ -54,7 +54,7 @@ fn main() -> anyhow::Result<()> {
     let classes = 1000;
     let names = (0..classes).map(|c| c.to_string()).collect();
     let mut cfg = ModelConfig::for_backbone("efficientnet_lite0", names, vec![1; classes])?;
-    cfg.img_size = args.size as i64;
+    cfg.img_size = finprint::transforms::ImgSize::square(args.size as u32);
     let model = HappyWhaleModel::new(cfg, Device::Cpu)?;
     let figures = match (&args.images, &args.list) {
         (Some(dir), Some(list)) => end_to_end(&model, dir, list, &args)?,

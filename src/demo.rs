@@ -32,7 +32,7 @@ pub struct DemoArgs {
     pub epochs: usize,
     /// Input size of the model, in pixels.
     #[arg(long, default_value_t = 160)]
-    pub img_size: i64,
+    pub img_size: u32,
 }
 
 /// Run the demo; `say` prints each step's outcome as it comes.
@@ -74,7 +74,7 @@ pub fn run(args: &DemoArgs, say: &mut dyn FnMut(String)) -> Result<()> {
         data: out.clone(),
         mode: Mode::Fast,
         epochs: args.epochs,
-        img_size: Some(args.img_size),
+        img_size: Some(crate::transforms::ImgSize::square(args.img_size)),
         lr: 1e-3,
         aug_passes: 3,
         crops: vec![

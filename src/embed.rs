@@ -96,7 +96,7 @@ pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
 pub fn input_tensor(model: &HappyWhaleModel, chw: &[f32], n: usize) -> Tensor {
     let s = model.config.img_size;
     Tensor::from_slice(chw)
-        .view([n as i64, 3, s, s])
+        .view([n as i64, 3, i64::from(s.height), i64::from(s.width)])
         .to_device(model.vs.device())
         .permute([0, 2, 3, 1])
         .contiguous()
@@ -135,10 +135,9 @@ pub fn embed_images<F>(
 where
     F: Fn(usize) -> Result<RgbImage> + Sync,
 {
-    let s = model.config.img_size as u32;
     let mean = model.config.mean.map(|v| v as f32);
     let std = model.config.std.map(|v| v as f32);
-    let pipeline = Pipeline::eval((s, s), mean, std)?;
+    let pipeline = Pipeline::eval(model.config.img_size, model.config.fit, mean, std)?;
     let batch = batch.max(1);
     let batches = count.div_ceil(batch);
     let mut out = Vec::with_capacity(count * model.config.embedding_size as usize);

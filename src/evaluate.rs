@@ -10,6 +10,7 @@ use crate::metrics::{average_precision_at_5, K};
 use crate::predict::{answers, best_threshold, Candidate};
 use crate::runs::{Ensemble, ModelArgs};
 use crate::search::{rank_labels, recall, Aggregation, IndexSpec};
+use crate::transforms::Fit;
 use anyhow::Result;
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -31,6 +32,11 @@ pub struct EvaluateArgs {
     /// A column whose value is part of the identity and restricts the gallery (e.g. view).
     #[arg(long)]
     pub group: Option<String>,
+    /// A column (e.g. encounter) whose value a query's gallery never shares: photos taken
+    /// minutes apart are not matched against each other. Queries whose identity has no photo
+    /// outside their own value are new individuals there, and counted.
+    #[arg(long, value_name = "COLUMN")]
+    pub exclude_same: Option<String>,
     /// The new_individual threshold [default: the one the models saved; 0 for --zero-shot].
     #[arg(long)]
     pub threshold: Option<f32>,
@@ -78,6 +84,8 @@ struct Labelled {
     /// The identity of each photo: its animal, and its group when there is one.
     ids: Vec<String>,
     groups: Option<Vec<String>>,
+    /// Each photo's value of the `--exclude-same` column.
+    excluded: Option<Vec<String>>,
     /// Each photo's animal: the unit the bootstrap resamples.
     animals: Vec<String>,
 }
@@ -86,13 +94,22 @@ fn read_labels(args: &EvaluateArgs) -> Result<Labelled> {
     let table = CsvFile::read(&args.labels)?;
     let (ci, cid) = (table.column("image")?, table.column("individual_id")?);
     let cg = args.group.as_deref().map(|g| table.column(g)).transpose()?;
+    let cx = args
+        .exclude_same
+        .as_deref()
+        .map(|c| table.column(c))
+        .transpose()?;
     let mut l = Labelled {
         names: Vec::new(),
         ids: Vec::new(),
         groups: cg.map(|_| Vec::new()),
+        excluded: cx.map(|_| Vec::new()),
         animals: Vec::new(),
     };
     for row in table.rows() {
+        if let (Some(c), Some(excluded)) = (cx, l.excluded.as_mut()) {
+            excluded.push(row.field(c)?.to_string());
+        }
         let animal = row.field(cid)?.to_string();
         l.names.push(row.field(ci)?.to_string());
         match (cg, l.groups.as_mut()) {
@@ -127,6 +144,7 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
             ensemble.dim(),
             &labelled.ids,
             labelled.groups.as_deref(),
+            labelled.excluded.as_deref(),
             threshold,
             args.index,
         )
@@ -136,7 +154,8 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
     let bootstrap = (resamples > 0).then(|| report.bootstrap(&labelled.animals, resamples, seed));
     let baseline = match &args.baseline {
         Some(backbone) => {
-            let zero_shot = Ensemble::zero_shot(backbone, None, 0.0, crate::runtime::device())?;
+            let zero_shot =
+                Ensemble::zero_shot(backbone, None, Fit::Squash, 0.0, crate::runtime::device())?;
             let base = evaluate(&zero_shot, report.threshold)?;
             let gain = report.paired_bootstrap(&base, &labelled.animals, resamples, seed)?;
             Some(Baseline {
@@ -161,11 +180,18 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
 impl fmt::Display for Evaluation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let r = &self.report;
-        writeln!(
+        write!(
             f,
             "{} photos, {} with another photo of their identity",
             r.queries, r.known_queries
         )?;
+        match r.skipped {
+            0 => writeln!(f)?,
+            n => writeln!(
+                f,
+                " to be found by ({n} more have one only in their own encounter)"
+            )?,
+        }
         writeln!(
             f,
             "top-1 {:.4}  top-5 {:.4}  MAP@5 {:.4}  (identities ranked, known queries)",
@@ -225,6 +251,9 @@ pub struct LooReport {
     /// The threshold that would have been best here, and its MAP@5 (an optimistic bound).
     pub best_threshold: f32,
     pub best_map5: f64,
+    /// Queries whose identity has other photos only where the query's gallery may not look
+    /// (its own encounter, with `--exclude-same`): new individuals to that gallery.
+    pub skipped: usize,
     /// With an approximate index: the share of each query's exact nearest photos it found.
     pub recall: Option<f64>,
     /// Each known query's row in `ids` and the rank of its true identity among its first
@@ -235,12 +264,15 @@ pub struct LooReport {
 
 /// Query every photo against all the others (of the same group, when `groups` is given),
 /// searched through an index of kind `index`: `emb` is row-major `[ids.len(), dim]` unit
-/// vectors.
+/// vectors. With `exclude`, a query's gallery holds no photo with its own value there (its
+/// encounter): a query whose identity has photos in its own encounter only is then a new
+/// individual, counted in [`LooReport::skipped`].
 pub fn leave_one_out(
     emb: &[f32],
     dim: usize,
     ids: &[String],
     groups: Option<&[String]>,
+    exclude: Option<&[String]>,
     threshold: f32,
     index: IndexSpec,
 ) -> anyhow::Result<LooReport> {
@@ -255,6 +287,8 @@ pub fn leave_one_out(
     }
     let mut queries: Vec<(Vec<Candidate>, String)> = vec![(Vec::new(), String::new()); n];
     let mut recall_sum = (0.0, 0usize);
+    let mut skipped = 0;
+    let excluded = |i: usize| exclude.map_or("", |e| e[i].as_str());
     for rows in members.values() {
         let mut names: Vec<String> = rows.iter().map(|&i| ids[i].clone()).collect();
         names.sort();
@@ -267,7 +301,22 @@ pub fn leave_one_out(
             .iter()
             .flat_map(|&i| emb[i * dim..(i + 1) * dim].iter().copied())
             .collect();
-        let k = (K * 20 + 1).max(101).min(rows.len());
+        let mut count: HashMap<&str, usize> = HashMap::new();
+        let mut count_within: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut largest_excluded: HashMap<&str, usize> = HashMap::new();
+        for &i in rows {
+            *count.entry(ids[i].as_str()).or_default() += 1;
+            *count_within
+                .entry((ids[i].as_str(), excluded(i)))
+                .or_default() += 1;
+            *largest_excluded.entry(excluded(i)).or_default() += 1;
+        }
+        // Deep enough that the photos a query may not see leave the usual depth.
+        let hidden = match exclude {
+            Some(_) => largest_excluded.values().copied().max().unwrap_or(0),
+            None => 0,
+        };
+        let k = ((K * 20 + 1).max(101) + hidden).min(rows.len());
         let found = index.build_with(dim, &vectors)?.search(&vectors, k)?;
         if !index.is_exact() {
             let exact = IndexSpec::default().build_with(dim, &vectors)?;
@@ -275,13 +324,14 @@ pub fn leave_one_out(
             recall_sum.0 += recall(&e, &found) * rows.len() as f64;
             recall_sum.1 += rows.len();
         }
-        let mut count: HashMap<&str, usize> = HashMap::new();
-        rows.iter()
-            .for_each(|&i| *count.entry(ids[i].as_str()).or_default() += 1);
         for (local, neighbors) in found.into_iter().enumerate() {
+            let i = rows[local];
             let others: Vec<_> = neighbors
                 .into_iter()
-                .filter(|nb| nb.id as usize != local)
+                .filter(|nb| {
+                    let j = rows[nb.id as usize];
+                    j != i && (exclude.is_none() || excluded(j) != excluded(i))
+                })
                 .collect();
             let candidates = rank_labels(&others, &labels, Aggregation::Max, K)
                 .into_iter()
@@ -290,11 +340,17 @@ pub fn leave_one_out(
                     score,
                 })
                 .collect();
-            let i = rows[local];
-            let truth = if count[ids[i].as_str()] > 1 {
-                ids[i].clone()
-            } else {
-                NEW_INDIVIDUAL.to_string()
+            let id = ids[i].as_str();
+            let visible = match exclude {
+                Some(_) => count[id] - count_within[&(id, excluded(i))],
+                None => count[id] - 1,
+            };
+            if visible == 0 && count[id] > 1 {
+                skipped += 1;
+            }
+            let truth = match visible {
+                0 => NEW_INDIVIDUAL.to_string(),
+                _ => ids[i].clone(),
             };
             queries[i] = (candidates, truth);
         }
@@ -325,6 +381,7 @@ pub fn leave_one_out(
         threshold,
         best_threshold,
         best_map5,
+        skipped,
         recall: (!index.is_exact()).then(|| recall_sum.0 / recall_sum.1.max(1) as f64),
         known_ranks: queries
             .iter()
@@ -537,7 +594,7 @@ mod tests {
             -1.0, 0.0,
         ];
         let ids: Vec<String> = ["x", "x", "y", "y", "z"].map(String::from).to_vec();
-        let r = leave_one_out(&emb, 2, &ids, None, -1.0, IndexSpec::default()).unwrap();
+        let r = leave_one_out(&emb, 2, &ids, None, None, -1.0, IndexSpec::default()).unwrap();
         assert_eq!(r.known_queries, 4);
         assert_eq!(
             r.known_ranks,
@@ -551,7 +608,7 @@ mod tests {
             m: 4,
             ef_search: 16,
         };
-        let a = leave_one_out(&emb, 2, &ids, None, -1.0, hnsw).unwrap();
+        let a = leave_one_out(&emb, 2, &ids, None, None, -1.0, hnsw).unwrap();
         assert_eq!(a.recall, Some(1.0));
         assert_eq!(LooReport { recall: None, ..a }, r);
         let animals: Vec<String> = ["a", "a", "b", "b", "c"].map(String::from).to_vec();
@@ -563,6 +620,41 @@ mod tests {
             (b.top1, b.top5, b.map5),
             ([0.5, 0.5], [1.0, 1.0], [0.75, 0.75])
         );
+    }
+
+    #[test]
+    fn excluding_the_same_encounter_hides_its_photos_and_counts_the_stranded() {
+        // x has photos 0 and 1 in encounter e1 and photo 2 in e2; y has 3 (e3) and 4 (e4);
+        // z has 5 and 6, both in e5. Photo 0 is nearest photo 1 (its own encounter), then 3.
+        let emb = [
+            1.0, 0.0, //
+            0.99, 0.141, //
+            0.6, 0.8, //
+            0.95, -0.312, //
+            0.9, -0.436, //
+            -1.0, 0.0, //
+            -0.99, 0.141,
+        ];
+        let ids: Vec<String> = ["x", "x", "x", "y", "y", "z", "z"]
+            .map(String::from)
+            .to_vec();
+        let enc: Vec<String> = ["e1", "e1", "e2", "e3", "e4", "e5", "e5"]
+            .map(String::from)
+            .to_vec();
+        let plain = leave_one_out(&emb, 2, &ids, None, None, -1.0, IndexSpec::default()).unwrap();
+        assert_eq!(plain.known_queries, 7);
+        assert_eq!(
+            plain.known_ranks[0],
+            (0, Some(0)),
+            "photo 1 finds x for photo 0"
+        );
+        let r = leave_one_out(&emb, 2, &ids, None, Some(&enc), -1.0, IndexSpec::default()).unwrap();
+        // z's photos see no other z: new individuals, counted as skipped; the rest are known.
+        assert_eq!((r.known_queries, r.skipped), (5, 2));
+        // Photo 0 may not see photo 1: y (photo 3, 0.95) comes before x (photo 2, 0.6).
+        assert_eq!(r.known_ranks[0], (0, Some(1)));
+        // Photo 2 (e2) still sees x's photos of e1.
+        assert_eq!(r.known_ranks[2], (2, Some(0)));
     }
 
     /// Against a baseline that ranks photo 0's identity first (one better) and photo 2's

@@ -18,6 +18,7 @@ use crate::crops::CropSet;
 use crate::fsio::{self, fnv1a};
 use crate::model::happywhale::{self, pretrained_weights, HappyWhaleModel};
 use crate::model::whitening::Whitening;
+use crate::transforms::{Fit, ImgSize};
 use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -124,7 +125,9 @@ impl std::fmt::Display for TrainSummary {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Member {
     pub backbone: String,
-    pub img_size: i64,
+    pub img_size: ImgSize,
+    #[serde(default)]
+    pub fit: Fit,
 }
 
 /// What [`MEMBERS_FILE`] records: the members, and the whitening validation chose.
@@ -317,7 +320,7 @@ pub fn load_frozen(
     let models = frozen
         .members
         .iter()
-        .map(|m| HappyWhaleModel::zero_shot(&m.backbone, Some(m.img_size), device))
+        .map(|m| HappyWhaleModel::zero_shot(&m.backbone, Some(m.img_size), m.fit, device))
         .collect::<Result<Vec<_>>>()?;
     let whitening = Whitening::load(&dir.join(WHITENING_FILE))?;
     let dims: usize = models
@@ -370,7 +373,7 @@ impl Ensemble {
         let mut models = Vec::new();
         let mut saved = Vec::new();
         let mut whitened = Vec::new();
-        let mut pretrained: Vec<((String, i64), f32)> = Vec::new();
+        let mut pretrained: Vec<((String, ImgSize, Fit), f32)> = Vec::new();
         for run in runs {
             let dir = checkpoint_dir(run)?;
             let state = saved_state(&dir)?;
@@ -386,7 +389,8 @@ impl Ensemble {
             }
             let model = HappyWhaleModel::load(&dir, device)?;
             if state.pretrained_weight > 0.0 {
-                let key = (model.config.backbone.clone(), model.config.img_size);
+                let c = &model.config;
+                let key = (c.backbone.clone(), c.img_size, c.fit);
                 match pretrained.iter_mut().find(|(k, _)| *k == key) {
                     // Fused cosines add as squared weights.
                     Some((_, w)) => *w = w.hypot(state.pretrained_weight),
@@ -397,8 +401,13 @@ impl Ensemble {
             saved.push(state);
         }
         let mut weights = vec![1.0; models.len()];
-        for ((backbone, size), w) in pretrained {
-            models.push(HappyWhaleModel::zero_shot(&backbone, Some(size), device)?);
+        for ((backbone, size, fit), w) in pretrained {
+            models.push(HappyWhaleModel::zero_shot(
+                &backbone,
+                Some(size),
+                fit,
+                device,
+            )?);
             weights.push(w);
         }
         let n = saved.len() as f32;
@@ -426,12 +435,13 @@ impl Ensemble {
     /// A pretrained backbone's GeM-pooled features, with a given new_individual threshold.
     pub fn zero_shot(
         backbone: &str,
-        img_size: Option<i64>,
+        img_size: Option<ImgSize>,
+        fit: Fit,
         threshold: f32,
         device: tch::Device,
     ) -> Result<Self> {
         Ok(Self {
-            models: vec![HappyWhaleModel::zero_shot(backbone, img_size, device)?],
+            models: vec![HappyWhaleModel::zero_shot(backbone, img_size, fit, device)?],
             weights: vec![1.0],
             threshold,
             species_thresholds: BTreeMap::new(),
@@ -461,10 +471,12 @@ impl Ensemble {
 pub enum ModelSpec {
     /// Trained run (or checkpoint) folders, fused.
     Runs(Vec<PathBuf>),
-    /// A pretrained backbone's pooled features, at `img_size` (the backbone's own when `None`).
+    /// A pretrained backbone's pooled features, at `img_size` (the backbone's own when `None`),
+    /// the photo fitted as `fit` says.
     ZeroShot {
         backbone: String,
-        img_size: Option<i64>,
+        img_size: Option<ImgSize>,
+        fit: Fit,
     },
 }
 
@@ -479,9 +491,12 @@ pub struct ModelArgs {
     /// training needed), e.g. efficientnet_lite0.
     #[arg(long, conflicts_with = "models")]
     pub zero_shot: Option<String>,
-    /// Input size for --zero-shot [default: the backbone's own].
+    /// Input size for --zero-shot: 224 or WIDTHxHEIGHT [default: the backbone's own].
     #[arg(long, requires = "zero_shot")]
-    pub img_size: Option<i64>,
+    pub img_size: Option<ImgSize>,
+    /// How a photo fits --zero-shot's input: squash (stretch) or pad (keep its aspect).
+    #[arg(long, value_enum, default_value_t = Fit::Squash, requires = "zero_shot")]
+    pub fit: Fit,
 }
 
 impl ModelArgs {
@@ -490,6 +505,7 @@ impl ModelArgs {
             Some(backbone) => ModelSpec::ZeroShot {
                 backbone: backbone.clone(),
                 img_size: self.img_size,
+                fit: self.fit,
             },
             None => ModelSpec::Runs(self.models.clone()),
         }
@@ -528,13 +544,21 @@ impl ModelSpec {
                     .collect::<Result<Vec<_>>>()?;
                 Ok(format!("runs:{}", parts.join("+")))
             }
-            ModelSpec::ZeroShot { backbone, img_size } => {
+            ModelSpec::ZeroShot {
+                backbone,
+                img_size,
+                fit,
+            } => {
                 let weights = pretrained_weights(backbone)?;
                 let bytes = std::fs::read(&weights)
                     .with_context(|| format!("cannot read {}", weights.display()))?;
+                let size = img_size.map_or("default".into(), |s| s.to_string());
+                let fitted = match fit {
+                    Fit::Squash => String::new(),
+                    Fit::Pad => ":pad".into(),
+                };
                 Ok(format!(
-                    "zero-shot:{backbone}:{}:{:016x}",
-                    img_size.map_or("default".into(), |s| s.to_string()),
+                    "zero-shot:{backbone}:{size}{fitted}:{:016x}",
                     fnv1a(&bytes, 0)
                 ))
             }
@@ -554,9 +578,11 @@ impl ModelSpec {
     pub fn load(&self, threshold: Option<f32>, device: tch::Device) -> Result<Ensemble> {
         let mut ensemble = match self {
             ModelSpec::Runs(runs) => Ensemble::load(runs, device)?,
-            ModelSpec::ZeroShot { backbone, img_size } => {
-                Ensemble::zero_shot(backbone, *img_size, 0.0, device)?
-            }
+            ModelSpec::ZeroShot {
+                backbone,
+                img_size,
+                fit,
+            } => Ensemble::zero_shot(backbone, *img_size, *fit, 0.0, device)?,
         };
         if let Some(t) = threshold {
             ensemble.threshold = t;

@@ -54,6 +54,152 @@ pub fn resize(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     resize_window(img, window, width, height)
 }
 
+/// A network's input size in pixels: `224` (square) or `448x160` (width × height), for
+/// animals seen long and narrow (a beluga from above).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ImgSize {
+    pub width: u32,
+    pub height: u32,
+}
+
+impl ImgSize {
+    pub const fn square(side: u32) -> Self {
+        Self {
+            width: side,
+            height: side,
+        }
+    }
+}
+
+impl std::str::FromStr for ImgSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let side = |v: &str| {
+            v.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|&n| (1..=4096).contains(&n))
+                .ok_or_else(|| format!("image size {s:?}: {v:?} is not a side of 1 to 4096 pixels"))
+        };
+        match s.split_once(['x', 'X']) {
+            Some((w, h)) => Ok(Self {
+                width: side(w)?,
+                height: side(h)?,
+            }),
+            None => Ok(Self::square(side(s)?)),
+        }
+    }
+}
+
+impl fmt::Display for ImgSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.width == self.height {
+            true => write!(f, "{}", self.width),
+            false => write!(f, "{}x{}", self.width, self.height),
+        }
+    }
+}
+
+/// A square size is written as its side (the form of older configs), any other as `WxH`.
+impl serde::Serialize for ImgSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.width == self.height {
+            true => s.serialize_u32(self.width),
+            false => s.serialize_str(&self.to_string()),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ImgSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Side(u32),
+            Text(String),
+        }
+        match Form::deserialize(d)? {
+            Form::Side(n) => Ok(Self::square(n)),
+            Form::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// How a photo fits the input size.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Fit {
+    /// Stretch the photo to the input size.
+    #[default]
+    Squash,
+    /// Keep the photo's aspect: scale it to fit inside, centred, and fill the rest with the
+    /// network's mean colour (zero after normalisation).
+    Pad,
+}
+
+/// The photo at `size` as `fit` says; `fill` is the colour of the padding.
+pub fn fit_to(img: &RgbImage, size: ImgSize, fit: Fit, fill: [u8; 3]) -> RgbImage {
+    match fit {
+        Fit::Squash => resize(img, size.width, size.height),
+        Fit::Pad => letterbox(img, size, fill),
+    }
+}
+
+/// `img` scaled (bilinear) to fit inside `size` with its aspect kept, centred on `fill`.
+pub fn letterbox(img: &RgbImage, size: ImgSize, fill: [u8; 3]) -> RgbImage {
+    let (w, h) = (img.width().max(1), img.height().max(1));
+    let scale = (f64::from(size.width) / f64::from(w)).min(f64::from(size.height) / f64::from(h));
+    let sw = ((f64::from(w) * scale).round() as u32).clamp(1, size.width);
+    let sh = ((f64::from(h) * scale).round() as u32).clamp(1, size.height);
+    let mut out = RgbImage::from_pixel(size.width, size.height, image::Rgb(fill));
+    if img.width() == 0 || img.height() == 0 {
+        return out;
+    }
+    let scaled = resize(img, sw, sh);
+    image::imageops::replace(
+        &mut out,
+        &scaled,
+        i64::from((size.width - sw) / 2),
+        i64::from((size.height - sh) / 2),
+    );
+    out
+}
+
+/// [`fit_to`] as a pipeline step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FitTo {
+    pub size: ImgSize,
+    pub fit: Fit,
+    pub fill: [u8; 3],
+}
+
+impl Transform for FitTo {
+    fn apply(&self, img: RgbImage, _rng: &mut dyn RngCore) -> RgbImage {
+        if img.dimensions() == (self.size.width, self.size.height) {
+            return img;
+        }
+        fit_to(&img, self.size, self.fit, self.fill)
+    }
+}
+
+/// The mean colour of a normalisation (`mean` in 0..1 units) as 8-bit pixels: padding of this
+/// colour normalises to zero.
+pub fn mean_colour(mean: [f32; 3]) -> [u8; 3] {
+    mean.map(|m| (m * 255.0).round().clamp(0.0, 255.0) as u8)
+}
+
 /// Weights of a linear resize, in 1/2048 (OpenCV's `INTER_RESIZE_COEF_BITS` = 11).
 const RESIZE_BITS: u32 = 11;
 
@@ -224,10 +370,11 @@ impl Pipeline {
         Ok(self)
     }
 
-    /// Validation: bilinear resize to `size` = (width, height) and normalise.
-    pub fn eval(size: (u32, u32), mean: [f32; 3], std: [f32; 3]) -> Result<Self> {
-        let mut p = Pipeline::new(size, mean, std)?;
-        p.push(1.0, Resize { size })?;
+    /// Validation: the photo fitted to `size` (bilinear) and normalised.
+    pub fn eval(size: ImgSize, fit: Fit, mean: [f32; 3], std: [f32; 3]) -> Result<Self> {
+        let mut p = Pipeline::new((size.width, size.height), mean, std)?;
+        let fill = mean_colour(mean);
+        p.push(1.0, FitTo { size, fit, fill })?;
         Ok(p)
     }
 
@@ -364,6 +511,53 @@ mod tests {
             height: 10,
         };
         assert!(resize_window(&img, win, 3, 3).pixels().all(|p| p[0] == 200));
+    }
+
+    #[test]
+    fn image_sizes_parse_print_and_keep_old_configs() {
+        let wide: ImgSize = "448x160".parse().unwrap();
+        assert_eq!((wide.width, wide.height), (448, 160));
+        assert_eq!("224".parse::<ImgSize>().unwrap(), ImgSize::square(224));
+        assert_eq!(wide.to_string(), "448x160");
+        assert_eq!(ImgSize::square(224).to_string(), "224");
+        for bad in ["0", "x", "448x", "12x0", "5000", "axb"] {
+            assert!(bad.parse::<ImgSize>().is_err(), "{bad}");
+        }
+        assert_eq!(serde_json::to_string(&ImgSize::square(96)).unwrap(), "96");
+        assert_eq!(serde_json::to_string(&wide).unwrap(), "\"448x160\"");
+        let back: ImgSize = serde_json::from_str("\"448x160\"").unwrap();
+        assert_eq!(back, wide);
+        assert_eq!(
+            serde_json::from_str::<ImgSize>("96").unwrap(),
+            ImgSize::square(96)
+        );
+    }
+
+    #[test]
+    fn letterbox_keeps_the_aspect_and_pads_with_the_fill() {
+        // A 40×10 white photo into 20×20: scaled to 20×5, rows 7..12, the rest the fill.
+        let img = RgbImage::from_pixel(40, 10, Rgb([255, 255, 255]));
+        let out = letterbox(&img, ImgSize::square(20), [1, 2, 3]);
+        assert_eq!(out.dimensions(), (20, 20));
+        for (x, y, p) in out.enumerate_pixels() {
+            let inside = (7..12).contains(&y);
+            assert_eq!(p.0, if inside { [255; 3] } else { [1, 2, 3] }, "({x}, {y})");
+        }
+        // Tall into wide: 10×40 into 40×20 is scaled to 5×20, columns 17..22.
+        let tall = RgbImage::from_pixel(10, 40, Rgb([9, 9, 9]));
+        let out = letterbox(&tall, "40x20".parse().unwrap(), [0; 3]);
+        let row: Vec<u8> = (0..40).map(|x| out.get_pixel(x, 10)[0]).collect();
+        assert!(row[17..22].iter().all(|&v| v == 9) && row[..17].iter().all(|&v| v == 0));
+        // Squash stretches instead; the eval pipeline fits as asked and pads with the mean,
+        // which normalises to zero.
+        assert_eq!(
+            fit_to(&img, ImgSize::square(20), Fit::Squash, [0; 3]).dimensions(),
+            (20, 20)
+        );
+        let pipe = Pipeline::eval(ImgSize::square(20), Fit::Pad, MEAN, [0.5; 3]).unwrap();
+        let chw = pipe.run(&img, &mut rand::rngs::mock::StepRng::new(0, 1));
+        let padded = chw[..20].iter().all(|v| v.abs() < 0.01);
+        assert!(padded, "{:?}", &chw[..20]);
     }
 
     #[test]

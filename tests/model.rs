@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 fn config(classes: usize) -> ModelConfig {
     let names = (0..classes).map(|c| format!("id{c}")).collect();
     let mut cfg = ModelConfig::for_backbone("efficientnet_lite0", names, vec![2; classes]).unwrap();
-    cfg.img_size = 64;
+    cfg.img_size = finprint::transforms::ImgSize::square(64);
     cfg.embedding_size = 32;
     cfg
 }

@@ -10,6 +10,7 @@ use finprint::runs::ModelSpec;
 use finprint::search::IndexSpec;
 use finprint::service::{router, AppState};
 use finprint::synth::{generate, SynthConfig};
+use finprint::transforms::{Fit, ImgSize};
 use indicatif::ProgressBar;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -21,7 +22,8 @@ const TOKEN: &str = "test-token";
 fn model() -> ModelSpec {
     ModelSpec::ZeroShot {
         backbone: "efficientnet_lite0".into(),
-        img_size: Some(128),
+        img_size: Some(ImgSize::square(128)),
+        fit: Fit::Squash,
     }
 }
 
@@ -80,6 +82,11 @@ fn fixture() -> Option<&'static Fixture> {
 
 /// A copy of the template catalogue, attached to the model (nothing left to embed).
 fn catalogue(f: &Fixture) -> (tempfile::TempDir, Catalog) {
+    catalogue_on(f, IndexSpec::default())
+}
+
+/// A copy of the template catalogue, attached to the model with an index of kind `index`.
+fn catalogue_on(f: &Fixture, index: IndexSpec) -> (tempfile::TempDir, Catalog) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("cat");
     std::fs::create_dir_all(dir.join("images")).unwrap();
@@ -96,7 +103,7 @@ fn catalogue(f: &Fixture) -> (tempfile::TempDir, Catalog) {
     let embedded = cat
         .attach(
             Embedder::start(&model(), None).unwrap(),
-            IndexSpec::default(),
+            index,
             &ProgressBar::hidden(),
         )
         .unwrap();
@@ -118,6 +125,51 @@ fn known_test_photos(f: &Fixture) -> Vec<(String, String)> {
 
 fn test_photo(f: &Fixture, name: &str) -> Vec<u8> {
     std::fs::read(f.kaggle.test_images().join(name)).unwrap()
+}
+
+#[test]
+fn the_catalogue_runs_on_hnsw_with_the_exact_answers_and_grows_it() {
+    let Some(f) = fixture() else { return };
+    let (_a, flat) = catalogue(f);
+    let hnsw_spec: IndexSpec = "hnsw:16,200".parse().unwrap();
+    let (_b, hnsw) = catalogue_on(f, hnsw_spec);
+    let photos = known_test_photos(f);
+    for (name, _) in photos.iter().take(5) {
+        let bytes = test_photo(f, name);
+        let a = flat
+            .identify(name, &bytes, &Sighting::default(), 5, 2)
+            .unwrap();
+        let b = hnsw
+            .identify(name, &bytes, &Sighting::default(), 5, 2)
+            .unwrap();
+        let ids = |r: &finprint::catalog::Identification| -> Vec<String> {
+            r.candidates
+                .iter()
+                .map(|c| c.individual_id.clone())
+                .collect()
+        };
+        // A few hundred photos and a wide search: the graph finds the exact neighbours.
+        assert_eq!(ids(&a), ids(&b), "{name}");
+    }
+    // A photo confirmed on the HNSW catalogue is its own best match at once.
+    let (name, truth) = photos[0].clone();
+    hnsw.decide(
+        &Decision::Confirm {
+            image: hnsw
+                .identify(&name, &test_photo(f, &name), &Sighting::default(), 5, 1)
+                .unwrap()
+                .image,
+            individual_id: truth.clone(),
+        },
+        "test",
+        "",
+    )
+    .unwrap();
+    let again = hnsw
+        .identify(&name, &test_photo(f, &name), &Sighting::default(), 5, 1)
+        .unwrap();
+    assert_eq!(again.candidates[0].individual_id, truth);
+    assert!(again.candidates[0].score > 0.999);
 }
 
 #[test]

@@ -8,6 +8,7 @@
 use super::heads::{normalize, ArcFace, ArcFaceConfig, Gem};
 use super::{build_backbone, variant, Backbone};
 use crate::fsio;
+use crate::transforms::{Fit, ImgSize};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -18,8 +19,11 @@ use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
 pub struct ModelConfig {
     /// A backbone variant of the registry, e.g. `efficientnet_lite0`.
     pub backbone: String,
-    /// Square input size in pixels.
-    pub img_size: i64,
+    /// Input size in pixels (a number for a square, `WxH` otherwise).
+    pub img_size: ImgSize,
+    /// How a photo fits the input size (older checkpoints: squashed).
+    #[serde(default)]
+    pub fit: Fit,
     /// Normalisation of 0..1 pixel values: `(x − mean) / std` per channel.
     pub mean: [f64; 3],
     pub std: [f64; 3],
@@ -43,7 +47,8 @@ impl ModelConfig {
         let v = variant(backbone).with_context(|| format!("unknown backbone {backbone:?}"))?;
         Ok(Self {
             backbone: backbone.to_string(),
-            img_size: v.input_size,
+            img_size: ImgSize::square(v.input_size as u32),
+            fit: Fit::Squash,
             mean: v.mean,
             std: v.std,
             embedding_size: 512,
@@ -108,11 +113,17 @@ impl HappyWhaleModel {
 
     /// The pretrained backbone alone, whose embedding is its GeM-pooled features (p = 3): the
     /// zero-shot baseline that training must beat.
-    pub fn zero_shot(backbone: &str, img_size: Option<i64>, device: Device) -> Result<Self> {
+    pub fn zero_shot(
+        backbone: &str,
+        img_size: Option<ImgSize>,
+        fit: Fit,
+        device: Device,
+    ) -> Result<Self> {
         let mut config = ModelConfig::for_backbone(backbone, vec!["-".into()], vec![1])?;
         if let Some(s) = img_size {
             config.img_size = s;
         }
+        config.fit = fit;
         let mut model = Self::new(config, device)?;
         model.load_backbone_weights(&pretrained_weights(backbone)?)?;
         model.config.embedding_size = model.backbone.num_features();

@@ -884,7 +884,7 @@ pub fn train_pipeline(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transforms::{batch, batch_with, item_rng, resize, Normalize};
+    use crate::transforms::{batch, batch_with, item_rng, resize, Fit, ImgSize, Normalize};
     use image::Rgb;
 
     const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -1374,7 +1374,7 @@ mod tests {
             .count();
         assert_eq!(differ, 10);
 
-        let eval = Pipeline::eval((224, 224), MEAN, STD).expect("ok");
+        let eval = Pipeline::eval(ImgSize::square(224), Fit::Squash, MEAN, STD).expect("ok");
         let e1 = eval.run(&img, &mut rng(1));
         assert_eq!(e1, eval.run(&img, &mut rng(2)));
         let resized = resize(&img, 224, 224);
@@ -1436,7 +1436,7 @@ mod tests {
             ..cfg.clone()
         };
         let img = photo(200, 200);
-        let eval = Pipeline::eval((96, 96), MEAN, STD).expect("ok");
+        let eval = Pipeline::eval(ImgSize::square(96), Fit::Squash, MEAN, STD).expect("ok");
         let want = eval.augment(&img, &mut rng(0));
         let pipe = train_pipeline(&off, (96, 96), MEAN, STD).expect("ok");
         for s in 0..20 {
@@ -1607,7 +1607,7 @@ mod tests {
             ..AugmentConfig::default()
         };
         let always = train_pipeline(&always, (224, 224), MEAN, STD).expect("ok");
-        let eval = Pipeline::eval((224, 224), MEAN, STD).expect("ok");
+        let eval = Pipeline::eval(ImgSize::square(224), Fit::Squash, MEAN, STD).expect("ok");
         for (name, pipe) in [
             ("train", &train),
             ("train, affine always", &always),

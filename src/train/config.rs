@@ -5,6 +5,8 @@ use super::augment::AugmentConfig;
 use crate::args::{defaults_of, merge_flags};
 use crate::crops::CropSet;
 use crate::model::heads::ArcFaceConfig;
+use crate::model::Variant;
+use crate::transforms::{Fit, ImgSize};
 use anyhow::{Context, Result};
 use clap::ArgAction;
 use serde::{Deserialize, Serialize};
@@ -54,9 +56,13 @@ pub struct TrainConfig {
     /// Passes over the training photos.
     #[arg(long, default_value_t = 10)]
     pub epochs: usize,
-    /// Square input size in pixels [default: the backbone's own].
+    /// Input size in pixels: 224 (square) or WIDTHxHEIGHT, e.g. 448x160 for animals seen long
+    /// and narrow [default: the backbone's own, square].
     #[arg(long)]
-    pub img_size: Option<i64>,
+    pub img_size: Option<ImgSize>,
+    /// How a photo fits the input size: squash (stretch) or pad (keep its aspect).
+    #[arg(long, value_enum, default_value_t = Fit::Squash)]
+    pub fit: Fit,
     /// Photos per training step.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
@@ -125,6 +131,12 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The input size for `variant`: `img_size`, else the backbone's own.
+    pub fn input_size(&self, variant: &Variant) -> ImgSize {
+        self.img_size
+            .unwrap_or(ImgSize::square(variant.input_size as u32))
+    }
+
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;

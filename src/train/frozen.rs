@@ -14,6 +14,7 @@ use super::validate::{knn_ranking, map5_of, pretrained_views, validation, Valida
 use crate::args::bar;
 use crate::model::whitening::{self, Whitening};
 use crate::runs::{save_frozen, EpochMetrics, Frozen, Member, RunDir, RunState, TrainSummary};
+use crate::transforms::mean_colour;
 use anyhow::{Context, Result};
 use std::time::Instant;
 /// Shrinkages of the within-identity covariance tried by validation.
@@ -42,10 +43,11 @@ pub(super) fn fit(cfg: &TrainConfig, run: &RunDir, started: Instant) -> Result<T
     for name in names {
         let variant =
             crate::model::variant(name).with_context(|| format!("unknown backbone {name:?}"))?;
-        let size = cfg.img_size.unwrap_or(variant.input_size);
+        let size = cfg.input_size(variant);
+        let fill = mean_colour(variant.mean.map(|v| v as f32));
         let p = match photos.take() {
-            Some((s, p)) if s == size => p,
-            _ => load_photos(cfg, size as u32)?,
+            Some((s, f, p)) if (s, f) == (size, fill) => p,
+            _ => load_photos(cfg, size, fill)?,
         };
         anyhow::ensure!(
             !p.train.is_empty() && !p.val.is_empty(),
@@ -61,14 +63,15 @@ pub(super) fn fit(cfg: &TrainConfig, run: &RunDir, started: Instant) -> Result<T
                 p.val.len()
             );
         }
-        parts.push(pretrained_views(name, size, cfg.flip_tta, &p)?);
+        parts.push(pretrained_views(name, size, cfg.fit, cfg.flip_tta, &p)?);
         members.push(Member {
             backbone: name.to_string(),
             img_size: size,
+            fit: cfg.fit,
         });
-        photos = Some((size, p));
+        photos = Some((size, fill, p));
     }
-    let (_, photos) = photos.context("no photos")?;
+    let (_, _, photos) = photos.context("no photos")?;
     let t = Instant::now();
     let refs: Vec<&Views> = parts.iter().collect();
     let raw = Views::concat(&refs, &vec![1.0; refs.len()]);

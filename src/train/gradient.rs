@@ -23,7 +23,7 @@ use crate::model::happywhale::{pretrained_weights, HappyWhaleModel, ModelConfig}
 use crate::predict::Candidate;
 use crate::runs::{saved_state, EpochMetrics, RunDir, RunState, TrainSummary};
 use crate::runtime::prefetched;
-use crate::transforms::{batch_with, item_rng, Pipeline};
+use crate::transforms::{batch_with, item_rng, mean_colour, Pipeline};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
@@ -51,8 +51,9 @@ pub(super) fn fit(
 
     let variant = crate::model::variant(&cfg.model)
         .with_context(|| format!("unknown backbone {:?}", cfg.model))?;
-    let size = cfg.img_size.unwrap_or(variant.input_size);
-    let photos = load_photos(cfg, size as u32)?;
+    let size = cfg.input_size(variant);
+    let fill = mean_colour(variant.mean.map(|v| v as f32));
+    let photos = load_photos(cfg, size, fill)?;
     anyhow::ensure!(
         !photos.train.is_empty() && !photos.val.is_empty(),
         "fold {} leaves no training or no validation photos",
@@ -74,6 +75,7 @@ pub(super) fn fit(
         photos.class_counts.clone(),
     )?;
     mcfg.img_size = size;
+    mcfg.fit = cfg.fit;
     mcfg.embedding_size = cfg.embedding_size;
     mcfg.arcface = cfg.arcface.clone();
     tch::manual_seed(cfg.seed as i64);
@@ -106,7 +108,13 @@ pub(super) fn fit(
     let t = Instant::now();
     let mut trainer = Trainer::new(cfg, &model, &photos)?;
     let pretrained = match cfg.pretrained && (cfg.fuse_pretrained || !resume) {
-        true => Some(pretrained_views(&cfg.model, size, cfg.flip_tta, &photos)?),
+        true => Some(pretrained_views(
+            &cfg.model,
+            size,
+            cfg.fit,
+            cfg.flip_tta,
+            &photos,
+        )?),
         false => None,
     };
     if let (false, Some(views)) = (resume, &pretrained) {
@@ -263,10 +271,10 @@ struct Trainer {
 
 impl Trainer {
     fn new(cfg: &TrainConfig, model: &HappyWhaleModel, photos: &Photos) -> Result<Self> {
-        let s = model.config.img_size as u32;
+        let size = model.config.img_size;
         let mean = model.config.mean.map(|v| v as f32);
         let std = model.config.std.map(|v| v as f32);
-        let pipeline = train_pipeline(&cfg.augment, (s, s), mean, std)?;
+        let pipeline = train_pipeline(&cfg.augment, (size.width, size.height), mean, std)?;
         let stages = model.backbone().num_stages();
         let frozen = match cfg.mode {
             Mode::Full => 0,
@@ -282,7 +290,7 @@ impl Trainer {
             pretrained: None,
         };
         if frozen > 0 {
-            let eval = Pipeline::eval((s, s), mean, std)?;
+            let eval = Pipeline::eval(size, model.config.fit, mean, std)?;
             let all: Vec<usize> = (0..photos.len()).collect();
             t.eval_cache = Some(t.frozen_features(
                 model,

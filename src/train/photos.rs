@@ -7,7 +7,7 @@ use crate::crops::sets::{self as crop_sets, load_sets};
 use crate::data::folds::{assign_folds, split};
 use crate::data::{image::load_rgb, read_train_csv, KaggleDir, NEW_INDIVIDUAL};
 use crate::runs::{RunState, TrainSummary};
-use crate::transforms::{item_rng, resize};
+use crate::transforms::{fit_to, item_rng, ImgSize};
 use anyhow::Result;
 use image::RgbImage;
 use rayon::prelude::*;
@@ -65,7 +65,9 @@ impl Photos {
     }
 }
 
-pub(super) fn load_photos(cfg: &TrainConfig, size: u32) -> Result<Photos> {
+/// The photos of `cfg`'s fold split, each crop set's crop fitted to `size` as `cfg.fit` says
+/// (padding of colour `fill`).
+pub(super) fn load_photos(cfg: &TrainConfig, size: ImgSize, fill: [u8; 3]) -> Result<Photos> {
     let kaggle = KaggleDir::new(&cfg.data);
     let set = read_train_csv(&kaggle.train_csv())?;
     anyhow::ensure!(cfg.folds >= 2, "--folds must be at least 2");
@@ -100,7 +102,7 @@ pub(super) fn load_photos(cfg: &TrainConfig, size: u32) -> Result<Photos> {
             bar.inc(1);
             Ok(sets
                 .iter()
-                .map(|c| resize(&c.apply(name, &img), size, size))
+                .map(|c| fit_to(&c.apply(name, &img), size, cfg.fit, fill))
                 .collect())
         })
         .collect::<Result<_>>()?;

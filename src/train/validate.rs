@@ -11,6 +11,7 @@ use crate::predict::{
     rank_candidates, Candidate, Thresholds, FUSION_DEPTH, MIN_SPECIES_QUERIES,
 };
 use crate::search::{Aggregation, FlatIndex, Index, Storage};
+use crate::transforms::{Fit, ImgSize};
 use anyhow::Result;
 
 /// What validation measured and chose: see [`EpochMetrics`].
@@ -116,11 +117,12 @@ pub(super) fn map5_of(photos: &Photos, ranked: &[Vec<Candidate>]) -> f64 {
 /// photos: the zero-shot baseline, and what [`super::TrainConfig::fuse_pretrained`] fuses.
 pub(super) fn pretrained_views(
     backbone: &str,
-    size: i64,
+    size: ImgSize,
+    fit: Fit,
     flip_tta: bool,
     photos: &Photos,
 ) -> Result<Views> {
-    let model = HappyWhaleModel::zero_shot(backbone, Some(size), crate::runtime::device())?;
+    let model = HappyWhaleModel::zero_shot(backbone, Some(size), fit, crate::runtime::device())?;
     let idx: Vec<usize> = photos
         .train
         .iter()
