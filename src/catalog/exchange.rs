@@ -319,6 +319,7 @@ impl Catalog {
                         p.species.clone()
                     },
                     individual_id: canonical(&aliases, id),
+                    encounter: None,
                 })
             })
             .collect();

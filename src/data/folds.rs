@@ -4,6 +4,10 @@
 //! play one of two parts: a chosen share are *unseen* (all their photos are queries, none is
 //! trained on, so the right answer is `new_individual`), the others are *known* (some photos
 //! stay in training as their gallery, the rest are queries). All other folds train.
+//!
+//! Where the photos have encounters, a known individual's encounters go whole to its gallery
+//! or to its queries, so a query is never matched against a photo taken minutes before it
+//! (an individual seen in one encounter only stays all in training).
 
 use super::{read_train_csv, KaggleDir, TrainRow};
 use crate::fsio;
@@ -12,7 +16,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 /// What a photo does when its individual's home fold validates.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Role {
     /// Trained on even then: the known individual's gallery.
     Gallery,
@@ -90,17 +94,15 @@ pub fn assign_folds(
     for (fold, mut group) in members.into_iter().enumerate() {
         group.sort_by_key(|(id, _)| stable_hash(seed ^ 0x5eed, id));
         let unseen = (new_share.clamp(0.0, 1.0) * group.len() as f64).round() as usize;
-        for (rank, (_, mut p)) in group.into_iter().enumerate() {
-            p.sort_by_key(|&i| stable_hash(seed, &rows[i].image));
-            let galleries = if rank < unseen {
-                0
-            } else {
-                p.len().div_ceil(2)
+        for (rank, (_, p)) in group.into_iter().enumerate() {
+            let gallery = match rank < unseen {
+                true => Vec::new(),
+                false => gallery_photos(rows, &p, seed),
             };
-            for (j, &i) in p.iter().enumerate() {
+            for &i in &p {
                 let role = if rank < unseen {
                     Role::Unseen
-                } else if j < galleries {
+                } else if gallery.contains(&i) {
                     Role::Gallery
                 } else {
                     Role::Query
@@ -110,6 +112,31 @@ pub fn assign_folds(
         }
     }
     out
+}
+
+/// The photos `p` of a known individual kept in training as its gallery: whole encounters (a
+/// photo without one is an encounter of its own), in a seeded order, until they hold half its
+/// photos (rounded up), leaving at least one encounter to query.
+fn gallery_photos(rows: &[TrainRow], p: &[usize], seed: u64) -> Vec<usize> {
+    let key = |i: usize| rows[i].encounter.as_deref().unwrap_or(&rows[i].image);
+    let mut encounters: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for &i in p {
+        encounters.entry(key(i)).or_default().push(i);
+    }
+    let mut order: Vec<(&str, Vec<usize>)> = encounters.into_iter().collect();
+    order.sort_by_key(|(k, _)| stable_hash(seed, k));
+    if order.len() == 1 {
+        return p.to_vec();
+    }
+    let half = p.len().div_ceil(2);
+    let mut gallery = Vec::new();
+    for (_, photos) in order.iter().take(order.len() - 1) {
+        if gallery.len() >= half {
+            break;
+        }
+        gallery.extend(photos);
+    }
+    gallery
 }
 
 /// The training and validation photos when fold `fold` validates.
@@ -174,6 +201,7 @@ mod tests {
                     image: format!("{ind}_{p}.jpg"),
                     species: "beluga".into(),
                     individual_id: format!("id{ind}"),
+                    encounter: None,
                 })
             })
             .collect()
@@ -249,6 +277,61 @@ mod tests {
         assert_ne!(
             assign_folds(&rows, 5, 0.2, 1),
             assign_folds(&rows, 5, 0.2, 2)
+        );
+    }
+
+    #[test]
+    fn known_individuals_split_by_whole_encounters() {
+        // Individual i has photo p in encounter p / 2: 1..=6 photos in 1..=3 encounters.
+        let plain = rows();
+        let rows: Vec<TrainRow> = plain
+            .iter()
+            .cloned()
+            .map(|mut r| {
+                let (ind, p) = r.image.trim_end_matches(".jpg").split_once('_').unwrap();
+                let p: usize = p.parse().unwrap();
+                r.encounter = Some(format!("{ind}-{}", p / 2));
+                r
+            })
+            .collect();
+        let a = assign_folds(&rows, 5, 0.2, 7);
+        let mut enc_roles: HashMap<&str, HashSet<Role>> = HashMap::new();
+        let mut queries = 0;
+        for (r, a) in rows.iter().zip(&a) {
+            enc_roles
+                .entry(r.encounter.as_deref().unwrap())
+                .or_default()
+                .insert(a.role);
+            queries += usize::from(a.role == Role::Query);
+        }
+        assert!(queries > 0);
+        // No encounter is both gallery and query: a query never sees its own encounter.
+        assert!(enc_roles.values().all(|roles| roles.len() == 1));
+        // One encounter (at most two photos): kept whole in training, never queried.
+        for (r, a) in rows.iter().zip(&a) {
+            let photos = rows
+                .iter()
+                .filter(|o| o.individual_id == r.individual_id)
+                .count();
+            if photos <= 2 && a.role != Role::Unseen {
+                assert_eq!(a.role, Role::Gallery, "{}", r.image);
+            }
+        }
+        // Without encounters, the split is the one photos alone give.
+        assert_eq!(
+            assign_folds(&plain, 5, 0.2, 7),
+            assign_folds(
+                &plain
+                    .iter()
+                    .map(|r| TrainRow {
+                        encounter: Some(r.image.clone()),
+                        ..r.clone()
+                    })
+                    .collect::<Vec<_>>(),
+                5,
+                0.2,
+                7
+            )
         );
     }
 }

@@ -74,6 +74,9 @@ pub struct TrainRow {
     /// The normalised species label.
     pub species: String,
     pub individual_id: String,
+    /// The sighting the photo belongs to (optional column `encounter`): photos taken minutes
+    /// apart, which validation never matches against each other.
+    pub encounter: Option<String>,
 }
 
 /// The rows of a `train.csv`, with the species labels that were normalised on reading.
@@ -93,6 +96,7 @@ pub fn read_train_csv(path: &Path) -> Result<TrainSet, DataError> {
         csv.column("species")?,
         csv.column("individual_id")?,
     );
+    let encounter = csv.find_column("encounter");
     let mut set = TrainSet::default();
     let mut seen = HashSet::new();
     for row in csv.rows() {
@@ -111,6 +115,10 @@ pub fn read_train_csv(path: &Path) -> Result<TrainSet, DataError> {
             image: image.to_string(),
             species: fixed.to_string(),
             individual_id: row.field(individual)?.to_string(),
+            encounter: encounter
+                .map(|c| row.field(c).map(str::to_string))
+                .transpose()?
+                .filter(|e| !e.is_empty()),
         });
     }
     Ok(set)
@@ -229,7 +237,8 @@ mod tests {
             TrainRow {
                 image: "1.jpg".into(),
                 species: "killer_whale".into(),
-                individual_id: "abc".into()
+                individual_id: "abc".into(),
+                encounter: None,
             }
         );
         let species: Vec<_> = set.rows.iter().map(|r| r.species.as_str()).collect();

@@ -142,6 +142,7 @@ mod tests {
             image: image.into(),
             species: species.into(),
             individual_id: id.into(),
+            encounter: None,
         }
     }
 

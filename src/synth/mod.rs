@@ -212,6 +212,7 @@ pub fn generate(
             image: s.image.clone(),
             species: label(s).1.to_string(),
             individual_id: label(s).0.to_string(),
+            encounter: None,
         })
         .collect();
     write_train_csv(&out.train_csv(), &train)?;

@@ -55,13 +55,7 @@ pub(super) fn fit(cfg: &TrainConfig, run: &RunDir, started: Instant) -> Result<T
             cfg.fold
         );
         if members.is_empty() {
-            eprintln!(
-                "frozen {} on {} photos of {} individuals, validating on {} photos",
-                cfg.model,
-                p.train.len(),
-                p.classes.len(),
-                p.val.len()
-            );
+            eprintln!("frozen {} on {}", cfg.model, p.describe());
         }
         parts.push(pretrained_views(name, size, cfg.fit, cfg.flip_tta, &p)?);
         members.push(Member {

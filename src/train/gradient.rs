@@ -60,12 +60,10 @@ pub(super) fn fit(
         cfg.fold
     );
     eprintln!(
-        "training {} ({:?} mode) on {} photos of {} individuals, validating on {} photos; {} threads",
+        "training {} ({:?} mode) on {}; {} threads",
         cfg.model,
         cfg.mode,
-        photos.train.len(),
-        photos.classes.len(),
-        photos.val.len(),
+        photos.describe(),
         threads
     );
 

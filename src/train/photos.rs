@@ -49,6 +49,19 @@ impl Photos {
         self.views[set][photo].clone()
     }
 
+    /// What trains and what validates, in words.
+    pub fn describe(&self) -> String {
+        let unseen = self.val.iter().filter(|(_, t)| t == NEW_INDIVIDUAL).count();
+        format!(
+            "{} photos of {} individuals, validating on {} queries ({} of known individuals, \
+             across encounters where the photos have them; {unseen} of unseen ones)",
+            self.train.len(),
+            self.classes.len(),
+            self.val.len(),
+            self.val.len() - unseen,
+        )
+    }
+
     /// The run's outcome from its final `state`, `started` when the run did.
     pub fn summary(&self, epochs: usize, state: &RunState, started: Instant) -> TrainSummary {
         TrainSummary {
