@@ -276,13 +276,16 @@ impl HnswIndex {
         }
         let mut entries = vec![ep];
         for layer in (0..=level.min(top)).rev() {
-            let found = self.search_layer(
+            let mut found = self.search_layer(
                 query,
                 &entries,
                 self.params.ef_construction,
                 layer,
                 &mut scratch,
             );
+            // A node inserted in parallel may already link back to this one, which the search
+            // then finds: it is no neighbour of itself.
+            found.retain(|n| n.id != id);
             let chosen = self.select(&found, self.max_links(layer));
             if layer == 0 {
                 let _guard = lock(&locks[id as usize]);
@@ -293,7 +296,9 @@ impl HnswIndex {
             for &other in &chosen {
                 self.connect(other, id, layer, locks, &mut scratch.links);
             }
-            entries = found;
+            if !found.is_empty() {
+                entries = found;
+            }
         }
         self.give_back_scratch(scratch);
         if level > top {
