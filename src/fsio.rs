@@ -5,11 +5,15 @@ use anyhow::{Context, Result};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The temporary path used while `path` is being written.
+/// The temporary path used while `path` is being written: unique to this write (process and
+/// a counter), so threads writing the same target never share one.
 fn temp_path(path: &Path) -> PathBuf {
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, Ordering::Relaxed);
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".{}.tmp", std::process::id()));
+    name.push(format!(".{}-{n}.tmp", std::process::id()));
     path.with_file_name(name)
 }
 
@@ -62,6 +66,26 @@ pub fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn racing_writes_of_one_target_never_share_a_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("same.bin");
+        std::thread::scope(|scope| {
+            for t in 0..16u8 {
+                let target = &target;
+                scope.spawn(move || {
+                    for _ in 0..20 {
+                        write_bytes_atomic(target, &[t; 4096]).unwrap();
+                    }
+                });
+            }
+        });
+        let bytes = std::fs::read(&target).unwrap();
+        assert!(bytes.len() == 4096 && bytes.iter().all(|&b| b == bytes[0]));
+        let left = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(left, 1, "no temporary file left behind");
+    }
 
     #[test]
     fn fnv1a_matches_its_published_values() {
