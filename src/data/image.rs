@@ -6,9 +6,25 @@ use anyhow::Context;
 use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 use std::io::Cursor;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Photos larger than this on either side are refused rather than decoded.
 pub const MAX_SIDE: u32 = 16_384;
+/// Photos of more pixels than this are refused, from their header, before any pixel is
+/// allocated (a decoded 40 MP photo takes 160 MB; see [`set_max_pixels`]).
+pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
+
+static MAX_PIXELS: AtomicU64 = AtomicU64::new(DEFAULT_MAX_PIXELS);
+
+/// The largest photo, in pixels, that any decoding accepts from now on (service, commands and
+/// training alike).
+pub fn set_max_pixels(pixels: u64) {
+    MAX_PIXELS.store(pixels.max(1), Ordering::Relaxed);
+}
+
+pub fn max_pixels() -> u64 {
+    MAX_PIXELS.load(Ordering::Relaxed)
+}
 
 /// Load `path` as an upright 8-bit RGB image.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, DataError> {
@@ -22,8 +38,13 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, DataError> {
     })
 }
 
-/// Decode an image file held in memory as upright 8-bit RGB.
+/// Decode an image file held in memory as upright 8-bit RGB (at most [`max_pixels`]).
 pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
+    decode_rgb_within(bytes, max_pixels())
+}
+
+/// [`decode_rgb`] refusing, from the header, photos of more than `limit` pixels.
+pub fn decode_rgb_within(bytes: &[u8], limit: u64) -> Result<RgbImage, String> {
     if bytes.is_empty() {
         return Err("the file is empty".into());
     }
@@ -41,6 +62,15 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
     }
     reader.limits(limits);
     let mut decoder = reader.into_decoder().map_err(|e| e.to_string())?;
+    let (w, h) = decoder.dimensions();
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels > limit {
+        return Err(format!(
+            "{w}×{h} px ({:.1} MP) is over the limit of {:.1} MP",
+            pixels as f64 / 1e6,
+            limit as f64 / 1e6
+        ));
+    }
     let orientation = decoder.orientation().map_err(|e| e.to_string())?;
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| e.to_string())?;
     image.apply_orientation(orientation);
@@ -124,6 +154,16 @@ mod tests {
             .encode(&rgb, 64, 64, jpeg_encoder::ColorType::Rgb)
             .unwrap();
         bytes
+    }
+
+    #[test]
+    fn a_header_over_the_pixel_limit_is_refused_before_decoding() {
+        // A 64×64 photo against a limit of 4000 pixels: refused from its header alone.
+        let img = RgbImage::from_pixel(64, 64, image::Rgb([9, 9, 9]));
+        let bytes = png(image::ExtendedColorType::Rgb8, 64, 64, img.as_raw());
+        assert!(decode_rgb_within(&bytes, 4096).is_ok());
+        let err = decode_rgb_within(&bytes, 4000).unwrap_err();
+        assert!(err.contains("64×64") && err.contains("limit"), "{err}");
     }
 
     #[test]
