@@ -4,11 +4,10 @@
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use finprint::args::bar;
-use finprint::catalog::{Catalog, ExportArgs, ImportArgs};
+use finprint::catalog::{ExportArgs, ImportArgs};
 use finprint::crops::CropArgs;
 use finprint::data::folds::{self, FoldsArgs};
 use finprint::data::stats::{Stats, StatsArgs};
-use finprint::data::KaggleDir;
 use finprint::demo::DemoArgs;
 use finprint::embed::EmbedArgs;
 use finprint::evaluate::EvaluateArgs;
@@ -39,6 +38,10 @@ fn say(line: impl std::fmt::Display) {
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Largest photo decoded, in pixels: larger ones are refused from their header, before
+    /// any pixel is allocated.
+    #[arg(long, global = true, default_value_t = finprint::data::image::DEFAULT_MAX_PIXELS)]
+    max_pixels: u64,
 }
 
 #[derive(Subcommand)]
@@ -98,10 +101,11 @@ fn main() {
 }
 
 fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
+    finprint::data::image::set_max_pixels(cli.max_pixels);
     match cli.command {
         Command::Synth(a) => {
             let progress = bar(0, "rendering photos");
-            let summary = finprint::synth::generate(&KaggleDir::new(&a.out), &a.config, &progress)?;
+            let summary = finprint::synth::run(&a, &progress)?;
             progress.finish_and_clear();
             say(format!("wrote {}: {summary}", a.out.display()));
         }
@@ -155,13 +159,13 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
         Command::Serve(a) => finprint::service::run(&a, &mut |l| say(l))?,
         Command::Catalog(CatalogCommand::Import(a)) => {
             let progress = bar(0, "copying photos");
-            let s = Catalog::open(&a.catalog)?.import(&a.from, &a.by, &progress)?;
+            let s = finprint::catalog::import(&a, &progress)?;
             progress.finish_and_clear();
             say(format!("imported {s} into {}", a.catalog.display()));
         }
         Command::Catalog(CatalogCommand::Export(a)) => {
             let progress = bar(0, "copying photos");
-            let s = Catalog::open(&a.catalog)?.export(&a.out, &progress)?;
+            let s = finprint::catalog::export(&a, &progress)?;
             progress.finish_and_clear();
             say(format!("exported {s} to {}", a.out.display()));
         }

@@ -53,6 +53,16 @@ pub struct ImportArgs {
     pub by: String,
 }
 
+/// `finprint catalog import`: the import into `args.catalog`.
+pub fn import(args: &ImportArgs, progress: &ProgressBar) -> Result<ImportSummary> {
+    Catalog::open(&args.catalog)?.import(&args.from, &args.by, progress)
+}
+
+/// `finprint catalog export`: the export of `args.catalog`.
+pub fn export(args: &ExportArgs, progress: &ProgressBar) -> Result<ImportSummary> {
+    Catalog::open(&args.catalog)?.export(&args.out, progress)
+}
+
 /// `finprint catalog export`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ExportArgs {

@@ -16,7 +16,7 @@ mod exchange;
 mod gallery;
 
 pub use embedder::Embedder;
-pub use exchange::{ExportArgs, ImportArgs, ImportSummary};
+pub use exchange::{export, import, ExportArgs, ImportArgs, ImportSummary};
 pub use gallery::to_blob;
 
 use crate::data::image::decode_rgb;

@@ -171,7 +171,7 @@ pub struct DetectorArgs {
     /// With --detector: IoU above which NMS drops the less confident of two boxes of a class.
     #[arg(long, default_value_t = 0.45, requires = "detector")]
     pub iou: f32,
-    /// With --detector: input size (default: the model's own where fixed, else 640).
+    /// With --detector: input size [default: the model's own where fixed, else 640].
     #[arg(long, requires = "detector")]
     pub img_size: Option<u32>,
     /// With --detector: the output layout, v5 `[1,N,5+C]` or v8 `[1,4+C,N]`.

@@ -85,6 +85,11 @@ pub struct SynthArgs {
     pub config: SynthConfig,
 }
 
+/// `finprint synth`: the catalogue written to `args.out`.
+pub fn run(args: &SynthArgs, progress: &ProgressBar) -> Result<SynthSummary> {
+    generate(&KaggleDir::new(&args.out), &args.config, progress)
+}
+
 impl std::fmt::Display for SynthSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
