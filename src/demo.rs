@@ -83,7 +83,7 @@ pub fn run(args: &DemoArgs, say: &mut dyn FnMut(String)) -> Result<()> {
         ],
         ..TrainConfig::default()
     };
-    let summary = train::train(&train_cfg, &run, false)?;
+    let summary = train::train(&train_cfg, &run, false, &mut *say)?;
     train::report::report(&run)?;
     say(format!(
         "trained: validation MAP@5 {:.4} (zero-shot {}), report in {}",

@@ -123,7 +123,9 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
         Command::Crop(a) => say(finprint::crops::run(&a)?),
         Command::Train(a) => {
             let train_matches = matches.subcommand_matches("train").expect("train matches");
-            let summary = finprint::train::train(&a.resolve(train_matches)?, &a.out, a.resume)?;
+            let config = a.resolve(train_matches)?;
+            let summary =
+                finprint::train::train(&config, &a.out, a.resume, &mut |l| eprintln!("{l}"))?;
             say(format!("{summary}; run in {}", a.out.display()));
         }
         Command::Embed(a) => {

@@ -30,7 +30,12 @@ fn backbones(model: &str) -> Vec<&str> {
 }
 
 /// Fit the frozen mode's whitening as `cfg` says into `run`, whose config is written.
-pub(super) fn fit(cfg: &TrainConfig, run: &RunDir, started: Instant) -> Result<TrainSummary> {
+pub(super) fn fit(
+    cfg: &TrainConfig,
+    run: &RunDir,
+    started: Instant,
+    log: &mut dyn FnMut(String),
+) -> Result<TrainSummary> {
     anyhow::ensure!(
         cfg.pretrained,
         "--mode frozen needs the pretrained weights (it trains no backbone)"
@@ -55,7 +60,7 @@ pub(super) fn fit(cfg: &TrainConfig, run: &RunDir, started: Instant) -> Result<T
             cfg.fold
         );
         if members.is_empty() {
-            eprintln!("frozen {} on {}", cfg.model, p.describe());
+            log(format!("frozen {} on {}", cfg.model, p.describe()));
         }
         parts.push(pretrained_views(name, size, cfg.fit, cfg.flip_tta, &p)?);
         members.push(Member {
@@ -71,7 +76,9 @@ pub(super) fn fit(cfg: &TrainConfig, run: &RunDir, started: Instant) -> Result<T
     let raw = Views::concat(&refs, &vec![1.0; refs.len()]);
     let zero_shot = map5_of(&photos, &knn_ranking(&photos, &raw)?);
     let zero_shot_seconds = t.elapsed().as_secs_f64();
-    eprintln!("zero-shot (pretrained GeM features) validation MAP@5 {zero_shot:.4}");
+    log(format!(
+        "zero-shot (pretrained GeM features) validation MAP@5 {zero_shot:.4}"
+    ));
 
     let labels: Vec<usize> = photos.train.iter().map(|&(_, c)| c as usize).collect();
     let dims = [cfg.embedding_size as usize / 2, cfg.embedding_size as usize];
@@ -101,10 +108,10 @@ pub(super) fn fit(cfg: &TrainConfig, run: &RunDir, started: Instant) -> Result<T
     progress.finish_and_clear();
     let (_, frozen, w, ranked) = best.context("no whitening fitted")?;
     let v = validation(&photos, None, ranked)?;
-    eprintln!(
+    log(format!(
         "whitened (shrinkage {}, {} dimensions) validation MAP@5 {:.4}, new_individual threshold {:.3}",
         frozen.shrink, frozen.dim, v.map5, v.thresholds.global
-    );
+    ));
 
     let line = |epoch, map5: f64, knn: f64, v: Option<&Validation>, seconds| EpochMetrics {
         epoch,

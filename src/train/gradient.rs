@@ -41,6 +41,7 @@ pub(super) fn fit(
     resume: bool,
     threads: usize,
     started: Instant,
+    log: &mut dyn FnMut(String),
 ) -> Result<TrainSummary> {
     let out = &run.root;
     anyhow::ensure!(
@@ -59,13 +60,13 @@ pub(super) fn fit(
         "fold {} leaves no training or no validation photos",
         cfg.fold
     );
-    eprintln!(
+    log(format!(
         "training {} ({:?} mode) on {}; {} threads",
         cfg.model,
         cfg.mode,
         photos.describe(),
         threads
-    );
+    ));
 
     let mut mcfg = ModelConfig::for_backbone(
         &cfg.model,
@@ -100,7 +101,10 @@ pub(super) fn fit(
             .into_iter()
             .filter(|m| m.epoch <= state.epoch)
             .collect();
-        eprintln!("resuming after epoch {} of {}", state.epoch, cfg.epochs);
+        log(format!(
+            "resuming after epoch {} of {}",
+            state.epoch, cfg.epochs
+        ));
     }
 
     let t = Instant::now();
@@ -132,7 +136,9 @@ pub(super) fn fit(
             seconds: t.elapsed().as_secs_f64(),
         });
         run.write_metrics(&metrics)?;
-        eprintln!("zero-shot (pretrained GeM features) validation MAP@5 {zs:.4}");
+        log(format!(
+            "zero-shot (pretrained GeM features) validation MAP@5 {zs:.4}"
+        ));
     }
     trainer.pretrained = pretrained.filter(|_| cfg.fuse_pretrained);
 
@@ -179,11 +185,11 @@ pub(super) fn fit(
             images_per_s: Some(images_per_s),
             seconds: t.elapsed().as_secs_f64(),
         };
-        eprintln!(
+        log(format!(
             "epoch {epoch}/{}: loss {loss:.4}, lr {lr:.2e}, {images_per_s:.1} img/s{}",
             cfg.epochs,
             map.map_or(String::new(), |m| format!(", val MAP@5 {m:.4}"))
-        );
+        ));
         metrics.push(line);
         state.epoch = epoch;
         let improved = map.is_some_and(|m| m > state.best_map5 || state.best_epoch == 0);

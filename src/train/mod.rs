@@ -31,8 +31,14 @@ use std::path::Path;
 use std::time::Instant;
 
 /// Train as `cfg` says into the run folder `out`; with `resume`, continue the run there from its
-/// last checkpoint (its saved config wins over `cfg`).
-pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<TrainSummary> {
+/// last checkpoint (its saved config wins over `cfg`). `log` gets a line for each step (the
+/// photos, the zero-shot baseline, each epoch).
+pub fn train(
+    cfg: &TrainConfig,
+    out: &Path,
+    resume: bool,
+    log: &mut dyn FnMut(String),
+) -> Result<TrainSummary> {
     let started = Instant::now();
     let run = RunDir::new(out);
     let cfg: TrainConfig = if resume {
@@ -51,7 +57,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<TrainSummary
     run.create()?;
     run.write_config(&cfg)?;
     match cfg.mode {
-        Mode::Frozen => frozen::fit(&cfg, &run, started),
-        Mode::Full | Mode::Fast => gradient::fit(&cfg, &run, resume, threads, started),
+        Mode::Frozen => frozen::fit(&cfg, &run, started, log),
+        Mode::Full | Mode::Fast => gradient::fit(&cfg, &run, resume, threads, started, log),
     }
 }
