@@ -10,7 +10,7 @@ use crate::predict::{
     best_threshold, best_thresholds, choose_fusion_weight, fuse_all, head_candidates,
     rank_candidates, Candidate, Thresholds, FUSION_DEPTH, MIN_SPECIES_QUERIES,
 };
-use crate::search::{Aggregation, FlatIndex, Index, Storage};
+use crate::search::{Aggregation, IndexSpec};
 use crate::transforms::{Fit, ImgSize};
 use anyhow::Result;
 
@@ -91,13 +91,12 @@ pub(super) fn validation(
     })
 }
 
-/// Each validation query's candidates by kNN over the training photos.
+/// Each validation query's candidates by exact kNN over the training photos.
 pub(super) fn knn_ranking(photos: &Photos, views: &Views) -> Result<Vec<Vec<Candidate>>> {
-    let mut index = FlatIndex::new(views.dim, Storage::F32);
-    index.add(&views.gallery)?;
+    let index = IndexSpec::default().build_with(views.dim, &views.gallery)?;
     let labels: Vec<u32> = photos.train.iter().map(|&(_, c)| c as u32).collect();
     rank_candidates(
-        &index,
+        index.as_ref(),
         &labels,
         &photos.classes,
         &views.queries,
