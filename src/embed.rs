@@ -11,7 +11,7 @@ use crate::model::happywhale::HappyWhaleModel;
 use crate::model::heads::normalize;
 use crate::runs::{Ensemble, ModelArgs, ModelSpec, Whitened};
 use crate::runtime::prefetched;
-use crate::transforms::{batch_with, Pipeline};
+use crate::transforms::{batch_with, Flips, Pipeline};
 use anyhow::{bail, Context, Result};
 use image::RgbImage;
 use indicatif::ProgressBar;
@@ -103,21 +103,32 @@ pub fn input_tensor(model: &HappyWhaleModel, chw: &[f32], n: usize) -> Tensor {
         .permute([0, 3, 1, 2])
 }
 
-/// Unit embeddings `[N, E]` of an input batch: the mean of the photo and its mirror image when
-/// `flip_tta`.
+/// Unit embeddings `[N, E]` of an input batch: with `flip_tta`, the mean over the photo and the
+/// mirror images that show the same animal (the model's [`Flips`]).
 pub fn embed_batch(model: &HappyWhaleModel, xs: &Tensor, flip_tta: bool) -> Tensor {
-    unit_with_flip(xs, flip_tta, |x| model.embed(x, false))
+    let flips = if flip_tta {
+        model.config.flips
+    } else {
+        Flips::None
+    };
+    unit_with_flips(xs, flips, |x| model.embed(x, false))
 }
 
-/// `normalize(f(xs))` without gradients, averaged with `f` of the width-mirrored `xs` when
-/// `flip`.
-pub fn unit_with_flip(xs: &Tensor, flip: bool, f: impl Fn(&Tensor) -> Tensor) -> Tensor {
+/// `normalize(f(xs))` without gradients, averaged (unit vectors summed, then normalised) with
+/// `f` of each mirror image of `xs` that `flips` allows.
+pub fn unit_with_flips(xs: &Tensor, flips: Flips, f: impl Fn(&Tensor) -> Tensor) -> Tensor {
     tch::no_grad(|| {
-        let e = normalize(&f(xs));
-        if flip {
-            normalize(&(e + normalize(&f(&xs.flip([3])))))
-        } else {
-            e
+        let mut views = flips.views().into_iter();
+        let first = normalize(&f(xs));
+        match views.len() {
+            1 => first,
+            _ => {
+                let sum = views
+                    .by_ref()
+                    .skip(1)
+                    .fold(first, |acc, dims| acc + normalize(&f(&xs.flip(dims))));
+                normalize(&sum)
+            }
         }
     })
 }
@@ -344,6 +355,20 @@ pub fn fuse(parts: &[Vec<f32>], weights: &[f32], count: usize) -> Vec<f32> {
 mod tests {
     use super::*;
     use crate::model::whitening::Whitening;
+
+    #[test]
+    fn flip_tta_averages_exactly_the_allowed_mirror_images() {
+        // One 2×2 single-channel photo with its only bright pixel top-left; f flattens it.
+        let xs = Tensor::from_slice(&[1f32, 0., 0., 0.]).view([1, 1, 2, 2]);
+        let f = |x: &Tensor| x.view([1, 4]);
+        let at = |flips| to_vec(&unit_with_flips(&xs, flips, f)).unwrap();
+        let r = std::f32::consts::FRAC_1_SQRT_2;
+        let close = |a: Vec<f32>, b: [f32; 4]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6);
+        assert!(close(at(Flips::None), [1., 0., 0., 0.]));
+        assert!(close(at(Flips::Horizontal), [r, r, 0., 0.]));
+        assert!(close(at(Flips::Vertical), [r, 0., r, 0.]));
+        assert!(close(at(Flips::Both), [0.5; 4]));
+    }
 
     #[test]
     fn embeddings_round_trip_through_their_file() {

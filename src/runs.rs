@@ -18,7 +18,7 @@ use crate::crops::CropSet;
 use crate::fsio::{self, fnv1a};
 use crate::model::happywhale::{self, pretrained_weights, HappyWhaleModel};
 use crate::model::whitening::Whitening;
-use crate::transforms::{Fit, ImgSize};
+use crate::transforms::{Fit, Flips, ImgSize};
 use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -128,6 +128,8 @@ pub struct Member {
     pub img_size: ImgSize,
     #[serde(default)]
     pub fit: Fit,
+    #[serde(default)]
+    pub flips: Flips,
 }
 
 /// What [`MEMBERS_FILE`] records: the members, and the whitening validation chose.
@@ -320,7 +322,12 @@ pub fn load_frozen(
     let models = frozen
         .members
         .iter()
-        .map(|m| HappyWhaleModel::zero_shot(&m.backbone, Some(m.img_size), m.fit, device))
+        .map(|m| {
+            let mut model =
+                HappyWhaleModel::zero_shot(&m.backbone, Some(m.img_size), m.fit, device)?;
+            model.config.flips = m.flips;
+            Ok(model)
+        })
         .collect::<Result<Vec<_>>>()?;
     let whitening = Whitening::load(&dir.join(WHITENING_FILE))?;
     let dims: usize = models
@@ -373,7 +380,7 @@ impl Ensemble {
         let mut models = Vec::new();
         let mut saved = Vec::new();
         let mut whitened = Vec::new();
-        let mut pretrained: Vec<((String, ImgSize, Fit), f32)> = Vec::new();
+        let mut pretrained: Vec<((String, ImgSize, Fit, Flips), f32)> = Vec::new();
         for run in runs {
             let dir = checkpoint_dir(run)?;
             let state = saved_state(&dir)?;
@@ -390,7 +397,7 @@ impl Ensemble {
             let model = HappyWhaleModel::load(&dir, device)?;
             if state.pretrained_weight > 0.0 {
                 let c = &model.config;
-                let key = (c.backbone.clone(), c.img_size, c.fit);
+                let key = (c.backbone.clone(), c.img_size, c.fit, c.flips);
                 match pretrained.iter_mut().find(|(k, _)| *k == key) {
                     // Fused cosines add as squared weights.
                     Some((_, w)) => *w = w.hypot(state.pretrained_weight),
@@ -401,13 +408,10 @@ impl Ensemble {
             saved.push(state);
         }
         let mut weights = vec![1.0; models.len()];
-        for ((backbone, size, fit), w) in pretrained {
-            models.push(HappyWhaleModel::zero_shot(
-                &backbone,
-                Some(size),
-                fit,
-                device,
-            )?);
+        for ((backbone, size, fit, flips), w) in pretrained {
+            let mut model = HappyWhaleModel::zero_shot(&backbone, Some(size), fit, device)?;
+            model.config.flips = flips;
+            models.push(model);
             weights.push(w);
         }
         let n = saved.len() as f32;

@@ -149,6 +149,59 @@ pub enum Fit {
     Pad,
 }
 
+/// The mirror images of a photo that still show the same animal, for the augmentations and the
+/// flip TTA: none for a flank (its mirror image looks like the other flank), left–right for a
+/// fin, left–right and end over end for a whale seen from above.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Flips {
+    None,
+    /// Mirrored left–right.
+    #[default]
+    Horizontal,
+    /// Mirrored top–bottom.
+    Vertical,
+    /// Either, or both (the photo turned by 180°).
+    Both,
+}
+
+impl Flips {
+    pub fn horizontal(self) -> bool {
+        matches!(self, Flips::Horizontal | Flips::Both)
+    }
+
+    pub fn vertical(self) -> bool {
+        matches!(self, Flips::Vertical | Flips::Both)
+    }
+
+    /// The views a flip TTA averages, as the axes of an NCHW batch each flips (none: the photo
+    /// itself, first).
+    pub fn views(self) -> Vec<Vec<i64>> {
+        let mut views = vec![vec![]];
+        if self.horizontal() {
+            views.push(vec![3]);
+        }
+        if self.vertical() {
+            views.push(vec![2]);
+        }
+        if self == Flips::Both {
+            views.push(vec![2, 3]);
+        }
+        views
+    }
+}
+
 /// The photo at `size` as `fit` says; `fill` is the colour of the padding.
 pub fn fit_to(img: &RgbImage, size: ImgSize, fit: Fit, fill: [u8; 3]) -> RgbImage {
     match fit {
@@ -530,6 +583,22 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<ImgSize>("96").unwrap(),
             ImgSize::square(96)
+        );
+    }
+
+    #[test]
+    fn flips_list_the_views_a_tta_averages() {
+        assert_eq!(Flips::None.views(), vec![Vec::<i64>::new()]);
+        assert_eq!(Flips::Horizontal.views(), vec![vec![], vec![3]]);
+        assert_eq!(Flips::Vertical.views(), vec![vec![], vec![2]]);
+        assert_eq!(
+            Flips::Both.views(),
+            vec![vec![], vec![3], vec![2], vec![2, 3]]
+        );
+        assert_eq!(
+            Flips::default(),
+            Flips::Horizontal,
+            "older runs flipped left–right"
         );
     }
 

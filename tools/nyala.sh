@@ -36,9 +36,9 @@ echo "nyala: $(($(wc -l < "$OUT/data/train.csv") - 1)) training photos, $(($(wc 
 echo "== zero-shot: pretrained EfficientNet-Lite0, GeM features"
 "$FINPRINT" evaluate --zero-shot efficientnet_lite0 --labels "$OUT/val_labels.csv" --images "$SRC" --group view
 rm -rf "$OUT/run"
-echo "== finprint train (hflip off: a mirror turns one flank into the other)"
+echo "== finprint train (--flips none: a mirror turns one flank into the other)"
 (($#)) || set -- --mode frozen --model efficientnet_lite0,efficientnet_lite1,efficientnet_lite2
-"$FINPRINT" train --data "$OUT/data" --out "$OUT/run" --hflip-p 0 "$@"
+"$FINPRINT" train --data "$OUT/data" --out "$OUT/run" --flips none "$@"
 "$FINPRINT" report "$OUT/run"
 echo "== trained"
 "$FINPRINT" evaluate --models "$OUT/run" --labels "$OUT/val_labels.csv" --images "$SRC" --group view

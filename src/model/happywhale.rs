@@ -8,7 +8,7 @@
 use super::heads::{normalize, ArcFace, ArcFaceConfig, Gem};
 use super::{build_backbone, variant, Backbone};
 use crate::fsio;
-use crate::transforms::{Fit, ImgSize};
+use crate::transforms::{Fit, Flips, ImgSize};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -24,6 +24,10 @@ pub struct ModelConfig {
     /// How a photo fits the input size (older checkpoints: squashed).
     #[serde(default)]
     pub fit: Fit,
+    /// The mirror images that show the same animal, for the flip TTA (older checkpoints:
+    /// left–right).
+    #[serde(default)]
+    pub flips: Flips,
     /// Normalisation of 0..1 pixel values: `(x − mean) / std` per channel.
     pub mean: [f64; 3],
     pub std: [f64; 3],
@@ -49,6 +53,7 @@ impl ModelConfig {
             backbone: backbone.to_string(),
             img_size: ImgSize::square(v.input_size as u32),
             fit: Fit::Squash,
+            flips: Flips::Horizontal,
             mean: v.mean,
             std: v.std,
             embedding_size: 512,

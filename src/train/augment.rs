@@ -26,7 +26,7 @@
 //! photo with its own random stream, so a batch does not depend on the number of threads.
 
 use crate::transforms::{
-    clip_window, linear_taps, resize_taps, resize_window, CropWindow, Pipeline, Transform,
+    clip_window, linear_taps, resize_taps, resize_window, CropWindow, Flips, Pipeline, Transform,
 };
 use anyhow::{ensure, Result};
 use image::RgbImage;
@@ -116,9 +116,12 @@ pub struct AugmentConfig {
     /// Contrast: alpha is drawn from 1 ± contrast.
     #[arg(long, id = "augment.contrast", value_name = "X", default_value_t = 0.2)]
     pub contrast: f64,
-    /// Horizontal-flip probability (0 where a mirror changes identity, as for a flank).
+    /// Horizontal-flip probability, where --flips allows that mirror.
     #[arg(long, id = "augment.hflip_p", value_name = "P", default_value_t = 0.1)]
     pub hflip_p: f64,
+    /// Vertical-flip probability, where --flips allows that mirror.
+    #[arg(long, id = "augment.vflip_p", value_name = "P", default_value_t = 0.1)]
+    pub vflip_p: f64,
 }
 
 impl Default for AugmentConfig {
@@ -138,6 +141,7 @@ impl AugmentConfig {
             ("grid_shuffle_p", self.grid_shuffle_p),
             ("brightness_contrast_p", self.brightness_contrast_p),
             ("hflip_p", self.hflip_p),
+            ("vflip_p", self.vflip_p),
         ] {
             check_probability(name, p)?;
         }
@@ -811,6 +815,16 @@ impl Transform for HorizontalFlip {
     }
 }
 
+/// Mirror top–bottom: pixel `(x, y)` goes to `(x, h − 1 − y)`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct VerticalFlip;
+
+impl Transform for VerticalFlip {
+    fn apply(&self, img: RgbImage, _rng: &mut dyn RngCore) -> RgbImage {
+        image::imageops::flip_vertical(&img)
+    }
+}
+
 /// Mirror left–right, in place.
 pub fn hflip(img: &mut RgbImage) {
     let stride = img.width() as usize * 3;
@@ -829,9 +843,11 @@ pub fn hflip(img: &mut RgbImage) {
 /// The reference's training augmentations for a model of input `size` = (width, height)
 /// whose backbone normalises with `mean` and `std` (0..1 units). Seven steps: the fused
 /// affine + crop (p = 1; the affine's own probability inside), then gray, blur, noise,
-/// grid shuffle, brightness/contrast and flip.
+/// grid shuffle, brightness/contrast and the horizontal flip (p = 0 where `flips` does not
+/// allow it); an eighth, the vertical flip, where `flips` allows it.
 pub fn train_pipeline(
     cfg: &AugmentConfig,
+    flips: Flips,
     size: (u32, u32),
     mean: [f32; 3],
     std: [f32; 3],
@@ -877,7 +893,13 @@ pub fn train_pipeline(
             contrast: cfg.contrast,
         },
     )?
-    .push(cfg.hflip_p, HorizontalFlip)?;
+    .push(
+        if flips.horizontal() { cfg.hflip_p } else { 0.0 },
+        HorizontalFlip,
+    )?;
+    if flips.vertical() {
+        p.push(cfg.vflip_p, VerticalFlip)?;
+    }
     Ok(p)
 }
 
@@ -1363,7 +1385,14 @@ mod tests {
 
     #[test]
     fn pipeline_is_deterministic_per_seed() {
-        let pipe = train_pipeline(&AugmentConfig::default(), (224, 224), MEAN, STD).expect("ok");
+        let pipe = train_pipeline(
+            &AugmentConfig::default(),
+            Flips::Horizontal,
+            (224, 224),
+            MEAN,
+            STD,
+        )
+        .expect("ok");
         let img = photo(300, 260);
         let a = pipe.run(&img, &mut rng(9));
         let b = pipe.run(&img, &mut rng(9));
@@ -1387,7 +1416,14 @@ mod tests {
 
     #[test]
     fn batch_equals_per_item_runs_on_any_thread_count() {
-        let pipe = train_pipeline(&AugmentConfig::default(), (64, 48), MEAN, STD).expect("ok");
+        let pipe = train_pipeline(
+            &AugmentConfig::default(),
+            Flips::Horizontal,
+            (64, 48),
+            MEAN,
+            STD,
+        )
+        .expect("ok");
         let owned: Vec<RgbImage> = (0..7).map(|i| photo(90 + i * 7, 70 + i * 3)).collect();
         let images: Vec<&RgbImage> = owned.iter().collect();
         let run_on = |threads: usize| {
@@ -1417,7 +1453,7 @@ mod tests {
     #[test]
     fn step_probabilities_follow_the_config() {
         let cfg = AugmentConfig::default();
-        let pipe = train_pipeline(&cfg, (224, 224), MEAN, STD).expect("ok");
+        let pipe = train_pipeline(&cfg, Flips::Horizontal, (224, 224), MEAN, STD).expect("ok");
         assert_eq!(
             pipe.probabilities(),
             vec![1.0, 0.1, 0.07, 0.07, 0.28, 0.5, 0.1]
@@ -1438,26 +1474,29 @@ mod tests {
         let img = photo(200, 200);
         let eval = Pipeline::eval(ImgSize::square(96), Fit::Squash, MEAN, STD).expect("ok");
         let want = eval.augment(&img, &mut rng(0));
-        let pipe = train_pipeline(&off, (96, 96), MEAN, STD).expect("ok");
+        let pipe = train_pipeline(&off, Flips::Horizontal, (96, 96), MEAN, STD).expect("ok");
         for s in 0..20 {
             assert_eq!(pipe.augment(&img, &mut rng(s)), want);
         }
-        // Flip always.
-        let flip = train_pipeline(
-            &AugmentConfig {
-                hflip_p: 1.0,
-                ..off.clone()
-            },
-            (96, 96),
-            MEAN,
-            STD,
-        )
-        .expect("ok");
+        // Flip always, where the flips allow it; a flank (no flip allowed) is never mirrored.
+        let always = AugmentConfig {
+            hflip_p: 1.0,
+            vflip_p: 1.0,
+            ..off.clone()
+        };
+        let flip = train_pipeline(&always, Flips::Horizontal, (96, 96), MEAN, STD).expect("ok");
         let mut flipped = want.clone();
         hflip(&mut flipped);
+        let flank = train_pipeline(&always, Flips::None, (96, 96), MEAN, STD).expect("ok");
+        let both = train_pipeline(&always, Flips::Both, (96, 96), MEAN, STD).expect("ok");
+        let turned = image::imageops::rotate180(&want);
         for s in 0..20 {
             assert_eq!(flip.augment(&img, &mut rng(s)), flipped);
+            assert_eq!(flank.augment(&img, &mut rng(s)), want);
+            assert_eq!(both.augment(&img, &mut rng(s)), turned);
         }
+        assert_eq!(flank.probabilities().last(), Some(&0.0));
+        assert_eq!(both.probabilities().len(), 8);
         // Grey always: the three channels agree for every draw.
         let gray = train_pipeline(
             &AugmentConfig {
@@ -1465,6 +1504,7 @@ mod tests {
                 affine_p: 1.0,
                 ..off.clone()
             },
+            Flips::Horizontal,
             (96, 96),
             MEAN,
             STD,
@@ -1480,6 +1520,7 @@ mod tests {
                 brightness_contrast_p: 1.0,
                 ..off.clone()
             },
+            Flips::Horizontal,
             (96, 96),
             MEAN,
             STD,
@@ -1526,10 +1567,10 @@ mod tests {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
         assert!(
-            train_pipeline(&cfg, (3, 3), MEAN, STD).is_err(),
+            train_pipeline(&cfg, Flips::Horizontal, (3, 3), MEAN, STD).is_err(),
             "grid too fine"
         );
-        assert!(train_pipeline(&cfg, (0, 224), MEAN, STD).is_err());
+        assert!(train_pipeline(&cfg, Flips::Horizontal, (0, 224), MEAN, STD).is_err());
     }
 
     /// `cargo test --release --lib train::augment -- --ignored --nocapture`
@@ -1601,12 +1642,19 @@ mod tests {
             println!("{name}: {:.2} ms", 1e3 / rate);
         }
         let mut out = vec![0f32; 3 * 224 * 224];
-        let train = train_pipeline(&AugmentConfig::default(), (224, 224), MEAN, STD).expect("ok");
+        let train = train_pipeline(
+            &AugmentConfig::default(),
+            Flips::Horizontal,
+            (224, 224),
+            MEAN,
+            STD,
+        )
+        .expect("ok");
         let always = AugmentConfig {
             affine_p: 1.0,
             ..AugmentConfig::default()
         };
-        let always = train_pipeline(&always, (224, 224), MEAN, STD).expect("ok");
+        let always = train_pipeline(&always, Flips::Horizontal, (224, 224), MEAN, STD).expect("ok");
         let eval = Pipeline::eval(ImgSize::square(224), Fit::Squash, MEAN, STD).expect("ok");
         for (name, pipe) in [
             ("train", &train),

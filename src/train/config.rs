@@ -6,7 +6,7 @@ use crate::args::{defaults_of, merge_flags};
 use crate::crops::CropSet;
 use crate::model::heads::ArcFaceConfig;
 use crate::model::Variant;
-use crate::transforms::{Fit, ImgSize};
+use crate::transforms::{Fit, Flips, ImgSize};
 use anyhow::{Context, Result};
 use clap::ArgAction;
 use serde::{Deserialize, Serialize};
@@ -63,6 +63,10 @@ pub struct TrainConfig {
     /// How a photo fits the input size: squash (stretch) or pad (keep its aspect).
     #[arg(long, value_enum, default_value_t = Fit::Squash)]
     pub fit: Fit,
+    /// The mirror images that still show the same animal, which the augmentations and the
+    /// flip TTA use: none for a flank, horizontal for a fin, both for a whale seen from above.
+    #[arg(long, value_enum, default_value_t = Flips::Horizontal)]
+    pub flips: Flips,
     /// Photos per training step.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
@@ -131,6 +135,14 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The flips of the validation TTA: the allowed ones with `flip_tta`, else none.
+    pub fn tta_flips(&self) -> Flips {
+        match self.flip_tta {
+            true => self.flips,
+            false => Flips::None,
+        }
+    }
+
     /// The input size for `variant`: `img_size`, else the backbone's own.
     pub fn input_size(&self, variant: &Variant) -> ImgSize {
         self.img_size

@@ -62,11 +62,12 @@ pub(super) fn fit(
         if members.is_empty() {
             log(format!("frozen {} on {}", cfg.model, p.describe()));
         }
-        parts.push(pretrained_views(name, size, cfg.fit, cfg.flip_tta, &p)?);
+        parts.push(pretrained_views(name, size, cfg.fit, cfg.tta_flips(), &p)?);
         members.push(Member {
             backbone: name.to_string(),
             img_size: size,
             fit: cfg.fit,
+            flips: cfg.flips,
         });
         photos = Some((size, fill, p));
     }

@@ -18,7 +18,7 @@ use super::validate::{
     knn_ranking, map5_of, pretrained_views, validation, Validation, Views, PRETRAINED_WEIGHTS,
 };
 use crate::args::bar;
-use crate::embed::{embed_images, input_tensor, to_vec, unit_with_flip};
+use crate::embed::{embed_images, input_tensor, to_vec, unit_with_flips};
 use crate::model::happywhale::{pretrained_weights, HappyWhaleModel, ModelConfig};
 use crate::predict::Candidate;
 use crate::runs::{saved_state, EpochMetrics, RunDir, RunState, TrainSummary};
@@ -75,6 +75,7 @@ pub(super) fn fit(
     )?;
     mcfg.img_size = size;
     mcfg.fit = cfg.fit;
+    mcfg.flips = cfg.flips;
     mcfg.embedding_size = cfg.embedding_size;
     mcfg.arcface = cfg.arcface.clone();
     tch::manual_seed(cfg.seed as i64);
@@ -114,7 +115,7 @@ pub(super) fn fit(
             &cfg.model,
             size,
             cfg.fit,
-            cfg.flip_tta,
+            cfg.tta_flips(),
             &photos,
         )?),
         false => None,
@@ -278,7 +279,13 @@ impl Trainer {
         let size = model.config.img_size;
         let mean = model.config.mean.map(|v| v as f32);
         let std = model.config.std.map(|v| v as f32);
-        let pipeline = train_pipeline(&cfg.augment, (size.width, size.height), mean, std)?;
+        let pipeline = train_pipeline(
+            &cfg.augment,
+            cfg.flips,
+            (size.width, size.height),
+            mean,
+            std,
+        )?;
         let stages = model.backbone().num_stages();
         let frozen = match cfg.mode {
             Mode::Full => 0,
@@ -483,7 +490,7 @@ impl Trainer {
             for chunk in idx.chunks(64) {
                 let ids: Vec<i64> = chunk.iter().map(|&i| i as i64).collect();
                 let xs = cache.index_select(0, &Tensor::from_slice(&ids).to_device(cache.device()));
-                let e = unit_with_flip(&xs, self.cfg.flip_tta, |x| {
+                let e = unit_with_flips(&xs, self.cfg.tta_flips(), |x| {
                     self.head_forward(model, x, false)
                 });
                 out.extend(to_vec(&e)?);

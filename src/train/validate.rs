@@ -11,7 +11,7 @@ use crate::predict::{
     rank_candidates, Candidate, Thresholds, FUSION_DEPTH, MIN_SPECIES_QUERIES,
 };
 use crate::search::{Aggregation, IndexSpec};
-use crate::transforms::{Fit, ImgSize};
+use crate::transforms::{Fit, Flips, ImgSize};
 use anyhow::Result;
 
 /// What validation measured and chose: see [`EpochMetrics`].
@@ -118,10 +118,13 @@ pub(super) fn pretrained_views(
     backbone: &str,
     size: ImgSize,
     fit: Fit,
-    flip_tta: bool,
+    tta: Flips,
     photos: &Photos,
 ) -> Result<Views> {
-    let model = HappyWhaleModel::zero_shot(backbone, Some(size), fit, crate::runtime::device())?;
+    let mut model =
+        HappyWhaleModel::zero_shot(backbone, Some(size), fit, crate::runtime::device())?;
+    model.config.flips = tta;
+    let flip_tta = tta != Flips::None;
     let idx: Vec<usize> = photos
         .train
         .iter()
