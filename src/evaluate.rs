@@ -8,9 +8,9 @@ use crate::embed::EmbedOptions;
 use crate::fsio;
 use crate::metrics::{average_precision_at_5, K};
 use crate::predict::{answers, best_threshold, Candidate};
-use crate::runs::{Ensemble, ModelArgs};
+use crate::runs::{Ensemble, ModelArgs, ZeroShot};
 use crate::search::{rank_labels, recall, Aggregation, IndexSpec};
-use crate::transforms::Fit;
+
 use anyhow::Result;
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -154,8 +154,8 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
     let bootstrap = (resamples > 0).then(|| report.bootstrap(&labelled.animals, resamples, seed));
     let baseline = match &args.baseline {
         Some(backbone) => {
-            let zero_shot =
-                Ensemble::zero_shot(backbone, None, Fit::Squash, 0.0, crate::runtime::device())?;
+            let features = ZeroShot::new(backbone);
+            let zero_shot = Ensemble::zero_shot(&features, 0.0, crate::runtime::device())?;
             let base = evaluate(&zero_shot, report.threshold)?;
             let gain = report.paired_bootstrap(&base, &labelled.animals, resamples, seed)?;
             Some(Baseline {

@@ -437,15 +437,9 @@ impl Ensemble {
     }
 
     /// A pretrained backbone's GeM-pooled features, with a given new_individual threshold.
-    pub fn zero_shot(
-        backbone: &str,
-        img_size: Option<ImgSize>,
-        fit: Fit,
-        threshold: f32,
-        device: tch::Device,
-    ) -> Result<Self> {
+    pub fn zero_shot(features: &ZeroShot, threshold: f32, device: tch::Device) -> Result<Self> {
         Ok(Self {
-            models: vec![HappyWhaleModel::zero_shot(backbone, img_size, fit, device)?],
+            models: vec![features.load(device)?],
             weights: vec![1.0],
             threshold,
             species_thresholds: BTreeMap::new(),
@@ -475,13 +469,55 @@ impl Ensemble {
 pub enum ModelSpec {
     /// Trained run (or checkpoint) folders, fused.
     Runs(Vec<PathBuf>),
-    /// A pretrained backbone's pooled features, at `img_size` (the backbone's own when `None`),
-    /// the photo fitted as `fit` says.
-    ZeroShot {
-        backbone: String,
-        img_size: Option<ImgSize>,
-        fit: Fit,
-    },
+    /// A pretrained backbone's pooled features.
+    ZeroShot(ZeroShot),
+}
+
+/// A pretrained backbone's GeM-pooled features as an embedding, untrained.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ZeroShot {
+    pub backbone: String,
+    /// The input size (the backbone's own when `None`).
+    pub img_size: Option<ImgSize>,
+    pub fit: Fit,
+    /// The mirror images the flip TTA averages.
+    pub flips: Flips,
+}
+
+impl ZeroShot {
+    /// The backbone at its own input size, photos squashed, the flip TTA left–right.
+    pub fn new(backbone: &str) -> Self {
+        Self {
+            backbone: backbone.to_string(),
+            img_size: None,
+            fit: Fit::Squash,
+            flips: Flips::Horizontal,
+        }
+    }
+
+    pub fn load(&self, device: tch::Device) -> Result<HappyWhaleModel> {
+        let mut model =
+            HappyWhaleModel::zero_shot(&self.backbone, self.img_size, self.fit, device)?;
+        model.config.flips = self.flips;
+        Ok(model)
+    }
+
+    /// A name that changes whenever the weights or the input change.
+    fn identity(&self) -> Result<String> {
+        let weights = pretrained_weights(&self.backbone)?;
+        let bytes = std::fs::read(&weights)
+            .with_context(|| format!("cannot read {}", weights.display()))?;
+        let size = self.img_size.map_or("default".into(), |s| s.to_string());
+        let fitted = match self.fit {
+            Fit::Squash => String::new(),
+            Fit::Pad => ":pad".into(),
+        };
+        Ok(format!(
+            "zero-shot:{}:{size}{fitted}:{:016x}",
+            self.backbone,
+            fnv1a(&bytes, 0)
+        ))
+    }
 }
 
 /// `--models RUN[,RUN...]` or `--zero-shot BACKBONE [--img-size N]`: the argument group of
@@ -501,16 +537,20 @@ pub struct ModelArgs {
     /// How a photo fits --zero-shot's input: squash (stretch) or pad (keep its aspect).
     #[arg(long, value_enum, default_value_t = Fit::Squash, requires = "zero_shot")]
     pub fit: Fit,
+    /// The mirror images that show the same animal, for --zero-shot's --flip-tta.
+    #[arg(long, value_enum, default_value_t = Flips::Horizontal, requires = "zero_shot")]
+    pub flips: Flips,
 }
 
 impl ModelArgs {
     pub fn spec(&self) -> ModelSpec {
         match &self.zero_shot {
-            Some(backbone) => ModelSpec::ZeroShot {
+            Some(backbone) => ModelSpec::ZeroShot(ZeroShot {
                 backbone: backbone.clone(),
                 img_size: self.img_size,
                 fit: self.fit,
-            },
+                flips: self.flips,
+            }),
             None => ModelSpec::Runs(self.models.clone()),
         }
     }
@@ -548,24 +588,7 @@ impl ModelSpec {
                     .collect::<Result<Vec<_>>>()?;
                 Ok(format!("runs:{}", parts.join("+")))
             }
-            ModelSpec::ZeroShot {
-                backbone,
-                img_size,
-                fit,
-            } => {
-                let weights = pretrained_weights(backbone)?;
-                let bytes = std::fs::read(&weights)
-                    .with_context(|| format!("cannot read {}", weights.display()))?;
-                let size = img_size.map_or("default".into(), |s| s.to_string());
-                let fitted = match fit {
-                    Fit::Squash => String::new(),
-                    Fit::Pad => ":pad".into(),
-                };
-                Ok(format!(
-                    "zero-shot:{backbone}:{size}{fitted}:{:016x}",
-                    fnv1a(&bytes, 0)
-                ))
-            }
+            ModelSpec::ZeroShot(z) => z.identity(),
         }
     }
 
@@ -573,7 +596,7 @@ impl ModelSpec {
     pub fn validation_crops(&self) -> Result<Vec<CropSet>> {
         match self {
             ModelSpec::Runs(runs) => validation_crops(&runs[0]),
-            ModelSpec::ZeroShot { .. } => Ok(Vec::new()),
+            ModelSpec::ZeroShot(_) => Ok(Vec::new()),
         }
     }
 
@@ -582,11 +605,7 @@ impl ModelSpec {
     pub fn load(&self, threshold: Option<f32>, device: tch::Device) -> Result<Ensemble> {
         let mut ensemble = match self {
             ModelSpec::Runs(runs) => Ensemble::load(runs, device)?,
-            ModelSpec::ZeroShot {
-                backbone,
-                img_size,
-                fit,
-            } => Ensemble::zero_shot(backbone, *img_size, *fit, 0.0, device)?,
+            ModelSpec::ZeroShot(z) => Ensemble::zero_shot(z, 0.0, device)?,
         };
         if let Some(t) = threshold {
             ensemble.threshold = t;

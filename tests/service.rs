@@ -6,11 +6,11 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use finprint::catalog::{Catalog, Decision, Embedder, Sighting};
 use finprint::data::{read_solution, KaggleDir, NEW_INDIVIDUAL};
-use finprint::runs::ModelSpec;
+use finprint::runs::{ModelSpec, ZeroShot};
 use finprint::search::IndexSpec;
 use finprint::service::{router, AppState};
 use finprint::synth::{generate, SynthConfig};
-use finprint::transforms::{Fit, ImgSize};
+use finprint::transforms::ImgSize;
 use indicatif::ProgressBar;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -20,11 +20,10 @@ use tower::ServiceExt;
 const TOKEN: &str = "test-token";
 
 fn model() -> ModelSpec {
-    ModelSpec::ZeroShot {
-        backbone: "efficientnet_lite0".into(),
+    ModelSpec::ZeroShot(ZeroShot {
         img_size: Some(ImgSize::square(128)),
-        fit: Fit::Squash,
-    }
+        ..ZeroShot::new("efficientnet_lite0")
+    })
 }
 
 /// A synthetic Kaggle folder and a catalogue imported from it and embedded, made once.
