@@ -376,11 +376,6 @@ pub fn run(args: &PredictArgs, progress: &ProgressBar) -> anyhow::Result<(NewRul
         args.index,
         progress,
     )?;
-    anyhow::ensure!(
-        !predictions.is_empty(),
-        "{} holds no photo to predict",
-        KaggleDir::new(&args.data).test_images().display()
-    );
     write_submission(&args.out, &predictions)?;
     Ok((rule, predictions.len()))
 }
@@ -403,6 +398,11 @@ pub fn predict_submission(
         !train.rows.is_empty(),
         "{} lists no photo",
         data.train_csv().display()
+    );
+    anyhow::ensure!(
+        !tests.is_empty(),
+        "{} holds no photo to predict (.jpg, .jpeg or .png)",
+        data.test_images().display()
     );
     let names: Vec<String> = train.rows.iter().map(|r| r.image.clone()).collect();
     progress.set_message("embedding the catalogue");

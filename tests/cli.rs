@@ -135,3 +135,59 @@ fn a_malformed_csv_row_names_file_and_line() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn a_row_with_more_fields_than_its_header_names_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("train.csv");
+    std::fs::write(
+        &csv,
+        "image,species,individual_id\n1.jpg,beluga,a\nb,c.jpg,beluga,b\n",
+    )
+    .unwrap();
+    let o = finprint(&["stats", "--data", path(&csv)]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("train.csv:3") && err.contains("4 fields"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_submission_row_of_six_predictions_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let solution = dir.path().join("solution.csv");
+    let submission = dir.path().join("submission.csv");
+    std::fs::write(&solution, "image,individual_id\na.jpg,x\n").unwrap();
+    std::fs::write(&submission, "image,predictions\na.jpg,u v w x y z\n").unwrap();
+    let o = finprint(&[
+        "score",
+        "--solution",
+        path(&solution),
+        "--submission",
+        path(&submission),
+    ]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("submission.csv:2") && err.contains("6 predictions"),
+        "{err}"
+    );
+}
+
+#[test]
+fn training_on_missing_data_fails_before_writing_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = finprint(&[
+        "train",
+        "--data",
+        path(&dir.path().join("nowhere")),
+        "--out",
+        path(&run),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("nowhere"), "{}", stderr(&o));
+    assert!(!run.exists(), "no run folder is left behind");
+}

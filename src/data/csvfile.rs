@@ -30,6 +30,19 @@ impl CsvFile {
             .records()
             .collect::<Result<Vec<_>, _>>()
             .map_err(bad)?;
+        // Short rows read as empty cells; a longer row has lost a quote or holds a stray comma,
+        // and its cells would land in the wrong columns.
+        if let Some(r) = records.iter().find(|r| r.len() > headers.len()) {
+            return Err(DataError::BadRow {
+                path: path.to_path_buf(),
+                line: r.position().map_or(0, |p| p.line()),
+                message: format!(
+                    "{} fields, the header has {} (a comma in a name needs quotes)",
+                    r.len(),
+                    headers.len()
+                ),
+            });
+        }
         Ok(Self {
             path: path.to_path_buf(),
             headers,

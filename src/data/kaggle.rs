@@ -164,11 +164,17 @@ fn read_by_image<T>(
 /// Read a submission (`image,predictions`, ids separated by spaces).
 pub fn read_submission(path: &Path) -> Result<Vec<Prediction>, DataError> {
     read_by_image(path, |csv, row, image| {
-        let ids = row
+        let ids: Vec<String> = row
             .optional(csv.column("predictions")?)
             .split_whitespace()
             .map(str::to_string)
             .collect();
+        if ids.len() > 5 {
+            return Err(row.error(format!(
+                "{} predictions for {image}: a submission names at most 5",
+                ids.len()
+            )));
+        }
         Ok(Prediction { image, ids })
     })
 }

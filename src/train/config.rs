@@ -143,6 +143,21 @@ impl TrainConfig {
         }
     }
 
+    /// The config with its data folder and box files made absolute, so that a run (and the
+    /// crop set `predict` takes from it) works from any working folder.
+    pub fn with_absolute_paths(mut self) -> Result<Self> {
+        let absolute = |p: &Path| {
+            std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display()))
+        };
+        self.data = absolute(&self.data)?;
+        for set in &mut self.crops {
+            for boxes in &mut set.boxes {
+                *boxes = absolute(boxes)?;
+            }
+        }
+        Ok(self)
+    }
+
     /// The input size for `variant`: `img_size`, else the backbone's own.
     pub fn input_size(&self, variant: &Variant) -> ImgSize {
         self.img_size

@@ -51,8 +51,14 @@ pub fn train(
                 out.display()
             );
         }
-        cfg.clone()
+        cfg.clone().with_absolute_paths()?
     };
+    let train_csv = crate::data::KaggleDir::new(&cfg.data).train_csv();
+    anyhow::ensure!(
+        train_csv.is_file(),
+        "{}: no such file (--data takes a folder in Kaggle's layout)",
+        train_csv.display()
+    );
     let threads = configure_threads(cfg.threads);
     run.create()?;
     run.write_config(&cfg)?;
