@@ -5,10 +5,12 @@
 //! (`train::augment`); validation, prediction and detection use [`Pipeline::eval`] alone.
 
 use anyhow::{ensure, Result};
+use clap::ValueEnum;
 use image::RgbImage;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// One augmentation. `apply` draws its parameters from `rng` and transforms `img`, in place
@@ -102,7 +104,7 @@ impl fmt::Display for ImgSize {
 }
 
 /// A square size is written as its side (the form of older configs), any other as `WxH`.
-impl serde::Serialize for ImgSize {
+impl Serialize for ImgSize {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self.width == self.height {
             true => s.serialize_u32(self.width),
@@ -111,9 +113,9 @@ impl serde::Serialize for ImgSize {
     }
 }
 
-impl<'de> serde::Deserialize<'de> for ImgSize {
+impl<'de> Deserialize<'de> for ImgSize {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(serde::Deserialize)]
+        #[derive(Deserialize)]
         #[serde(untagged)]
         enum Form {
             Side(u32),
@@ -127,18 +129,7 @@ impl<'de> serde::Deserialize<'de> for ImgSize {
 }
 
 /// How a photo fits the input size.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    Hash,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Fit {
     /// Stretch the photo to the input size.
@@ -152,18 +143,7 @@ pub enum Fit {
 /// The mirror images of a photo that still show the same animal, for the augmentations and the
 /// flip TTA: none for a flank (its mirror image looks like the other flank), left–right for a
 /// fin, left–right and end over end for a whale seen from above.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    Hash,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Flips {
     None,

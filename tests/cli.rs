@@ -19,6 +19,26 @@ fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `finprint score` of `submission` against `solution` (CSV texts) that must fail: its stderr.
+fn score_error(solution: &str, submission: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let (sol, sub) = (
+        dir.path().join("solution.csv"),
+        dir.path().join("submission.csv"),
+    );
+    std::fs::write(&sol, solution).unwrap();
+    std::fs::write(&sub, submission).unwrap();
+    let o = finprint(&[
+        "score",
+        "--solution",
+        path(&sol),
+        "--submission",
+        path(&sub),
+    ]);
+    assert!(!o.status.success());
+    stderr(&o)
+}
+
 #[test]
 fn synth_stats_score_and_folds_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
@@ -93,24 +113,10 @@ fn synth_stats_score_and_folds_end_to_end() {
 
 #[test]
 fn a_missing_submission_row_is_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let solution = dir.path().join("solution.csv");
-    let submission = dir.path().join("submission.csv");
-    std::fs::write(
-        &solution,
+    let err = score_error(
         "image,individual_id\na.jpg,x\nb.jpg,new_individual\n",
-    )
-    .unwrap();
-    std::fs::write(&submission, "image,predictions\na.jpg,x y\n").unwrap();
-    let o = finprint(&[
-        "score",
-        "--solution",
-        path(&solution),
-        "--submission",
-        path(&submission),
-    ]);
-    assert!(!o.status.success());
-    let err = stderr(&o);
+        "image,predictions\na.jpg,x y\n",
+    );
     assert!(
         err.contains("b.jpg") && err.contains("submission.csv"),
         "{err}"
@@ -156,20 +162,10 @@ fn a_row_with_more_fields_than_its_header_names_file_and_line() {
 
 #[test]
 fn a_submission_row_of_six_predictions_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let solution = dir.path().join("solution.csv");
-    let submission = dir.path().join("submission.csv");
-    std::fs::write(&solution, "image,individual_id\na.jpg,x\n").unwrap();
-    std::fs::write(&submission, "image,predictions\na.jpg,u v w x y z\n").unwrap();
-    let o = finprint(&[
-        "score",
-        "--solution",
-        path(&solution),
-        "--submission",
-        path(&submission),
-    ]);
-    assert!(!o.status.success());
-    let err = stderr(&o);
+    let err = score_error(
+        "image,individual_id\na.jpg,x\n",
+        "image,predictions\na.jpg,u v w x y z\n",
+    );
     assert!(
         err.contains("submission.csv:2") && err.contains("6 predictions"),
         "{err}"
