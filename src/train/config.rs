@@ -163,13 +163,6 @@ impl TrainConfig {
         self.img_size
             .unwrap_or(ImgSize::square(variant.input_size as u32))
     }
-
-    pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config {}", path.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a training config", path.display()))
-    }
 }
 
 /// `finprint train`: the options, over `--config` when given.
