@@ -306,3 +306,46 @@ fn the_frozen_mode_whitens_pretrained_features_beyond_zero_shot_and_predict_uses
         summary.best_map5
     );
 }
+
+#[test]
+fn a_config_file_is_overridden_by_the_flags_given_and_saved_whole() {
+    if !pretrained_weights_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cat");
+    synth(&data, 30, 96, 64, 4);
+    let config = dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        r#"{"seed": 5, "new_share": 0.3, "arcface": {"s": 20.0}, "augment": {"gray_p": 0.2}}"#,
+    )
+    .unwrap();
+    let run = dir.path().join("run");
+    let o = finprint()
+        .args(["train", "--data", data.to_str().unwrap()])
+        .args([
+            "--out",
+            run.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .args(["--mode", "frozen", "--img-size", "32", "--threads", "2"])
+        .args(["--new-share", "0.25", "--arc-m", "0.4", "--fit", "pad"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("train_config.json")).unwrap()).unwrap();
+    // From the file where no flag was given, from the flags where one was, defaults elsewhere.
+    assert_eq!(saved["seed"], 5);
+    assert_eq!(saved["new_share"], 0.25);
+    assert_eq!(saved["arcface"]["s"], 20.0);
+    assert_eq!(saved["arcface"]["m"], 0.4);
+    assert_eq!(saved["augment"]["gray_p"], 0.2);
+    assert_eq!(saved["augment"]["hflip_p"], 0.1);
+    assert_eq!(saved["epochs"], 10);
+    assert_eq!(saved["img_size"], 32);
+    assert_eq!(saved["fit"], "pad");
+    assert!(std::path::Path::new(saved["data"].as_str().unwrap()).is_absolute());
+}
