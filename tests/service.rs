@@ -660,3 +660,56 @@ async fn concurrent_decisions_never_corrupt_the_catalogue() {
     assert_eq!(reopened.counts().unwrap().decisions, after.decisions);
     assert_eq!(reopened.integrity_check().unwrap(), "ok");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_is_json_and_the_token_comes_before_the_body() {
+    let Some(f) = fixture() else { return };
+    let (_tmp, cat) = catalogue(f);
+    let app = router(state(cat, 40_000));
+    // Unknown pages and methods: 404 and 405 with a JSON reason.
+    let (status, body) = get(&app, "/api/nothing-here").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("/api/nothing-here"),
+        "{body}"
+    );
+    let (status, body) = get(&app, "/api/decisions").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(body["error"].as_str().unwrap().contains("GET"), "{body}");
+    // A 3 MB decision without the token: 401 from the headers, not a 413 after reading it.
+    let huge = Request::post("/api/decisions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(vec![b' '; 3_000_000]))
+        .unwrap();
+    let (status, body) = call(&app, huge).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body["error"].is_string(), "{body}");
+    // With the token, the same body is too large: 413 as JSON.
+    let huge = Request::post("/api/decisions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+        .body(Body::from(vec![b' '; 3_000_000]))
+        .unwrap();
+    let (status, body) = call(&app, huge).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(body["error"].is_string(), "{body}");
+    // Text fields: at most MAX_TEXT bytes, and UTF-8.
+    let (name, _) = known_test_photos(f)[1].clone();
+    let bytes = test_photo(f, &name);
+    let long = vec![b'x'; finprint::service::MAX_TEXT + 1];
+    for (field, value) in [
+        ("place", long.as_slice()),
+        ("photographer", b"Ana \xff".as_slice()),
+    ] {
+        let parts = [
+            ("photo", Some(name.as_str()), bytes.as_slice()),
+            (field, None, value),
+        ];
+        let (status, body) = call(&app, upload("/api/identify", Some(TOKEN), &parts)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{field}: {body}");
+        assert!(body["error"].as_str().unwrap().contains(field), "{body}");
+    }
+}

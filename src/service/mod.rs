@@ -33,6 +33,8 @@ pub const TOP: usize = 5;
 pub const PHOTOS_EACH: usize = 3;
 /// Most photos in one batch job.
 pub const MAX_BATCH: usize = 200;
+/// Longest text field of a sighting (date, place, photographer), in bytes.
+pub const MAX_TEXT: usize = 1000;
 
 /// What the service runs with.
 pub struct AppState {
@@ -101,6 +103,18 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
+/// Writes need the token: checked from the headers, before any of the body is read.
+async fn require_token(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match authorise(&state, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
+}
+
 /// Writes need the token as `Authorization: Bearer TOKEN`.
 fn authorise(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     let given = headers
@@ -132,6 +146,7 @@ fn authorise(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
 pub fn router(state: Arc<AppState>) -> Router {
     // Room for the multipart framing and the text fields around a photo of the largest size.
     let one = state.max_upload + 64 * 1024;
+    let token = axum::middleware::from_fn_with_state(state.clone(), require_token);
     Router::new()
         .route("/", get(page))
         .route("/app.js", get(script))
@@ -140,16 +155,22 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/health", get(health))
         .route(
             "/api/identify",
-            post(identify).layer(DefaultBodyLimit::max(one)),
+            post(identify)
+                .layer(DefaultBodyLimit::max(one))
+                .route_layer(token.clone()),
         )
         .route(
             "/api/jobs",
-            post(jobs::start).layer(DefaultBodyLimit::max(one * MAX_BATCH)),
+            post(jobs::start)
+                .layer(DefaultBodyLimit::max(one * MAX_BATCH))
+                .route_layer(token.clone()),
         )
         .route("/api/jobs/{id}", get(jobs::status))
-        .route("/api/decisions", post(decide))
+        .route("/api/decisions", post(decide).route_layer(token))
         .route("/api/individuals", get(individuals))
         .route("/api/individuals/{id}", get(individual))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -161,6 +182,20 @@ pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> a
         })
         .await?;
     Ok(())
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no such page: {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} does not take {method}", uri.path()),
+    )
 }
 
 async fn page() -> impl IntoResponse {
@@ -292,10 +327,19 @@ pub(crate) async fn read_form(
                 }
             }
             "date" | "place" | "photographer" => {
-                let text = field
-                    .text()
+                let bytes = field
+                    .bytes()
                     .await
                     .map_err(|e| multipart_error(e, max_upload))?;
+                if bytes.len() > MAX_TEXT {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("{name}: at most {MAX_TEXT} bytes"),
+                    ));
+                }
+                let text = String::from_utf8(bytes.to_vec()).map_err(|_| {
+                    ApiError::new(StatusCode::BAD_REQUEST, format!("{name}: not UTF-8 text"))
+                })?;
                 match name.as_str() {
                     "date" => sighting.date = text,
                     "place" => sighting.place = text,
@@ -327,12 +371,7 @@ async fn read_field(mut field: Field<'_>, max_upload: usize) -> ApiResult<Vec<u8
     Ok(bytes)
 }
 
-async fn identify(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    form: Multipart,
-) -> ApiResult<Response> {
-    authorise(&state, &headers)?;
+async fn identify(State(state): State<Arc<AppState>>, form: Multipart) -> ApiResult<Response> {
     let (mut uploads, sighting) = read_form(form, state.max_upload, 1).await?;
     let upload = uploads.remove(0);
     let catalog = state.catalog.clone();
@@ -356,10 +395,14 @@ struct DecisionRequest {
 
 async fn decide(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<Response> {
-    authorise(&state, &headers)?;
+    let body = body.map_err(|e| {
+        ApiError::new(
+            e.status(),
+            format!("cannot read the decision: {}", e.body_text()),
+        )
+    })?;
     let req: DecisionRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
