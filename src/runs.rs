@@ -323,10 +323,13 @@ pub fn load_frozen(
         .members
         .iter()
         .map(|m| {
-            let mut model =
-                HappyWhaleModel::zero_shot(&m.backbone, Some(m.img_size), m.fit, device)?;
-            model.config.flips = m.flips;
-            Ok(model)
+            let features = ZeroShot {
+                backbone: m.backbone.clone(),
+                img_size: Some(m.img_size),
+                fit: m.fit,
+                flips: m.flips,
+            };
+            features.load(device)
         })
         .collect::<Result<Vec<_>>>()?;
     let whitening = Whitening::load(&dir.join(WHITENING_FILE))?;
@@ -380,7 +383,7 @@ impl Ensemble {
         let mut models = Vec::new();
         let mut saved = Vec::new();
         let mut whitened = Vec::new();
-        let mut pretrained: Vec<((String, ImgSize, Fit, Flips), f32)> = Vec::new();
+        let mut pretrained: Vec<(ZeroShot, f32)> = Vec::new();
         for run in runs {
             let dir = checkpoint_dir(run)?;
             let state = saved_state(&dir)?;
@@ -397,7 +400,12 @@ impl Ensemble {
             let model = HappyWhaleModel::load(&dir, device)?;
             if state.pretrained_weight > 0.0 {
                 let c = &model.config;
-                let key = (c.backbone.clone(), c.img_size, c.fit, c.flips);
+                let key = ZeroShot {
+                    backbone: c.backbone.clone(),
+                    img_size: Some(c.img_size),
+                    fit: c.fit,
+                    flips: c.flips,
+                };
                 match pretrained.iter_mut().find(|(k, _)| *k == key) {
                     // Fused cosines add as squared weights.
                     Some((_, w)) => *w = w.hypot(state.pretrained_weight),
@@ -408,10 +416,8 @@ impl Ensemble {
             saved.push(state);
         }
         let mut weights = vec![1.0; models.len()];
-        for ((backbone, size, fit, flips), w) in pretrained {
-            let mut model = HappyWhaleModel::zero_shot(&backbone, Some(size), fit, device)?;
-            model.config.flips = flips;
-            models.push(model);
+        for (features, w) in pretrained {
+            models.push(features.load(device)?);
             weights.push(w);
         }
         let n = saved.len() as f32;

@@ -10,6 +10,7 @@ use crate::predict::{
     best_threshold, best_thresholds, choose_fusion_weight, fuse_all, head_candidates,
     rank_candidates, Candidate, Thresholds, FUSION_DEPTH, MIN_SPECIES_QUERIES,
 };
+use crate::runs::ZeroShot;
 use crate::search::{Aggregation, IndexSpec};
 use crate::transforms::{Fit, Flips, ImgSize};
 use anyhow::Result;
@@ -121,9 +122,13 @@ pub(super) fn pretrained_views(
     tta: Flips,
     photos: &Photos,
 ) -> Result<Views> {
-    let mut model =
-        HappyWhaleModel::zero_shot(backbone, Some(size), fit, crate::runtime::device())?;
-    model.config.flips = tta;
+    let features = ZeroShot {
+        backbone: backbone.to_string(),
+        img_size: Some(size),
+        fit,
+        flips: tta,
+    };
+    let model = features.load(crate::runtime::device())?;
     let flip_tta = tta != Flips::None;
     let idx: Vec<usize> = photos
         .train
