@@ -13,6 +13,7 @@
 //! | run folders | [`runs`] | config, metrics, checkpoints and state of a run; loading runs as an [`runs::Ensemble`] |
 //! | embeddings | [`embed`] | photos (and their crops) to unit vectors, flip TTA, model fusion |
 //! | search | [`search`] | the `Index` trait: exact (f32/f16) and HNSW, chosen by an [`search::IndexSpec`] |
+//! | local features | [`local`] | RootSIFT keypoints, LNBNN votes and affine RANSAC: re-scoring a shortlist by the marks |
 //! | scoring | [`metrics`] | MAP@5 as Kaggle defines it |
 //! | prediction | [`predict`] | ranking individuals, `new_individual`, kNN + head fusion, submissions |
 //! | evaluation | [`evaluate`] | leave-one-out identification, bootstrap and paired bootstrap |
@@ -32,6 +33,7 @@ pub mod demo;
 pub mod embed;
 pub mod evaluate;
 pub mod fsio;
+pub mod local;
 pub mod metrics;
 pub mod model;
 pub mod predict;

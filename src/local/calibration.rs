@@ -1,0 +1,135 @@
+//! Scores made comparable: each kind of score (embedding cosine, verified local votes) is
+//! mapped to P(same individual) by a logistic regression fitted on labelled pairs of animals
+//! that are not evaluated; the fused score is the mean of the probabilities, so a score that
+//! carries no signal is fitted flat and leaves the other's ranking as it was.
+
+use serde::{Deserialize, Serialize};
+
+/// P(same | x) = σ(a·x + b).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Logistic {
+    pub a: f64,
+    pub b: f64,
+}
+
+impl Logistic {
+    /// Maximum-likelihood fit by Newton's method, with a small ridge on `a` so that separable
+    /// data stays finite. `None` without both classes.
+    pub fn fit(xs: &[f64], same: &[bool]) -> Option<Logistic> {
+        let positives = same.iter().filter(|&&s| s).count();
+        if positives == 0 || positives == same.len() {
+            return None;
+        }
+        let rate = positives as f64 / same.len() as f64;
+        let (mut a, mut b) = (0.0, (rate / (1.0 - rate)).ln());
+        let ridge = 1e-3;
+        for _ in 0..100 {
+            let (mut ga, mut gb, mut haa, mut hab, mut hbb) = (ridge * a, 0.0, ridge, 0.0, 0.0);
+            for (&x, &y) in xs.iter().zip(same) {
+                let p = sigmoid(a * x + b);
+                let r = p - f64::from(u8::from(y));
+                let w = p * (1.0 - p);
+                ga += r * x;
+                gb += r;
+                haa += w * x * x;
+                hab += w * x;
+                hbb += w;
+            }
+            let det = haa * hbb - hab * hab;
+            if det.abs() < 1e-12 {
+                break;
+            }
+            let (da, db) = ((hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det);
+            a -= da;
+            b -= db;
+            if da.abs() + db.abs() < 1e-9 {
+                break;
+            }
+        }
+        Some(Logistic { a, b })
+    }
+
+    pub fn probability(&self, x: f64) -> f64 {
+        sigmoid(self.a * x + self.b)
+    }
+}
+
+fn sigmoid(z: f64) -> f64 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+/// The local score as the calibration sees it: verified votes grow with the keypoints, so
+/// their logarithm.
+pub fn local_feature(verified: f32) -> f64 {
+    f64::from(verified.max(0.0)).ln_1p()
+}
+
+/// The fusion of an embedding's cosine with local matching.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Fusion {
+    pub embedding: Logistic,
+    pub local: Logistic,
+}
+
+impl Fusion {
+    /// Fit on shortlisted pairs: `(cosine, verified votes, same individual)`.
+    pub fn fit(pairs: &[(f32, f32, bool)]) -> Option<Fusion> {
+        let same: Vec<bool> = pairs.iter().map(|p| p.2).collect();
+        let cos: Vec<f64> = pairs.iter().map(|p| f64::from(p.0)).collect();
+        let local: Vec<f64> = pairs.iter().map(|p| local_feature(p.1)).collect();
+        Some(Fusion {
+            embedding: Logistic::fit(&cos, &same)?,
+            local: Logistic::fit(&local, &same)?,
+        })
+    }
+
+    /// The mean of the two probabilities of the same individual.
+    pub fn probability(&self, cosine: f32, verified: f32) -> f32 {
+        let pe = self.embedding.probability(f64::from(cosine));
+        let pl = self.local.probability(local_feature(verified));
+        (0.5 * (pe + pl)) as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovers_the_logistic_that_generated_the_labels() {
+        // Labels drawn deterministically in proportion: at each x, round(1000·σ(2x − 1))
+        // positives out of 1000.
+        let (mut xs, mut ys) = (Vec::new(), Vec::new());
+        for i in 0..21 {
+            let x = -2.0 + 0.2 * i as f64;
+            let positives = (1000.0 * sigmoid(2.0 * x - 1.0)).round() as usize;
+            for j in 0..1000 {
+                xs.push(x);
+                ys.push(j < positives);
+            }
+        }
+        let fit = Logistic::fit(&xs, &ys).unwrap();
+        assert!(
+            (fit.a - 2.0).abs() < 0.02 && (fit.b + 1.0).abs() < 0.02,
+            "{fit:?}"
+        );
+        assert_eq!(Logistic::fit(&[1.0, 2.0], &[true, true]), None);
+    }
+
+    #[test]
+    fn a_score_without_signal_is_fitted_flat_and_keeps_the_other_ranking() {
+        // The local score is the same for same and different pairs; the cosine separates.
+        let pairs: Vec<(f32, f32, bool)> = (0..200)
+            .map(|i| {
+                let same = i % 4 == 0;
+                let cos = if same { 0.6 } else { 0.3 } + (i % 7) as f32 * 0.02;
+                (cos, (i % 5) as f32, same)
+            })
+            .collect();
+        let fusion = Fusion::fit(&pairs).unwrap();
+        assert!(fusion.local.a.abs() < 0.05, "{fusion:?}");
+        assert!(fusion.embedding.a > 1.0);
+        // Whatever the local votes, a higher cosine stays ahead.
+        assert!(fusion.probability(0.6, 0.0) > fusion.probability(0.4, 4.0));
+    }
+}

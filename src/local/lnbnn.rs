@@ -1,0 +1,179 @@
+//! Local naive-Bayes nearest neighbour (McCann & Lowe 2012), one query against many photos, as
+//! HotSpotter scores animals: the gallery's descriptors are pooled; each query descriptor finds
+//! its k+1 nearest, and each of the first k votes for its photo with the distance of the
+//! (k+1)-th minus its own: how much more it resembles that photo than the background of all
+//! the others. A photo takes one vote per query descriptor, its best.
+
+use super::sift::DESC_LEN;
+use super::Features;
+
+/// One query descriptor's vote for a photo, with the gallery keypoint it matched.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Vote {
+    pub query: usize,
+    pub gallery: usize,
+    pub weight: f32,
+}
+
+/// Everything a photo of the gallery received.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PhotoVotes {
+    pub photo: usize,
+    pub total: f32,
+    pub matches: Vec<Vote>,
+}
+
+/// Queries per block of the similarity matrix (bounds its memory at `BLOCK × pooled` floats).
+const BLOCK: usize = 128;
+
+/// The LNBNN votes of `query`'s descriptors for each photo of `gallery`, in gallery order.
+pub fn vote(query: &Features, gallery: &[&Features], k: usize) -> Vec<PhotoVotes> {
+    let mut out: Vec<PhotoVotes> = (0..gallery.len())
+        .map(|photo| PhotoVotes {
+            photo,
+            ..Default::default()
+        })
+        .collect();
+    let mut owner = Vec::new();
+    let mut pooled = Vec::new();
+    for (photo, f) in gallery.iter().enumerate() {
+        for point in 0..f.len() {
+            owner.push((photo, point));
+        }
+        pooled.extend_from_slice(&f.descriptors);
+    }
+    let m = owner.len();
+    let k = k.min(m.saturating_sub(1));
+    if k == 0 || query.is_empty() {
+        return out;
+    }
+    let mut sims = vec![0f32; BLOCK * m];
+    for start in (0..query.len()).step_by(BLOCK) {
+        let rows = BLOCK.min(query.len() - start);
+        let q = &query.descriptors[start * DESC_LEN..(start + rows) * DESC_LEN];
+        // sims[rows, m] = q[rows, D] · pooledᵀ[D, m]
+        // SAFETY: the slices hold rows×D, m×D and rows×m floats, laid out as the strides say.
+        unsafe {
+            matrixmultiply::sgemm(
+                rows,
+                DESC_LEN,
+                m,
+                1.0,
+                q.as_ptr(),
+                DESC_LEN as isize,
+                1,
+                pooled.as_ptr(),
+                1,
+                DESC_LEN as isize,
+                0.0,
+                sims.as_mut_ptr(),
+                m as isize,
+                1,
+            );
+        }
+        for r in 0..rows {
+            let nearest = top_k(&sims[r * m..(r + 1) * m], k + 1);
+            // Unit vectors: ‖a − b‖ = √(2 − 2a·b).
+            let distance = |s: f32| (2.0 - 2.0 * s).max(0.0).sqrt();
+            let normaliser = distance(nearest[k].1);
+            let mut voted: Vec<usize> = Vec::with_capacity(k);
+            for &(j, s) in &nearest[..k] {
+                let (photo, point) = owner[j];
+                if voted.contains(&photo) {
+                    continue;
+                }
+                voted.push(photo);
+                let weight = normaliser - distance(s);
+                out[photo].total += weight;
+                out[photo].matches.push(Vote {
+                    query: start + r,
+                    gallery: point,
+                    weight,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The `n` largest values of `row` as `(index, value)`, largest first (ties: lower index).
+fn top_k(row: &[f32], n: usize) -> Vec<(usize, f32)> {
+    let mut best: Vec<(usize, f32)> = Vec::with_capacity(n + 1);
+    for (i, &v) in row.iter().enumerate() {
+        if best.len() == n && v <= best[n - 1].1 {
+            continue;
+        }
+        let at = best.partition_point(|&(_, b)| b >= v);
+        best.insert(at, (i, v));
+        best.truncate(n);
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(v: &[f32]) -> Vec<f32> {
+        let mut d = vec![0.0; DESC_LEN];
+        d[..v.len()].copy_from_slice(v);
+        let n = d.iter().map(|x| x * x).sum::<f32>().sqrt();
+        d.iter().map(|x| x / n).collect()
+    }
+
+    fn features(descs: &[Vec<f32>]) -> Features {
+        Features {
+            points: (0..descs.len()).map(|i| [i as f32, 0.0]).collect(),
+            descriptors: descs.concat(),
+        }
+    }
+
+    #[test]
+    fn top_k_keeps_the_largest_in_order() {
+        assert_eq!(
+            top_k(&[0.1, 0.9, 0.5, 0.9, 0.3], 3),
+            [(1, 0.9), (3, 0.9), (2, 0.5)]
+        );
+    }
+
+    #[test]
+    fn votes_are_the_normaliser_distance_minus_the_neighbour_distance() {
+        // Query descriptor e0; photo 0 holds e0 exactly, photo 1 a vector at 60° from it,
+        // photo 2 one at 90°. With k = 1 the nearest (photo 0, distance 0) votes, weighted by
+        // the second-nearest distance √(2 − 2·cos 60°) = 1.
+        let q = features(&[unit(&[1.0])]);
+        let g0 = features(&[unit(&[1.0])]);
+        let g1 = features(&[unit(&[0.5, 0.75f32.sqrt()])]);
+        let g2 = features(&[unit(&[0.0, 0.0, 1.0])]);
+        let v = vote(&q, &[&g0, &g1, &g2], 1);
+        assert!((v[0].total - 1.0).abs() < 1e-5, "{v:?}");
+        assert_eq!((v[1].total, v[2].total), (0.0, 0.0));
+        assert_eq!(
+            v[0].matches,
+            [Vote {
+                query: 0,
+                gallery: 0,
+                weight: v[0].total
+            }]
+        );
+        // With k = 2 photo 1 votes too, by √2 − 1, and photo 0 by √2 − 0.
+        let v = vote(&q, &[&g0, &g1, &g2], 2);
+        let r2 = 2f32.sqrt();
+        assert!((v[0].total - r2).abs() < 1e-5 && (v[1].total - (r2 - 1.0)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn a_photo_gets_one_vote_per_query_descriptor() {
+        // Photo 0 holds two copies of the query descriptor: one vote only, then photo 1's.
+        let q = features(&[unit(&[1.0])]);
+        let g0 = features(&[unit(&[1.0]), unit(&[1.0, 0.01])]);
+        let g1 = features(&[unit(&[1.0, 1.0])]);
+        let v = vote(&q, &[&g0, &g1], 2);
+        assert_eq!(v[0].matches.len(), 1);
+        assert_eq!(
+            v[1].matches.len(),
+            0,
+            "the third neighbour is the normaliser"
+        );
+    }
+}

@@ -1,0 +1,195 @@
+//! Local features: keypoints with descriptors of the marks around them (notches, scars,
+//! stripes), matched between photos and verified by geometry, HotSpotter's way. A global
+//! embedding proposes a shortlist; [`Matcher::rescore`] scores each shortlisted photo by the
+//! LNBNN votes of the query's descriptors that agree with one affine map.
+
+pub mod calibration;
+mod gray;
+pub mod lnbnn;
+pub mod ransac;
+pub mod sift;
+
+pub use gray::Gray;
+
+use anyhow::{bail, Context, Result};
+use image::RgbImage;
+use std::fmt;
+use std::str::FromStr;
+
+/// Where keypoints are kept, as fractions of the photo (or its crop): `x0,y0,x1,y1`. A band
+/// on the animal keeps the ground, the water and the frame edges, shared by different animals
+/// photographed at one place, from voting.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Region(pub [f32; 4]);
+
+impl Default for Region {
+    fn default() -> Self {
+        Region([0.0, 0.0, 1.0, 1.0])
+    }
+}
+
+impl Region {
+    fn contains(&self, x: f32, y: f32) -> bool {
+        let [x0, y0, x1, y1] = self.0;
+        x >= x0 && x <= x1 && y >= y0 && y <= y1
+    }
+}
+
+impl FromStr for Region {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let v: Vec<f32> = s
+            .split(',')
+            .map(|p| p.trim().parse::<f32>())
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("region {s:?}: expected four numbers x0,y0,x1,y1"))?;
+        match v[..] {
+            [x0, y0, x1, y1]
+                if (0.0..=1.0).contains(&x0)
+                    && x0 < x1
+                    && x1 <= 1.0
+                    && (0.0..=1.0).contains(&y0)
+                    && y0 < y1
+                    && y1 <= 1.0 =>
+            {
+                Ok(Region([x0, y0, x1, y1]))
+            }
+            _ => {
+                bail!("region {s:?}: expected x0,y0,x1,y1 with 0 ≤ x0 < x1 ≤ 1 and 0 ≤ y0 < y1 ≤ 1")
+            }
+        }
+    }
+}
+
+impl fmt::Display for Region {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [x0, y0, x1, y1] = self.0;
+        write!(f, "{x0},{y0},{x1},{y1}")
+    }
+}
+
+/// The local features' settings, as `evaluate`, `predict` and `serve` take them.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LocalArgs {
+    /// Re-rank the embedding's shortlist by local features: none, or rootsift (upright SIFT
+    /// keypoints with RootSIFT descriptors, scored by LNBNN votes verified by affine RANSAC).
+    #[arg(long, default_value = "none", value_parser = ["none", "rootsift"])]
+    pub local: String,
+    /// The longer side, in pixels, photos (or crops) are matched at: the scale of the marks.
+    #[arg(long, default_value_t = 256)]
+    pub local_size: u32,
+    /// Keypoints kept per photo, the strongest.
+    #[arg(long, default_value_t = 1000)]
+    pub local_keypoints: usize,
+    /// Keypoints are kept only inside this band of the photo: x0,y0,x1,y1 as fractions.
+    #[arg(long, default_value_t = Region::default())]
+    pub local_region: Region,
+    /// How many of the embedding's nearest photos local matching re-scores.
+    #[arg(long, default_value_t = 50)]
+    pub shortlist: usize,
+    /// LNBNN: each query descriptor votes for the photos of its k nearest gallery descriptors,
+    /// weighted by how much nearer each is than the (k+1)-th.
+    #[arg(long, default_value_t = 4)]
+    pub lnbnn_k: usize,
+}
+
+impl LocalArgs {
+    pub fn enabled(&self) -> bool {
+        self.local != "none"
+    }
+
+    pub fn matcher(&self) -> Matcher {
+        Matcher {
+            size: self.local_size,
+            region: self.local_region,
+            sift: sift::SiftConfig {
+                max_keypoints: self.local_keypoints,
+                ..Default::default()
+            },
+            k: self.lnbnn_k.max(1),
+            ransac: ransac::RansacConfig::default(),
+        }
+    }
+}
+
+/// One photo's local features: keypoint positions in the matched image's pixels and their
+/// RootSIFT descriptors, row-major `[n, sift::DESC_LEN]`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Features {
+    pub points: Vec<[f32; 2]>,
+    pub descriptors: Vec<f32>,
+}
+
+impl Features {
+    pub fn len(&self) -> usize {
+        self.points.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.points.is_empty()
+    }
+}
+
+/// How one shortlisted photo matched a query.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MatchScore {
+    /// The LNBNN votes the photo received.
+    pub votes: f32,
+    /// The votes of the correspondences consistent with the best affine map.
+    pub verified: f32,
+    /// How many correspondences that map kept.
+    pub inliers: usize,
+}
+
+/// Extracts local features and scores shortlists with them.
+#[derive(Clone, Debug)]
+pub struct Matcher {
+    pub size: u32,
+    pub region: Region,
+    pub sift: sift::SiftConfig,
+    pub k: usize,
+    pub ransac: ransac::RansacConfig,
+}
+
+impl Matcher {
+    /// The local features of a photo (or crop), resized so its longer side is `size`.
+    pub fn extract(&self, image: &RgbImage) -> Features {
+        let gray = Gray::from_rgb_longest(image, self.size);
+        let (keypoints, descriptors) = sift::detect_and_describe(&gray, &self.sift);
+        let (w, h) = (gray.width as f32, gray.height as f32);
+        let mut features = Features::default();
+        for (kp, d) in keypoints.iter().zip(descriptors.chunks(sift::DESC_LEN)) {
+            if self.region.contains(kp.x / w, kp.y / h) {
+                features.points.push([kp.x, kp.y]);
+                features.descriptors.extend_from_slice(d);
+            }
+        }
+        features
+    }
+
+    /// Score each of `gallery` (a query's shortlist) against `query`: LNBNN over their pooled
+    /// descriptors, each photo's correspondences then verified by affine RANSAC.
+    pub fn rescore(&self, query: &Features, gallery: &[&Features]) -> Vec<MatchScore> {
+        let votes = lnbnn::vote(query, gallery, self.k);
+        votes
+            .into_iter()
+            .map(|v| {
+                let pairs: Vec<ransac::Correspondence> = v
+                    .matches
+                    .iter()
+                    .map(|m| ransac::Correspondence {
+                        from: query.points[m.query],
+                        to: gallery[v.photo].points[m.gallery],
+                        weight: m.weight,
+                    })
+                    .collect();
+                let fit = ransac::affine(&pairs, &self.ransac, self.size as f32);
+                MatchScore {
+                    votes: v.total,
+                    verified: fit.weight,
+                    inliers: fit.inliers,
+                }
+            })
+            .collect()
+    }
+}
