@@ -6,17 +6,20 @@
 use crate::data::{CsvFile, NEW_INDIVIDUAL};
 use crate::embed::EmbedOptions;
 use crate::fsio;
+use crate::local::calibration::Fusion;
+use crate::local::{Features, LocalArgs, Matcher};
 use crate::metrics::{average_precision_at_5, K};
 use crate::predict::{answers, best_threshold, Candidate};
 use crate::runs::{Ensemble, ModelArgs, ZeroShot};
-use crate::search::{rank_labels, recall, Aggregation, IndexSpec};
+use crate::search::{rank_labels, recall, Aggregation, IndexSpec, Neighbor};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use indicatif::ProgressBar;
+use rayon::prelude::*;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// `finprint evaluate`.
 #[derive(Clone, Debug, clap::Args)]
@@ -60,6 +63,13 @@ pub struct EvaluateArgs {
     pub index: IndexSpec,
     #[command(flatten)]
     pub options: EmbedOptions,
+    #[command(flatten)]
+    pub local: LocalArgs,
+    /// With --local: fuse it with the embedding by probabilities calibrated on these labelled
+    /// photos (image,individual_id, in --images) of animals that are not evaluated; without,
+    /// the shortlist is ranked by the local score alone.
+    #[arg(long, value_name = "CSV")]
+    pub calibration_labels: Option<PathBuf>,
 }
 
 /// What `finprint evaluate` found.
@@ -68,6 +78,15 @@ pub struct Evaluation {
     pub report: LooReport,
     pub bootstrap: Option<Bootstrap>,
     pub baseline: Option<Baseline>,
+    /// With `--local`: the embedding's figures alone, and the gain of local re-scoring.
+    pub local: Option<LocalGain>,
+}
+
+/// What local features add to the embedding, on the same queries.
+#[derive(Clone, Debug, Serialize)]
+pub struct LocalGain {
+    pub embedding: LooReport,
+    pub gain: Difference,
 }
 
 /// The gain over a pretrained backbone's zero-shot features.
@@ -90,8 +109,8 @@ struct Labelled {
     animals: Vec<String>,
 }
 
-fn read_labels(args: &EvaluateArgs) -> Result<Labelled> {
-    let table = CsvFile::read(&args.labels)?;
+fn read_labels(args: &EvaluateArgs, path: &Path) -> Result<Labelled> {
+    let table = CsvFile::read(path)?;
     let (ci, cid) = (table.column("image")?, table.column("individual_id")?);
     let cg = args.group.as_deref().map(|g| table.column(g)).transpose()?;
     let cx = args
@@ -132,31 +151,85 @@ fn read_labels(args: &EvaluateArgs) -> Result<Labelled> {
 pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
     let spec = args.model.spec();
     let ensemble = spec.load(args.threshold, crate::runtime::device())?;
-    let labelled = read_labels(args)?;
+    let labelled = read_labels(args, &args.labels)?;
     let sets = args.options.crop_sets(&spec)?;
+    let local = match args.local.enabled() {
+        true => Some(LocalScores::extract(
+            &args.local,
+            &args.images,
+            &labelled.names,
+            progress,
+        )?),
+        false => None,
+    };
+    let fusion = match (&local, &args.calibration_labels) {
+        (Some(_), Some(path)) => Some(calibrate(args, path, &ensemble, &sets, progress)?),
+        _ => None,
+    };
+    let score = |query: usize, shortlist: &[(usize, f32)]| {
+        let Some(local) = &local else {
+            return Vec::new();
+        };
+        let verified = local.rescore(query, shortlist);
+        shortlist
+            .iter()
+            .zip(verified)
+            .map(|(&(_, cos), v)| match &fusion {
+                Some(f) => f.probability(cos, v),
+                // Ties (no verified match) keep the embedding's order.
+                None => v + 1e-3 * cos,
+            })
+            .collect()
+    };
+    let rescorer = Rescorer {
+        shortlist: args.local.shortlist,
+        score: &score,
+    };
     let evaluate = |ensemble: &Ensemble, threshold: f32| {
         progress.reset();
         let emb = args
             .options
             .embed(ensemble, &sets, &args.images, &labelled.names, progress)?;
-        leave_one_out(
-            &emb,
-            ensemble.dim(),
-            &labelled.ids,
-            labelled.groups.as_deref(),
-            labelled.excluded.as_deref(),
+        let protocol = Protocol {
+            groups: labelled.groups.as_deref(),
+            exclude: labelled.excluded.as_deref(),
             threshold,
-            args.index,
-        )
+            index: args.index,
+            rescore: None,
+        };
+        let embedding = leave_one_out(&emb, ensemble.dim(), &labelled.ids, &protocol)?;
+        match local {
+            None => Ok((embedding, None)),
+            Some(_) => {
+                let rescore = Some(&rescorer);
+                let local = leave_one_out(
+                    &emb,
+                    ensemble.dim(),
+                    &labelled.ids,
+                    &Protocol {
+                        rescore,
+                        ..protocol
+                    },
+                )?;
+                Ok::<_, anyhow::Error>((local, Some(embedding)))
+            }
+        }
     };
-    let report = evaluate(&ensemble, ensemble.threshold)?;
     let (resamples, seed) = (args.bootstrap, args.bootstrap_seed);
+    let (report, embedding) = evaluate(&ensemble, ensemble.threshold)?;
+    let local = match embedding {
+        Some(embedding) => Some(LocalGain {
+            gain: report.paired_bootstrap(&embedding, &labelled.animals, resamples, seed)?,
+            embedding,
+        }),
+        None => None,
+    };
     let bootstrap = (resamples > 0).then(|| report.bootstrap(&labelled.animals, resamples, seed));
     let baseline = match &args.baseline {
         Some(backbone) => {
             let features = ZeroShot::new(backbone);
             let zero_shot = Ensemble::zero_shot(&features, 0.0, crate::runtime::device())?;
-            let base = evaluate(&zero_shot, report.threshold)?;
+            let (base, _) = evaluate(&zero_shot, report.threshold)?;
             let gain = report.paired_bootstrap(&base, &labelled.animals, resamples, seed)?;
             Some(Baseline {
                 backbone: backbone.clone(),
@@ -170,6 +243,7 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
         report,
         bootstrap,
         baseline,
+        local,
     };
     if let Some(path) = &args.json {
         fsio::write_bytes_atomic(path, serde_json::to_string_pretty(&evaluation)?.as_bytes())?;
@@ -212,12 +286,28 @@ impl fmt::Display for Evaluation {
                 b.units, b.resamples, b.top1[0], b.top1[1], b.top5[0], b.top5[1], b.map5[0], b.map5[1]
             )?;
         }
+        let ci = |v: [f64; 2]| match self.bootstrap {
+            None => String::new(),
+            Some(_) => format!(" ({:+.4} to {:+.4})", v[0], v[1]),
+        };
+        if let Some(local) = &self.local {
+            let (e, d) = (&local.embedding, &local.gain);
+            write!(
+                f,
+                "\nthe embedding alone: top-1 {:.4}  top-5 {:.4}  MAP@5 {:.4}; local re-scoring gains top-1 {:+.4}{}  top-5 {:+.4}{}  MAP@5 {:+.4}{}",
+                e.top1,
+                e.top5,
+                e.map5_known,
+                d.top1,
+                ci(d.interval.top1),
+                d.top5,
+                ci(d.interval.top5),
+                d.map5,
+                ci(d.interval.map5)
+            )?;
+        }
         if let Some(base) = &self.baseline {
             let d = &base.gain;
-            let ci = |v: [f64; 2]| match self.bootstrap {
-                None => String::new(),
-                Some(_) => format!(" ({:+.4} to {:+.4})", v[0], v[1]),
-            };
             write!(
                 f,
                 "\ngain over zero-shot {} (MAP@5 {:.4}): top-1 {:+.4}{}  top-5 {:+.4}{}  MAP@5 {:+.4}{}",
@@ -233,6 +323,95 @@ impl fmt::Display for Evaluation {
         }
         Ok(())
     }
+}
+
+/// The local features of every labelled photo, and the matcher that compares them.
+struct LocalScores {
+    matcher: Matcher,
+    features: Vec<Features>,
+}
+
+impl LocalScores {
+    fn extract(
+        args: &LocalArgs,
+        images: &Path,
+        names: &[String],
+        progress: &ProgressBar,
+    ) -> Result<Self> {
+        let matcher = args.matcher();
+        progress.reset();
+        progress.set_length(names.len() as u64);
+        progress.set_message("local features");
+        let features = names
+            .par_iter()
+            .map(|name| {
+                let image = crate::data::image::load_rgb(&images.join(name))?;
+                progress.inc(1);
+                Ok(matcher.extract(&image))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(LocalScores { matcher, features })
+    }
+
+    /// The shortlisted photos' verified LNBNN votes against the query.
+    fn rescore(&self, query: usize, shortlist: &[(usize, f32)]) -> Vec<f32> {
+        let gallery: Vec<&Features> = shortlist.iter().map(|&(j, _)| &self.features[j]).collect();
+        self.matcher
+            .rescore(&self.features[query], &gallery)
+            .into_iter()
+            .map(|m| m.verified)
+            .collect()
+    }
+}
+
+/// Fit the fusion of the embedding with local matching on the photos of `path` (animals not
+/// evaluated): every photo queries the others as in the evaluation, and each shortlisted photo
+/// gives a pair (cosine, verified votes, same individual).
+fn calibrate(
+    args: &EvaluateArgs,
+    path: &Path,
+    ensemble: &Ensemble,
+    sets: &[crate::crops::LoadedCropSet],
+    progress: &ProgressBar,
+) -> Result<Fusion> {
+    let labelled = read_labels(args, path)?;
+    let local = LocalScores::extract(&args.local, &args.images, &labelled.names, progress)?;
+    progress.reset();
+    let emb = args
+        .options
+        .embed(ensemble, sets, &args.images, &labelled.names, progress)?;
+    let pairs = std::sync::Mutex::new(Vec::new());
+    let record = |query: usize, shortlist: &[(usize, f32)]| {
+        let verified = local.rescore(query, shortlist);
+        let mut found: Vec<(f32, f32, bool)> = shortlist
+            .iter()
+            .zip(&verified)
+            .map(|(&(j, cos), &v)| (cos, v, labelled.ids[j] == labelled.ids[query]))
+            .collect();
+        pairs
+            .lock()
+            .expect("no panic while held")
+            .append(&mut found);
+        verified
+    };
+    let protocol = Protocol {
+        groups: labelled.groups.as_deref(),
+        exclude: labelled.excluded.as_deref(),
+        threshold: 0.0,
+        index: args.index,
+        rescore: Some(&Rescorer {
+            shortlist: args.local.shortlist,
+            score: &record,
+        }),
+    };
+    leave_one_out(&emb, ensemble.dim(), &labelled.ids, &protocol)?;
+    let pairs = pairs.into_inner().expect("no panic while held");
+    Fusion::fit(&pairs).with_context(|| {
+        format!(
+            "{}: the calibration needs shortlisted pairs of the same and of different animals",
+            path.display()
+        )
+    })
 }
 
 /// Leave-one-out identification over a labelled set.
@@ -262,20 +441,48 @@ pub struct LooReport {
     pub known_ranks: Vec<(usize, Option<usize>)>,
 }
 
-/// Query every photo against all the others (of the same group, when `groups` is given),
-/// searched through an index of kind `index`: `emb` is row-major `[ids.len(), dim]` unit
-/// vectors. With `exclude`, a query's gallery holds no photo with its own value there (its
-/// encounter): a query whose identity has photos in its own encounter only is then a new
-/// individual, counted in [`LooReport::skipped`].
+/// How [`leave_one_out`] searches.
+#[derive(Clone, Copy, Default)]
+pub struct Protocol<'a> {
+    /// Each photo's group: part of its identity, and its gallery holds only its group.
+    pub groups: Option<&'a [String]>,
+    /// Each photo's value of a column (its encounter) that its gallery never shares.
+    pub exclude: Option<&'a [String]>,
+    /// The `new_individual` threshold on the (re-scored) scores.
+    pub threshold: f32,
+    pub index: IndexSpec,
+    /// Re-scoring of each query's shortlist (local features).
+    pub rescore: Option<&'a Rescorer<'a>>,
+}
+
+/// Re-scores the first `shortlist` photos the embedding found for a query: `score(query,
+/// shortlisted)` takes rows of the labelled set (with their cosine to the query) and gives one
+/// score per shortlisted row. Identities of the shortlist are ranked by these scores, ahead of
+/// those found only beyond it.
+pub struct Rescorer<'a> {
+    pub shortlist: usize,
+    #[allow(clippy::type_complexity)]
+    pub score: &'a (dyn Fn(usize, &[(usize, f32)]) -> Vec<f32> + Sync),
+}
+
+/// Query every photo against all the others (of the same group, when `protocol.groups` is
+/// given), searched through an index of kind `protocol.index`: `emb` is row-major
+/// `[ids.len(), dim]` unit vectors. With `protocol.exclude`, a query's gallery holds no photo
+/// with its own value there (its encounter): a query whose identity has photos in its own
+/// encounter only is then a new individual, counted in [`LooReport::skipped`].
 pub fn leave_one_out(
     emb: &[f32],
     dim: usize,
     ids: &[String],
-    groups: Option<&[String]>,
-    exclude: Option<&[String]>,
-    threshold: f32,
-    index: IndexSpec,
+    protocol: &Protocol,
 ) -> anyhow::Result<LooReport> {
+    let Protocol {
+        groups,
+        exclude,
+        threshold,
+        index,
+        rescore,
+    } = *protocol;
     let n = ids.len();
     anyhow::ensure!(n > 1, "leave-one-out needs at least two photos, got {n}");
     let mut members: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
@@ -324,16 +531,27 @@ pub fn leave_one_out(
             recall_sum.0 += recall(&e, &found) * rows.len() as f64;
             recall_sum.1 += rows.len();
         }
-        for (local, neighbors) in found.into_iter().enumerate() {
+        let ranked: Vec<Vec<(u32, f32)>> = found
+            .into_par_iter()
+            .enumerate()
+            .map(|(local, neighbors)| {
+                let i = rows[local];
+                let others: Vec<_> = neighbors
+                    .into_iter()
+                    .filter(|nb| {
+                        let j = rows[nb.id as usize];
+                        j != i && (exclude.is_none() || excluded(j) != excluded(i))
+                    })
+                    .collect();
+                match rescore {
+                    None => rank_labels(&others, &labels, Aggregation::Max, K),
+                    Some(r) => rescored(i, &others, r, rows, &labels),
+                }
+            })
+            .collect();
+        for (local, ranked) in ranked.into_iter().enumerate() {
             let i = rows[local];
-            let others: Vec<_> = neighbors
-                .into_iter()
-                .filter(|nb| {
-                    let j = rows[nb.id as usize];
-                    j != i && (exclude.is_none() || excluded(j) != excluded(i))
-                })
-                .collect();
-            let candidates = rank_labels(&others, &labels, Aggregation::Max, K)
+            let candidates = ranked
                 .into_iter()
                 .map(|(l, score)| Candidate {
                     id: names[l as usize].clone(),
@@ -390,6 +608,37 @@ pub fn leave_one_out(
             .map(|(i, q)| (i, rank_of(q)))
             .collect(),
     })
+}
+
+/// The identities of a query's neighbours (`others`, embedding order, ids local to `rows`):
+/// those of the first `r.shortlist` ranked by `r`'s scores, then those found only beyond.
+fn rescored(
+    query: usize,
+    others: &[Neighbor],
+    r: &Rescorer,
+    rows: &[usize],
+    labels: &[u32],
+) -> Vec<(u32, f32)> {
+    let (short, rest) = others.split_at(r.shortlist.min(others.len()));
+    let global: Vec<(usize, f32)> = short
+        .iter()
+        .map(|nb| (rows[nb.id as usize], nb.score))
+        .collect();
+    let scores = (r.score)(query, &global);
+    let short: Vec<Neighbor> = short
+        .iter()
+        .zip(scores)
+        .map(|(nb, score)| Neighbor { id: nb.id, score })
+        .collect();
+    let mut ranked = rank_labels(&short, labels, Aggregation::Max, K);
+    if ranked.len() < K {
+        for (label, score) in rank_labels(rest, labels, Aggregation::Max, 2 * K) {
+            if ranked.len() < K && !ranked.iter().any(|&(l, _)| l == label) {
+                ranked.push((label, score.min(ranked.last().map_or(score, |l| l.1))));
+            }
+        }
+    }
+    ranked
 }
 
 /// 95% percentile-bootstrap intervals of the known queries' top-1, top-5 and MAP@5 (each
@@ -549,6 +798,14 @@ pub fn bootstrap_means<const M: usize>(
 mod tests {
     use super::*;
 
+    fn exact(exclude: Option<&[String]>) -> Protocol<'_> {
+        Protocol {
+            exclude,
+            threshold: -1.0,
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn equal_animals_give_a_zero_width_interval() {
         // Four animals with the same outcomes: every resample has the same mean.
@@ -594,7 +851,7 @@ mod tests {
             -1.0, 0.0,
         ];
         let ids: Vec<String> = ["x", "x", "y", "y", "z"].map(String::from).to_vec();
-        let r = leave_one_out(&emb, 2, &ids, None, None, -1.0, IndexSpec::default()).unwrap();
+        let r = leave_one_out(&emb, 2, &ids, &exact(None)).unwrap();
         assert_eq!(r.known_queries, 4);
         assert_eq!(
             r.known_ranks,
@@ -608,7 +865,16 @@ mod tests {
             m: 4,
             ef_search: 16,
         };
-        let a = leave_one_out(&emb, 2, &ids, None, None, -1.0, hnsw).unwrap();
+        let a = leave_one_out(
+            &emb,
+            2,
+            &ids,
+            &Protocol {
+                index: hnsw,
+                ..exact(None)
+            },
+        )
+        .unwrap();
         assert_eq!(a.recall, Some(1.0));
         assert_eq!(LooReport { recall: None, ..a }, r);
         let animals: Vec<String> = ["a", "a", "b", "b", "c"].map(String::from).to_vec();
@@ -641,14 +907,14 @@ mod tests {
         let enc: Vec<String> = ["e1", "e1", "e2", "e3", "e4", "e5", "e5"]
             .map(String::from)
             .to_vec();
-        let plain = leave_one_out(&emb, 2, &ids, None, None, -1.0, IndexSpec::default()).unwrap();
+        let plain = leave_one_out(&emb, 2, &ids, &exact(None)).unwrap();
         assert_eq!(plain.known_queries, 7);
         assert_eq!(
             plain.known_ranks[0],
             (0, Some(0)),
             "photo 1 finds x for photo 0"
         );
-        let r = leave_one_out(&emb, 2, &ids, None, Some(&enc), -1.0, IndexSpec::default()).unwrap();
+        let r = leave_one_out(&emb, 2, &ids, &exact(Some(&enc))).unwrap();
         // z's photos see no other z: new individuals, counted as skipped; the rest are known.
         assert_eq!((r.known_queries, r.skipped), (5, 2));
         // Photo 0 may not see photo 1: y (photo 3, 0.95) comes before x (photo 2, 0.6).
