@@ -130,26 +130,30 @@ fn reflect(i: isize, n: usize) -> usize {
     }
 }
 
+/// One pass of a separable filter, each output line a sum of shifted input lines times the
+/// kernel's taps (contiguous, so the inner loops vectorise).
 fn convolve(data: &[f32], w: usize, h: usize, kernel: &[f32], along_rows: bool) -> Vec<f32> {
     let radius = (kernel.len() / 2) as isize;
     let mut out = vec![0f32; data.len()];
-    let (lines, length) = if along_rows { (h, w) } else { (w, h) };
-    let mut line = vec![0f32; length + 2 * radius as usize];
-    for l in 0..lines {
-        for (i, v) in line.iter_mut().enumerate() {
-            let p = reflect(i as isize - radius, length);
-            *v = if along_rows {
-                data[l * w + p]
-            } else {
-                data[p * w + l]
-            };
+    if along_rows {
+        let mut padded = vec![0f32; w + 2 * radius as usize];
+        for (row, out_row) in data.chunks_exact(w).zip(out.chunks_exact_mut(w)) {
+            for (i, v) in padded.iter_mut().enumerate() {
+                *v = row[reflect(i as isize - radius, w)];
+            }
+            for (k, &tap) in kernel.iter().enumerate() {
+                for (o, &v) in out_row.iter_mut().zip(&padded[k..k + w]) {
+                    *o += tap * v;
+                }
+            }
         }
-        for p in 0..length {
-            let acc: f32 = kernel.iter().zip(&line[p..]).map(|(k, v)| k * v).sum();
-            if along_rows {
-                out[l * w + p] = acc;
-            } else {
-                out[p * w + l] = acc;
+    } else {
+        for (y, out_row) in out.chunks_exact_mut(w).enumerate() {
+            for (k, &tap) in kernel.iter().enumerate() {
+                let source = reflect(y as isize + k as isize - radius, h);
+                for (o, &v) in out_row.iter_mut().zip(&data[source * w..(source + 1) * w]) {
+                    *o += tap * v;
+                }
             }
         }
     }
