@@ -45,10 +45,22 @@ pub struct Keypoint {
     pub response: f32,
     octave: usize,
     layer: usize,
+    /// The sub-layer offset of the refined extremum, in -0.5..0.5.
+    sub_layer: f32,
     /// Position and scale (σ) in its octave's pixels.
     ox: f32,
     oy: f32,
     scale: f32,
+}
+
+impl Keypoint {
+    /// OpenCV's packed `KeyPoint::octave` (octave, layer and sub-layer offset), so that OpenCV
+    /// can describe the same keypoints for comparison (`sift.compute`).
+    pub fn opencv_octave(&self, cfg: &SiftConfig) -> i32 {
+        let octave = self.octave as i32 - i32::from(cfg.upsample);
+        let sub = ((self.sub_layer + 0.5) * 255.0).round() as i32;
+        (octave & 255) | ((self.layer as i32) << 8) | ((sub & 255) << 16)
+    }
 }
 
 const BORDER: usize = 5;
@@ -236,6 +248,7 @@ fn refine(
         response: contrast.abs(),
         octave,
         layer,
+        sub_layer: offset[2],
         ox,
         oy,
         scale,
