@@ -11,7 +11,9 @@
 # val_labels.csv. Belugas: one photo per encounter of the val whales, each query's gallery
 # without its own encounter (`--exclude-same encounter`); the photos are tall and narrow, so
 # the input keeps their aspect (EVAL_FLAGS, default `--img-size 128x384 --fit pad`).
-# Without train flags it trains the frozen mode on the three pretrained Lite backbones.
+# Then the untrained features with local features fused (`--local rootsift`, calibrated on the
+# training animals). Without train flags it trains the frozen mode on the three pretrained Lite
+# backbones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SET=${1:?usage: tools/real_set.sh beluga|rightwhale [OUT] [train flags...]}
@@ -39,6 +41,8 @@ case $SET in
       role[$2] == "val" && !seen[$4]++ { print $1 "," $2 "," $4 > val }' "$SRC/labels.csv"
     EXCLUDE=(--exclude-same encounter)
     read -r -a SIZE <<< "${EVAL_FLAGS:---img-size 128x384 --fit pad}"
+    # Scars on the back are small: match at about the photos' own 460 px.
+    LOCAL=(--local-size 512)
     ;;
   rightwhale)
     # labels.csv: image,individual_id,species
@@ -51,6 +55,7 @@ case $SET in
       role[$2] == "val" { print $1 "," $2 > val }' "$SRC/labels.csv"
     EXCLUDE=()
     read -r -a SIZE <<< "${EVAL_FLAGS:-}"
+    LOCAL=()
     ;;
   *) echo "unknown set $SET (beluga or rightwhale)" >&2; exit 2 ;;
 esac
@@ -64,6 +69,10 @@ if ((${#SIZE[@]})); then
   echo "== untrained, ${SIZE[*]}"
   "$FINPRINT" evaluate --zero-shot efficientnet_lite0 "${SIZE[@]}" "${EVAL[@]}"
 fi
+echo "== untrained Lite0 with local features (RootSIFT, LNBNN, affine RANSAC) re-scoring its shortlist,"
+echo "   fused by probabilities calibrated on the training animals"
+"$FINPRINT" evaluate --zero-shot efficientnet_lite0 "${SIZE[@]}" "${EVAL[@]}" \
+  --local rootsift "${LOCAL[@]}" --calibration-labels "$OUT/data/train.csv"
 rm -rf "$OUT/run"
 (($#)) || set -- --mode frozen --model efficientnet_lite0,efficientnet_lite1,efficientnet_lite2 "${SIZE[@]}"
 echo "== finprint train $*"
