@@ -20,6 +20,8 @@ use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 /// `finprint evaluate`.
 #[derive(Clone, Debug, clap::Args)]
@@ -87,6 +89,9 @@ pub struct Evaluation {
 pub struct LocalGain {
     pub embedding: LooReport,
     pub gain: Difference,
+    /// Whether the local score was fused with the embedding (else it ranks the shortlist alone).
+    pub fused: bool,
+    pub cost: LocalCost,
 }
 
 /// The gain over a pretrained backbone's zero-shot features.
@@ -217,12 +222,14 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
     };
     let (resamples, seed) = (args.bootstrap, args.bootstrap_seed);
     let (report, embedding) = evaluate(&ensemble, ensemble.threshold)?;
-    let local = match embedding {
-        Some(embedding) => Some(LocalGain {
+    let local = match (embedding, &local) {
+        (Some(embedding), Some(scores)) => Some(LocalGain {
             gain: report.paired_bootstrap(&embedding, &labelled.animals, resamples, seed)?,
             embedding,
+            fused: fusion.is_some(),
+            cost: scores.cost(args.local.shortlist),
         }),
-        None => None,
+        _ => None,
     };
     let bootstrap = (resamples > 0).then(|| report.bootstrap(&labelled.animals, resamples, seed));
     let baseline = match &args.baseline {
@@ -294,16 +301,27 @@ impl fmt::Display for Evaluation {
             let (e, d) = (&local.embedding, &local.gain);
             write!(
                 f,
-                "\nthe embedding alone: top-1 {:.4}  top-5 {:.4}  MAP@5 {:.4}; local re-scoring gains top-1 {:+.4}{}  top-5 {:+.4}{}  MAP@5 {:+.4}{}",
+                "\nthe embedding alone: top-1 {:.4}  top-5 {:.4}  MAP@5 {:.4}; local re-scoring{} gains top-1 {:+.4}{}  top-5 {:+.4}{}  MAP@5 {:+.4}{}",
                 e.top1,
                 e.top5,
                 e.map5_known,
+                if local.fused { " (fused, calibrated)" } else { "" },
                 d.top1,
                 ci(d.interval.top1),
                 d.top5,
                 ci(d.interval.top5),
                 d.map5,
                 ci(d.interval.map5)
+            )?;
+            let c = &local.cost;
+            write!(
+                f,
+                "\nlocal features: {:.0} keypoints, {:.0} KB per photo; {:.0} ms to decode and extract a photo, {:.0} ms to re-score a shortlist of {} (one core)",
+                c.keypoints,
+                c.bytes_per_photo / 1024.0,
+                c.extract_ms,
+                c.rescore_ms,
+                c.shortlist
             )?;
         }
         if let Some(base) = &self.baseline {
@@ -329,6 +347,10 @@ impl fmt::Display for Evaluation {
 struct LocalScores {
     matcher: Matcher,
     features: Vec<Features>,
+    /// Nanoseconds spent (on one core) extracting, and re-scoring with the count of queries.
+    extract_ns: u64,
+    rescore_ns: AtomicU64,
+    rescored: AtomicU64,
 }
 
 impl LocalScores {
@@ -342,26 +364,69 @@ impl LocalScores {
         progress.reset();
         progress.set_length(names.len() as u64);
         progress.set_message("local features");
-        let features = names
+        let timed = names
             .par_iter()
             .map(|name| {
+                let start = Instant::now();
                 let image = crate::data::image::load_rgb(&images.join(name))?;
+                let features = matcher.extract(&image);
                 progress.inc(1);
-                Ok(matcher.extract(&image))
+                Ok((features, start.elapsed().as_nanos() as u64))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(LocalScores { matcher, features })
+        let extract_ns = timed.iter().map(|t| t.1).sum();
+        Ok(LocalScores {
+            matcher,
+            features: timed.into_iter().map(|t| t.0).collect(),
+            extract_ns,
+            rescore_ns: AtomicU64::new(0),
+            rescored: AtomicU64::new(0),
+        })
     }
 
     /// The shortlisted photos' verified LNBNN votes against the query.
     fn rescore(&self, query: usize, shortlist: &[(usize, f32)]) -> Vec<f32> {
+        let start = Instant::now();
         let gallery: Vec<&Features> = shortlist.iter().map(|&(j, _)| &self.features[j]).collect();
-        self.matcher
+        let scores = self
+            .matcher
             .rescore(&self.features[query], &gallery)
             .into_iter()
             .map(|m| m.verified)
-            .collect()
+            .collect();
+        let elapsed = start.elapsed().as_nanos() as u64;
+        self.rescore_ns.fetch_add(elapsed, Ordering::Relaxed);
+        self.rescored.fetch_add(1, Ordering::Relaxed);
+        scores
     }
+
+    fn cost(&self, shortlist: usize) -> LocalCost {
+        let photos = self.features.len().max(1) as f64;
+        let keypoints = self.features.iter().map(Features::len).sum::<usize>() as f64 / photos;
+        let per_keypoint = (2 + crate::local::sift::DESC_LEN) * std::mem::size_of::<f32>();
+        LocalCost {
+            shortlist,
+            keypoints,
+            bytes_per_photo: keypoints * per_keypoint as f64,
+            extract_ms: self.extract_ns as f64 / 1e6 / photos,
+            rescore_ms: self.rescore_ns.load(Ordering::Relaxed) as f64
+                / 1e6
+                / self.rescored.load(Ordering::Relaxed).max(1) as f64,
+        }
+    }
+}
+
+/// What local features cost, on one core.
+#[derive(Clone, Debug, Serialize)]
+pub struct LocalCost {
+    pub shortlist: usize,
+    /// Mean keypoints kept per photo, and the bytes they take (f32 positions and descriptors).
+    pub keypoints: f64,
+    pub bytes_per_photo: f64,
+    /// Mean milliseconds to decode a photo and extract its features.
+    pub extract_ms: f64,
+    /// Mean milliseconds to re-score one query's shortlist (LNBNN and RANSAC).
+    pub rescore_ms: f64,
 }
 
 /// Fit the fusion of the embedding with local matching on the photos of `path` (animals not
