@@ -255,10 +255,13 @@ pub struct Catalog {
 const SYNC_BATCH: usize = 32;
 
 impl Catalog {
-    /// Open (or create) the catalogue in `dir`.
+    /// Open (or create) the catalogue in `dir`, removing the temporary files of writes that a
+    /// killed process left in it.
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir.join("images"))
             .with_context(|| format!("cannot create catalogue folder {}", dir.display()))?;
+        fsio::remove_orphan_temps(&dir.join("images"))?;
+        fsio::remove_orphan_temps(dir)?;
         let path = dir.join("catalog.sqlite");
         let conn = Connection::open(&path)
             .with_context(|| format!("cannot open catalogue {}", path.display()))?;
