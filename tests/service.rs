@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use tower::ServiceExt;
 
+mod common;
+
 const TOKEN: &str = "test-token";
 
 fn model() -> ModelSpec {
@@ -69,7 +71,7 @@ fn fixture() -> Option<&'static Fixture> {
                     &ProgressBar::hidden(),
                 )
                 .unwrap();
-            assert_eq!(embedded, cat.counts().unwrap().photos);
+            assert_eq!(embedded.embedded, cat.counts().unwrap().photos);
             Some(Fixture {
                 _tmp: tmp,
                 kaggle,
@@ -86,6 +88,21 @@ fn catalogue(f: &Fixture) -> (tempfile::TempDir, Catalog) {
 
 /// A copy of the template catalogue, attached to the model with an index of kind `index`.
 fn catalogue_on(f: &Fixture, index: IndexSpec) -> (tempfile::TempDir, Catalog) {
+    let (tmp, dir) = template_copy(f);
+    let mut cat = Catalog::open(&dir).unwrap();
+    let embedded = cat
+        .attach(
+            Embedder::start(&model(), None).unwrap(),
+            index,
+            &ProgressBar::hidden(),
+        )
+        .unwrap();
+    assert_eq!(embedded.embedded, 0, "the template's embeddings are reused");
+    (tmp, cat)
+}
+
+/// A copy of the template catalogue's folder, in `TMP/cat`.
+fn template_copy(f: &Fixture) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("cat");
     std::fs::create_dir_all(dir.join("images")).unwrap();
@@ -98,16 +115,7 @@ fn catalogue_on(f: &Fixture, index: IndexSpec) -> (tempfile::TempDir, Catalog) {
         dir.join("catalog.sqlite"),
     )
     .unwrap();
-    let mut cat = Catalog::open(&dir).unwrap();
-    let embedded = cat
-        .attach(
-            Embedder::start(&model(), None).unwrap(),
-            index,
-            &ProgressBar::hidden(),
-        )
-        .unwrap();
-    assert_eq!(embedded, 0, "the template's embeddings are reused");
-    (tmp, cat)
+    (tmp, dir)
 }
 
 /// The test photos of individuals in the catalogue, with their truth, by name.
@@ -124,6 +132,64 @@ fn known_test_photos(f: &Fixture) -> Vec<(String, String)> {
 
 fn test_photo(f: &Fixture, name: &str) -> Vec<u8> {
     std::fs::read(f.kaggle.test_images().join(name)).unwrap()
+}
+
+/// Pending photos that cannot be decoded (a header bomb, a truncated JPEG, as stored before
+/// they were refused) do not stop a start: each is skipped and named without the server's
+/// path, and stays pending; the others are embedded.
+#[test]
+fn unusable_pending_photos_are_skipped_when_a_model_is_attached() {
+    let Some(f) = fixture() else { return };
+    let (_tmp, dir) = template_copy(f);
+    let known = known_test_photos(f);
+    let cat = Catalog::open(&dir).unwrap();
+    let stored: Vec<String> = known[..3]
+        .iter()
+        .map(|(name, _)| {
+            cat.store_upload(name, &test_photo(f, name), &Sighting::default())
+                .unwrap()
+        })
+        .collect();
+    let pending = cat.counts().unwrap().pending;
+    drop(cat);
+    let photo = test_photo(f, &known[1].0);
+    std::fs::write(
+        dir.join("images").join(&stored[1]),
+        common::header_bomb(16000),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("images").join(&stored[2]),
+        [&photo[..photo.len() / 2], &[0xFF, 0xD9]].concat(),
+    )
+    .unwrap();
+    let mut cat = Catalog::open(&dir).unwrap();
+    let attached = cat
+        .attach(
+            Embedder::start(&model(), None).unwrap(),
+            IndexSpec::default(),
+            &ProgressBar::hidden(),
+        )
+        .unwrap();
+    assert_eq!(attached.embedded, 1, "{attached:?}");
+    assert_eq!(attached.unusable.len(), 2, "{attached:?}");
+    let [bomb, cut] = [&attached.unusable[0], &attached.unusable[1]];
+    let (bomb, cut) = if bomb.starts_with(&stored[1]) {
+        (bomb, cut)
+    } else {
+        (cut, bomb)
+    };
+    assert!(
+        bomb.starts_with(&stored[1]) && bomb.contains("limit"),
+        "{bomb}"
+    );
+    assert!(
+        cut.starts_with(&stored[2]) && cut.contains("truncated"),
+        "{cut}"
+    );
+    let shown = dir.display().to_string();
+    assert!(attached.unusable.iter().all(|m| !m.contains(&shown)));
+    assert_eq!(cat.counts().unwrap().pending, pending);
 }
 
 #[test]

@@ -531,8 +531,15 @@ pub fn open_catalog(
     let embedder = crate::catalog::Embedder::start(&opts.model.spec(), opts.threshold)?;
     progress.set_message("embedding new photos");
     progress.reset();
-    let embedded = catalog.attach(embedder, opts.index, progress)?;
-    said.push(format!("embedded {embedded} photos"));
+    let attached = catalog.attach(embedder, opts.index, progress)?;
+    said.push(format!("embedded {} photos", attached.embedded));
+    if !attached.unusable.is_empty() {
+        said.push(format!(
+            "skipped {} unusable photos, left without an embedding: {}",
+            attached.unusable.len(),
+            attached.unusable.join(", ")
+        ));
+    }
     Ok((catalog, said.join("; ")))
 }
 
