@@ -15,7 +15,10 @@
 //! that says why: 400 bad input (naming the upload), 401 token, 404, 409 already decided, 413
 //! too large. Embedding and SQLite work run on blocking threads, off the async workers.
 
+mod conn;
 mod jobs;
+
+pub use conn::Timeouts;
 
 use crate::catalog::{Catalog, CatalogError, Decision, Sighting};
 use axum::extract::multipart::{Field, Multipart, MultipartError};
@@ -174,14 +177,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serve on `addr` until Ctrl-C.
-pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
-    Ok(())
+/// Serve on `listener` with `timeouts` until `shutdown` completes (see [`conn`]).
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    timeouts: Timeouts,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let app = router(state).layer(axum::middleware::from_fn_with_state(
+        timeouts.body,
+        conn::body_deadline,
+    ));
+    conn::serve_connections(app, listener, timeouts, shutdown).await;
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
@@ -459,6 +466,34 @@ pub struct ServeArgs {
     /// libtorch threads [default: the free cores].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Seconds a client may take to send a request's headers.
+    #[arg(long, default_value_t = 10.0)]
+    pub header_timeout_s: f64,
+    /// Seconds a client may take to send a request's body once its headers are in (else 408).
+    #[arg(long, default_value_t = 300.0)]
+    pub body_timeout_s: f64,
+    /// Seconds a connection may stay silent while the service waits on the client (a
+    /// half-sent request, or an idle kept-alive connection) before it is closed.
+    #[arg(long, default_value_t = 60.0)]
+    pub idle_timeout_s: f64,
+}
+
+impl ServeArgs {
+    /// The timeouts the flags give.
+    pub fn timeouts(&self) -> anyhow::Result<Timeouts> {
+        let secs = |v: f64, flag: &str| {
+            anyhow::ensure!(
+                v.is_finite() && v > 0.0,
+                "--{flag} must be a positive number of seconds"
+            );
+            Ok(std::time::Duration::from_secs_f64(v))
+        };
+        Ok(Timeouts {
+            header: secs(self.header_timeout_s, "header-timeout-s")?,
+            body: secs(self.body_timeout_s, "body-timeout-s")?,
+            idle: secs(self.idle_timeout_s, "idle-timeout-s")?,
+        })
+    }
 }
 
 /// Open the catalogue as `args` says and serve it until Ctrl-C; `say` prints each line a
@@ -467,6 +502,7 @@ pub fn run(args: &ServeArgs, say: &mut dyn FnMut(String)) -> anyhow::Result<()> 
     use anyhow::Context;
     crate::runtime::configure_threads(args.threads);
     anyhow::ensure!(args.max_upload_mb > 0.0, "--max-upload-mb must be positive");
+    let timeouts = args.timeouts()?;
     let progress = crate::args::bar(0, "opening the catalogue");
     let (catalog, said) = open_catalog(args, &progress)?;
     progress.finish_and_clear();
@@ -497,7 +533,11 @@ pub fn run(args: &ServeArgs, say: &mut dyn FnMut(String)) -> anyhow::Result<()> 
             say(format!(
                 "finprint serving on http://{addr}/#token={token}  (Ctrl-C stops)"
             ));
-            serve(state, listener).await
+            serve(state, listener, timeouts, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await;
+            Ok(())
         })
 }
 
