@@ -779,3 +779,106 @@ async fn every_refusal_is_json_and_the_token_comes_before_the_body() {
         assert!(body["error"].as_str().unwrap().contains(field), "{body}");
     }
 }
+
+/// Refusals name the input and never a server path; requests that are not what a route
+/// takes (not multipart, a path that is not UTF-8, a file name that is not UTF-8) answer JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_name_the_input_and_never_a_server_path() {
+    let Some(f) = fixture() else { return };
+    let (_tmp, cat) = catalogue(f);
+    let dir = cat.dir().to_path_buf();
+    let shown = dir.display().to_string();
+    let app = router(state(cat, 1_000_000));
+    let (name, _) = known_test_photos(f)[0].clone();
+    let photo = test_photo(f, &name);
+
+    // Truncated and corrupt uploads: 400 naming the upload.
+    let mut scratched = photo.clone();
+    let mid = scratched.len() / 2;
+    scratched[mid..mid + 40].fill(0x55);
+    let cut = [&photo[..photo.len() / 2], &[0xFF, 0xD9]].concat();
+    for (upload, bytes, says) in [
+        ("cut.jpg", cut, "truncated"),
+        ("scratched.jpg", scratched, "corrupt"),
+    ] {
+        let parts = [("photo", Some(upload), bytes.as_slice())];
+        let (status, body) = call(&app, upload_req(&parts)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.starts_with(upload) && error.contains(says), "{error}");
+    }
+
+    // Not a multipart request; a multipart body cut short: JSON.
+    let req = Request::post("/api/identify")
+        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::from("hello"))
+        .unwrap();
+    let (status, body) = call(&app, req).await;
+    assert!(
+        status.is_client_error() && body["error"].is_string(),
+        "{status} {body}"
+    );
+    let (kind, full) = form(&[("photo", Some(name.as_str()), photo.as_slice())]);
+    let req = Request::post("/api/jobs")
+        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+        .header(header::CONTENT_TYPE, kind)
+        .body(Body::from(full[..full.len() / 2].to_vec()))
+        .unwrap();
+    let (status, body) = call(&app, req).await;
+    assert!(
+        status.is_client_error() && body["error"].is_string(),
+        "{status} {body}"
+    );
+
+    // Paths that are not UTF-8: JSON.
+    for path in [
+        "/images/%FF%FE.jpg",
+        "/api/individuals/%C3%28",
+        "/api/jobs/job-%FF",
+    ] {
+        let (status, body) = get(&app, path).await;
+        assert!(
+            status.is_client_error() && body["error"].is_string(),
+            "{path}: {status} {body}"
+        );
+    }
+
+    // A file name that is not UTF-8: 400 naming the field, not stored under a mangled name.
+    let (kind, mut bytes) = form(&[("photo", Some("NAME.jpg"), photo.as_slice())]);
+    let at = bytes.windows(4).position(|w| w == b"NAME").unwrap();
+    bytes[at..at + 4].copy_from_slice(b"\xffAM\xfe");
+    let req = Request::post("/api/identify")
+        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+        .header(header::CONTENT_TYPE, kind)
+        .body(Body::from(bytes))
+        .unwrap();
+    let (status, body) = call(&app, req).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().starts_with("photo"),
+        "{body}"
+    );
+
+    // A failure of the server itself (its images folder gone, a file in its place): 500
+    // naming the upload, the folder only in the server's log.
+    std::fs::remove_dir_all(dir.join("images")).unwrap();
+    std::fs::write(dir.join("images"), b"not a folder").unwrap();
+    let parts = [("photo", Some("fin.jpg"), photo.as_slice())];
+    let (status, body) = call(&app, upload_req(&parts)).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("fin.jpg") && !error.contains(&shown),
+        "{error}"
+    );
+    assert!(
+        !error.contains("/tmp") && !error.contains("images/"),
+        "{error}"
+    );
+}
+
+/// An identify request with the token.
+fn upload_req(parts: &[(&str, Option<&str>, &[u8])]) -> Request<Body> {
+    upload("/api/identify", Some(TOKEN), parts)
+}

@@ -1,8 +1,12 @@
 //! Batch identification: many photos in one request, identified one after another in the
 //! background; the job's id answers with its progress and the results so far.
 
-use super::{read_form, ApiError, ApiResult, AppState, MAX_BATCH, PHOTOS_EACH, TOP};
+use super::{
+    multipart, path_param, read_form, ApiError, ApiResult, AppState, MAX_BATCH, PHOTOS_EACH, TOP,
+};
 use crate::catalog::Identification;
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Multipart, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -43,8 +47,11 @@ pub struct Jobs {
 /// Jobs whose results stay available.
 const KEEP: u64 = 100;
 
-pub async fn start(State(state): State<Arc<AppState>>, form: Multipart) -> ApiResult<Response> {
-    let (uploads, sighting) = read_form(form, state.max_upload, MAX_BATCH).await?;
+pub async fn start(
+    State(state): State<Arc<AppState>>,
+    form: Result<Multipart, MultipartRejection>,
+) -> ApiResult<Response> {
+    let (uploads, sighting) = read_form(multipart(form)?, state.max_upload, MAX_BATCH).await?;
     let number = state.jobs.next.fetch_add(1, Ordering::Relaxed) + 1;
     let id = format!("job-{number}");
     let status = Arc::new(Mutex::new(JobStatus {
@@ -73,9 +80,9 @@ pub async fn start(State(state): State<Arc<AppState>>, form: Multipart) -> ApiRe
                         error: None,
                     },
                     Err(e) => JobItem {
+                        error: Some(ApiError::from(e).about(&upload.name).message),
                         upload: upload.name,
                         result: None,
-                        error: Some(format!("{e:#}")),
                     },
                 };
             let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
@@ -93,8 +100,9 @@ pub async fn start(State(state): State<Arc<AppState>>, form: Multipart) -> ApiRe
 
 pub async fn status(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<JobStatus>> {
+    let id = path_param(id)?;
     let job = id
         .strip_prefix("job-")
         .and_then(|n| n.parse::<u64>().ok())

@@ -21,7 +21,9 @@ mod jobs;
 pub use conn::Timeouts;
 
 use crate::catalog::{Catalog, CatalogError, Decision, Sighting};
+use axum::extract::multipart::MultipartRejection;
 use axum::extract::multipart::{Field, Multipart, MultipartError};
+use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -83,15 +85,56 @@ impl IntoResponse for ApiError {
 }
 
 impl From<anyhow::Error> for ApiError {
+    /// The catalogue's refusals keep their message (it names the input, never a server path);
+    /// any other failure is logged on the server and answered without its details.
     fn from(err: anyhow::Error) -> Self {
         let status = match err.downcast_ref::<CatalogError>() {
             Some(CatalogError::NotFound(_)) => StatusCode::NOT_FOUND,
             Some(CatalogError::Conflict(_)) => StatusCode::CONFLICT,
             Some(CatalogError::Invalid(_)) => StatusCode::BAD_REQUEST,
-            None => StatusCode::INTERNAL_SERVER_ERROR,
+            None => return Self::internal(&err),
         };
-        Self::new(status, format!("{err:#}"))
+        Self::new(status, err.to_string())
     }
+}
+
+impl ApiError {
+    /// A failure of the server itself: the details go to its log, the answer says only that.
+    fn internal(err: &dyn std::fmt::Display) -> Self {
+        eprintln!("finprint serve: {err:#}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the server failed on this request (the details are in its log)",
+        )
+    }
+
+    /// The same error, its message naming `input` when it does not already.
+    fn about(mut self, input: &str) -> Self {
+        if !self.message.starts_with(input) {
+            self.message = format!("{input}: {}", self.message);
+        }
+        self
+    }
+}
+
+/// A path parameter, refused as JSON when it is not UTF-8 text.
+fn path_param(param: Result<Path<String>, PathRejection>) -> ApiResult<String> {
+    param.map(|Path(p)| p).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("bad path: {}", e.body_text()),
+        )
+    })
+}
+
+/// A multipart form, refused as JSON when the request is not one.
+fn multipart(form: Result<Multipart, MultipartRejection>) -> ApiResult<Multipart> {
+    form.map_err(|e| {
+        ApiError::new(
+            e.status(),
+            format!("send the photos as multipart/form-data: {}", e.body_text()),
+        )
+    })
 }
 
 type ApiResult<T> = Result<T, ApiError>;
@@ -102,7 +145,7 @@ async fn blocking<T: Send + 'static>(
 ) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::internal(&e))?
         .map_err(ApiError::from)
 }
 
@@ -229,15 +272,16 @@ async fn style() -> impl IntoResponse {
 /// A catalogue photo; only plain names of the images folder are served.
 async fn photo(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Response> {
+    let name = path_param(name)?;
     if !crate::catalog::is_safe_name(&name) {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "no such photo"));
     }
     let path = state.catalog.images_dir().join(&name);
     let bytes = tokio::task::spawn_blocking(move || std::fs::read(path))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::internal(&e))?
         .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, format!("no photo '{name}'")))?;
     let kind = if bytes.starts_with(&[0xFF, 0xD8]) {
         "image/jpeg"
@@ -310,6 +354,14 @@ pub(crate) async fn read_form(
         .await
         .map_err(|e| multipart_error(e, max_upload))?
     {
+        let disposition = field.headers().get(header::CONTENT_DISPOSITION);
+        if disposition.is_some_and(|v| v.to_str().is_err()) {
+            let name = field.name().unwrap_or("a form field");
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("{name}: its name or file name is not UTF-8 text"),
+            ));
+        }
         let name = field.name().unwrap_or("").to_string();
         match name.as_str() {
             "photo" => {
@@ -378,14 +430,19 @@ async fn read_field(mut field: Field<'_>, max_upload: usize) -> ApiResult<Vec<u8
     Ok(bytes)
 }
 
-async fn identify(State(state): State<Arc<AppState>>, form: Multipart) -> ApiResult<Response> {
-    let (mut uploads, sighting) = read_form(form, state.max_upload, 1).await?;
+async fn identify(
+    State(state): State<Arc<AppState>>,
+    form: Result<Multipart, MultipartRejection>,
+) -> ApiResult<Response> {
+    let (mut uploads, sighting) = read_form(multipart(form)?, state.max_upload, 1).await?;
     let upload = uploads.remove(0);
+    let name = upload.name.clone();
     let catalog = state.catalog.clone();
     let found = blocking(move || {
         catalog.identify(&upload.name, &upload.bytes, &sighting, TOP, PHOTOS_EACH)
     })
-    .await?;
+    .await
+    .map_err(|e| e.about(&name))?;
     Ok(Json(found).into_response())
 }
 
@@ -429,8 +486,9 @@ async fn individuals(State(state): State<Arc<AppState>>) -> ApiResult<Response> 
 
 async fn individual(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Response> {
+    let id = path_param(id)?;
     let catalog = state.catalog.clone();
     let detail = blocking(move || catalog.individual(&id)).await?;
     Ok(Json(detail).into_response())
