@@ -455,7 +455,7 @@ async fn api_answers_identify_decide_and_browse() {
     .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
     assert_eq!(
-        body["error"], "huge.jpg: 50 kB is over the upload limit of 40 kB",
+        body["error"], "huge.jpg: over the upload limit of 40 kB",
         "{body}"
     );
     // Far over: the body limit stops the upload before it is read whole.
@@ -578,6 +578,7 @@ async fn api_answers_identify_decide_and_browse() {
 async fn batch_job_reports_progress_and_names_failed_photos() {
     let Some(f) = fixture() else { return };
     let (_tmp, cat) = catalogue(f);
+    let spool = cat.spool_dir();
     let app = router(state(cat, 1_000_000));
     let known = known_test_photos(f);
     let a = test_photo(f, &known[3].0);
@@ -621,6 +622,24 @@ async fn batch_job_reports_progress_and_names_failed_photos() {
     assert_eq!(results[2]["upload"], known[4].0.as_str());
     let (status, _) = get(&app, "/api/jobs/job-999").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // The photos were spooled to files, each removed once identified.
+    let spooled = || std::fs::read_dir(&spool).map_or(0, |d| d.count());
+    assert!(spool.is_dir());
+    assert_eq!(spooled(), 0);
+    // A batch refused part way (its third photo over the limit) leaves no file behind.
+    let big = vec![0u8; 1_000_001];
+    let parts = [
+        ("photo", Some("a.jpg"), a.as_slice()),
+        ("photo", Some("b.jpg"), b.as_slice()),
+        ("photo", Some("big.jpg"), big.as_slice()),
+    ];
+    let (status, body) = call(&app, upload("/api/jobs", Some(TOKEN), &parts)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().starts_with("big.jpg"),
+        "{body}"
+    );
+    assert_eq!(spooled(), 0);
 }
 
 /// Many decisions at once, several on the same photo: each photo is decided exactly once, the

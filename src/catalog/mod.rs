@@ -4,7 +4,8 @@
 //!
 //! A catalogue is a folder: `catalog.sqlite` (SQLite in WAL mode, synchronous FULL: a decision
 //! that was answered is on disk) and `images/` (photo files, each written atomically before
-//! the row that names it). Embeddings are kept as f32 blobs tagged with the model's identity;
+//! the row that names it), and `incoming/` where the service spools the photos of a batch
+//! while they wait to be identified. Embeddings are kept as f32 blobs tagged with the model's identity;
 //! photos without an embedding of the current model are embedded when a model is attached, and
 //! the in-memory search index is rebuilt then and updated on every enrolment.
 //!
@@ -251,6 +252,9 @@ pub struct Catalog {
     embedder: Option<Embedder>,
 }
 
+/// The spool folder's name in a catalogue (see [`Catalog::spool_dir`]).
+const SPOOL: &str = "incoming";
+
 /// Most photos per batch embedded when a model is attached.
 const SYNC_BATCH: usize = 16;
 /// Most pixels decoded and held at once for a batch embedded when a model is attached (192 MB
@@ -274,8 +278,9 @@ impl Catalog {
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir.join("images"))
             .with_context(|| format!("cannot create catalogue folder {}", dir.display()))?;
-        fsio::remove_orphan_temps(&dir.join("images"))?;
-        fsio::remove_orphan_temps(dir)?;
+        for folder in [dir.join("images"), dir.join(SPOOL), dir.to_path_buf()] {
+            fsio::remove_orphan_temps(&folder)?;
+        }
         let path = dir.join("catalog.sqlite");
         let conn = Connection::open(&path)
             .with_context(|| format!("cannot open catalogue {}", path.display()))?;
@@ -299,6 +304,11 @@ impl Catalog {
 
     pub fn images_dir(&self) -> PathBuf {
         self.dir.join("images")
+    }
+
+    /// Where the service writes the photos of a batch while it is identified.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.dir.join(SPOOL)
     }
 
     pub fn embedder(&self) -> Option<&Embedder> {

@@ -1,5 +1,6 @@
 //! Batch identification: many photos in one request, identified one after another in the
-//! background; the job's id answers with its progress and the results so far.
+//! background; the job's id answers with its progress and the results so far. The photos are
+//! written to the catalogue's spool folder as they arrive, never all held in memory.
 
 use super::{
     multipart, path_param, read_form, ApiError, ApiResult, AppState, MAX_BATCH, PHOTOS_EACH, TOP,
@@ -51,7 +52,9 @@ pub async fn start(
     State(state): State<Arc<AppState>>,
     form: Result<Multipart, MultipartRejection>,
 ) -> ApiResult<Response> {
-    let (uploads, sighting) = read_form(multipart(form)?, state.max_upload, MAX_BATCH).await?;
+    let spool = state.catalog.spool_dir();
+    let form = multipart(form)?;
+    let (uploads, sighting) = read_form(form, state.max_upload, MAX_BATCH, Some(&spool)).await?;
     let number = state.jobs.next.fetch_add(1, Ordering::Relaxed) + 1;
     let id = format!("job-{number}");
     let status = Arc::new(Mutex::new(JobStatus {
@@ -71,20 +74,27 @@ pub async fn start(
     let catalog = state.catalog.clone();
     let total = uploads.len();
     tokio::task::spawn_blocking(move || {
+        // One photo in memory at a time; each spooled file goes when its photo is done.
         for upload in uploads {
-            let item =
-                match catalog.identify(&upload.name, &upload.bytes, &sighting, TOP, PHOTOS_EACH) {
-                    Ok(found) => JobItem {
-                        upload: upload.name,
-                        result: Some(found),
-                        error: None,
-                    },
-                    Err(e) => JobItem {
-                        error: Some(ApiError::from(e).about(&upload.name).message),
-                        upload: upload.name,
-                        result: None,
-                    },
-                };
+            let found = upload
+                .bytes()
+                .map_err(anyhow::Error::from)
+                .and_then(|bytes| {
+                    catalog.identify(&upload.name, &bytes, &sighting, TOP, PHOTOS_EACH)
+                });
+            let item = match found {
+                Ok(found) => JobItem {
+                    upload: upload.name.clone(),
+                    result: Some(found),
+                    error: None,
+                },
+                Err(e) => JobItem {
+                    upload: upload.name.clone(),
+                    result: None,
+                    error: Some(ApiError::from(e).about(&upload.name).message),
+                },
+            };
+            drop(upload);
             let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
             s.results.push(item);
             s.done += 1;

@@ -310,10 +310,36 @@ async fn health(State(state): State<Arc<AppState>>) -> ApiResult<Json<serde_json
     })))
 }
 
-/// One photo and the sighting fields sent with it.
+/// One photo of a request, as uploaded.
 pub(crate) struct Upload {
     pub name: String,
-    pub bytes: Vec<u8>,
+    pub photo: Held,
+}
+
+/// Where an uploaded photo is kept until it is identified: in memory (one photo), or written
+/// to a file as it arrives (a batch), so that a batch never holds its photos in memory.
+pub(crate) enum Held {
+    Memory(Vec<u8>),
+    Spooled(Spooled),
+}
+
+/// A spooled photo's file, removed with the value.
+pub(crate) struct Spooled(std::path::PathBuf);
+
+impl Drop for Spooled {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Upload {
+    /// The photo's bytes, read back from its file when spooled.
+    pub fn bytes(&self) -> std::io::Result<std::borrow::Cow<'_, [u8]>> {
+        match &self.photo {
+            Held::Memory(bytes) => Ok(bytes.into()),
+            Held::Spooled(file) => std::fs::read(&file.0).map(Into::into),
+        }
+    }
 }
 
 fn multipart_error(e: MultipartError, max_upload: usize) -> ApiError {
@@ -341,11 +367,13 @@ fn megabytes(bytes: usize) -> String {
     }
 }
 
-/// The photos (fields named `photo`) and sighting fields of a multipart form.
+/// The photos (fields named `photo`) and sighting fields of a multipart form; the photos are
+/// spooled to files in `spool` when given, else held in memory.
 pub(crate) async fn read_form(
     mut form: Multipart,
     max_upload: usize,
     max_photos: usize,
+    spool: Option<&std::path::Path>,
 ) -> ApiResult<(Vec<Upload>, Sighting)> {
     let mut uploads = Vec::new();
     let mut sighting = Sighting::default();
@@ -366,18 +394,8 @@ pub(crate) async fn read_form(
         match name.as_str() {
             "photo" => {
                 let file = field.file_name().unwrap_or("photo").to_string();
-                let bytes = read_field(field, max_upload).await?;
-                if bytes.len() > max_upload {
-                    return Err(ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        format!(
-                            "{file}: {} is over the upload limit of {}",
-                            megabytes(bytes.len()),
-                            megabytes(max_upload)
-                        ),
-                    ));
-                }
-                uploads.push(Upload { name: file, bytes });
+                let photo = read_photo(field, &file, max_upload, spool).await?;
+                uploads.push(Upload { name: file, photo });
                 if uploads.len() > max_photos {
                     return Err(ApiError::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
@@ -417,29 +435,68 @@ pub(crate) async fn read_form(
     Ok((uploads, sighting))
 }
 
-/// A file field whole; the route's body limit bounds its size.
-async fn read_field(mut field: Field<'_>, max_upload: usize) -> ApiResult<Vec<u8>> {
+/// A photo field, refused as soon as it is over `max_upload`; written to a new file of
+/// `spool` as it arrives when given (small local writes, done on the async thread).
+async fn read_photo(
+    mut field: Field<'_>,
+    file: &str,
+    max_upload: usize,
+    spool: Option<&std::path::Path>,
+) -> ApiResult<Held> {
+    use std::io::Write;
+    let mut out = match spool {
+        Some(dir) => {
+            let path = crate::fsio::temp_path(&dir.join("upload"));
+            let created = std::fs::create_dir_all(dir).and_then(|()| std::fs::File::create(&path));
+            let file =
+                created.map_err(|e| ApiError::internal(&format!("{}: {e}", path.display())))?;
+            Some((Spooled(path), std::io::BufWriter::new(file)))
+        }
+        None => None,
+    };
     let mut bytes = Vec::new();
+    let mut size = 0;
     while let Some(chunk) = field
         .chunk()
         .await
         .map_err(|e| multipart_error(e, max_upload))?
     {
-        bytes.extend_from_slice(&chunk);
+        size += chunk.len();
+        if size > max_upload {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("{file}: over the upload limit of {}", megabytes(max_upload)),
+            ));
+        }
+        match &mut out {
+            Some((spooled, writer)) => writer
+                .write_all(&chunk)
+                .map_err(|e| ApiError::internal(&format!("{}: {e}", spooled.0.display())))?,
+            None => bytes.extend_from_slice(&chunk),
+        }
     }
-    Ok(bytes)
+    match out {
+        Some((spooled, writer)) => {
+            writer
+                .into_inner()
+                .map_err(|e| ApiError::internal(&format!("{}: {e}", spooled.0.display())))?;
+            Ok(Held::Spooled(spooled))
+        }
+        None => Ok(Held::Memory(bytes)),
+    }
 }
 
 async fn identify(
     State(state): State<Arc<AppState>>,
     form: Result<Multipart, MultipartRejection>,
 ) -> ApiResult<Response> {
-    let (mut uploads, sighting) = read_form(multipart(form)?, state.max_upload, 1).await?;
+    let (mut uploads, sighting) = read_form(multipart(form)?, state.max_upload, 1, None).await?;
     let upload = uploads.remove(0);
     let name = upload.name.clone();
     let catalog = state.catalog.clone();
     let found = blocking(move || {
-        catalog.identify(&upload.name, &upload.bytes, &sighting, TOP, PHOTOS_EACH)
+        let bytes = upload.bytes()?;
+        catalog.identify(&upload.name, &bytes, &sighting, TOP, PHOTOS_EACH)
     })
     .await
     .map_err(|e| e.about(&name))?;
