@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The temporary path used while `path` is being written: unique to this write (process and
 /// a counter), so threads writing the same target never share one.
-fn temp_path(path: &Path) -> PathBuf {
+pub fn temp_path(path: &Path) -> PathBuf {
     static WRITES: AtomicU64 = AtomicU64::new(0);
     let n = WRITES.fetch_add(1, Ordering::Relaxed);
     let mut name = path.file_name().unwrap_or_default().to_os_string();
@@ -46,6 +46,49 @@ where
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Remove the temporary files that writes into `dir` left when their process was killed
+/// (`NAME.PID-N.tmp`, PID no longer running); other files are never touched. Returns how many
+/// were removed.
+pub fn remove_orphan_temps(dir: &Path) -> Result<usize> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(temp_writer) else {
+            continue;
+        };
+        if pid == std::process::id() || process_runs(pid) || !entry.path().is_file() {
+            continue;
+        }
+        std::fs::remove_file(entry.path())
+            .with_context(|| format!("cannot remove {}", entry.path().display()))?;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+/// The process id in a temporary name of [`temp_path`]'s pattern.
+fn temp_writer(name: &str) -> Option<u32> {
+    let stem = name.strip_suffix(".tmp")?;
+    let (rest, counter) = stem.rsplit_once('-')?;
+    let (target, pid) = rest.rsplit_once('.')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (!target.is_empty() && digits(counter) && digits(pid))
+        .then(|| pid.parse().ok())
+        .flatten()
+}
+
+/// Whether process `pid` is running; where that cannot be known (no `/proc`), it is assumed
+/// to be, and nothing is removed.
+fn process_runs(pid: u32) -> bool {
+    !Path::new("/proc/self").exists() || Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Write `bytes` to `path` atomically.
@@ -85,6 +128,28 @@ mod tests {
         assert!(bytes.len() == 4096 && bytes.iter().all(|&b| b == bytes[0]));
         let left = std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(left, 1, "no temporary file left behind");
+    }
+
+    #[test]
+    fn only_temporaries_of_dead_writers_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = format!("b.jpg.{}-3.tmp", std::process::id());
+        let names = [
+            "a.jpg.4294967295-7.tmp",
+            own.as_str(),
+            "notes.tmp",
+            "c.jpg.12-x.tmp",
+            ".4294967295-1.tmp",
+            "a.jpg",
+        ];
+        for n in names {
+            std::fs::write(dir.path().join(n), b"x").unwrap();
+        }
+        assert_eq!(remove_orphan_temps(dir.path()).unwrap(), 1);
+        for n in &names[1..] {
+            assert!(dir.path().join(n).is_file(), "{n} was removed");
+        }
+        assert_eq!(remove_orphan_temps(&dir.path().join("absent")).unwrap(), 0);
     }
 
     #[test]

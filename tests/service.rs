@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use tower::ServiceExt;
 
+mod common;
+
 const TOKEN: &str = "test-token";
 
 fn model() -> ModelSpec {
@@ -69,7 +71,7 @@ fn fixture() -> Option<&'static Fixture> {
                     &ProgressBar::hidden(),
                 )
                 .unwrap();
-            assert_eq!(embedded, cat.counts().unwrap().photos);
+            assert_eq!(embedded.embedded, cat.counts().unwrap().photos);
             Some(Fixture {
                 _tmp: tmp,
                 kaggle,
@@ -86,6 +88,21 @@ fn catalogue(f: &Fixture) -> (tempfile::TempDir, Catalog) {
 
 /// A copy of the template catalogue, attached to the model with an index of kind `index`.
 fn catalogue_on(f: &Fixture, index: IndexSpec) -> (tempfile::TempDir, Catalog) {
+    let (tmp, dir) = template_copy(f);
+    let mut cat = Catalog::open(&dir).unwrap();
+    let embedded = cat
+        .attach(
+            Embedder::start(&model(), None).unwrap(),
+            index,
+            &ProgressBar::hidden(),
+        )
+        .unwrap();
+    assert_eq!(embedded.embedded, 0, "the template's embeddings are reused");
+    (tmp, cat)
+}
+
+/// A copy of the template catalogue's folder, in `TMP/cat`.
+fn template_copy(f: &Fixture) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("cat");
     std::fs::create_dir_all(dir.join("images")).unwrap();
@@ -98,16 +115,7 @@ fn catalogue_on(f: &Fixture, index: IndexSpec) -> (tempfile::TempDir, Catalog) {
         dir.join("catalog.sqlite"),
     )
     .unwrap();
-    let mut cat = Catalog::open(&dir).unwrap();
-    let embedded = cat
-        .attach(
-            Embedder::start(&model(), None).unwrap(),
-            index,
-            &ProgressBar::hidden(),
-        )
-        .unwrap();
-    assert_eq!(embedded, 0, "the template's embeddings are reused");
-    (tmp, cat)
+    (tmp, dir)
 }
 
 /// The test photos of individuals in the catalogue, with their truth, by name.
@@ -124,6 +132,64 @@ fn known_test_photos(f: &Fixture) -> Vec<(String, String)> {
 
 fn test_photo(f: &Fixture, name: &str) -> Vec<u8> {
     std::fs::read(f.kaggle.test_images().join(name)).unwrap()
+}
+
+/// Pending photos that cannot be decoded (a header bomb, a truncated JPEG, as stored before
+/// they were refused) do not stop a start: each is skipped and named without the server's
+/// path, and stays pending; the others are embedded.
+#[test]
+fn unusable_pending_photos_are_skipped_when_a_model_is_attached() {
+    let Some(f) = fixture() else { return };
+    let (_tmp, dir) = template_copy(f);
+    let known = known_test_photos(f);
+    let cat = Catalog::open(&dir).unwrap();
+    let stored: Vec<String> = known[..3]
+        .iter()
+        .map(|(name, _)| {
+            cat.store_upload(name, &test_photo(f, name), &Sighting::default())
+                .unwrap()
+        })
+        .collect();
+    let pending = cat.counts().unwrap().pending;
+    drop(cat);
+    let photo = test_photo(f, &known[1].0);
+    std::fs::write(
+        dir.join("images").join(&stored[1]),
+        common::header_bomb(16000),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("images").join(&stored[2]),
+        [&photo[..photo.len() / 2], &[0xFF, 0xD9]].concat(),
+    )
+    .unwrap();
+    let mut cat = Catalog::open(&dir).unwrap();
+    let attached = cat
+        .attach(
+            Embedder::start(&model(), None).unwrap(),
+            IndexSpec::default(),
+            &ProgressBar::hidden(),
+        )
+        .unwrap();
+    assert_eq!(attached.embedded, 1, "{attached:?}");
+    assert_eq!(attached.unusable.len(), 2, "{attached:?}");
+    let [bomb, cut] = [&attached.unusable[0], &attached.unusable[1]];
+    let (bomb, cut) = if bomb.starts_with(&stored[1]) {
+        (bomb, cut)
+    } else {
+        (cut, bomb)
+    };
+    assert!(
+        bomb.starts_with(&stored[1]) && bomb.contains("limit"),
+        "{bomb}"
+    );
+    assert!(
+        cut.starts_with(&stored[2]) && cut.contains("truncated"),
+        "{cut}"
+    );
+    let shown = dir.display().to_string();
+    assert!(attached.unusable.iter().all(|m| !m.contains(&shown)));
+    assert_eq!(cat.counts().unwrap().pending, pending);
 }
 
 #[test]
@@ -389,7 +455,7 @@ async fn api_answers_identify_decide_and_browse() {
     .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
     assert_eq!(
-        body["error"], "huge.jpg: 50 kB is over the upload limit of 40 kB",
+        body["error"], "huge.jpg: over the upload limit of 40 kB",
         "{body}"
     );
     // Far over: the body limit stops the upload before it is read whole.
@@ -512,6 +578,7 @@ async fn api_answers_identify_decide_and_browse() {
 async fn batch_job_reports_progress_and_names_failed_photos() {
     let Some(f) = fixture() else { return };
     let (_tmp, cat) = catalogue(f);
+    let spool = cat.spool_dir();
     let app = router(state(cat, 1_000_000));
     let known = known_test_photos(f);
     let a = test_photo(f, &known[3].0);
@@ -555,6 +622,24 @@ async fn batch_job_reports_progress_and_names_failed_photos() {
     assert_eq!(results[2]["upload"], known[4].0.as_str());
     let (status, _) = get(&app, "/api/jobs/job-999").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // The photos were spooled to files, each removed once identified.
+    let spooled = || std::fs::read_dir(&spool).map_or(0, |d| d.count());
+    assert!(spool.is_dir());
+    assert_eq!(spooled(), 0);
+    // A batch refused part way (its third photo over the limit) leaves no file behind.
+    let big = vec![0u8; 1_000_001];
+    let parts = [
+        ("photo", Some("a.jpg"), a.as_slice()),
+        ("photo", Some("b.jpg"), b.as_slice()),
+        ("photo", Some("big.jpg"), big.as_slice()),
+    ];
+    let (status, body) = call(&app, upload("/api/jobs", Some(TOKEN), &parts)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().starts_with("big.jpg"),
+        "{body}"
+    );
+    assert_eq!(spooled(), 0);
 }
 
 /// Many decisions at once, several on the same photo: each photo is decided exactly once, the
@@ -712,4 +797,107 @@ async fn every_refusal_is_json_and_the_token_comes_before_the_body() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{field}: {body}");
         assert!(body["error"].as_str().unwrap().contains(field), "{body}");
     }
+}
+
+/// Refusals name the input and never a server path; requests that are not what a route
+/// takes (not multipart, a path that is not UTF-8, a file name that is not UTF-8) answer JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_name_the_input_and_never_a_server_path() {
+    let Some(f) = fixture() else { return };
+    let (_tmp, cat) = catalogue(f);
+    let dir = cat.dir().to_path_buf();
+    let shown = dir.display().to_string();
+    let app = router(state(cat, 1_000_000));
+    let (name, _) = known_test_photos(f)[0].clone();
+    let photo = test_photo(f, &name);
+
+    // Truncated and corrupt uploads: 400 naming the upload.
+    let mut scratched = photo.clone();
+    let mid = scratched.len() / 2;
+    scratched[mid..mid + 40].fill(0x55);
+    let cut = [&photo[..photo.len() / 2], &[0xFF, 0xD9]].concat();
+    for (upload, bytes, says) in [
+        ("cut.jpg", cut, "truncated"),
+        ("scratched.jpg", scratched, "corrupt"),
+    ] {
+        let parts = [("photo", Some(upload), bytes.as_slice())];
+        let (status, body) = call(&app, upload_req(&parts)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.starts_with(upload) && error.contains(says), "{error}");
+    }
+
+    // Not a multipart request; a multipart body cut short: JSON.
+    let req = Request::post("/api/identify")
+        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::from("hello"))
+        .unwrap();
+    let (status, body) = call(&app, req).await;
+    assert!(
+        status.is_client_error() && body["error"].is_string(),
+        "{status} {body}"
+    );
+    let (kind, full) = form(&[("photo", Some(name.as_str()), photo.as_slice())]);
+    let req = Request::post("/api/jobs")
+        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+        .header(header::CONTENT_TYPE, kind)
+        .body(Body::from(full[..full.len() / 2].to_vec()))
+        .unwrap();
+    let (status, body) = call(&app, req).await;
+    assert!(
+        status.is_client_error() && body["error"].is_string(),
+        "{status} {body}"
+    );
+
+    // Paths that are not UTF-8: JSON.
+    for path in [
+        "/images/%FF%FE.jpg",
+        "/api/individuals/%C3%28",
+        "/api/jobs/job-%FF",
+    ] {
+        let (status, body) = get(&app, path).await;
+        assert!(
+            status.is_client_error() && body["error"].is_string(),
+            "{path}: {status} {body}"
+        );
+    }
+
+    // A file name that is not UTF-8: 400 naming the field, not stored under a mangled name.
+    let (kind, mut bytes) = form(&[("photo", Some("NAME.jpg"), photo.as_slice())]);
+    let at = bytes.windows(4).position(|w| w == b"NAME").unwrap();
+    bytes[at..at + 4].copy_from_slice(b"\xffAM\xfe");
+    let req = Request::post("/api/identify")
+        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+        .header(header::CONTENT_TYPE, kind)
+        .body(Body::from(bytes))
+        .unwrap();
+    let (status, body) = call(&app, req).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().starts_with("photo"),
+        "{body}"
+    );
+
+    // A failure of the server itself (its images folder gone, a file in its place): 500
+    // naming the upload, the folder only in the server's log.
+    std::fs::remove_dir_all(dir.join("images")).unwrap();
+    std::fs::write(dir.join("images"), b"not a folder").unwrap();
+    let parts = [("photo", Some("fin.jpg"), photo.as_slice())];
+    let (status, body) = call(&app, upload_req(&parts)).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("fin.jpg") && !error.contains(&shown),
+        "{error}"
+    );
+    assert!(
+        !error.contains("/tmp") && !error.contains("images/"),
+        "{error}"
+    );
+}
+
+/// An identify request with the token.
+fn upload_req(parts: &[(&str, Option<&str>, &[u8])]) -> Request<Body> {
+    upload("/api/identify", Some(TOKEN), parts)
 }

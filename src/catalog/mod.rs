@@ -4,7 +4,8 @@
 //!
 //! A catalogue is a folder: `catalog.sqlite` (SQLite in WAL mode, synchronous FULL: a decision
 //! that was answered is on disk) and `images/` (photo files, each written atomically before
-//! the row that names it). Embeddings are kept as f32 blobs tagged with the model's identity;
+//! the row that names it), and `incoming/` where the service spools the photos of a batch
+//! while they wait to be identified. Embeddings are kept as f32 blobs tagged with the model's identity;
 //! photos without an embedding of the current model are embedded when a model is attached, and
 //! the in-memory search index is rebuilt then and updated on every enrolment.
 //!
@@ -251,14 +252,35 @@ pub struct Catalog {
     embedder: Option<Embedder>,
 }
 
-/// Photos per batch embedded when a model is attached.
-const SYNC_BATCH: usize = 32;
+/// The spool folder's name in a catalogue (see [`Catalog::spool_dir`]).
+const SPOOL: &str = "incoming";
+
+/// Most photos per batch embedded when a model is attached.
+const SYNC_BATCH: usize = 16;
+/// Most pixels decoded and held at once for a batch embedded when a model is attached (192 MB
+/// as RGB); a batch is sent as soon as it holds this many, so memory at start stays bounded
+/// whatever is pending.
+const SYNC_PIXELS: u64 = 64_000_000;
+
+/// What attaching a model did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Attached {
+    /// Photos embedded.
+    pub embedded: usize,
+    /// Photos that could not be decoded, as `NAME: why`; they stay without an embedding (and
+    /// pending if they were) and are tried again on the next start.
+    pub unusable: Vec<String>,
+}
 
 impl Catalog {
-    /// Open (or create) the catalogue in `dir`.
+    /// Open (or create) the catalogue in `dir`, removing the temporary files of writes that a
+    /// killed process left in it.
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir.join("images"))
             .with_context(|| format!("cannot create catalogue folder {}", dir.display()))?;
+        for folder in [dir.join("images"), dir.join(SPOOL), dir.to_path_buf()] {
+            fsio::remove_orphan_temps(&folder)?;
+        }
         let path = dir.join("catalog.sqlite");
         let conn = Connection::open(&path)
             .with_context(|| format!("cannot open catalogue {}", path.display()))?;
@@ -284,6 +306,11 @@ impl Catalog {
         self.dir.join("images")
     }
 
+    /// Where the service writes the photos of a batch while it is identified.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.dir.join(SPOOL)
+    }
+
     pub fn embedder(&self) -> Option<&Embedder> {
         self.embedder.as_ref()
     }
@@ -293,14 +320,14 @@ impl Catalog {
     }
 
     /// Search with `embedder`: photos without its embedding are embedded (progress on
-    /// `progress`), and an index of kind `index` is built. Returns how many photos were
-    /// embedded.
+    /// `progress`), one bounded batch at a time (see [`SYNC_PIXELS`]), and an index of kind
+    /// `index` is built. A photo that cannot be decoded is skipped and named in the answer.
     pub fn attach(
         &mut self,
         embedder: Embedder,
         index: IndexSpec,
         progress: &ProgressBar,
-    ) -> Result<usize> {
+    ) -> Result<Attached> {
         let missing: Vec<String> = {
             let conn = self.conn();
             let mut st = conn.prepare(
@@ -311,19 +338,26 @@ impl Catalog {
             rows.collect::<rusqlite::Result<_>>()?
         };
         progress.set_length(missing.len() as u64);
-        for chunk in missing.chunks(SYNC_BATCH) {
-            let images = chunk
-                .iter()
-                .map(|name| Ok(crate::data::image::load_rgb(&self.images_dir().join(name))?))
-                .collect::<Result<Vec<_>>>()?;
-            let vectors = embedder.embed(images)?;
-            let mut conn = self.conn();
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for (name, v) in chunk.iter().zip(vectors.chunks_exact(embedder.dim)) {
-                store_embedding(&tx, name, &embedder.model_id, v)?;
+        let mut attached = Attached::default();
+        let mut batch: Vec<(String, image::RgbImage)> = Vec::new();
+        let mut pixels = 0;
+        for (i, name) in missing.iter().enumerate() {
+            match crate::data::image::load_rgb(&self.images_dir().join(name)) {
+                Ok(img) => {
+                    pixels += u64::from(img.width()) * u64::from(img.height());
+                    batch.push((name.clone(), img));
+                }
+                Err(e) => attached
+                    .unusable
+                    .push(format!("{name}: {}", image_problem(&e))),
             }
-            tx.commit()?;
-            progress.inc(chunk.len() as u64);
+            let last = i + 1 == missing.len();
+            if batch.len() == SYNC_BATCH || pixels >= SYNC_PIXELS || (last && !batch.is_empty()) {
+                attached.embedded += batch.len();
+                self.store_embeddings(&embedder, std::mem::take(&mut batch))?;
+                pixels = 0;
+            }
+            progress.inc(1);
         }
         let gallery = {
             let conn = self.conn();
@@ -331,7 +365,24 @@ impl Catalog {
         };
         *self.gallery.write().unwrap_or_else(|e| e.into_inner()) = Some(gallery);
         self.embedder = Some(embedder);
-        Ok(missing.len())
+        Ok(attached)
+    }
+
+    /// Embed `batch` and store the embeddings in one transaction.
+    fn store_embeddings(
+        &self,
+        embedder: &Embedder,
+        batch: Vec<(String, image::RgbImage)>,
+    ) -> Result<()> {
+        let (names, images): (Vec<String>, Vec<image::RgbImage>) = batch.into_iter().unzip();
+        let vectors = embedder.embed(images)?;
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for (name, v) in names.iter().zip(vectors.chunks_exact(embedder.dim)) {
+            store_embedding(&tx, name, &embedder.model_id, v)?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Keep an uploaded photo as pending: the file under a name made from its content (the same
@@ -442,7 +493,8 @@ impl Catalog {
         if let Some(blob) = stored {
             return Ok(gallery::from_blob(&blob));
         }
-        let rgb = crate::data::image::load_rgb(&self.images_dir().join(image))?;
+        let rgb = crate::data::image::load_rgb(&self.images_dir().join(image))
+            .map_err(|e| invalid(format!("{image}: {}", image_problem(&e))))?;
         let v = embedder.embed(vec![rgb])?;
         store_embedding(&self.conn(), image, &embedder.model_id, &v)?;
         Ok(v)
@@ -683,6 +735,17 @@ impl Catalog {
         Ok(self
             .conn()
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
+    }
+}
+
+/// What is wrong with a catalogue photo, without the server's path to it.
+fn image_problem(e: &crate::data::DataError) -> String {
+    match e {
+        crate::data::DataError::BadImage { message, .. } => {
+            format!("not a usable image: {message}")
+        }
+        crate::data::DataError::Io { source, .. } => format!("cannot read: {source}"),
+        other => other.to_string(),
     }
 }
 

@@ -375,7 +375,12 @@ fn a_decision_survives_a_crash_without_a_clean_close() {
     .unwrap();
     // No close, no checkpoint: the connection is leaked as a killed process would leave it.
     std::mem::forget(cat);
+    // A write killed before its rename leaves its temporary file, removed on the next open.
+    let images = tmp.path().join("cat/images");
+    let orphan = images.join(format!("{up}.4294967295-0.tmp"));
+    std::fs::write(&orphan, b"half a photo").unwrap();
     let reopened = Catalog::open(&tmp.path().join("cat")).unwrap();
+    assert!(!orphan.exists() && images.join(&up).is_file());
     let a = reopened.individual("a").unwrap();
     assert!(a.sightings.iter().any(|p| p.image == up));
     assert_eq!(reopened.integrity_check().unwrap(), "ok");

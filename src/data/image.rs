@@ -1,9 +1,11 @@
 //! Loading photos as 8-bit RGB, whatever the camera wrote: JPEG (also CMYK) or PNG (also
 //! 16-bit or with alpha), turned upright by its EXIF orientation. Every failure names the file.
+//! Truncated and corrupt files are refused, not decoded with grey where the data is missing
+//! (see [`super::jpeg`] for what is checked of a JPEG).
 
 use super::DataError;
 use anyhow::Context;
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 use std::io::Cursor;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,18 +50,15 @@ pub fn decode_rgb_within(bytes: &[u8], limit: u64) -> Result<RgbImage, String> {
     if bytes.is_empty() {
         return Err("the file is empty".into());
     }
-    if bytes.starts_with(&[0xFF, 0xD8]) && !has_jpeg_end(bytes) {
-        return Err("truncated JPEG (no end-of-image marker)".into());
-    }
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| e.to_string())?;
-    if reader.format().is_none() {
+    let Some(format) = reader.format() else {
         return Err("unknown image format (expected JPEG or PNG)".into());
-    }
+    };
     reader.limits(limits);
     let mut decoder = reader.into_decoder().map_err(|e| e.to_string())?;
     let (w, h) = decoder.dimensions();
@@ -71,16 +70,18 @@ pub fn decode_rgb_within(bytes: &[u8], limit: u64) -> Result<RgbImage, String> {
             limit as f64 / 1e6
         ));
     }
+    if format == ImageFormat::Jpeg {
+        super::jpeg::check_jpeg(bytes)?;
+    }
     let orientation = decoder.orientation().map_err(|e| e.to_string())?;
-    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| e.to_string())?;
+    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| match e {
+        image::ImageError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            format!("truncated image ({e})")
+        }
+        e => e.to_string(),
+    })?;
     image.apply_orientation(orientation);
     Ok(image.into_rgb8())
-}
-
-/// Whether a JPEG ends with its end-of-image marker (some writers pad a few bytes after it).
-fn has_jpeg_end(bytes: &[u8]) -> bool {
-    let tail = &bytes[bytes.len().saturating_sub(64)..];
-    tail.windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
 /// The photos (`.jpg`, `.jpeg`, `.png`) of a folder, sorted by name.
@@ -166,19 +167,93 @@ mod tests {
         assert!(err.contains("64×64") && err.contains("limit"), "{err}");
     }
 
+    /// A 320×240 JPEG of smooth gradients and texture, as `jpeg_encoder` writes it with
+    /// `setup`.
+    fn photo_jpeg(setup: impl FnOnce(&mut jpeg_encoder::Encoder<&mut Vec<u8>>)) -> Vec<u8> {
+        let (w, h) = (320u16, 240u16);
+        let rgb: Vec<u8> = (0..u32::from(w) * u32::from(h))
+            .flat_map(|i| {
+                let (x, y) = (i % u32::from(w), i / u32::from(w));
+                [(x / 2) as u8, (y + x * y % 7) as u8, ((x ^ y) % 200) as u8]
+            })
+            .collect();
+        let mut bytes = Vec::new();
+        let mut enc = jpeg_encoder::Encoder::new(&mut bytes, 85);
+        setup(&mut enc);
+        enc.encode(&rgb, w, h, jpeg_encoder::ColorType::Rgb)
+            .unwrap();
+        bytes
+    }
+
     #[test]
     fn truncated_jpeg_is_refused_with_its_name() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cut.jpg");
-        let bytes = small_jpeg();
-        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let bytes = photo_jpeg(|_| {});
+        let half = &bytes[..bytes.len() / 2];
+        std::fs::write(&path, half).unwrap();
+        let err = load_rgb(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("cut.jpg") && err.contains("truncated"),
+            "{err}"
+        );
+        // Half a file with an end-of-image marker after it: decoders fill the rest with grey.
+        std::fs::write(&path, [half, &[0xFF, 0xD9]].concat()).unwrap();
         let err = load_rgb(&path).unwrap_err().to_string();
         assert!(
             err.contains("cut.jpg") && err.contains("truncated"),
             "{err}"
         );
         std::fs::write(&path, &bytes).unwrap();
-        assert_eq!(load_rgb(&path).unwrap().dimensions(), (64, 64));
+        assert_eq!(load_rgb(&path).unwrap().dimensions(), (320, 240));
+    }
+
+    #[test]
+    fn jpeg_corrupted_inside_its_image_data_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scratched.jpg");
+        let bytes = photo_jpeg(|_| {});
+        let mid = bytes.len() / 2;
+        for (at, fill) in [(mid, 0x55u8), (mid + 1000, 0x00), (bytes.len() - 900, 0xA7)] {
+            let mut broken = bytes.clone();
+            broken[at..at + 50].fill(fill);
+            std::fs::write(&path, &broken).unwrap();
+            let err = load_rgb(&path).unwrap_err().to_string();
+            assert!(
+                err.contains("scratched.jpg") && err.contains("corrupt"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_kind_of_valid_jpeg_passes_the_check() {
+        use jpeg_encoder::SamplingFactor as S;
+        for sampling in [S::F_1_1, S::F_2_1, S::F_2_2, S::F_1_2] {
+            for (progressive, restart) in [(false, 0), (false, 3), (true, 0), (true, 5)] {
+                let bytes = photo_jpeg(|e| {
+                    e.set_sampling_factor(sampling);
+                    e.set_progressive(progressive);
+                    if restart > 0 {
+                        e.set_restart_interval(restart);
+                    }
+                });
+                let img = decode_rgb(&bytes);
+                assert!(img.is_ok(), "{sampling:?} {progressive} {restart}: {img:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_png_is_refused() {
+        let img = RgbImage::from_fn(200, 150, |x, y| Rgb([x as u8, (x * y) as u8, y as u8]));
+        let bytes = png(image::ExtendedColorType::Rgb8, 200, 150, img.as_raw());
+        let half = &bytes[..bytes.len() / 2];
+        let end = &bytes[bytes.len() - 12..];
+        for cut in [half.to_vec(), [half, end].concat()] {
+            let err = decode_rgb(&cut).unwrap_err();
+            assert!(err.contains("truncated"), "{err}");
+        }
     }
 
     #[test]

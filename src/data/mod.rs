@@ -3,6 +3,7 @@
 mod csvfile;
 pub mod folds;
 pub mod image;
+mod jpeg;
 pub mod kaggle;
 pub mod stats;
 

@@ -1,8 +1,13 @@
 //! Batch identification: many photos in one request, identified one after another in the
-//! background; the job's id answers with its progress and the results so far.
+//! background; the job's id answers with its progress and the results so far. The photos are
+//! written to the catalogue's spool folder as they arrive, never all held in memory.
 
-use super::{read_form, ApiError, ApiResult, AppState, MAX_BATCH, PHOTOS_EACH, TOP};
+use super::{
+    multipart, path_param, read_form, ApiError, ApiResult, AppState, MAX_BATCH, PHOTOS_EACH, TOP,
+};
 use crate::catalog::Identification;
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Multipart, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -43,8 +48,13 @@ pub struct Jobs {
 /// Jobs whose results stay available.
 const KEEP: u64 = 100;
 
-pub async fn start(State(state): State<Arc<AppState>>, form: Multipart) -> ApiResult<Response> {
-    let (uploads, sighting) = read_form(form, state.max_upload, MAX_BATCH).await?;
+pub async fn start(
+    State(state): State<Arc<AppState>>,
+    form: Result<Multipart, MultipartRejection>,
+) -> ApiResult<Response> {
+    let spool = state.catalog.spool_dir();
+    let form = multipart(form)?;
+    let (uploads, sighting) = read_form(form, state.max_upload, MAX_BATCH, Some(&spool)).await?;
     let number = state.jobs.next.fetch_add(1, Ordering::Relaxed) + 1;
     let id = format!("job-{number}");
     let status = Arc::new(Mutex::new(JobStatus {
@@ -64,20 +74,27 @@ pub async fn start(State(state): State<Arc<AppState>>, form: Multipart) -> ApiRe
     let catalog = state.catalog.clone();
     let total = uploads.len();
     tokio::task::spawn_blocking(move || {
+        // One photo in memory at a time; each spooled file goes when its photo is done.
         for upload in uploads {
-            let item =
-                match catalog.identify(&upload.name, &upload.bytes, &sighting, TOP, PHOTOS_EACH) {
-                    Ok(found) => JobItem {
-                        upload: upload.name,
-                        result: Some(found),
-                        error: None,
-                    },
-                    Err(e) => JobItem {
-                        upload: upload.name,
-                        result: None,
-                        error: Some(format!("{e:#}")),
-                    },
-                };
+            let found = upload
+                .bytes()
+                .map_err(anyhow::Error::from)
+                .and_then(|bytes| {
+                    catalog.identify(&upload.name, &bytes, &sighting, TOP, PHOTOS_EACH)
+                });
+            let item = match found {
+                Ok(found) => JobItem {
+                    upload: upload.name.clone(),
+                    result: Some(found),
+                    error: None,
+                },
+                Err(e) => JobItem {
+                    upload: upload.name.clone(),
+                    result: None,
+                    error: Some(ApiError::from(e).about(&upload.name).message),
+                },
+            };
+            drop(upload);
             let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
             s.results.push(item);
             s.done += 1;
@@ -93,8 +110,9 @@ pub async fn start(State(state): State<Arc<AppState>>, form: Multipart) -> ApiRe
 
 pub async fn status(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<JobStatus>> {
+    let id = path_param(id)?;
     let job = id
         .strip_prefix("job-")
         .and_then(|n| n.parse::<u64>().ok())

@@ -15,10 +15,15 @@
 //! that says why: 400 bad input (naming the upload), 401 token, 404, 409 already decided, 413
 //! too large. Embedding and SQLite work run on blocking threads, off the async workers.
 
+mod conn;
 mod jobs;
 
+pub use conn::Timeouts;
+
 use crate::catalog::{Catalog, CatalogError, Decision, Sighting};
+use axum::extract::multipart::MultipartRejection;
 use axum::extract::multipart::{Field, Multipart, MultipartError};
+use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -80,15 +85,56 @@ impl IntoResponse for ApiError {
 }
 
 impl From<anyhow::Error> for ApiError {
+    /// The catalogue's refusals keep their message (it names the input, never a server path);
+    /// any other failure is logged on the server and answered without its details.
     fn from(err: anyhow::Error) -> Self {
         let status = match err.downcast_ref::<CatalogError>() {
             Some(CatalogError::NotFound(_)) => StatusCode::NOT_FOUND,
             Some(CatalogError::Conflict(_)) => StatusCode::CONFLICT,
             Some(CatalogError::Invalid(_)) => StatusCode::BAD_REQUEST,
-            None => StatusCode::INTERNAL_SERVER_ERROR,
+            None => return Self::internal(&err),
         };
-        Self::new(status, format!("{err:#}"))
+        Self::new(status, err.to_string())
     }
+}
+
+impl ApiError {
+    /// A failure of the server itself: the details go to its log, the answer says only that.
+    fn internal(err: &dyn std::fmt::Display) -> Self {
+        eprintln!("finprint serve: {err:#}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the server failed on this request (the details are in its log)",
+        )
+    }
+
+    /// The same error, its message naming `input` when it does not already.
+    fn about(mut self, input: &str) -> Self {
+        if !self.message.starts_with(input) {
+            self.message = format!("{input}: {}", self.message);
+        }
+        self
+    }
+}
+
+/// A path parameter, refused as JSON when it is not UTF-8 text.
+fn path_param(param: Result<Path<String>, PathRejection>) -> ApiResult<String> {
+    param.map(|Path(p)| p).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("bad path: {}", e.body_text()),
+        )
+    })
+}
+
+/// A multipart form, refused as JSON when the request is not one.
+fn multipart(form: Result<Multipart, MultipartRejection>) -> ApiResult<Multipart> {
+    form.map_err(|e| {
+        ApiError::new(
+            e.status(),
+            format!("send the photos as multipart/form-data: {}", e.body_text()),
+        )
+    })
 }
 
 type ApiResult<T> = Result<T, ApiError>;
@@ -99,7 +145,7 @@ async fn blocking<T: Send + 'static>(
 ) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::internal(&e))?
         .map_err(ApiError::from)
 }
 
@@ -174,14 +220,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serve on `addr` until Ctrl-C.
-pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
-    Ok(())
+/// Serve on `listener` with `timeouts` until `shutdown` completes (see [`conn`]).
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    timeouts: Timeouts,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let app = router(state).layer(axum::middleware::from_fn_with_state(
+        timeouts.body,
+        conn::body_deadline,
+    ));
+    conn::serve_connections(app, listener, timeouts, shutdown).await;
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
@@ -222,15 +272,16 @@ async fn style() -> impl IntoResponse {
 /// A catalogue photo; only plain names of the images folder are served.
 async fn photo(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Response> {
+    let name = path_param(name)?;
     if !crate::catalog::is_safe_name(&name) {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "no such photo"));
     }
     let path = state.catalog.images_dir().join(&name);
     let bytes = tokio::task::spawn_blocking(move || std::fs::read(path))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::internal(&e))?
         .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, format!("no photo '{name}'")))?;
     let kind = if bytes.starts_with(&[0xFF, 0xD8]) {
         "image/jpeg"
@@ -259,10 +310,36 @@ async fn health(State(state): State<Arc<AppState>>) -> ApiResult<Json<serde_json
     })))
 }
 
-/// One photo and the sighting fields sent with it.
+/// One photo of a request, as uploaded.
 pub(crate) struct Upload {
     pub name: String,
-    pub bytes: Vec<u8>,
+    pub photo: Held,
+}
+
+/// Where an uploaded photo is kept until it is identified: in memory (one photo), or written
+/// to a file as it arrives (a batch), so that a batch never holds its photos in memory.
+pub(crate) enum Held {
+    Memory(Vec<u8>),
+    Spooled(Spooled),
+}
+
+/// A spooled photo's file, removed with the value.
+pub(crate) struct Spooled(std::path::PathBuf);
+
+impl Drop for Spooled {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Upload {
+    /// The photo's bytes, read back from its file when spooled.
+    pub fn bytes(&self) -> std::io::Result<std::borrow::Cow<'_, [u8]>> {
+        match &self.photo {
+            Held::Memory(bytes) => Ok(bytes.into()),
+            Held::Spooled(file) => std::fs::read(&file.0).map(Into::into),
+        }
+    }
 }
 
 fn multipart_error(e: MultipartError, max_upload: usize) -> ApiError {
@@ -290,11 +367,13 @@ fn megabytes(bytes: usize) -> String {
     }
 }
 
-/// The photos (fields named `photo`) and sighting fields of a multipart form.
+/// The photos (fields named `photo`) and sighting fields of a multipart form; the photos are
+/// spooled to files in `spool` when given, else held in memory.
 pub(crate) async fn read_form(
     mut form: Multipart,
     max_upload: usize,
     max_photos: usize,
+    spool: Option<&std::path::Path>,
 ) -> ApiResult<(Vec<Upload>, Sighting)> {
     let mut uploads = Vec::new();
     let mut sighting = Sighting::default();
@@ -303,22 +382,20 @@ pub(crate) async fn read_form(
         .await
         .map_err(|e| multipart_error(e, max_upload))?
     {
+        let disposition = field.headers().get(header::CONTENT_DISPOSITION);
+        if disposition.is_some_and(|v| v.to_str().is_err()) {
+            let name = field.name().unwrap_or("a form field");
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("{name}: its name or file name is not UTF-8 text"),
+            ));
+        }
         let name = field.name().unwrap_or("").to_string();
         match name.as_str() {
             "photo" => {
                 let file = field.file_name().unwrap_or("photo").to_string();
-                let bytes = read_field(field, max_upload).await?;
-                if bytes.len() > max_upload {
-                    return Err(ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        format!(
-                            "{file}: {} is over the upload limit of {}",
-                            megabytes(bytes.len()),
-                            megabytes(max_upload)
-                        ),
-                    ));
-                }
-                uploads.push(Upload { name: file, bytes });
+                let photo = read_photo(field, &file, max_upload, spool).await?;
+                uploads.push(Upload { name: file, photo });
                 if uploads.len() > max_photos {
                     return Err(ApiError::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
@@ -358,27 +435,71 @@ pub(crate) async fn read_form(
     Ok((uploads, sighting))
 }
 
-/// A file field whole; the route's body limit bounds its size.
-async fn read_field(mut field: Field<'_>, max_upload: usize) -> ApiResult<Vec<u8>> {
+/// A photo field, refused as soon as it is over `max_upload`; written to a new file of
+/// `spool` as it arrives when given (small local writes, done on the async thread).
+async fn read_photo(
+    mut field: Field<'_>,
+    file: &str,
+    max_upload: usize,
+    spool: Option<&std::path::Path>,
+) -> ApiResult<Held> {
+    use std::io::Write;
+    let mut out = match spool {
+        Some(dir) => {
+            let path = crate::fsio::temp_path(&dir.join("upload"));
+            let created = std::fs::create_dir_all(dir).and_then(|()| std::fs::File::create(&path));
+            let file =
+                created.map_err(|e| ApiError::internal(&format!("{}: {e}", path.display())))?;
+            Some((Spooled(path), std::io::BufWriter::new(file)))
+        }
+        None => None,
+    };
     let mut bytes = Vec::new();
+    let mut size = 0;
     while let Some(chunk) = field
         .chunk()
         .await
         .map_err(|e| multipart_error(e, max_upload))?
     {
-        bytes.extend_from_slice(&chunk);
+        size += chunk.len();
+        if size > max_upload {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("{file}: over the upload limit of {}", megabytes(max_upload)),
+            ));
+        }
+        match &mut out {
+            Some((spooled, writer)) => writer
+                .write_all(&chunk)
+                .map_err(|e| ApiError::internal(&format!("{}: {e}", spooled.0.display())))?,
+            None => bytes.extend_from_slice(&chunk),
+        }
     }
-    Ok(bytes)
+    match out {
+        Some((spooled, writer)) => {
+            writer
+                .into_inner()
+                .map_err(|e| ApiError::internal(&format!("{}: {e}", spooled.0.display())))?;
+            Ok(Held::Spooled(spooled))
+        }
+        None => Ok(Held::Memory(bytes)),
+    }
 }
 
-async fn identify(State(state): State<Arc<AppState>>, form: Multipart) -> ApiResult<Response> {
-    let (mut uploads, sighting) = read_form(form, state.max_upload, 1).await?;
+async fn identify(
+    State(state): State<Arc<AppState>>,
+    form: Result<Multipart, MultipartRejection>,
+) -> ApiResult<Response> {
+    let (mut uploads, sighting) = read_form(multipart(form)?, state.max_upload, 1, None).await?;
     let upload = uploads.remove(0);
+    let name = upload.name.clone();
     let catalog = state.catalog.clone();
     let found = blocking(move || {
-        catalog.identify(&upload.name, &upload.bytes, &sighting, TOP, PHOTOS_EACH)
+        let bytes = upload.bytes()?;
+        catalog.identify(&upload.name, &bytes, &sighting, TOP, PHOTOS_EACH)
     })
-    .await?;
+    .await
+    .map_err(|e| e.about(&name))?;
     Ok(Json(found).into_response())
 }
 
@@ -422,8 +543,9 @@ async fn individuals(State(state): State<Arc<AppState>>) -> ApiResult<Response> 
 
 async fn individual(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Response> {
+    let id = path_param(id)?;
     let catalog = state.catalog.clone();
     let detail = blocking(move || catalog.individual(&id)).await?;
     Ok(Json(detail).into_response())
@@ -459,6 +581,34 @@ pub struct ServeArgs {
     /// libtorch threads [default: the free cores].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Seconds a client may take to send a request's headers.
+    #[arg(long, default_value_t = 10.0)]
+    pub header_timeout_s: f64,
+    /// Seconds a client may take to send a request's body once its headers are in (else 408).
+    #[arg(long, default_value_t = 300.0)]
+    pub body_timeout_s: f64,
+    /// Seconds a connection may stay silent while the service waits on the client (a
+    /// half-sent request, or an idle kept-alive connection) before it is closed.
+    #[arg(long, default_value_t = 60.0)]
+    pub idle_timeout_s: f64,
+}
+
+impl ServeArgs {
+    /// The timeouts the flags give.
+    pub fn timeouts(&self) -> anyhow::Result<Timeouts> {
+        let secs = |v: f64, flag: &str| {
+            anyhow::ensure!(
+                v.is_finite() && v > 0.0,
+                "--{flag} must be a positive number of seconds"
+            );
+            Ok(std::time::Duration::from_secs_f64(v))
+        };
+        Ok(Timeouts {
+            header: secs(self.header_timeout_s, "header-timeout-s")?,
+            body: secs(self.body_timeout_s, "body-timeout-s")?,
+            idle: secs(self.idle_timeout_s, "idle-timeout-s")?,
+        })
+    }
 }
 
 /// Open the catalogue as `args` says and serve it until Ctrl-C; `say` prints each line a
@@ -467,6 +617,7 @@ pub fn run(args: &ServeArgs, say: &mut dyn FnMut(String)) -> anyhow::Result<()> 
     use anyhow::Context;
     crate::runtime::configure_threads(args.threads);
     anyhow::ensure!(args.max_upload_mb > 0.0, "--max-upload-mb must be positive");
+    let timeouts = args.timeouts()?;
     let progress = crate::args::bar(0, "opening the catalogue");
     let (catalog, said) = open_catalog(args, &progress)?;
     progress.finish_and_clear();
@@ -497,7 +648,11 @@ pub fn run(args: &ServeArgs, say: &mut dyn FnMut(String)) -> anyhow::Result<()> 
             say(format!(
                 "finprint serving on http://{addr}/#token={token}  (Ctrl-C stops)"
             ));
-            serve(state, listener).await
+            serve(state, listener, timeouts, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await;
+            Ok(())
         })
 }
 
@@ -531,8 +686,15 @@ pub fn open_catalog(
     let embedder = crate::catalog::Embedder::start(&opts.model.spec(), opts.threshold)?;
     progress.set_message("embedding new photos");
     progress.reset();
-    let embedded = catalog.attach(embedder, opts.index, progress)?;
-    said.push(format!("embedded {embedded} photos"));
+    let attached = catalog.attach(embedder, opts.index, progress)?;
+    said.push(format!("embedded {} photos", attached.embedded));
+    if !attached.unusable.is_empty() {
+        said.push(format!(
+            "skipped {} unusable photos, left without an embedding: {}",
+            attached.unusable.len(),
+            attached.unusable.join(", ")
+        ));
+    }
     Ok((catalog, said.join("; ")))
 }
 

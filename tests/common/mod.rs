@@ -40,3 +40,19 @@ pub fn synth(dir: &Path, individuals: usize, width: u32, height: u32, seed: u64)
     generate(&kaggle, &cfg, &indicatif::ProgressBar::hidden()).unwrap();
     kaggle
 }
+
+/// A JPEG of a few hundred bytes whose header declares `side`×`side` pixels: an 8×8 photo
+/// with its frame header's size rewritten.
+pub fn header_bomb(side: u16) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    jpeg_encoder::Encoder::new(&mut bytes, 80)
+        .encode(&[90; 8 * 8 * 3], 8, 8, jpeg_encoder::ColorType::Rgb)
+        .unwrap();
+    let sof = bytes
+        .windows(2)
+        .position(|w| w[0] == 0xFF && matches!(w[1], 0xC0..=0xC2))
+        .expect("a frame header");
+    bytes[sof + 5..sof + 7].copy_from_slice(&side.to_be_bytes());
+    bytes[sof + 7..sof + 9].copy_from_slice(&side.to_be_bytes());
+    bytes
+}
