@@ -14,7 +14,7 @@ use axum::Router;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -65,10 +65,14 @@ pub async fn serve_connections(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
+        let busy = Arc::new(AtomicUsize::new(0));
+        let app = app.clone().layer(axum::middleware::from_fn_with_state(
+            busy.clone(),
+            in_flight,
+        ));
         let mut stopped = stopped.clone();
         tasks.spawn(async move {
-            let io = hyper_util::rt::TokioIo::new(IdleStream::new(stream, timeouts.idle));
+            let io = hyper_util::rt::TokioIo::new(IdleStream::new(stream, timeouts.idle, busy));
             let service = hyper_util::service::TowerToHyperService::new(app);
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
@@ -90,20 +94,41 @@ pub async fn serve_connections(
     while tasks.join_next().await.is_some() {}
 }
 
+/// Middleware counting the connection's requests being answered: while one is, the client
+/// is waiting on the server, not idle.
+async fn in_flight(
+    axum::extract::State(busy): axum::extract::State<Arc<AtomicUsize>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    struct Guard(Arc<AtomicUsize>);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    busy.fetch_add(1, Ordering::Relaxed);
+    let _guard = Guard(busy);
+    next.run(request).await
+}
+
 /// A TCP stream whose reads fail with `TimedOut` once the client has sent nothing for `idle`
-/// while the server waits on it; every byte read or written starts the wait afresh.
+/// while the server waits on it (no request of it being answered); every byte read or written
+/// starts the wait afresh.
 struct IdleStream {
     inner: TcpStream,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
+    busy: Arc<AtomicUsize>,
 }
 
 impl IdleStream {
-    fn new(inner: TcpStream, idle: Duration) -> Self {
+    fn new(inner: TcpStream, idle: Duration, busy: Arc<AtomicUsize>) -> Self {
         Self {
             inner,
             idle,
             deadline: Box::pin(tokio::time::sleep(idle)),
+            busy,
         }
     }
 
@@ -123,6 +148,10 @@ impl AsyncRead for IdleStream {
             Poll::Ready(r) => {
                 self.touch();
                 Poll::Ready(r)
+            }
+            Poll::Pending if self.busy.load(Ordering::Relaxed) > 0 => {
+                self.touch();
+                Poll::Pending
             }
             Poll::Pending => match self.deadline.as_mut().poll(cx) {
                 Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
@@ -228,5 +257,49 @@ impl http_body::Body for DeadlineBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_answer_is_not_cut_off_as_an_idle_client() {
+        let app = Router::new().route(
+            "/slow",
+            axum::routing::get(|| async {
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+                "done"
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let timeouts = Timeouts {
+            idle: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_connections(app, listener, timeouts, async {
+            let _ = stopped.await;
+        }));
+        let answer = tokio::task::spawn_blocking(move || {
+            let mut client = std::net::TcpStream::connect(addr).unwrap();
+            client
+                .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut answer = String::new();
+            let _ = client.read_to_string(&mut answer);
+            answer
+        })
+        .await
+        .unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("done"),
+            "{answer:?}"
+        );
+        let _ = stop.send(());
+        server.await.unwrap();
     }
 }
