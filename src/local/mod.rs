@@ -81,6 +81,10 @@ pub struct LocalArgs {
     /// Keypoints kept per photo, the strongest.
     #[arg(long, default_value_t = 1000)]
     pub local_keypoints: usize,
+    /// SIFT's contrast threshold (OpenCV's 0.04): lower finds more keypoints on smooth,
+    /// low-contrast skin.
+    #[arg(long, default_value_t = 0.04)]
+    pub local_contrast: f32,
     /// Keypoints are kept only inside this band of the photo: x0,y0,x1,y1 as fractions.
     #[arg(long, default_value_t = Region::default())]
     pub local_region: Region,
@@ -104,6 +108,7 @@ impl LocalArgs {
             region: self.local_region,
             sift: sift::SiftConfig {
                 max_keypoints: self.local_keypoints,
+                contrast_threshold: self.local_contrast,
                 ..Default::default()
             },
             k: self.lnbnn_k.max(1),
