@@ -39,7 +39,7 @@ echo "== zero-shot: pretrained EfficientNet-Lite0, GeM features"
 echo "== zero-shot with local features (RootSIFT in the body band, LNBNN, affine RANSAC) re-scoring"
 echo "   its shortlist, fused by probabilities calibrated on the training animals"
 "$FINPRINT" evaluate --zero-shot efficientnet_lite0 --labels "$OUT/val_labels.csv" --images "$SRC" --group view \
-  --local rootsift --local-region 0.1,0.2,0.9,0.8 --shortlist 100 --calibration-labels "$OUT/train_labels.csv"
+  --local rootsift --local-region 0.1,0.2,0.9,0.8 --calibration-labels "$OUT/train_labels.csv"
 rm -rf "$OUT/run"
 echo "== finprint train (--flips none: a mirror turns one flank into the other)"
 (($#)) || set -- --mode frozen --model efficientnet_lite0,efficientnet_lite1,efficientnet_lite2
