@@ -297,21 +297,27 @@ impl fmt::Display for Evaluation {
             None => String::new(),
             Some(_) => format!(" ({:+.4} to {:+.4})", v[0], v[1]),
         };
-        if let Some(local) = &self.local {
-            let (e, d) = (&local.embedding, &local.gain);
-            write!(
-                f,
-                "\nthe embedding alone: top-1 {:.4}  top-5 {:.4}  MAP@5 {:.4}; local re-scoring{} gains top-1 {:+.4}{}  top-5 {:+.4}{}  MAP@5 {:+.4}{}",
-                e.top1,
-                e.top5,
-                e.map5_known,
-                if local.fused { " (fused, calibrated)" } else { "" },
+        let gains = |d: &Difference| {
+            format!(
+                "top-1 {:+.4}{}  top-5 {:+.4}{}  MAP@5 {:+.4}{}",
                 d.top1,
                 ci(d.interval.top1),
                 d.top5,
                 ci(d.interval.top5),
                 d.map5,
                 ci(d.interval.map5)
+            )
+        };
+        if let Some(local) = &self.local {
+            let e = &local.embedding;
+            write!(
+                f,
+                "\nthe embedding alone: top-1 {:.4}  top-5 {:.4}  MAP@5 {:.4}; local re-scoring{} gains {}",
+                e.top1,
+                e.top5,
+                e.map5_known,
+                if local.fused { " (fused, calibrated)" } else { "" },
+                gains(&local.gain)
             )?;
             let c = &local.cost;
             write!(
@@ -325,18 +331,12 @@ impl fmt::Display for Evaluation {
             )?;
         }
         if let Some(base) = &self.baseline {
-            let d = &base.gain;
             write!(
                 f,
-                "\ngain over zero-shot {} (MAP@5 {:.4}): top-1 {:+.4}{}  top-5 {:+.4}{}  MAP@5 {:+.4}{}",
+                "\ngain over zero-shot {} (MAP@5 {:.4}): {}",
                 base.backbone,
                 base.report.map5_known,
-                d.top1,
-                ci(d.interval.top1),
-                d.top5,
-                ci(d.interval.top5),
-                d.map5,
-                ci(d.interval.map5)
+                gains(&base.gain)
             )?;
         }
         Ok(())
