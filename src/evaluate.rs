@@ -171,10 +171,7 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
         (Some(_), Some(path)) => Some(calibrate(args, path, &ensemble, &sets, progress)?),
         _ => None,
     };
-    let score = |query: usize, shortlist: &[(usize, f32)]| {
-        let Some(local) = &local else {
-            return Vec::new();
-        };
+    let score = |local: &LocalScores, query: usize, shortlist: &[(usize, f32)]| {
         let verified = local.rescore(query, shortlist);
         shortlist
             .iter()
@@ -186,10 +183,13 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
             })
             .collect()
     };
-    let rescorer = Rescorer {
+    let local_score = local
+        .as_ref()
+        .map(|l| move |query: usize, shortlist: &[(usize, f32)]| score(l, query, shortlist));
+    let rescorer = local_score.as_ref().map(|s| Rescorer {
         shortlist: args.local.shortlist,
-        score: &score,
-    };
+        score: s,
+    });
     let evaluate = |ensemble: &Ensemble, threshold: f32| {
         progress.reset();
         let emb = args
@@ -203,10 +203,10 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
             rescore: None,
         };
         let embedding = leave_one_out(&emb, ensemble.dim(), &labelled.ids, &protocol)?;
-        match local {
+        match &rescorer {
             None => Ok((embedding, None)),
-            Some(_) => {
-                let rescore = Some(&rescorer);
+            Some(r) => {
+                let rescore = Some(r);
                 let local = leave_one_out(
                     &emb,
                     ensemble.dim(),

@@ -366,6 +366,7 @@ mod tests {
     use crate::local::ransac::{self, Correspondence};
     use crate::local::Features;
     use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
 
     /// A dark Gaussian spot of standard deviation `s` on a light background, plus more spots.
     fn spots(width: usize, height: usize, spots: &[(f32, f32, f32)]) -> Gray {
@@ -445,6 +446,4 @@ mod tests {
             assert!((g - w).abs() < tolerance, "{:?}", fit.map);
         }
     }
-
-    use rand_chacha::ChaCha8Rng;
 }
