@@ -3,7 +3,10 @@
 //! that are not evaluated; the fused score is the mean of the probabilities, so a score that
 //! carries no signal is fitted flat and leaves the other's ranking as it was.
 
+use super::store::Extraction;
+use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::path::Path;
 
 /// P(same | x) = σ(a·x + b).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -88,6 +91,55 @@ impl Fusion {
         let pe = self.embedding.probability(f64::from(cosine));
         let pl = self.local.probability(local_feature(verified));
         (0.5 * (pe + pl)) as f32
+    }
+}
+
+/// A fitted fusion with everything it depends on, saved as JSON: the embedding it was fitted
+/// for, how features were extracted and matched, and the `new_individual` threshold on the
+/// fused probability chosen on the same calibration animals.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// The embedding model's identity (`ModelSpec::identity`).
+    pub model: String,
+    pub extraction: Extraction,
+    pub shortlist: usize,
+    pub lnbnn_k: usize,
+    pub fusion: Fusion,
+    pub threshold: f32,
+    /// The calibration photos, and their queries' MAP@5 with `threshold`.
+    pub photos: usize,
+    pub map5: f64,
+}
+
+impl Calibration {
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = serde_json::to_string_pretty(self)?;
+        crate::fsio::write_bytes_atomic(path, json.as_bytes())
+    }
+
+    pub fn load(path: &Path) -> Result<Calibration> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a finprint calibration", path.display()))
+    }
+
+    /// Refuses a calibration fitted for another model or other local settings.
+    pub fn check(&self, path: &Path, model: &str, extraction: &Extraction) -> Result<()> {
+        ensure!(
+            self.model == model,
+            "{} was fitted for the model {}, not {model}",
+            path.display(),
+            self.model
+        );
+        ensure!(
+            &self.extraction == extraction,
+            "{} was fitted for local features {:?}, not {:?}",
+            path.display(),
+            self.extraction,
+            extraction
+        );
+        Ok(())
     }
 }
 

@@ -51,26 +51,7 @@ pub fn vote(query: &Features, gallery: &[&Features], k: usize) -> Vec<PhotoVotes
     for start in (0..query.len()).step_by(BLOCK) {
         let rows = BLOCK.min(query.len() - start);
         let q = &query.descriptors[start * DESC_LEN..(start + rows) * DESC_LEN];
-        // sims[rows, m] = q[rows, D] · pooledᵀ[D, m]
-        // SAFETY: the slices hold rows×D, m×D and rows×m floats, laid out as the strides say.
-        unsafe {
-            matrixmultiply::sgemm(
-                rows,
-                DESC_LEN,
-                m,
-                1.0,
-                q.as_ptr(),
-                DESC_LEN as isize,
-                1,
-                pooled.as_ptr(),
-                1,
-                DESC_LEN as isize,
-                0.0,
-                sims.as_mut_ptr(),
-                m as isize,
-                1,
-            );
-        }
+        similarities(q, &pooled, &mut sims[..rows * m]);
         for r in 0..rows {
             let nearest = top_k(&sims[r * m..(r + 1) * m], k + 1);
             // Unit vectors: ‖a − b‖ = √(2 − 2a·b).
@@ -94,6 +75,33 @@ pub fn vote(query: &Features, gallery: &[&Features], k: usize) -> Vec<PhotoVotes
         }
     }
     out
+}
+
+/// `out[r·m + j]` = the dot product of descriptor `r` of `a` with descriptor `j` of `b`
+/// (row-major `[·, DESC_LEN]` each; `out` holds their product of counts).
+pub(super) fn similarities(a: &[f32], b: &[f32], out: &mut [f32]) {
+    let (rows, m) = (a.len() / DESC_LEN, b.len() / DESC_LEN);
+    assert_eq!(out.len(), rows * m, "similarity matrix size");
+    // out[rows, m] = a[rows, D] · bᵀ[D, m]
+    // SAFETY: the slices hold rows×D, m×D and rows×m floats, laid out as the strides say.
+    unsafe {
+        matrixmultiply::sgemm(
+            rows,
+            DESC_LEN,
+            m,
+            1.0,
+            a.as_ptr(),
+            DESC_LEN as isize,
+            1,
+            b.as_ptr(),
+            1,
+            DESC_LEN as isize,
+            0.0,
+            out.as_mut_ptr(),
+            m as isize,
+            1,
+        );
+    }
 }
 
 /// The `n` largest values of `row` as `(index, value)`, largest first (ties: lower index).
@@ -125,6 +133,7 @@ mod tests {
         Features {
             points: (0..descs.len()).map(|i| [i as f32, 0.0]).collect(),
             descriptors: descs.concat(),
+            ..Default::default()
         }
     }
 

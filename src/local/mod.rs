@@ -6,8 +6,10 @@
 pub mod calibration;
 mod gray;
 pub mod lnbnn;
+pub mod pairwise;
 pub mod ransac;
 pub mod sift;
+pub mod store;
 
 pub use gray::Gray;
 
@@ -122,6 +124,8 @@ impl LocalArgs {
 /// RootSIFT descriptors, row-major `[n, sift::DESC_LEN]`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Features {
+    /// The matched image's width and height (the photo resized to the matcher's size).
+    pub size: [u32; 2],
     pub points: Vec<[f32; 2]>,
     pub descriptors: Vec<f32>,
 }
@@ -158,16 +162,32 @@ pub struct Matcher {
 }
 
 impl Matcher {
+    /// How this matcher extracts features (what a stored file must have been made with).
+    pub fn extraction(&self) -> store::Extraction {
+        store::Extraction {
+            method: "rootsift".into(),
+            size: self.size,
+            keypoints: self.sift.max_keypoints,
+            contrast: self.sift.contrast_threshold,
+            region: self.region.0,
+        }
+    }
+
     /// The local features of a photo (or crop), resized so its longer side is `size`.
     pub fn extract(&self, image: &RgbImage) -> Features {
         let gray = Gray::from_rgb_longest(image, self.size);
         let (keypoints, descriptors) = sift::detect_and_describe(&gray, &self.sift);
         let (w, h) = (gray.width as f32, gray.height as f32);
-        let mut features = Features::default();
+        let mut features = Features {
+            size: [gray.width as u32, gray.height as u32],
+            ..Default::default()
+        };
         for (kp, d) in keypoints.iter().zip(descriptors.chunks(sift::DESC_LEN)) {
             if self.region.contains(kp.x / w, kp.y / h) {
                 features.points.push([kp.x, kp.y]);
-                features.descriptors.extend_from_slice(d);
+                // Rounded as they are stored, so that stored and fresh features match alike.
+                let stored = d.iter().map(|&v| half::f16::from_f32(v).to_f32());
+                features.descriptors.extend(stored);
             }
         }
         features
@@ -197,5 +217,12 @@ impl Matcher {
                 }
             })
             .collect()
+    }
+
+    /// The matches a person can check between a query and one candidate: mutual nearest
+    /// neighbours that pass the ratio test and agree with one affine map, as pairs of points
+    /// in fractions of each photo's width and height.
+    pub fn pairwise(&self, query: &Features, candidate: &Features) -> Vec<pairwise::Line> {
+        pairwise::verified(query, candidate, &self.ransac, self.size as f32)
     }
 }

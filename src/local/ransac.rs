@@ -49,7 +49,6 @@ pub fn affine(pairs: &[Correspondence], cfg: &RansacConfig, side: f32) -> Fit {
     if pairs.len() < 3 {
         return best;
     }
-    let tolerance2 = (cfg.tolerance * side).powi(2);
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ pairs.len() as u64);
     let n = pairs.len();
     for _ in 0..cfg.iterations {
@@ -69,7 +68,7 @@ pub fn affine(pairs: &[Correspondence], cfg: &RansacConfig, side: f32) -> Fit {
         }
         let (mut inliers, mut weight) = (0, 0.0);
         for p in pairs {
-            if residual2(&map, p) <= tolerance2 {
+            if agrees(&map, p, cfg, side) {
                 inliers += 1;
                 weight += p.weight;
             }
@@ -83,6 +82,11 @@ pub fn affine(pairs: &[Correspondence], cfg: &RansacConfig, side: f32) -> Fit {
         }
     }
     best
+}
+
+/// Whether `p` is an inlier of `map`: within the tolerance of where the map takes it.
+pub fn agrees(map: &[f32; 6], p: &Correspondence, cfg: &RansacConfig, side: f32) -> bool {
+    residual2(map, p) <= (cfg.tolerance * side).powi(2)
 }
 
 fn residual2(map: &[f32; 6], p: &Correspondence) -> f32 {

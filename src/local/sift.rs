@@ -421,6 +421,7 @@ mod tests {
         let extract = |g: &Gray| {
             let (kps, descriptors) = detect_and_describe(g, &cfg);
             Features {
+                size: [g.width as u32, g.height as u32],
                 points: kps.iter().map(|k| [k.x, k.y]).collect(),
                 descriptors,
             }

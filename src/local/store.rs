@@ -1,0 +1,297 @@
+//! Local features stored once: each photo's keypoints and descriptors as bytes (a catalogue
+//! keeps them per photo), and a features file of many photos beside the embeddings, tagged
+//! with how they were extracted so that features of other settings are never matched.
+
+use super::sift::DESC_LEN;
+use super::Features;
+use anyhow::{bail, ensure, Context, Result};
+use half::f16;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The settings that decide a photo's features.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Extraction {
+    pub method: String,
+    pub size: u32,
+    pub keypoints: usize,
+    pub contrast: f32,
+    pub region: [f32; 4],
+}
+
+const HEADER: usize = 12;
+/// Bytes per keypoint: its position (two f32) and its descriptor (f16).
+pub const KEYPOINT_BYTES: usize = 8 + 2 * DESC_LEN;
+
+impl Features {
+    /// Little-endian: width, height and count (u32), the points (f32 pairs), the descriptors
+    /// (f16, which is how they are extracted: see `Matcher::extract`).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER + self.len() * KEYPOINT_BYTES);
+        for v in [self.size[0], self.size[1], self.len() as u32] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in self.points.iter().flatten() {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        for &v in &self.descriptors {
+            out.extend_from_slice(&f16::from_f32(v).to_le_bytes());
+        }
+        out
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Features> {
+        ensure!(
+            bytes.len() >= HEADER,
+            "local features: {} bytes, no header",
+            bytes.len()
+        );
+        let word = |i: usize| u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
+        let (size, n) = ([word(0), word(1)], word(2) as usize);
+        ensure!(
+            bytes.len() == HEADER + n * KEYPOINT_BYTES,
+            "local features: {} bytes for {n} keypoints",
+            bytes.len()
+        );
+        let (points, descriptors) = bytes[HEADER..].split_at(n * 8);
+        let floats: Vec<f32> = points
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        Ok(Features {
+            size,
+            points: floats.chunks_exact(2).map(|p| [p[0], p[1]]).collect(),
+            descriptors: descriptors
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        })
+    }
+}
+
+/// The local features of many photos (safetensors: a `u8` tensor of every photo's bytes and
+/// an `i64` tensor of offsets; names and extraction in the metadata).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FeatureFile {
+    pub extraction: Extraction,
+    pub names: Vec<String>,
+    pub features: Vec<Features>,
+}
+
+impl FeatureFile {
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut blob = Vec::new();
+        let mut offsets = vec![0i64];
+        for f in &self.features {
+            blob.extend(f.to_bytes());
+            offsets.push(blob.len() as i64);
+        }
+        let offset_bytes: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
+        let view = |dtype, shape, data| {
+            safetensors::tensor::TensorView::new(dtype, shape, data).context("features tensor")
+        };
+        let tensors = [
+            (
+                "features",
+                view(safetensors::Dtype::U8, vec![blob.len()], &blob)?,
+            ),
+            (
+                "offsets",
+                view(safetensors::Dtype::I64, vec![offsets.len()], &offset_bytes)?,
+            ),
+        ];
+        let metadata = HashMap::from([
+            ("names".to_string(), serde_json::to_string(&self.names)?),
+            (
+                "extraction".to_string(),
+                serde_json::to_string(&self.extraction)?,
+            ),
+        ]);
+        let data =
+            safetensors::serialize(tensors, &Some(metadata)).context("serialising features")?;
+        crate::fsio::write_bytes_atomic(path, &data)
+    }
+
+    pub fn load(path: &Path) -> Result<FeatureFile> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let bad = |what: &str| {
+            anyhow::anyhow!(
+                "{}: not a finprint local features file ({what})",
+                path.display()
+            )
+        };
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|_| bad("header"))?;
+        let field = |key: &str| meta.metadata().as_ref().and_then(|m| m.get(key)).cloned();
+        let names: Vec<String> = field("names")
+            .and_then(|n| serde_json::from_str(&n).ok())
+            .ok_or_else(|| bad("no names"))?;
+        let extraction: Extraction = field("extraction")
+            .and_then(|n| serde_json::from_str(&n).ok())
+            .ok_or_else(|| bad("no extraction settings"))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|_| bad("tensors"))?;
+        let blob = st.tensor("features").map_err(|_| bad("no 'features'"))?;
+        let offsets: Vec<usize> = st
+            .tensor("offsets")
+            .map_err(|_| bad("no 'offsets'"))?
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as usize)
+            .collect();
+        if offsets.len() != names.len() + 1
+            || offsets.windows(2).any(|w| w[0] > w[1])
+            || offsets.last() != Some(&blob.data().len())
+        {
+            bail!(bad("offsets"));
+        }
+        let features = offsets
+            .windows(2)
+            .zip(&names)
+            .map(|(w, name)| {
+                Features::from_bytes(&blob.data()[w[0]..w[1]])
+                    .with_context(|| format!("{}: photo {name}", path.display()))
+            })
+            .collect::<Result<_>>()?;
+        Ok(FeatureFile {
+            extraction,
+            names,
+            features,
+        })
+    }
+}
+
+/// The features of `names`: read from `file` where it holds them, extracted the same way;
+/// the others by `extract` (in parallel), after which the file is rewritten with all of them.
+/// Returns the features and how many were extracted.
+pub fn cached(
+    file: Option<&Path>,
+    extraction: &Extraction,
+    names: &[String],
+    extract: impl Fn(usize) -> Result<Features> + Sync,
+) -> Result<(Vec<Features>, usize)> {
+    let mut stored: HashMap<String, Features> = HashMap::new();
+    if let Some(path) = file.filter(|p| p.exists()) {
+        let f = FeatureFile::load(path)?;
+        if &f.extraction == extraction {
+            stored = f.names.into_iter().zip(f.features).collect();
+        } else {
+            eprintln!(
+                "{}: extracted with other settings ({:?}); extracting again",
+                path.display(),
+                f.extraction
+            );
+        }
+    }
+    let fresh: Vec<(usize, Features)> = (0..names.len())
+        .into_par_iter()
+        .filter(|&i| !stored.contains_key(&names[i]))
+        .map(|i| Ok((i, extract(i)?)))
+        .collect::<Result<_>>()?;
+    let extracted = fresh.len();
+    let mut fresh: HashMap<usize, Features> = fresh.into_iter().collect();
+    let features: Vec<Features> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| match fresh.remove(&i) {
+            Some(f) => f,
+            None => stored[name].clone(),
+        })
+        .collect();
+    if let (Some(path), true) = (file, extracted > 0) {
+        for (name, f) in names.iter().zip(&features) {
+            stored.insert(name.clone(), f.clone());
+        }
+        let (names, features) = stored.into_iter().unzip();
+        FeatureFile {
+            extraction: extraction.clone(),
+            names,
+            features,
+        }
+        .save(path)?;
+    }
+    Ok((features, extracted))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(n: usize, seed: f32) -> Features {
+        Features {
+            size: [256, 81],
+            points: (0..n).map(|i| [i as f32 + 0.25, seed]).collect(),
+            // Halves are exact in f16.
+            descriptors: (0..n * DESC_LEN)
+                .map(|i| (i % 7) as f32 * 0.5 + seed)
+                .collect(),
+        }
+    }
+
+    fn extraction() -> Extraction {
+        Extraction {
+            method: "rootsift".into(),
+            size: 256,
+            keypoints: 1000,
+            contrast: 0.04,
+            region: [0.0, 0.0, 1.0, 1.0],
+        }
+    }
+
+    #[test]
+    fn a_photo_round_trips_through_bytes_and_bad_lengths_are_refused() {
+        let f = sample(3, 1.0);
+        let bytes = f.to_bytes();
+        assert_eq!(bytes.len(), 12 + 3 * (8 + 256));
+        assert_eq!(Features::from_bytes(&bytes).unwrap(), f);
+        assert!(Features::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+        assert!(Features::from_bytes(&bytes[..5]).is_err());
+        assert_eq!(
+            Features::from_bytes(&Features::default().to_bytes()).unwrap(),
+            Features::default()
+        );
+    }
+
+    #[test]
+    fn the_file_caches_what_was_extracted_and_extracts_only_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("local.safetensors");
+        let names: Vec<String> = ["a.jpg", "b.jpg"].map(String::from).to_vec();
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let extract = |i: usize| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(sample(i + 1, i as f32))
+        };
+        let (first, n) = cached(Some(&path), &extraction(), &names, extract).unwrap();
+        assert_eq!((n, first[1].len()), (2, 2));
+        let more: Vec<String> = ["b.jpg", "c.jpg", "a.jpg"].map(String::from).to_vec();
+        let (second, n) = cached(Some(&path), &extraction(), &more, extract).unwrap();
+        assert_eq!(n, 1, "only c.jpg is new");
+        assert_eq!((&second[0], &second[2]), (&first[1], &first[0]));
+        assert_eq!(FeatureFile::load(&path).unwrap().names.len(), 3);
+        let other = Extraction {
+            size: 512,
+            ..extraction()
+        };
+        let (_, n) = cached(Some(&path), &other, &names, extract).unwrap();
+        assert_eq!(
+            (n, calls.into_inner()),
+            (2, 5),
+            "other settings: extracted again"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_features_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("junk.safetensors");
+        std::fs::write(&path, b"not at all").unwrap();
+        let err = format!("{:#}", FeatureFile::load(&path).unwrap_err());
+        assert!(
+            err.contains("junk.safetensors") && err.contains("not a finprint"),
+            "{err}"
+        );
+    }
+}
