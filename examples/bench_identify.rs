@@ -2,7 +2,7 @@
 //! decode and resize (the evaluation pipeline) → embed (EfficientNet-Lite0 + GeM + BN +
 //! Linear 512, random weights: speed does not depend on them) → exact search of the catalogue
 //! (`FlatIndex`, f32) → individuals ranked by their best photo (`predict::rank_candidates`) →
-//! five answers with `new_individual` (`predict::answers`). The catalogue is `--n` random unit
+//! five answers with `new_individual` (`decide::answers`). The catalogue is `--n` random unit
 //! vectors labelled with `--individuals` individuals.
 //!
 //! Prints one JSON line: per-photo latency (median, min, max over `--queries` photos after a
@@ -18,7 +18,8 @@ use common::{random_unit_vectors, stats, vm_hwm_mb};
 use finprint::data::image::load_rgb;
 use finprint::embed::{embed_batch, input_tensor, to_vec};
 use finprint::model::happywhale::{HappyWhaleModel, ModelConfig};
-use finprint::predict::{answers, rank_candidates};
+use finprint::decide::answers;
+use finprint::predict::rank_candidates;
 use finprint::search::{Aggregation, FlatIndex, Index, Storage};
 use finprint::transforms::{batch_with, Fit, ImgSize, Pipeline};
 use serde_json::json;

@@ -101,13 +101,14 @@ pub fn run(args: &DemoArgs, say: &mut dyn FnMut(String)) -> Result<()> {
         crops: Vec::new(),
     };
     let progress = bar(0, "embedding");
-    let predictions = predict_submission(
+    let (predictions, _) = predict_submission(
         &ensemble,
         &kaggle,
         &load_sets(&validation_crops(&run)?)?,
         &NewRule::Threshold((&ensemble).into()),
         &options,
         IndexSpec::default(),
+        None,
         &progress,
     )?;
     progress.finish_and_clear();

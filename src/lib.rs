@@ -15,8 +15,11 @@
 //! | search | [`search`] | the `Index` trait: exact (f32/f16) and HNSW, chosen by an [`search::IndexSpec`] |
 //! | local features | [`local`] | RootSIFT keypoints, LNBNN votes and affine RANSAC: re-scoring a shortlist by the marks |
 //! | scoring | [`metrics`] | MAP@5 as Kaggle defines it |
-//! | prediction | [`predict`] | ranking individuals, `new_individual`, kNN + head fusion, submissions |
-//! | evaluation | [`evaluate`] | leave-one-out identification, bootstrap and paired bootstrap |
+//! | decision | [`decide`] | candidates, where `new_individual` goes, thresholds chosen on validation |
+//! | cross-validation | [`crossval`] | leave-one-out identification, bootstrap and paired bootstrap |
+//! | fusion | [`fusion`] | local features of a photo set, shortlist re-scoring, the calibrated fusion |
+//! | prediction | [`predict`] | ranking individuals, kNN + head (or local) fusion, submissions |
+//! | evaluation | [`evaluate`] | `finprint evaluate`: the figures, intervals, gains and their costs |
 //! | training | [`train`] | augmentations, AdamW, the gradient and frozen modes, reports |
 //! | demo | [`demo`] | the main job on the synthetic default |
 //! | catalogue | [`catalog`] | individuals, photos, sightings and decisions in SQLite |
@@ -28,11 +31,14 @@
 pub mod args;
 pub mod catalog;
 pub mod crops;
+pub mod crossval;
 pub mod data;
+pub mod decide;
 pub mod demo;
 pub mod embed;
 pub mod evaluate;
 pub mod fsio;
+pub mod fusion;
 pub mod local;
 pub mod metrics;
 pub mod model;

@@ -142,12 +142,11 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
         Command::Predict(a) => {
             configure_threads(None);
             let progress = bar(0, "embedding");
-            let (rule, count) = finprint::predict::run(&a, &progress)?;
+            let predicted = finprint::predict::run(&a, &progress)?;
             progress.finish_and_clear();
             let out = a.out.display();
-            say(format!(
-                "wrote {count} predictions to {out} (new_individual: {rule:?})"
-            ));
+            say(format!("wrote {} predictions to {out}", predicted.count));
+            say(predicted);
         }
         Command::Evaluate(a) => {
             configure_threads(None);

@@ -2,25 +2,25 @@
 //! the threshold chosen on validation queries to maximise MAP@5.
 
 use crate::crops::LoadedCropSet;
+use crate::crossval::Protocol;
 use crate::data::image::list_photos;
-use crate::data::{read_train_csv, write_submission, KaggleDir, Prediction, NEW_INDIVIDUAL};
+use crate::data::{read_train_csv, write_submission, KaggleDir, Prediction};
+use crate::decide::{answers, best_threshold, threshold_for_new_share, Candidate};
 use crate::embed::EmbedOptions;
+use crate::fusion::{calibrate, LocalScores};
+use crate::local::calibration::Calibration;
+use crate::local::LocalArgs;
 use crate::metrics::{average_precision_at_5, K};
 use crate::model::happywhale::HappyWhaleModel;
 use crate::runs::{Ensemble, ModelArgs};
-use crate::search::{rank_labels, Aggregation, Index, IndexSpec};
+use crate::search::{rank_labels, Aggregation, Index, IndexSpec, Neighbor};
+use anyhow::Context;
 use indicatif::ProgressBar;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tch::Tensor;
-
-/// One candidate individual for a query, with its similarity (higher is more alike).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Candidate {
-    pub id: String,
-    pub score: f32,
-}
 
 /// The best `top` individuals for each query (row-major `queries`), best first, from a catalogue
 /// index whose row `i` shows individual `ids[labels[i]]`.
@@ -47,89 +47,6 @@ pub fn rank_candidates(
                 .collect()
         })
         .collect())
-}
-
-/// The five answers for a query whose candidates are sorted best first: `new_individual` takes
-/// the place where the similarity falls below `threshold` (first, when even the best is below).
-pub fn answers(candidates: &[Candidate], threshold: f32) -> Vec<String> {
-    let mut out = Vec::with_capacity(K);
-    let mut new_placed = false;
-    for c in candidates {
-        if out.len() == K {
-            break;
-        }
-        if !new_placed && c.score < threshold {
-            out.push(NEW_INDIVIDUAL.to_string());
-            new_placed = true;
-            if out.len() == K {
-                break;
-            }
-        }
-        if c.id != NEW_INDIVIDUAL {
-            out.push(c.id.clone());
-        }
-    }
-    if !new_placed && out.len() < K {
-        out.push(NEW_INDIVIDUAL.to_string());
-    }
-    out
-}
-
-/// The threshold that maximises MAP@5 over validation queries (candidates, true id), among the
-/// candidates' own scores and the values just above them (the only places where the answers
-/// change: the lowest score never puts new_individual before a candidate, just above the
-/// highest always does); ties go to the lowest threshold. Always finite, so it saves to JSON.
-/// Returns (threshold, MAP@5).
-pub fn best_threshold(queries: &[(Vec<Candidate>, String)]) -> (f32, f64) {
-    if queries.is_empty() {
-        return (0.0, 0.0);
-    }
-    let mut grid: Vec<f32> = queries
-        .iter()
-        .flat_map(|(c, _)| c.iter().take(K).map(|c| c.score))
-        .filter(|s| s.is_finite())
-        .chain([0.0])
-        .collect();
-    // A threshold just above a score puts new_individual before that candidate.
-    let above: Vec<f32> = grid.iter().map(|s| s.next_up()).collect();
-    grid.extend(above);
-    grid.sort_by(f32::total_cmp);
-    grid.dedup();
-    let map_at = |t: f32| {
-        queries
-            .iter()
-            .map(|(c, truth)| average_precision_at_5(truth, &answers(c, t)))
-            .sum::<f64>()
-            / queries.len() as f64
-    };
-    grid.into_iter()
-        .map(|t| (t, map_at(t)))
-        .fold((f32::NEG_INFINITY, -1.0), |best, x| {
-            if x.1 > best.1 {
-                x
-            } else {
-                best
-            }
-        })
-}
-
-/// The threshold under which a `share` of the queries' best scores fall: the winners' fixed
-/// share of `new_individual` first.
-pub fn threshold_for_new_share(best_scores: &[f32], share: f64) -> f32 {
-    if best_scores.is_empty() {
-        return 0.0;
-    }
-    let mut s = best_scores.to_vec();
-    s.sort_by(f32::total_cmp);
-    let n = ((share.clamp(0.0, 1.0) * s.len() as f64).round() as usize).min(s.len());
-    if n == 0 {
-        f32::NEG_INFINITY
-    } else if n == s.len() {
-        f32::INFINITY
-    } else {
-        // Between the n-th and (n+1)-th lowest best score.
-        (s[n - 1] + s[n]) / 2.0
-    }
 }
 
 /// Queries of a species below which it keeps the global threshold (too few to choose one).
@@ -315,6 +232,8 @@ pub fn fuse_with_head(
 /// Where `new_individual` goes in the answers.
 #[derive(Clone, Debug, PartialEq)]
 pub enum NewRule {
+    /// With local re-scoring: at the calibration's threshold on the fused probability.
+    Calibrated,
     /// Before the first candidate whose similarity is below the threshold (of its species).
     Threshold(Thresholds),
     /// First for this share of the queries, those whose best candidate is weakest (the
@@ -351,38 +270,110 @@ pub struct PredictArgs {
     pub index: IndexSpec,
     #[command(flatten)]
     pub options: EmbedOptions,
+    #[command(flatten)]
+    pub local: LocalArgs,
+    /// With --local: a calibration saved by `predict` or `evaluate --save-calibration`, fitted
+    /// for the same model and local settings [default: fitted on the catalogue's own photos
+    /// (whole animals, up to 1000 photos) and saved as OUT.calibration.json].
+    #[arg(long, value_name = "FILE")]
+    pub calibration: Option<PathBuf>,
+    /// With --local: the features file (safetensors) where the catalogue's local features are
+    /// read from and stored once extracted; without, they are extracted on every run.
+    #[arg(long, value_name = "FILE")]
+    pub local_features: Option<PathBuf>,
 }
+
+/// What `finprint predict` did.
+#[derive(Debug)]
+pub struct Predicted {
+    pub count: usize,
+    pub rule: NewRule,
+    /// With --local: the calibration used, and where it was saved when fitted on the catalogue.
+    pub calibration: Option<Calibration>,
+    pub calibration_file: Option<PathBuf>,
+}
+
+impl std::fmt::Display for Predicted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.rule, &self.calibration) {
+            (NewRule::Calibrated, Some(c)) => write!(
+                f,
+                "new_individual below a fused probability of {:.3} (calibrated on {} photos, MAP@5 {:.4} there)",
+                c.threshold, c.photos, c.map5
+            )?,
+            (rule, _) => write!(f, "new_individual: {rule:?}")?,
+        }
+        if let Some(path) = &self.calibration_file {
+            write!(f, "; calibration saved to {}", path.display())?;
+        }
+        Ok(())
+    }
+}
+
+/// Local re-scoring in [`predict_submission`].
+pub struct LocalPlan<'a> {
+    pub args: &'a LocalArgs,
+    /// The catalogue's features file.
+    pub features: Option<&'a Path>,
+    /// A saved calibration to use, or else where to save the one fitted on the catalogue.
+    pub calibration: Result<&'a Path, PathBuf>,
+    /// The embedding model's identity, which a calibration is fitted for.
+    pub model: String,
+}
+
+/// Catalogue photos the calibration is fitted on, at most (whole animals).
+pub const CALIBRATION_PHOTOS: usize = 1000;
 
 /// Predict `test_images/` of `args.data` and write the submission; returns the rule that
 /// placed new_individual and the number of predictions.
-pub fn run(args: &PredictArgs, progress: &ProgressBar) -> anyhow::Result<(NewRule, usize)> {
+pub fn run(args: &PredictArgs, progress: &ProgressBar) -> anyhow::Result<Predicted> {
     let spec = args.model.spec();
     let mut ensemble = spec.load(None, crate::runtime::device())?;
     if let Some(w) = args.fusion_weight {
         ensemble.fusion_weight = w;
     }
+    let local = match args.local.enabled() {
+        true => Some(LocalPlan {
+            args: &args.local,
+            features: args.local_features.as_deref(),
+            calibration: args
+                .calibration
+                .as_deref()
+                .ok_or_else(|| args.out.with_extension("calibration.json")),
+            model: spec.identity()?,
+        }),
+        false => None,
+    };
     let rule = match (args.new_share, args.threshold) {
         (Some(share), _) => NewRule::Share(share),
         (None, Some(t)) => NewRule::Threshold(Thresholds::global(t)),
+        (None, None) if local.is_some() => NewRule::Calibrated,
         (None, None) => NewRule::Threshold((&ensemble).into()),
     };
     let sets = args.options.crop_sets(&spec)?;
-    let predictions = predict_submission(
+    let (predictions, calibration) = predict_submission(
         &ensemble,
         &KaggleDir::new(&args.data),
         &sets,
         &rule,
         &args.options,
         args.index,
+        local.as_ref(),
         progress,
     )?;
     write_submission(&args.out, &predictions)?;
-    Ok((rule, predictions.len()))
+    Ok(Predicted {
+        count: predictions.len(),
+        rule,
+        calibration,
+        calibration_file: local.and_then(|l| l.calibration.err()),
+    })
 }
 
 /// A Kaggle submission for `test_images/` of `data`: every photo of `train.csv` is the
 /// catalogue (searched through an index of kind `index`), ranked per individual by its best
-/// photo, `new_individual` by the rule.
+/// photo (after local re-scoring of the shortlist, with `local`), `new_individual` by the rule.
+#[allow(clippy::too_many_arguments)]
 pub fn predict_submission(
     ensemble: &Ensemble,
     data: &KaggleDir,
@@ -390,8 +381,9 @@ pub fn predict_submission(
     new_rule: &NewRule,
     options: &EmbedOptions,
     index: IndexSpec,
+    local: Option<&LocalPlan>,
     progress: &ProgressBar,
-) -> anyhow::Result<Vec<Prediction>> {
+) -> anyhow::Result<(Vec<Prediction>, Option<Calibration>)> {
     let train = read_train_csv(&data.train_csv())?;
     let tests = list_photos(&data.test_images())?;
     anyhow::ensure!(
@@ -418,27 +410,54 @@ pub fn predict_submission(
         .map(|r| ids.binary_search(&r.individual_id).map_or(0, |i| i as u32))
         .collect();
     let index = index.build_with(gallery.len() / names.len(), &gallery)?;
-    let knn = rank_candidates(
-        index.as_ref(),
-        &labels,
-        &ids,
-        &queries,
-        Aggregation::Max,
-        FUSION_DEPTH,
-    )?;
-    let models: Vec<&HappyWhaleModel> = ensemble.models.iter().collect();
-    let heads = if ensemble.fusion_weight > 0.0 {
-        head_candidates(
-            &models,
-            &ensemble.weights,
-            &queries,
-            tests.len(),
-            FUSION_DEPTH,
-        )?
-    } else {
-        None
+    let encounters: Vec<Option<String>> = train.rows.iter().map(|r| r.encounter.clone()).collect();
+    let (ranked, calibrated) = match local {
+        Some(plan) => {
+            let dim = gallery.len() / names.len();
+            let (ranked, c) = rank_with_local(
+                plan,
+                data,
+                &names,
+                &tests,
+                &train_ids(&train),
+                &encounters,
+                &gallery,
+                &queries,
+                dim,
+                index.as_ref(),
+                &labels,
+                &ids,
+                progress,
+            )?;
+            (ranked, Some(c))
+        }
+        None => {
+            let knn = rank_candidates(
+                index.as_ref(),
+                &labels,
+                &ids,
+                &queries,
+                Aggregation::Max,
+                FUSION_DEPTH,
+            )?;
+            let models: Vec<&HappyWhaleModel> = ensemble.models.iter().collect();
+            let heads = if ensemble.fusion_weight > 0.0 {
+                head_candidates(
+                    &models,
+                    &ensemble.weights,
+                    &queries,
+                    tests.len(),
+                    FUSION_DEPTH,
+                )?
+            } else {
+                None
+            };
+            (
+                fuse_all(knn, heads.as_deref(), ensemble.fusion_weight),
+                None,
+            )
+        }
     };
-    let ranked = fuse_all(knn, heads.as_deref(), ensemble.fusion_weight);
     let species_of: HashMap<String, String> = train
         .rows
         .iter()
@@ -446,6 +465,12 @@ pub fn predict_submission(
         .collect();
     let thresholds = match new_rule {
         NewRule::Threshold(t) => t.clone(),
+        NewRule::Calibrated => Thresholds::global(
+            calibrated
+                .as_ref()
+                .context("new_individual by a calibration needs local re-scoring")?
+                .threshold,
+        ),
         NewRule::Share(share) => {
             let best: Vec<f32> = ranked
                 .iter()
@@ -454,14 +479,138 @@ pub fn predict_submission(
             Thresholds::global(threshold_for_new_share(&best, *share))
         }
     };
-    Ok(tests
+    let predictions = tests
         .into_iter()
         .zip(ranked)
         .map(|(image, c)| Prediction {
             image,
             ids: thresholds.answers(&c, &species_of),
         })
-        .collect())
+        .collect();
+    Ok((predictions, calibrated))
+}
+
+fn train_ids(train: &crate::data::TrainSet) -> Vec<String> {
+    train.rows.iter().map(|r| r.individual_id.clone()).collect()
+}
+
+/// Each test photo's candidates ranked by the fused probabilities of its shortlist (the
+/// `plan.args.shortlist` catalogue photos nearest by the embedding), with the calibration used.
+/// `gallery` and `queries` are the embeddings of the catalogue photos `names` (identities
+/// `photo_ids`, encounters `encounters`, labels `labels` into `ids`) and of the test photos
+/// `tests`.
+#[allow(clippy::too_many_arguments)]
+fn rank_with_local(
+    plan: &LocalPlan,
+    data: &KaggleDir,
+    names: &[String],
+    tests: &[String],
+    photo_ids: &[String],
+    encounters: &[Option<String>],
+    gallery: &[f32],
+    queries: &[f32],
+    dim: usize,
+    index: &dyn Index,
+    labels: &[u32],
+    ids: &[String],
+    progress: &ProgressBar,
+) -> anyhow::Result<(Vec<Vec<Candidate>>, Calibration)> {
+    let a = plan.args;
+    let mut local = LocalScores::extract(a, plan.features, &data.train_images(), names, progress)?;
+    let calibration = match &plan.calibration {
+        Ok(path) => {
+            let c = Calibration::load(path)?;
+            c.check(
+                path,
+                &plan.model,
+                &a.matcher().extraction(),
+                a.shortlist,
+                a.lnbnn_k,
+            )?;
+            c
+        }
+        Err(save_to) => {
+            progress.set_message("calibrating on the catalogue");
+            let rows = calibration_rows(photo_ids, CALIBRATION_PHOTOS);
+            let sample_ids: Vec<String> = rows.iter().map(|&i| photo_ids[i].clone()).collect();
+            let emb: Vec<f32> = rows
+                .iter()
+                .flat_map(|&i| gallery[i * dim..(i + 1) * dim].iter().copied())
+                .collect();
+            // Photos of one encounter are not matched against each other, as in training.
+            let encounters: Option<Vec<String>> = rows
+                .iter()
+                .map(|&i| encounters.get(i).cloned().flatten())
+                .collect();
+            let protocol = Protocol {
+                exclude: encounters.as_deref(),
+                ..Default::default()
+            };
+            let c = calibrate(
+                &local.select(&rows),
+                &emb,
+                dim,
+                &sample_ids,
+                &protocol,
+                a.shortlist,
+                plan.model.clone(),
+            )
+            .context("calibrating local matching on the catalogue")?;
+            c.save(save_to)?;
+            c
+        }
+    };
+    local.append(LocalScores::extract(
+        a,
+        None,
+        &data.test_images(),
+        tests,
+        progress,
+    )?);
+    progress.set_message("re-scoring the shortlists");
+    let found = index.search(queries, a.shortlist.min(index.len()))?;
+    let ranked = found
+        .into_par_iter()
+        .enumerate()
+        .map(|(t, neighbors)| {
+            let short: Vec<(usize, f32)> = neighbors
+                .iter()
+                .map(|nb| (nb.id as usize, nb.score))
+                .collect();
+            let scores = local.scores(Some(&calibration.fusion), names.len() + t, &short);
+            let rescored: Vec<Neighbor> = neighbors
+                .iter()
+                .zip(scores)
+                .map(|(nb, score)| Neighbor { id: nb.id, score })
+                .collect();
+            rank_labels(&rescored, labels, Aggregation::Max, K)
+                .into_iter()
+                .map(|(label, score)| Candidate {
+                    id: ids[label as usize].clone(),
+                    score,
+                })
+                .collect()
+        })
+        .collect();
+    Ok((ranked, calibration))
+}
+
+/// Rows of whole animals, at most `max` photos, in an order fixed by the animals' names (a
+/// hash, so neither alphabetical nor by size).
+fn calibration_rows(photo_ids: &[String], max: usize) -> Vec<usize> {
+    let mut by_animal: BTreeMap<(u64, &str), Vec<usize>> = BTreeMap::new();
+    for (i, id) in photo_ids.iter().enumerate() {
+        let key = (crate::fsio::fnv1a(id.as_bytes(), 0), id.as_str());
+        by_animal.entry(key).or_default().push(i);
+    }
+    let mut rows = Vec::new();
+    for photos in by_animal.values() {
+        if rows.len() + photos.len() <= max {
+            rows.extend(photos);
+        }
+    }
+    rows.sort_unstable();
+    rows
 }
 
 /// Candidates kept per query before blending kNN and head scores.
@@ -519,68 +668,8 @@ pub fn choose_fusion_weight(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn cands(list: &[(&str, f32)]) -> Vec<Candidate> {
-        list.iter()
-            .map(|&(id, score)| Candidate {
-                id: id.into(),
-                score,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn new_individual_takes_the_place_where_similarity_drops() {
-        let c = cands(&[
-            ("a", 0.9),
-            ("b", 0.6),
-            ("c", 0.5),
-            ("d", 0.4),
-            ("e", 0.3),
-            ("f", 0.2),
-        ]);
-        assert_eq!(answers(&c, 0.55), ["a", "b", "new_individual", "c", "d"]);
-        assert_eq!(answers(&c, 0.95), ["new_individual", "a", "b", "c", "d"]);
-        assert_eq!(answers(&c, 0.1), ["a", "b", "c", "d", "e"]);
-        // Fewer than five candidates: new_individual closes the list.
-        assert_eq!(answers(&c[..2], 0.1), ["a", "b", "new_individual"]);
-        assert_eq!(answers(&[], 0.5), ["new_individual"]);
-    }
-
-    #[test]
-    fn the_best_threshold_is_found_on_a_hand_made_case() {
-        // Query 1 is known (a, 0.8); query 2 is new (best 0.5); query 3 is known (b, 0.55).
-        let q = vec![
-            (cands(&[("a", 0.8), ("x", 0.3)]), "a".to_string()),
-            (cands(&[("y", 0.5), ("z", 0.2)]), NEW_INDIVIDUAL.to_string()),
-            (cands(&[("b", 0.55), ("w", 0.1)]), "b".to_string()),
-        ];
-        let (t, map) = best_threshold(&q);
-        // Only a threshold in (0.5, 0.55] answers all three right.
-        assert!((map - 1.0).abs() < 1e-12, "{map}");
-        assert!(t > 0.5 && t <= 0.55, "{t}");
-        let check: f64 = q
-            .iter()
-            .map(|(c, truth)| average_precision_at_5(truth, &answers(c, t)))
-            .sum::<f64>()
-            / 3.0;
-        assert!((check - map).abs() < 1e-12);
-    }
-
-    #[test]
-    fn the_best_threshold_is_finite_even_when_new_individual_belongs_first_everywhere() {
-        let all_new = vec![
-            (cands(&[("a", 0.9)]), NEW_INDIVIDUAL.to_string()),
-            (cands(&[("b", 0.4)]), NEW_INDIVIDUAL.to_string()),
-        ];
-        let (t, map) = best_threshold(&all_new);
-        assert!(t.is_finite() && t > 0.9, "{t}");
-        assert!((map - 1.0).abs() < 1e-12);
-        let all_known = vec![(cands(&[("a", -0.3)]), "a".to_string())];
-        let (t, map) = best_threshold(&all_known);
-        assert!(t.is_finite() && t <= -0.3, "{t}");
-        assert!((map - 1.0).abs() < 1e-12);
-    }
+    use crate::data::NEW_INDIVIDUAL;
+    use crate::decide::tests::candidates as cands;
 
     #[test]
     fn per_species_thresholds_separate_what_one_threshold_cannot() {
@@ -645,14 +734,5 @@ mod tests {
             .map(|c| c.id)
             .collect();
         assert_eq!(ids, ["b"]);
-    }
-
-    #[test]
-    fn a_share_of_new_predictions_sets_the_threshold() {
-        let best = [0.9, 0.2, 0.5, 0.7];
-        let t = threshold_for_new_share(&best, 0.5);
-        assert!((t - 0.6).abs() < 1e-6);
-        assert_eq!(best.iter().filter(|&&s| s < t).count(), 2);
-        assert_eq!(threshold_for_new_share(&best, 0.0), f32::NEG_INFINITY);
     }
 }

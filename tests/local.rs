@@ -1,6 +1,6 @@
-//! Local features end to end: `finprint evaluate --local rootsift` on generated animals whose
-//! identity is only a pattern of spots, photographed at other positions, scales and angles on
-//! other backgrounds.
+//! Local features end to end: `finprint evaluate --local rootsift` and `finprint predict
+//! --local rootsift` on generated animals whose identity is only a pattern of spots,
+//! photographed at other positions, scales and angles on other backgrounds.
 
 mod common;
 
@@ -83,13 +83,7 @@ fn photograph(dir: &Path, first: usize, animals: usize, rng: &mut ChaCha8Rng) ->
 
 #[test]
 fn local_features_find_animals_by_their_spots_and_the_fusion_keeps_the_gain() {
-    if !Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("weights/efficientnet_lite0.safetensors")
-        .is_file()
-    {
-        eprintln!(
-            "skipped: weights/efficientnet_lite0.safetensors absent (run bash tools/setup.sh)"
-        );
+    if lite0_missing() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -135,5 +129,135 @@ fn local_features_find_animals_by_their_spots_and_the_fusion_keeps_the_gain() {
     assert!(
         fused >= 0.9,
         "fused top-1 {fused}, embedding alone {embedding}"
+    );
+}
+
+/// Skips (with the reason) where the Lite0 weights were not fetched.
+fn lite0_missing() -> bool {
+    let missing = !Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("weights/efficientnet_lite0.safetensors")
+        .is_file();
+    if missing {
+        eprintln!(
+            "skipped: weights/efficientnet_lite0.safetensors absent (run bash tools/setup.sh)"
+        );
+    }
+    missing
+}
+
+#[test]
+fn predict_with_local_features_calibrates_on_the_catalogue_and_reuses_what_it_saved() {
+    if lite0_missing() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (train, test) = (root.join("train_images"), root.join("test_images"));
+    std::fs::create_dir_all(&train).unwrap();
+    std::fs::create_dir_all(&test).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut csv = String::from("image,species,individual_id\n");
+    let mut truth = Vec::new();
+    // 14 animals with two catalogue photos and one test photo; 6 with one catalogue photo
+    // (new individuals to the calibration's leave-one-out); 3 seen only in the test photos.
+    for a in 0..23 {
+        let spots = animal(&mut rng);
+        let in_catalogue = match a {
+            0..14 => 2,
+            14..20 => 1,
+            _ => 0,
+        };
+        for p in 0..in_catalogue {
+            let name = format!("a{a:02}_{p}.png");
+            photo(&spots, &mut rng).save(train.join(&name)).unwrap();
+            writeln!(csv, "{name},beluga,animal{a:02}").unwrap();
+        }
+        if in_catalogue != 1 {
+            let name = format!("t{a:02}.png");
+            photo(&spots, &mut rng).save(test.join(&name)).unwrap();
+            let id = if a < 14 {
+                format!("animal{a:02}")
+            } else {
+                "new_individual".into()
+            };
+            truth.push((name, id));
+        }
+    }
+    std::fs::write(root.join("train.csv"), csv).unwrap();
+    let features = root.join("catalogue.features");
+    let predict = |out: &str, extra: &[&str]| {
+        let out = root.join(out);
+        let o = finprint()
+            .args(["predict", "--zero-shot", "efficientnet_lite0"])
+            .args([
+                "--data",
+                root.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .args([
+                "--local",
+                "rootsift",
+                "--local-features",
+                features.to_str().unwrap(),
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            stderr,
+            out,
+        )
+    };
+    let (ok, stdout, stderr, first) = predict("first.csv", &[]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("calibration saved to"), "{stdout}");
+    let saved = root.join("first.calibration.json");
+    assert!(saved.is_file() && features.is_file(), "{stdout}");
+    let submission = std::fs::read_to_string(&first).unwrap();
+    let answers: std::collections::HashMap<&str, Vec<&str>> = submission
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let (image, ids) = l.split_once(',').unwrap();
+            (image, ids.split(' ').collect())
+        })
+        .collect();
+    let mut right = 0;
+    for (image, id) in &truth {
+        let a = &answers[image.as_str()];
+        assert_eq!(a.len(), 5, "{image}: {a:?}");
+        right += usize::from(a[0] == id.as_str());
+    }
+    // The known animals by their spots; the new ones by the calibrated threshold.
+    assert!(
+        right * 10 >= truth.len() * 8,
+        "{right} of {} right first:\n{submission}",
+        truth.len()
+    );
+    let (ok, _, stderr, second) =
+        predict("second.csv", &["--calibration", saved.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(second).unwrap(),
+        submission,
+        "the saved calibration and features give the same answers"
+    );
+    let (ok, _, stderr, _) = predict(
+        "third.csv",
+        &[
+            "--calibration",
+            saved.to_str().unwrap(),
+            "--local-size",
+            "192",
+        ],
+    );
+    assert!(
+        !ok && stderr.contains("first.calibration.json")
+            && stderr.contains("fitted for local features"),
+        "{stderr}"
     );
 }

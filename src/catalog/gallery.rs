@@ -1,7 +1,8 @@
 //! The in-memory search index over the confirmed photos of a catalogue.
 
 use super::{alias_map, canonical, PhotoMatch};
-use crate::predict::{rank_candidates, Candidate};
+use crate::decide::Candidate;
+use crate::predict::rank_candidates;
 use crate::search::{Aggregation, Index, IndexSpec};
 use anyhow::Result;
 use rusqlite::Connection;

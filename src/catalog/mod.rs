@@ -22,8 +22,8 @@ pub use gallery::to_blob;
 
 use crate::data::image::decode_rgb;
 use crate::data::NEW_INDIVIDUAL;
+use crate::decide::{answers, Candidate};
 use crate::fsio::{self, fnv1a};
-use crate::predict::{answers, Candidate};
 use crate::search::IndexSpec;
 use anyhow::{Context, Result};
 use gallery::Gallery;

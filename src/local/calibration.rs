@@ -124,8 +124,16 @@ impl Calibration {
             .with_context(|| format!("{}: not a finprint calibration", path.display()))
     }
 
-    /// Refuses a calibration fitted for another model or other local settings.
-    pub fn check(&self, path: &Path, model: &str, extraction: &Extraction) -> Result<()> {
+    /// Refuses a calibration fitted for another model or other local settings (extraction,
+    /// shortlist and LNBNN's k, which all change the votes' scale).
+    pub fn check(
+        &self,
+        path: &Path,
+        model: &str,
+        extraction: &Extraction,
+        shortlist: usize,
+        lnbnn_k: usize,
+    ) -> Result<()> {
         ensure!(
             self.model == model,
             "{} was fitted for the model {}, not {model}",
@@ -138,6 +146,13 @@ impl Calibration {
             path.display(),
             self.extraction,
             extraction
+        );
+        ensure!(
+            (self.shortlist, self.lnbnn_k) == (shortlist, lnbnn_k),
+            "{} was fitted for --shortlist {} --lnbnn-k {}, not {shortlist} and {lnbnn_k}",
+            path.display(),
+            self.shortlist,
+            self.lnbnn_k
         );
         Ok(())
     }

@@ -18,9 +18,9 @@ use super::validate::{
     knn_ranking, map5_of, pretrained_views, validation, Validation, Views, PRETRAINED_WEIGHTS,
 };
 use crate::args::bar;
+use crate::decide::Candidate;
 use crate::embed::{embed_images, input_tensor, to_vec, unit_with_flips};
 use crate::model::happywhale::{pretrained_weights, HappyWhaleModel, ModelConfig};
-use crate::predict::Candidate;
 use crate::runs::{saved_state, EpochMetrics, RunDir, RunState, TrainSummary};
 use crate::runtime::prefetched;
 use crate::transforms::{batch_with, item_rng, mean_colour, Pipeline};

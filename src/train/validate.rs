@@ -4,11 +4,12 @@
 
 use super::photos::Photos;
 use crate::args::bar;
+use crate::decide::{best_threshold, Candidate};
 use crate::embed::{embed_images, fuse};
 use crate::model::happywhale::HappyWhaleModel;
 use crate::predict::{
-    best_threshold, best_thresholds, choose_fusion_weight, fuse_all, head_candidates,
-    rank_candidates, Candidate, Thresholds, FUSION_DEPTH, MIN_SPECIES_QUERIES,
+    best_thresholds, choose_fusion_weight, fuse_all, head_candidates, rank_candidates, Thresholds,
+    FUSION_DEPTH, MIN_SPECIES_QUERIES,
 };
 use crate::runs::ZeroShot;
 use crate::search::{Aggregation, IndexSpec};
