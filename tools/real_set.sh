@@ -7,8 +7,10 @@
 #   bash tools/real_set.sh SET [OUT] [`finprint train` flags... | --prepare-only]
 #
 # SET is beluga or rightwhale (nyala: tools/nyala.sh). OUT (default runs/SET) gets data/ (the
-# training animals in Kaggle's layout, with an encounter column where the set has one) and
-# val_labels.csv. Belugas: one photo per encounter of the val whales, each query's gallery
+# training animals in Kaggle's layout, with an encounter column where the set has one),
+# calib_labels.csv (every fifth training animal of dev_split.csv, held out of training to
+# calibrate the trained model's fusion with local features), train_labels.csv (all training
+# animals: the untrained features' calibration) and val_labels.csv. Belugas: one photo per encounter of the val whales, each query's gallery
 # without its own encounter (`--exclude-same encounter`); the photos are tall and narrow, so
 # the input keeps their aspect (EVAL_FLAGS, default `--img-size 128x384 --fit pad`).
 # Then the untrained features with local features fused (`--local rootsift`, calibrated on the
@@ -29,16 +31,29 @@ FINPRINT=${FINPRINT:-target/release/finprint}
 BOOT=${BOOTSTRAP:-1000}
 mkdir -p "$OUT/data"
 ln -sfn "$SRC" "$OUT/data/train_images"
+# The dev roles of labels.csv's rows (image,individual_id,species[,encounter]) written out:
+# data/train.csv in Kaggle's layout and the label lists, with the encounter column when
+# ENCOUNTER (its column number) is set; the val animals keep one photo per encounter then.
+split() {
+  awk -F, -v roles="$SRC/dev_split.csv" -v train="$OUT/data/train.csv" -v val="$OUT/val_labels.csv" \
+      -v calib="$OUT/calib_labels.csv" -v all="$OUT/train_labels.csv" -v enc="${ENCOUNTER:-0}" '
+    BEGIN { while ((getline line < roles) > 0) { sub(/\r$/, "", line); split(line, f, ","); role[f[1]] = f[2]
+              if (f[2] == "train" && ++n % 5 == 0) role[f[1]] = "calib" }
+            h = enc ? ",encounter" : ""
+            print "image,species,individual_id" h > train; print "image,individual_id" h > val
+            print "image,individual_id" h > calib; print "image,individual_id" h > all }
+    { sub(/\r$/, "") }
+    NR == 1 { next }
+    { e = enc ? "," $enc : "" }
+    role[$2] == "train" { print $1 "," $3 "," $2 e > train }
+    role[$2] == "calib" { print $1 "," $2 e > calib }
+    role[$2] == "train" || role[$2] == "calib" { print $1 "," $2 e > all }
+    role[$2] == "val" && (!enc || !seen[$enc]++) { print $1 "," $2 e > val }' "$SRC/labels.csv"
+}
 case $SET in
   beluga)
     # labels.csv: image,individual_id,species,encounter,date
-    awk -F, -v roles="$SRC/dev_split.csv" -v train="$OUT/data/train.csv" -v val="$OUT/val_labels.csv" '
-      BEGIN { while ((getline line < roles) > 0) { sub(/\r$/, "", line); split(line, f, ","); role[f[1]] = f[2] }
-              print "image,species,individual_id,encounter" > train; print "image,individual_id,encounter" > val }
-      { sub(/\r$/, "") }
-      NR == 1 { next }
-      role[$2] == "train" { print $1 "," $3 "," $2 "," $4 > train }
-      role[$2] == "val" && !seen[$4]++ { print $1 "," $2 "," $4 > val }' "$SRC/labels.csv"
+    ENCOUNTER=4 split
     EXCLUDE=(--exclude-same encounter)
     read -r -a SIZE <<< "${EVAL_FLAGS:---img-size 128x384 --fit pad}"
     # Scars on the back are small and faint: match at about the photos' own 460 px, with a
@@ -47,20 +62,14 @@ case $SET in
     ;;
   rightwhale)
     # labels.csv: image,individual_id,species
-    awk -F, -v roles="$SRC/dev_split.csv" -v train="$OUT/data/train.csv" -v val="$OUT/val_labels.csv" '
-      BEGIN { while ((getline line < roles) > 0) { sub(/\r$/, "", line); split(line, f, ","); role[f[1]] = f[2] }
-              print "image,species,individual_id" > train; print "image,individual_id" > val }
-      { sub(/\r$/, "") }
-      NR == 1 { next }
-      role[$2] == "train" { print $1 "," $3 "," $2 > train }
-      role[$2] == "val" { print $1 "," $2 > val }' "$SRC/labels.csv"
+    split
     EXCLUDE=()
     read -r -a SIZE <<< "${EVAL_FLAGS:-}"
     LOCAL=()
     ;;
   *) echo "unknown set $SET (beluga or rightwhale)" >&2; exit 2 ;;
 esac
-echo "$SET: $(($(wc -l < "$OUT/data/train.csv") - 1)) training photos, $(($(wc -l < "$OUT/val_labels.csv") - 1)) validation photos"
+echo "$SET: $(($(wc -l < "$OUT/data/train.csv") - 1)) training photos, $(($(wc -l < "$OUT/calib_labels.csv") - 1)) calibration photos, $(($(wc -l < "$OUT/val_labels.csv") - 1)) validation photos"
 [[ ${1:-} == --prepare-only ]] && exit 0
 
 EVAL=(--labels "$OUT/val_labels.csv" --images "$SRC" "${EXCLUDE[@]}" --bootstrap "$BOOT")
@@ -72,8 +81,9 @@ if ((${#SIZE[@]})); then
 fi
 echo "== untrained Lite0 with local features (RootSIFT, LNBNN, affine RANSAC) re-scoring its shortlist,"
 echo "   fused by probabilities calibrated on the training animals"
+LOCAL+=(--local rootsift --local-features "$OUT/local.features")
 "$FINPRINT" evaluate --zero-shot efficientnet_lite0 "${SIZE[@]}" "${EVAL[@]}" \
-  --local rootsift "${LOCAL[@]}" --calibration-labels "$OUT/data/train.csv"
+  "${LOCAL[@]}" --calibration-labels "$OUT/train_labels.csv"
 rm -rf "$OUT/run"
 (($#)) || set -- --mode frozen --model efficientnet_lite0,efficientnet_lite1,efficientnet_lite2 "${SIZE[@]}"
 echo "== finprint train $*"
@@ -83,3 +93,6 @@ echo "trained in $(($(date +%s) - start)) s"
 "$FINPRINT" report "$OUT/run"
 echo "== trained, against untrained Lite0 at 224×224"
 "$FINPRINT" evaluate --models "$OUT/run" "${EVAL[@]}" --baseline efficientnet_lite0
+echo "== trained, with local features fused, calibrated on the held-out training animals"
+"$FINPRINT" evaluate --models "$OUT/run" "${EVAL[@]}" "${LOCAL[@]}" \
+  --calibration-labels "$OUT/calib_labels.csv" --save-calibration "$OUT/run/calibration.json"
