@@ -1,6 +1,8 @@
 //! finprint's SIFT beside OpenCV's on the same pixels: for each photo, the grey image local
 //! matching sees (longer side `--size`) is written as PNG with finprint's keypoints and
-//! RootSIFT descriptors and its extraction time, for `tools/bench_sift.py` to compare.
+//! RootSIFT descriptors and its extraction time, for `tools/bench_sift.py` to compare. Then
+//! each photo queries all the others as a shortlist (LNBNN and affine RANSAC, `Matcher::rescore`):
+//! its time and the verified votes, for the reference re-scoring on the same descriptors.
 //!
 //! ```text
 //! cargo run --release --example bench_sift -- --out /tmp/sift PHOTO...
@@ -9,7 +11,7 @@
 use clap::Parser;
 use finprint::data::image::load_rgb;
 use finprint::local::sift::{detect_and_describe, SiftConfig};
-use finprint::local::Gray;
+use finprint::local::{Features, Gray, Matcher, Region};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -33,6 +35,7 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     let mut photos = Vec::new();
+    let mut features = Vec::new();
     for (i, path) in args.photos.iter().enumerate() {
         let gray = Gray::from_rgb_longest(&load_rgb(path)?, args.size);
         let pixels: Vec<u8> = gray
@@ -56,12 +59,34 @@ fn main() -> anyhow::Result<()> {
         let start = Instant::now();
         let (kps, desc) = detect_and_describe(&gray, &cfg);
         let seconds = start.elapsed().as_secs_f64();
+        features.push(Features {
+            size: [gray.width as u32, gray.height as u32],
+            points: kps.iter().map(|k| [k.x, k.y]).collect(),
+            descriptors: desc.clone(),
+        });
         photos.push(json!({
             "png": png,
             "seconds": seconds,
             "keypoints": kps.iter().map(|k| json!([k.x, k.y, k.size, k.response, k.opencv_octave(&cfg)])).collect::<Vec<_>>(),
             "descriptors": desc,
         }));
+    }
+    let matcher = Matcher {
+        size: args.size,
+        region: Region::default(),
+        sift: cfg,
+        k: 4,
+        ransac: Default::default(),
+    };
+    for (q, photo) in photos.iter_mut().enumerate() {
+        let others: Vec<&Features> = (0..features.len())
+            .filter(|&j| j != q)
+            .map(|j| &features[j])
+            .collect();
+        let start = Instant::now();
+        let scores = matcher.rescore(&features[q], &others);
+        photo["rescore_seconds"] = json!(start.elapsed().as_secs_f64());
+        photo["verified"] = json!(scores.iter().map(|m| m.verified).collect::<Vec<_>>());
     }
     std::fs::write(args.out.join("finprint.json"), serde_json::to_vec(&photos)?)?;
     Ok(())

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FINPRINT = ROOT / "target/release/finprint"
 EXAMPLES = ROOT / "target/release/examples"
 NYALA = ROOT.parent / "shared/data/nyala-train"
+RIGHTWHALE = ROOT.parent / "shared/data/rightwhale"
 
 # The HNSW graph parameters of the 1M-row kNN measurement (both libraries).
 HNSW_1M = {"m": 8, "ef_construction": 20}
@@ -46,6 +47,7 @@ FULL = {
     "identify": {"sizes": [51_033, 1_000_000], "queries": 20, "size": 224},
     "serve": {"sizes": [1_000_000]},
     "synth": {"individuals": 300, "epochs": 10, "img_size": 160, "synth_flags": []},
+    "local": {"photos": 25, "size": 256},
     "nyala": {
         "bootstrap": 1000,
         "runs": {
@@ -68,6 +70,7 @@ SMOKE = {
     "synth": {"individuals": 40, "epochs": 1, "img_size": 64,
               "synth_flags": ["--width", "128", "--height", "96", "--max-photos", "8"]},
     "nyala": None,
+    "local": {"photos": 4, "size": 128},
 }
 
 
@@ -238,6 +241,35 @@ class Bench:
                 **evaluate(name, ["--models", run]), **trained}
         return {"rows": rows, "val_photos": count_rows(d / "val_labels.csv"),
                 "train_photos": count_rows(d / "data/train.csv")}
+
+    def local(self):
+        """Local features side by side with OpenCV (`examples/bench_sift` + `tools/bench_sift.py`):
+        SIFT on the same grey pixels, and each photo's shortlist (the other photos) re-scored by
+        LNBNN + affine RANSAC, finprint's against NumPy + OpenCV's on the same descriptors."""
+        c = self.cfg["local"]
+        labels = RIGHTWHALE / "labels.csv"
+        if not self.args.smoke and labels.exists():
+            # Whales with three photos or more, so that most shortlists hold the query's own.
+            root, what = RIGHTWHALE, "right-whale heads (whales with 3 photos or more)"
+            by_whale = {}
+            for line in labels.read_text().splitlines()[1:]:
+                image, whale = line.split(",")[:2]
+                by_whale.setdefault(whale, []).append(image)
+            names = [n for w in sorted(by_whale) if len(by_whale[w]) >= 3 for n in by_whale[w]]
+        else:
+            root, what = self.work / "synth/train_images", "synthetic catalogue photos"
+            names = [l.split(",")[0] for l in (self.work / "synth/train.csv").read_text().splitlines()[1:]]
+        photos = [root / n for n in names[:c["photos"]]]
+        d = self.work / "local"
+        d.mkdir(parents=True, exist_ok=True)
+        _, _, rss = self.run("local-finprint", [EXAMPLES / "bench_sift", "--out", d, "--size", c["size"], *photos])
+        out = {"photos": len(photos), "size": c["size"], "what": what, "finprint_rss_mb": rss}
+        if self.ref:
+            text, _, _ = self.run("local-opencv", [self.ref, "-W", "ignore", ROOT / "tools/bench_sift.py", d])
+            out["opencv"] = self.json_lines(text)[-1]
+        else:
+            self.skip("local features: OpenCV", "no reference virtualenv (smoke run)")
+        return out
 
     def photo_list(self):
         """The photos that the end-to-end measurements decode: nyala's validation photos when
@@ -439,7 +471,8 @@ class Bench:
 
     def main(self):
         sections = {"synth": self.synth, "nyala": self.nyala, "model": self.model_speed, "e2e": self.e2e,
-                    "knn": self.knn, "identify": self.identify, "serve": self.serve, "plots": self.plots}
+                    "knn": self.knn, "identify": self.identify, "local": self.local, "serve": self.serve,
+                    "plots": self.plots}
         only = [x for x in (self.args.only or "").split(",") if x]
         unknown = [x for x in only if x not in sections]
         if unknown:
@@ -712,6 +745,29 @@ def markdown(res, out, md_path):
             [f"{r['n']:,}", f"**{f(r['total_ms'])}**", f(r["decode_ms"]), f(r["embed_ms"]), f(r["search_rank_ms"])]
             for r in idn["rows"]]))
         w(load(idn) + "\n")
+
+    lo = s.get("local")
+    if lo and "photos" in lo:
+        cv = lo.get("opencv")
+        w(f"### Local features: SIFT and shortlist re-scoring\n\n{lo['photos']} {lo['what']} as local matching sees "
+          f"them (grey, longer side {lo['size']} px, 8-bit pixels). Extraction: finprint's upright SIFT + RootSIFT "
+          "(`local::sift`) against OpenCV's `SIFT.detectAndCompute` (which also computes orientations); agreement: "
+          "the share of finprint's keypoints OpenCV also finds (1.5 px, size within 25%) and the cosine of the two "
+          "RootSIFT descriptors at finprint's keypoints (OpenCV's computed upright there). Re-scoring: each photo "
+          "queries all the others, LNBNN votes (k 4) verified by affine RANSAC: finprint's `Matcher::rescore` against "
+          "NumPy + `cv2.estimateAffine2D` (300 iterations, 3% of the side) on the same descriptors, as HotSpotter's "
+          "Python does it. One thread each.\n")
+        if cv:
+            w(table(["", "finprint", "NumPy + OpenCV", "finprint ×"], [
+                ["keypoints per photo", f(cv["keypoints"][0], 0), f(cv["keypoints"][1], 0), ""],
+                ["ms to extract a photo", f(cv["ms"][0]), f(cv["ms"][1]), ratio(cv["ms"][1], cv["ms"][0])],
+                [f"ms to re-score a shortlist of {cv['shortlist']}", f(cv["rescore_ms"][0]), f(cv["rescore_ms"][1]),
+                 ratio(cv["rescore_ms"][1], cv["rescore_ms"][0])],
+            ]))
+            w(f"Keypoints shared {cv['agree']:.3f}; descriptor cosine median {cv['cos_median']:.4f} (5th percentile "
+              f"{cv['cos_p5']:.4f}); the same photo first in {cv['same_first']:.3f} of the re-scored shortlists. "
+              "finprint × above 1 means finprint is faster.\n")
+        w(load(lo) + "\n")
 
     # memory
     w("## Memory (peak resident set, MB)\n\nEach process's peak RSS as the kernel reports it (`wait4` "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every benchmark of finprint, side by side with what a user would pick instead (PyTorch eager,
-# timm, onnxruntime, faiss-cpu), on this machine in one run: writes BENCHMARKS.md,
+# timm, onnxruntime, faiss-cpu, OpenCV), on this machine in one run: writes BENCHMARKS.md,
 # bench/results.json and bench/*.png.
 #
 #   bash tools/bench.sh [--smoke] [--out DIR] [--md FILE] [--only SECTION,...]
@@ -19,8 +19,8 @@ ref=()
 if ((!smoke)); then
   # The references, pinned; torch is the version finprint's libtorch comes from.
   pins=(torch==2.13.0 torchvision==0.28.0 timm==1.0.31 onnx==1.23.2 onnxruntime==1.32.0
-    faiss-cpu==1.15.1 numpy==2.4.6 pillow==13.0.0)
-  if ! .venv-bench/bin/python -W ignore -c "import torch, timm, onnx, onnxruntime, faiss, PIL" 2>/dev/null; then
+    faiss-cpu==1.15.1 numpy==2.4.6 pillow==13.0.0 opencv-python-headless==5.0.0.93)
+  if ! .venv-bench/bin/python -W ignore -c "import torch, timm, onnx, onnxruntime, faiss, PIL, cv2" 2>/dev/null; then
     echo "bench: installing the references into .venv-bench (${pins[*]})"
     python3 -m venv .venv-bench
     .venv-bench/bin/pip install --quiet --disable-pip-version-check "${pins[@]}"
@@ -29,5 +29,5 @@ if ((!smoke)); then
 fi
 
 cargo build --release --quiet --bin finprint \
-  --example bench_model --example bench_knn --example bench_identify --example bench_catalog --example bench_plots
+  --example bench_model --example bench_knn --example bench_identify --example bench_catalog --example bench_plots --example bench_sift
 exec python3 tools/bench.py "${ref[@]}" "$@"

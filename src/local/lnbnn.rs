@@ -119,10 +119,11 @@ fn top_k(row: &[f32], n: usize) -> Vec<(usize, f32)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn unit(v: &[f32]) -> Vec<f32> {
+    /// A descriptor: `v` padded with zeros and scaled to unit length.
+    pub(in crate::local) fn unit(v: &[f32]) -> Vec<f32> {
         let mut d = vec![0.0; DESC_LEN];
         d[..v.len()].copy_from_slice(v);
         let n = d.iter().map(|x| x * x).sum::<f32>().sqrt();

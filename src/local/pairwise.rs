@@ -89,13 +89,7 @@ pub fn verified(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn unit(v: &[f32]) -> Vec<f32> {
-        let mut d = vec![0.0; DESC_LEN];
-        d[..v.len()].copy_from_slice(v);
-        let n = d.iter().map(|x| x * x).sum::<f32>().sqrt();
-        d.iter().map(|x| x / n).collect()
-    }
+    use crate::local::lnbnn::tests::unit;
 
     fn features(points: &[[f32; 2]], descs: &[Vec<f32>]) -> Features {
         Features {
