@@ -6,7 +6,7 @@
 use crate::data::{CsvFile, NEW_INDIVIDUAL};
 use crate::embed::EmbedOptions;
 use crate::fsio;
-use crate::local::calibration::Fusion;
+use crate::local::calibration::{rank_score, Fusion};
 use crate::local::{Features, LocalArgs, Matcher};
 use crate::metrics::{average_precision_at_5, K};
 use crate::predict::{answers, best_threshold, Candidate};
@@ -176,11 +176,7 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
         shortlist
             .iter()
             .zip(verified)
-            .map(|(&(_, cos), v)| match &fusion {
-                Some(f) => f.probability(cos, v),
-                // Ties (no verified match) keep the embedding's order.
-                None => v + 1e-3 * cos,
-            })
+            .map(|(&(_, cos), v)| rank_score(fusion.as_ref(), cos, v))
             .collect()
     };
     let local_score = local
