@@ -200,10 +200,20 @@ impl Catalog {
             Some(g) => g.nearest(query, local.shortlist)?,
             None => anyhow::bail!("no search index"),
         };
+        if shortlist.is_empty() {
+            return Ok(Vec::new());
+        }
+        // A catalogue photo that cannot be read any more is logged and matches nothing.
         let features: Vec<Features> = shortlist
             .iter()
-            .map(|p| self.features_of(&p.image, &local.matcher))
-            .collect::<Result<_>>()?;
+            .map(|p| {
+                self.features_of(&p.image, &local.matcher)
+                    .unwrap_or_else(|e| {
+                        eprintln!("finprint: {e:#}; matched without local features");
+                        Features::default()
+                    })
+            })
+            .collect();
         let own = self.features_of(image, &local.matcher)?;
         let scores = local
             .matcher
@@ -252,7 +262,7 @@ impl Catalog {
             })
             .collect();
         if ranked.len() < top {
-            for (mut c, photos) in g.rank(query, top, photos_each)? {
+            for (mut c, photos) in g.rank(query, 2 * top, photos_each)? {
                 if ranked.len() < top && !ranked.iter().any(|r| r.0.id == c.id) {
                     if let Some(f) = fusion {
                         let last = ranked.last().map_or(f32::INFINITY, |r| r.0.score);

@@ -693,12 +693,15 @@ pub fn run(args: &ServeArgs, say: &mut dyn FnMut(String)) -> anyhow::Result<()> 
         })
 }
 
-/// Open the catalogue, import into it when it is empty, and attach the models (embedding the
-/// photos that lack their embedding). Returns the catalogue and a line saying what was done.
+/// Open the catalogue, import into it when it is empty, attach the models (embedding the
+/// photos that lack their embedding) and, with `--local`, local matching (extracting the
+/// features photos lack). Returns the catalogue and a line saying what was done.
 pub fn open_catalog(
     opts: &ServeArgs,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<(Catalog, String)> {
+    // Checked before anything is imported or embedded, so that a wrong calibration fails at once.
+    let local = local_search(opts)?;
     let mut catalog = Catalog::open(&opts.catalog)?;
     let mut said = Vec::new();
     if let Some(dir) = &opts.import {
@@ -732,7 +735,7 @@ pub fn open_catalog(
             attached.unusable.join(", ")
         ));
     }
-    if let Some(local) = local_search(opts, &catalog)? {
+    if let Some(local) = local {
         progress.set_message("extracting local features");
         progress.reset();
         let fused = local.calibration.is_some();
@@ -757,11 +760,8 @@ pub fn open_catalog(
     Ok((catalog, said.join("; ")))
 }
 
-/// The local matching `opts` ask for, its calibration checked against the attached model.
-fn local_search(
-    opts: &ServeArgs,
-    catalog: &Catalog,
-) -> anyhow::Result<Option<crate::catalog::LocalSearch>> {
+/// The local matching `opts` ask for, its calibration checked against their model.
+fn local_search(opts: &ServeArgs) -> anyhow::Result<Option<crate::catalog::LocalSearch>> {
     if !opts.local.enabled() {
         anyhow::ensure!(
             opts.calibration.is_none(),
@@ -773,8 +773,7 @@ fn local_search(
     let calibration = match &opts.calibration {
         Some(path) => {
             let c = crate::local::calibration::Calibration::load(path)?;
-            let model = catalog.embedder().map_or("", |e| e.model_id.as_str());
-            c.check(path, model, &matcher.extraction())?;
+            c.check(path, &opts.model.spec().identity()?, &matcher.extraction())?;
             anyhow::ensure!(
                 c.lnbnn_k == opts.local.lnbnn_k,
                 "{} was fitted with --lnbnn-k {}, not {}",
