@@ -4,7 +4,7 @@
 //! leave-one-out over labelled photos of animals that are not the ones identified.
 
 use crate::crossval::{leave_one_out, Protocol, Rescorer};
-use crate::local::calibration::{Calibration, Fusion};
+use crate::local::calibration::{rank_score, Calibration, Fusion};
 use crate::local::{store, Features, LocalArgs, Matcher};
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
@@ -115,10 +115,7 @@ impl LocalScores {
         shortlist
             .iter()
             .zip(verified)
-            .map(|(&(_, cos), v)| match fusion {
-                Some(f) => f.probability(cos, v),
-                None => v + 1e-3 * cos,
-            })
+            .map(|(&(_, cos), v)| rank_score(fusion, cos, v))
             .collect()
     }
 

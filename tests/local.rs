@@ -4,77 +4,20 @@
 
 mod common;
 
-use common::finprint;
-use image::{Rgb, RgbImage};
-use rand::{Rng, SeedableRng};
+use common::{finprint, spot_animal, spot_photo};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::fmt::Write as _;
 use std::path::Path;
-
-/// An animal: spots `(x, y, radius)` on a pale body, in body coordinates centred on 0.
-fn animal(rng: &mut ChaCha8Rng) -> Vec<(f32, f32, f32)> {
-    (0..30)
-        .map(|_| {
-            (
-                rng.gen_range(-90.0..90.0),
-                rng.gen_range(-45.0..45.0),
-                rng.gen_range(2.0..5.0),
-            )
-        })
-        .collect()
-}
-
-/// A photo of `spots`: the body moved, scaled and turned a little, on a background of its own.
-fn photo(spots: &[(f32, f32, f32)], rng: &mut ChaCha8Rng) -> RgbImage {
-    let (w, h) = (320u32, 240u32);
-    let scale = rng.gen_range(0.85..1.15f32);
-    let angle = rng.gen_range(-0.08..0.08f32);
-    let (cx, cy) = (
-        160.0 + rng.gen_range(-20.0..20.0f32),
-        120.0 + rng.gen_range(-15.0..15.0f32),
-    );
-    let (c, s) = (angle.cos() * scale, angle.sin() * scale);
-    let placed: Vec<(f32, f32, f32)> = spots
-        .iter()
-        .map(|&(x, y, r)| (cx + c * x - s * y, cy + s * x + c * y, r * scale))
-        .collect();
-    // Background clutter of its own: big soft blobs, different in every photo.
-    let clutter: Vec<(f32, f32, f32)> = (0..12)
-        .map(|_| {
-            (
-                rng.gen_range(0.0..w as f32),
-                rng.gen_range(0.0..h as f32),
-                rng.gen_range(3.0..8.0),
-            )
-        })
-        .collect();
-    let tone = rng.gen_range(60.0..100.0f32);
-    RgbImage::from_fn(w, h, |x, y| {
-        let (fx, fy) = (x as f32, y as f32);
-        let (bx, by) = ((fx - cx) / scale, (fy - cy) / scale);
-        let on_body = (bx / 110.0).powi(2) + (by / 60.0).powi(2) < 1.0;
-        let mut v = if on_body { 200.0 } else { tone };
-        for &(px, py, r) in &clutter {
-            let d2 = (fx - px).powi(2) + (fy - py).powi(2);
-            v += 60.0 * (-d2 / (2.0 * r * r)).exp();
-        }
-        for &(px, py, r) in &placed {
-            let d2 = (fx - px).powi(2) + (fy - py).powi(2);
-            v -= 150.0 * (-d2 / (2.0 * r * r)).exp();
-        }
-        let v = (v + rng.gen_range(-4.0..4.0)).clamp(0.0, 255.0) as u8;
-        Rgb([v, v, v])
-    })
-}
 
 /// `animals` animals of three photos each under `dir`, listed in a labels CSV.
 fn photograph(dir: &Path, first: usize, animals: usize, rng: &mut ChaCha8Rng) -> String {
     let mut csv = String::from("image,individual_id\n");
     for a in first..first + animals {
-        let spots = animal(rng);
+        let spots = spot_animal(rng);
         for p in 0..3 {
             let name = format!("a{a:02}_{p}.png");
-            photo(&spots, rng).save(dir.join(&name)).unwrap();
+            spot_photo(&spots, rng).save(dir.join(&name)).unwrap();
             writeln!(csv, "{name},animal{a:02}").unwrap();
         }
     }
@@ -161,7 +104,7 @@ fn predict_with_local_features_calibrates_on_the_catalogue_and_reuses_what_it_sa
     // 14 animals with two catalogue photos and one test photo; 6 with one catalogue photo
     // (new individuals to the calibration's leave-one-out); 3 seen only in the test photos.
     for a in 0..23 {
-        let spots = animal(&mut rng);
+        let spots = spot_animal(&mut rng);
         let in_catalogue = match a {
             0..14 => 2,
             14..20 => 1,
@@ -169,12 +112,12 @@ fn predict_with_local_features_calibrates_on_the_catalogue_and_reuses_what_it_sa
         };
         for p in 0..in_catalogue {
             let name = format!("a{a:02}_{p}.png");
-            photo(&spots, &mut rng).save(train.join(&name)).unwrap();
+            spot_photo(&spots, &mut rng).save(train.join(&name)).unwrap();
             writeln!(csv, "{name},beluga,animal{a:02}").unwrap();
         }
         if in_catalogue != 1 {
             let name = format!("t{a:02}.png");
-            photo(&spots, &mut rng).save(test.join(&name)).unwrap();
+            spot_photo(&spots, &mut rng).save(test.join(&name)).unwrap();
             let id = if a < 14 {
                 format!("animal{a:02}")
             } else {

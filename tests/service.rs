@@ -4,14 +4,19 @@
 
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
+use clap::{Args, FromArgMatches};
 use finprint::catalog::{Catalog, Decision, Embedder, Sighting};
 use finprint::data::{read_solution, KaggleDir, NEW_INDIVIDUAL};
+use finprint::local::calibration::{Calibration, Fusion, Logistic};
+use finprint::local::LocalArgs;
 use finprint::runs::{ModelSpec, ZeroShot};
 use finprint::search::IndexSpec;
-use finprint::service::{router, AppState};
+use finprint::service::{open_catalog, router, AppState, ServeArgs};
 use finprint::synth::{generate, SynthConfig};
 use finprint::transforms::ImgSize;
 use indicatif::ProgressBar;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -900,4 +905,256 @@ async fn refusals_name_the_input_and_never_a_server_path() {
 /// An identify request with the token.
 fn upload_req(parts: &[(&str, Option<&str>, &[u8])]) -> Request<Body> {
     upload("/api/identify", Some(TOKEN), parts)
+}
+
+// ---- local features ----
+
+/// A Kaggle folder of spotted animals (`common::spot_animal`): `catalogued` photos of each in
+/// `train_images/` (`aNN_P.png`, individual `animalNN`), and one more photo of each returned
+/// as a query (PNG bytes, truth).
+fn spotted(dir: &Path, animals: usize, catalogued: usize, seed: u64) -> Vec<(Vec<u8>, String)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    std::fs::create_dir_all(dir.join("train_images")).unwrap();
+    let mut csv = String::from("image,species,individual_id\n");
+    let mut queries = Vec::new();
+    for a in 0..animals {
+        let spots = common::spot_animal(&mut rng);
+        for p in 0..catalogued {
+            let name = format!("a{a:02}_{p}.png");
+            let photo = common::spot_photo(&spots, &mut rng);
+            photo.save(dir.join("train_images").join(&name)).unwrap();
+            csv += &format!("{name},spotted_seal,animal{a:02}\n");
+        }
+        queries.push((
+            png(&common::spot_photo(&spots, &mut rng)),
+            format!("animal{a:02}"),
+        ));
+    }
+    std::fs::write(dir.join("train.csv"), csv).unwrap();
+    queries
+}
+
+fn png(img: &image::RgbImage) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// `finprint serve ARGS` as parsed.
+fn serve_args(args: &[&str]) -> ServeArgs {
+    let cmd = ServeArgs::augment_args(clap::Command::new("serve"));
+    ServeArgs::from_arg_matches(
+        &cmd.get_matches_from(std::iter::once("serve").chain(args.iter().copied())),
+    )
+    .unwrap()
+}
+
+/// Two photos of one spot pattern, the second shifted by (14, 9) pixels, match along lines
+/// that all make that shift; a photo of other spots matches along few or none. Needs no model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matches_draw_lines_between_the_same_spots_and_refuse_unknown_photos() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kaggle = tmp.path().join("kaggle");
+    std::fs::create_dir_all(kaggle.join("train_images")).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let (a, b) = (common::spot_animal(&mut rng), common::spot_animal(&mut rng));
+    let a1 = common::spot_photo(&a, &mut rng);
+    let (dx, dy) = (14u32, 9u32);
+    let a2 = image::RgbImage::from_fn(a1.width(), a1.height(), |x, y| {
+        *a1.get_pixel(x.saturating_sub(dx), y.saturating_sub(dy))
+    });
+    let b1 = common::spot_photo(&b, &mut rng);
+    for (name, img) in [("a1.png", &a1), ("a2.png", &a2), ("b1.png", &b1)] {
+        img.save(kaggle.join("train_images").join(name)).unwrap();
+    }
+    std::fs::write(
+        kaggle.join("train.csv"),
+        "image,species,individual_id\na1.png,seal,a\na2.png,seal,a\nb1.png,seal,b\n",
+    )
+    .unwrap();
+    let cat = Catalog::open(&tmp.path().join("cat")).unwrap();
+    cat.import(&kaggle, "test", &ProgressBar::hidden()).unwrap();
+    let app = router(state(cat, 1_000_000));
+
+    let (status, same) = get(&app, "/api/matches?query=a1.png&photo=a2.png").await;
+    assert_eq!(status, StatusCode::OK, "{same}");
+    let lines = same["lines"].as_array().unwrap();
+    assert_eq!(same["verified"].as_u64().unwrap() as usize, lines.len());
+    assert!(lines.len() >= 10, "{} lines", lines.len());
+    // Every line within RANSAC's tolerance (3% of the longer side) of the shift, and most on it.
+    let (w, h) = (a1.width() as f64, a1.height() as f64);
+    let mut shifts: Vec<(f64, f64)> = lines
+        .iter()
+        .map(|line| {
+            let at = |side: &str, i: usize| line[side][i].as_f64().unwrap();
+            (
+                (at("candidate", 0) - at("query", 0)) * w - f64::from(dx),
+                (at("candidate", 1) - at("query", 1)) * h - f64::from(dy),
+            )
+        })
+        .collect();
+    assert!(
+        shifts.iter().all(|(x, y)| x.hypot(*y) < 0.035 * w),
+        "{shifts:?}"
+    );
+    shifts.sort_by(|a, b| a.0.hypot(a.1).total_cmp(&b.0.hypot(b.1)));
+    let (mx, my) = shifts[shifts.len() / 2];
+    assert!(
+        mx.hypot(my) < 2.0,
+        "half the lines are further than ({mx:.1}, {my:.1}) off the shift"
+    );
+    let (status, other) = get(&app, "/api/matches?query=a1.png&photo=b1.png").await;
+    assert_eq!(status, StatusCode::OK, "{other}");
+    let others = other["verified"].as_u64().unwrap() as usize;
+    eprintln!("same spots: {} lines; other spots: {others}", lines.len());
+    assert!(others * 4 <= lines.len(), "{others} lines to other spots");
+
+    // Unknown and unsafe names: 404 naming them; a missing photo: 400, as JSON.
+    for (path, named) in [
+        ("/api/matches?query=a1.png&photo=zz.png", "zz.png"),
+        (
+            "/api/matches?query=..%2Fcatalog.sqlite&photo=a1.png",
+            "../catalog.sqlite",
+        ),
+    ] {
+        let (status, body) = get(&app, path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        assert!(body["error"].as_str().unwrap().contains(named), "{body}");
+    }
+    let (status, body) = get(&app, "/api/matches?query=a1.png").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("photo=NAME"),
+        "{body}"
+    );
+}
+
+/// `serve --local rootsift` on spotted animals that the embedding barely tells apart: each
+/// query's own animal ranks first, with the photo that matched and its inliers; the features
+/// are extracted once; a saved calibration ranks by the fused probability, and one fitted
+/// for another model is refused naming its file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identify_with_local_features_ranks_the_spotted_animal_first() {
+    if fixture().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let kaggle = tmp.path().join("kaggle");
+    let queries = spotted(&kaggle, 10, 2, 11);
+    let dir = tmp.path().join("cat");
+    let base = |extra: &[&str]| {
+        let mut args = vec![
+            "--catalog",
+            dir.to_str().unwrap(),
+            "--import",
+            kaggle.to_str().unwrap(),
+            "--zero-shot",
+            "efficientnet_lite0",
+            "--img-size",
+            "128",
+            "--local",
+            "rootsift",
+        ];
+        args.extend_from_slice(extra);
+        serve_args(&args)
+    };
+    let (cat, said) = open_catalog(&base(&[]), &ProgressBar::hidden()).unwrap();
+    assert!(
+        said.contains("extracted the local features of 20 photos"),
+        "{said}"
+    );
+    let app = router(state(cat, 1_000_000));
+    let (_, health) = get(&app, "/api/health").await;
+    let model = health["model"].as_str().unwrap().to_string();
+    let identify = |app: axum::Router, bytes: Vec<u8>| async move {
+        let parts = [("photo", Some("query.png"), bytes.as_slice())];
+        let (status, found) = call(&app, upload_req(&parts)).await;
+        assert_eq!(status, StatusCode::OK, "{found}");
+        found
+    };
+    let mut hits = 0;
+    for (bytes, truth) in &queries {
+        let found = identify(app.clone(), bytes.clone()).await;
+        assert_eq!(found["ranked_by"], "local");
+        let best = &found["candidates"][0];
+        if best["individual_id"] == truth.as_str() {
+            hits += 1;
+            let matched = best["local"]["image"].as_str().unwrap();
+            assert!(best["local"]["inliers"].as_u64().unwrap() >= 3, "{best}");
+            assert_eq!(best["photos"][0]["image"], matched, "{best}");
+            let path = format!(
+                "/api/matches?query={}&photo={matched}",
+                found["image"].as_str().unwrap()
+            );
+            let (status, m) = get(&app, &path).await;
+            assert_eq!(status, StatusCode::OK, "{m}");
+            assert!(m["verified"].as_u64().unwrap() > 0, "{m}");
+        }
+    }
+    eprintln!(
+        "local re-ranking: {hits} of {} spotted animals first",
+        queries.len()
+    );
+    assert!(hits >= 9, "{hits} of {}", queries.len());
+    drop(app);
+
+    // A calibration for this model and these settings: the fused probability ranks and its
+    // threshold decides; reopened, nothing is extracted again.
+    let extraction = LocalArgs {
+        local: "rootsift".into(),
+        ..Default::default()
+    }
+    .matcher()
+    .extraction();
+    let calibration = |model: &str| Calibration {
+        model: model.to_string(),
+        extraction: extraction.clone(),
+        shortlist: 100,
+        lnbnn_k: 4,
+        fusion: Fusion {
+            embedding: Logistic { a: 0.0, b: 0.0 },
+            local: Logistic { a: 3.0, b: -6.0 },
+        },
+        threshold: 0.4,
+        photos: 20,
+        map5: 1.0,
+    };
+    let file = tmp.path().join("calibration.json");
+    calibration(&model).save(&file).unwrap();
+    let args = base(&["--calibration", file.to_str().unwrap()]);
+    let (cat, said) = open_catalog(&args, &ProgressBar::hidden()).unwrap();
+    assert!(
+        said.contains("extracted the local features of 0 photos"),
+        "{said}"
+    );
+    let app = router(state(cat, 1_000_000));
+    let found = identify(app.clone(), queries[0].0.clone()).await;
+    assert_eq!(found["ranked_by"], "fused");
+    assert_eq!(found["threshold"].as_f64().unwrap() as f32, 0.4);
+    assert_eq!(
+        found["candidates"][0]["individual_id"],
+        queries[0].1.as_str()
+    );
+    let p = found["candidates"][0]["score"].as_f64().unwrap();
+    assert!(
+        p > 0.4 && p < 1.0 && found["new_individual"] == false,
+        "{found}"
+    );
+    drop(app);
+
+    let other = tmp.path().join("other-model.json");
+    calibration("zero-shot:resnet50").save(&other).unwrap();
+    let args = base(&["--calibration", other.to_str().unwrap()]);
+    let err = open_catalog(&args, &ProgressBar::hidden()).err().unwrap();
+    assert!(format!("{err:#}").contains("other-model.json"), "{err:#}");
+    let args = serve_args(&[
+        "--catalog",
+        dir.to_str().unwrap(),
+        "--zero-shot",
+        "efficientnet_lite0",
+        "--calibration",
+        "c.json",
+    ]);
+    let err = open_catalog(&args, &ProgressBar::hidden()).err().unwrap();
+    assert!(format!("{err:#}").contains("--local"), "{err:#}");
 }

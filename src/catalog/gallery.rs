@@ -124,18 +124,55 @@ impl Gallery {
         Ok(candidates
             .into_iter()
             .map(|c| {
-                let label = self.label_of[&c.id];
-                let mut photos: Vec<PhotoMatch> = (0..self.len())
-                    .filter(|&i| self.labels[i] == label)
-                    .map(|i| PhotoMatch {
-                        image: self.images[i].clone(),
-                        score: self.index.score(query, i).unwrap_or(f32::NAN),
-                    })
-                    .collect();
-                photos.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.image.cmp(&b.image)));
-                photos.truncate(photos_each);
+                let photos = self.photos_of(query, &c.id, photos_each);
                 (c, photos)
             })
             .collect())
     }
+
+    /// The `n` photos of individual `id` most like the query, best first.
+    pub fn photos_of(&self, query: &[f32], id: &str, n: usize) -> Vec<PhotoMatch> {
+        let Some(&label) = self.label_of.get(id) else {
+            return Vec::new();
+        };
+        let mut photos: Vec<PhotoMatch> = (0..self.len())
+            .filter(|&i| self.labels[i] == label)
+            .map(|i| PhotoMatch {
+                image: self.images[i].clone(),
+                score: self.index.score(query, i).unwrap_or(f32::NAN),
+            })
+            .collect();
+        photos.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.image.cmp(&b.image)));
+        photos.truncate(n);
+        photos
+    }
+
+    /// The `k` photos nearest the query, best first: each with its individual and cosine.
+    pub fn nearest(&self, query: &[f32], k: usize) -> Result<Vec<Near>> {
+        if self.index.is_empty() {
+            return Ok(Vec::new());
+        }
+        let found = self.index.search(query, k.min(self.len()))?;
+        Ok(found
+            .into_iter()
+            .flatten()
+            .map(|nb| {
+                let row = nb.id as usize;
+                Near {
+                    image: self.images[row].clone(),
+                    id: self.ids[self.labels[row] as usize].clone(),
+                    cosine: nb.score,
+                }
+            })
+            .collect())
+    }
+}
+
+/// A photo of the index near a query.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Near {
+    pub image: String,
+    /// Its individual, as it resolves now.
+    pub id: String,
+    pub cosine: f32,
 }

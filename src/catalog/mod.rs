@@ -7,7 +7,8 @@
 //! the row that names it), and `incoming/` where the service spools the photos of a batch
 //! while they wait to be identified. Embeddings are kept as f32 blobs tagged with the model's identity;
 //! photos without an embedding of the current model are embedded when a model is attached, and
-//! the in-memory search index is rebuilt then and updated on every enrolment.
+//! the in-memory search index is rebuilt then and updated on every enrolment. Local features
+//! (see [`Catalog::attach_local`]) are kept the same way, tagged with their extraction settings.
 //!
 //! Merging keeps history: the merged individual stays, marked `merged_into` the other, and its
 //! photos keep the id they were confirmed as; searches and pages resolve it to the survivor.
@@ -15,10 +16,12 @@
 mod embedder;
 mod exchange;
 mod gallery;
+mod local;
 
 pub use embedder::Embedder;
 pub use exchange::{export, import, ExportArgs, ImportArgs, ImportSummary};
 pub use gallery::to_blob;
+pub use local::{Extracted, LocalMatch, LocalSearch, Matches};
 
 use crate::data::image::decode_rgb;
 use crate::data::NEW_INDIVIDUAL;
@@ -78,6 +81,11 @@ CREATE TABLE IF NOT EXISTS embeddings (
     image TEXT PRIMARY KEY REFERENCES photos(image),
     model TEXT NOT NULL,
     vector BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS local_features (
+    image TEXT PRIMARY KEY REFERENCES photos(image),
+    extraction TEXT NOT NULL,
+    features BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS decisions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -210,10 +218,16 @@ pub struct PhotoMatch {
 pub struct CandidateView {
     pub individual_id: String,
     pub species: String,
-    /// Similarity of its best photo (cosine, higher is more alike).
+    /// What the threshold is compared with: the cosine of its photo most like the query, or
+    /// with local features and a calibration the fused probability of its best photo.
     pub score: f32,
-    /// Its photos most like the query, best first.
+    /// Its photos most like the query, best first (with local features, the one that matched
+    /// best first).
     pub photos: Vec<PhotoMatch>,
+    /// With local features: how its best photo matched the query (none for an individual found
+    /// only beyond the shortlist).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalMatch>,
 }
 
 /// The answer to an identification.
@@ -231,6 +245,9 @@ pub struct Identification {
     /// Whether even the best candidate is below the threshold.
     pub new_individual: bool,
     pub threshold: f32,
+    /// What ranks the candidates: `embedding` (cosine), `local` (verified local votes over the
+    /// embedding's shortlist) or `fused` (calibrated probability of both).
+    pub ranked_by: String,
 }
 
 /// Numbers that must add up whatever happened.
@@ -250,6 +267,7 @@ pub struct Catalog {
     conn: Mutex<Connection>,
     gallery: RwLock<Option<Gallery>>,
     embedder: Option<Embedder>,
+    local: Option<LocalSearch>,
 }
 
 /// The spool folder's name in a catalogue (see [`Catalog::spool_dir`]).
@@ -295,6 +313,7 @@ impl Catalog {
             conn: Mutex::new(conn),
             gallery: RwLock::new(None),
             embedder: None,
+            local: None,
         })
     }
 
@@ -338,27 +357,12 @@ impl Catalog {
             rows.collect::<rusqlite::Result<_>>()?
         };
         progress.set_length(missing.len() as u64);
-        let mut attached = Attached::default();
-        let mut batch: Vec<(String, image::RgbImage)> = Vec::new();
-        let mut pixels = 0;
-        for (i, name) in missing.iter().enumerate() {
-            match crate::data::image::load_rgb(&self.images_dir().join(name)) {
-                Ok(img) => {
-                    pixels += u64::from(img.width()) * u64::from(img.height());
-                    batch.push((name.clone(), img));
-                }
-                Err(e) => attached
-                    .unusable
-                    .push(format!("{name}: {}", image_problem(&e))),
-            }
-            let last = i + 1 == missing.len();
-            if batch.len() == SYNC_BATCH || pixels >= SYNC_PIXELS || (last && !batch.is_empty()) {
-                attached.embedded += batch.len();
-                self.store_embeddings(&embedder, std::mem::take(&mut batch))?;
-                pixels = 0;
-            }
-            progress.inc(1);
-        }
+        let mut embedded = 0;
+        let unusable = self.in_batches(&missing, progress, |batch| {
+            embedded += batch.len();
+            self.store_embeddings(&embedder, batch)
+        })?;
+        let attached = Attached { embedded, unusable };
         let gallery = {
             let conn = self.conn();
             Gallery::load(&conn, &embedder.model_id, embedder.dim, index)?
@@ -366,6 +370,36 @@ impl Catalog {
         *self.gallery.write().unwrap_or_else(|e| e.into_inner()) = Some(gallery);
         self.embedder = Some(embedder);
         Ok(attached)
+    }
+
+    /// Decode the photos `names` and hand them to `store` in batches of at most [`SYNC_BATCH`]
+    /// photos or [`SYNC_PIXELS`] pixels, so that memory stays bounded whatever is pending.
+    /// Returns the photos that could not be decoded, as `NAME: why`; they are skipped.
+    fn in_batches(
+        &self,
+        names: &[String],
+        progress: &ProgressBar,
+        mut store: impl FnMut(Vec<(String, image::RgbImage)>) -> Result<()>,
+    ) -> Result<Vec<String>> {
+        let mut unusable = Vec::new();
+        let mut batch: Vec<(String, image::RgbImage)> = Vec::new();
+        let mut pixels = 0;
+        for (i, name) in names.iter().enumerate() {
+            match crate::data::image::load_rgb(&self.images_dir().join(name)) {
+                Ok(img) => {
+                    pixels += u64::from(img.width()) * u64::from(img.height());
+                    batch.push((name.clone(), img));
+                }
+                Err(e) => unusable.push(format!("{name}: {}", image_problem(&e))),
+            }
+            let last = i + 1 == names.len();
+            if batch.len() == SYNC_BATCH || pixels >= SYNC_PIXELS || (last && !batch.is_empty()) {
+                store(std::mem::take(&mut batch))?;
+                pixels = 0;
+            }
+            progress.inc(1);
+        }
+        Ok(unusable)
     }
 
     /// Embed `batch` and store the embeddings in one transaction.
@@ -428,10 +462,14 @@ impl Catalog {
             .context("this catalogue has no model attached")?;
         let name = self.store_upload(upload, bytes, sighting)?;
         let query = self.embedding_of(&name, embedder)?;
-        let ranked = {
-            let guard = self.gallery.read().unwrap_or_else(|e| e.into_inner());
-            let gallery = guard.as_ref().context("no search index")?;
-            gallery.rank(&query, top, photos_each)?
+        let ranked: Vec<local::Ranked> = match &self.local {
+            Some(local) => self.rerank(local, &name, &query, top, photos_each)?,
+            None => {
+                let guard = self.gallery.read().unwrap_or_else(|e| e.into_inner());
+                let gallery = guard.as_ref().context("no search index")?;
+                let ranked = gallery.rank(&query, top, photos_each)?;
+                ranked.into_iter().map(|(c, p)| (c, p, None)).collect()
+            }
         };
         let (individual_id, species) = {
             let conn = self.conn();
@@ -442,7 +480,7 @@ impl Catalog {
             )?;
             let species = ranked
                 .iter()
-                .map(|(c, _)| {
+                .map(|(c, _, _)| {
                     conn.query_row(
                         "SELECT species FROM individuals WHERE id = ?1",
                         [&c.id],
@@ -458,8 +496,14 @@ impl Catalog {
             };
             (individual_id, species)
         };
-        let candidates: Vec<Candidate> = ranked.iter().map(|(c, _)| c.clone()).collect();
-        let threshold = embedder.threshold;
+        let candidates: Vec<Candidate> = ranked.iter().map(|(c, _, _)| c.clone()).collect();
+        let calibration = self.local.as_ref().and_then(|l| l.calibration.as_ref());
+        let threshold = calibration.map_or(embedder.threshold, |c| c.threshold);
+        let ranked_by = match (&self.local, calibration) {
+            (None, _) => "embedding",
+            (Some(_), None) => "local",
+            (Some(_), Some(_)) => "fused",
+        };
         Ok(Identification {
             image: name,
             upload: upload.to_string(),
@@ -467,14 +511,16 @@ impl Catalog {
             answers: answers(&candidates, threshold),
             new_individual: candidates.first().is_none_or(|c| c.score < threshold),
             threshold,
+            ranked_by: ranked_by.to_string(),
             candidates: ranked
                 .into_iter()
                 .zip(species)
-                .map(|((c, photos), species)| CandidateView {
+                .map(|((c, photos, local), species)| CandidateView {
                     individual_id: c.id,
                     species,
                     score: c.score,
                     photos,
+                    local,
                 })
                 .collect(),
         })

@@ -385,3 +385,113 @@ fn a_decision_survives_a_crash_without_a_clean_close() {
     assert!(a.sightings.iter().any(|p| p.image == up));
     assert_eq!(reopened.integrity_check().unwrap(), "ok");
 }
+
+/// Local matching at `size` pixels, without a calibration.
+fn local_at(size: u32) -> LocalSearch {
+    let args = crate::local::LocalArgs {
+        local: "rootsift".into(),
+        local_size: size,
+        ..Default::default()
+    };
+    LocalSearch {
+        matcher: args.matcher(),
+        shortlist: args.shortlist,
+        calibration: None,
+    }
+}
+
+fn stored_rows(cat: &Catalog) -> Vec<(String, String)> {
+    let conn = cat.conn();
+    let mut st = conn
+        .prepare("SELECT image, extraction FROM local_features ORDER BY image")
+        .unwrap();
+    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    rows.collect::<rusqlite::Result<_>>().unwrap()
+}
+
+#[test]
+fn local_features_are_stored_once_and_extracted_again_only_for_other_settings() {
+    let (tmp, mut cat) = imported();
+    let up = cat
+        .store_upload("u.jpg", &jpeg(70), &Sighting::default())
+        .unwrap();
+    let local = local_at(128);
+    let first = cat
+        .attach_local(local.clone(), &ProgressBar::hidden())
+        .unwrap();
+    assert_eq!((first.extracted, first.unusable.len()), (7, 0));
+    // As stored, they are what the matcher extracts from the photo.
+    let stored = cat.features_of("p0.jpg", &local.matcher).unwrap();
+    let rgb = crate::data::image::load_rgb(&cat.images_dir().join("p0.jpg")).unwrap();
+    assert_eq!(stored, local.matcher.extract(&rgb));
+    let before = (cat.counts().unwrap(), cat.decisions().unwrap());
+    drop(cat);
+
+    // Reopened with the same settings: nothing is extracted again.
+    let mut cat = Catalog::open(&tmp.path().join("cat")).unwrap();
+    let again = cat
+        .attach_local(local.clone(), &ProgressBar::hidden())
+        .unwrap();
+    assert_eq!(again.extracted, 0);
+    // Other settings: every photo again, its row replaced (one per photo).
+    let other = cat
+        .attach_local(local_at(96), &ProgressBar::hidden())
+        .unwrap();
+    assert_eq!(other.extracted, 7);
+    let rows = stored_rows(&cat);
+    assert_eq!(rows.len(), 7);
+    assert!(rows.iter().any(|(image, _)| image == &up));
+    assert!(
+        rows.iter().all(|(_, tag)| tag.contains("\"size\":96")),
+        "{rows:?}"
+    );
+    // Nothing else was touched.
+    assert_eq!((cat.counts().unwrap(), cat.decisions().unwrap()), before);
+    assert_eq!(cat.integrity_check().unwrap(), "ok");
+}
+
+#[test]
+fn corrupt_local_features_are_named_and_extracted_again() {
+    let (_tmp, mut cat) = imported();
+    let local = local_at(128);
+    cat.attach_local(local.clone(), &ProgressBar::hidden())
+        .unwrap();
+    let good = cat.features_of("p1.jpg", &local.matcher).unwrap();
+    cat.conn()
+        .execute(
+            "UPDATE local_features SET features = x'0102030405' WHERE image = 'p1.jpg'",
+            [],
+        )
+        .unwrap();
+    let tag = serde_json::to_string(&local.matcher.extraction()).unwrap();
+    let err = local::stored_features(&cat.conn(), "p1.jpg", &tag).unwrap_err();
+    assert!(format!("{err:#}").contains("p1.jpg"), "{err:#}");
+    // Read through the catalogue: extracted again, and stored sound.
+    assert_eq!(cat.features_of("p1.jpg", &local.matcher).unwrap(), good);
+    let fixed = local::stored_features(&cat.conn(), "p1.jpg", &tag).unwrap();
+    assert_eq!(fixed, Some(good));
+}
+
+#[test]
+fn matches_name_the_photo_they_do_not_know() {
+    let (_tmp, cat) = imported();
+    for (query, photo, named) in [
+        ("p0.jpg", "nope.jpg", "nope.jpg"),
+        ("../catalog.sqlite", "p0.jpg", "../catalog.sqlite"),
+        ("p0.jpg", "", "''"),
+    ] {
+        let err = cat.matches(query, photo).unwrap_err();
+        assert!(
+            matches!(
+                err.downcast_ref::<CatalogError>(),
+                Some(CatalogError::NotFound(_))
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains(named), "{err}");
+    }
+    // Without local matching attached, the default settings are extracted on demand, and kept.
+    let m = cat.matches("p0.jpg", "p0.jpg").unwrap();
+    assert_eq!(m.verified, m.lines.len());
+    assert_eq!(stored_rows(&cat).len(), 1);
+}

@@ -94,6 +94,16 @@ impl Fusion {
     }
 }
 
+/// How a shortlisted photo ranks against a query: the fused probability with a calibration,
+/// else its verified votes (ties, such as photos without a verified match, keep the
+/// embedding's order).
+pub fn rank_score(fusion: Option<&Fusion>, cosine: f32, verified: f32) -> f32 {
+    match fusion {
+        Some(f) => f.probability(cosine, verified),
+        None => verified + 1e-3 * cosine,
+    }
+}
+
 /// A fitted fusion with everything it depends on, saved as JSON: the embedding it was fitted
 /// for, how features were extracted and matched, and the `new_individual` threshold on the
 /// fused probability chosen on the same calibration animals.

@@ -100,6 +100,16 @@ pub struct LocalArgs {
     pub lnbnn_k: usize,
 }
 
+impl Default for LocalArgs {
+    /// The flags' defaults (local matching off).
+    fn default() -> Self {
+        use clap::{Args, FromArgMatches};
+        let matches =
+            LocalArgs::augment_args(clap::Command::new("local")).get_matches_from(["local"]);
+        LocalArgs::from_arg_matches(&matches).expect("the flags' defaults parse")
+    }
+}
+
 impl LocalArgs {
     pub fn enabled(&self) -> bool {
         self.local != "none"

@@ -8,6 +8,7 @@
 //! | `GET /api/jobs/{id}` | a job's progress and results | no |
 //! | `POST /api/decisions` | confirm / new / merge (JSON) | yes |
 //! | `GET /api/individuals[/{id}]` | the individuals; one with its sightings and history | no |
+//! | `GET /api/matches?query=NAME&photo=NAME` | the verified local matches of two photos | no |
 //! | `GET /images/{name}` | a catalogue photo | no |
 //! | `GET /` | the web page | no |
 //!
@@ -23,8 +24,8 @@ pub use conn::Timeouts;
 use crate::catalog::{Catalog, CatalogError, Decision, Sighting};
 use axum::extract::multipart::MultipartRejection;
 use axum::extract::multipart::{Field, Multipart, MultipartError};
-use axum::extract::rejection::PathRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -215,6 +216,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/decisions", post(decide).route_layer(token))
         .route("/api/individuals", get(individuals))
         .route("/api/individuals/{id}", get(individual))
+        .route("/api/matches", get(matches))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -551,6 +553,34 @@ async fn individual(
     Ok(Json(detail).into_response())
 }
 
+/// The two photos of a match view.
+#[derive(Deserialize)]
+struct MatchesQuery {
+    query: String,
+    photo: String,
+}
+
+/// The verified local matches between a query photo and a candidate's photo, as lines between
+/// points in fractions of each photo; by the local settings the service runs with, else the
+/// defaults (extracted on demand and kept).
+async fn matches(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<MatchesQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "send the two photos as ?query=NAME&photo=NAME: {}",
+                e.body_text()
+            ),
+        )
+    })?;
+    let catalog = state.catalog.clone();
+    let found = blocking(move || catalog.matches(&q.query, &q.photo)).await?;
+    Ok(Json(found).into_response())
+}
+
 /// `finprint serve`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ServeArgs {
@@ -575,6 +605,13 @@ pub struct ServeArgs {
     /// Largest photo accepted, in megabytes.
     #[arg(long, default_value_t = 20.0)]
     pub max_upload_mb: f64,
+    #[command(flatten)]
+    pub local: crate::local::LocalArgs,
+    /// With --local: rank by the fused probability of a saved calibration (JSON, fitted for this
+    /// model and these local settings), its threshold deciding new_individual [default: none:
+    /// verified local votes rank, the model's threshold decides].
+    #[arg(long)]
+    pub calibration: Option<std::path::PathBuf>,
     /// The catalogue's search index: flat (exact), flat-f16 or hnsw[:M[,EF]].
     #[arg(long, default_value_t = crate::search::IndexSpec::default())]
     pub index: crate::search::IndexSpec,
@@ -656,12 +693,15 @@ pub fn run(args: &ServeArgs, say: &mut dyn FnMut(String)) -> anyhow::Result<()> 
         })
 }
 
-/// Open the catalogue, import into it when it is empty, and attach the models (embedding the
-/// photos that lack their embedding). Returns the catalogue and a line saying what was done.
+/// Open the catalogue, import into it when it is empty, attach the models (embedding the
+/// photos that lack their embedding) and, with `--local`, local matching (extracting the
+/// features photos lack). Returns the catalogue and a line saying what was done.
 pub fn open_catalog(
     opts: &ServeArgs,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<(Catalog, String)> {
+    // Checked before anything is imported or embedded, so that a wrong calibration fails at once.
+    let local = local_search(opts)?;
     let mut catalog = Catalog::open(&opts.catalog)?;
     let mut said = Vec::new();
     if let Some(dir) = &opts.import {
@@ -695,7 +735,56 @@ pub fn open_catalog(
             attached.unusable.join(", ")
         ));
     }
+    if let Some(local) = local {
+        progress.set_message("extracting local features");
+        progress.reset();
+        let fused = local.calibration.is_some();
+        let extracted = catalog.attach_local(local, progress)?;
+        said.push(format!(
+            "extracted the local features of {} photos ({})",
+            extracted.extracted,
+            if fused {
+                "ranked by the calibrated fusion"
+            } else {
+                "ranked by verified local votes"
+            }
+        ));
+        if !extracted.unusable.is_empty() {
+            said.push(format!(
+                "skipped {} unusable photos, left without local features: {}",
+                extracted.unusable.len(),
+                extracted.unusable.join(", ")
+            ));
+        }
+    }
     Ok((catalog, said.join("; ")))
+}
+
+/// The local matching `opts` ask for, its calibration checked against their model.
+fn local_search(opts: &ServeArgs) -> anyhow::Result<Option<crate::catalog::LocalSearch>> {
+    if !opts.local.enabled() {
+        anyhow::ensure!(
+            opts.calibration.is_none(),
+            "--calibration needs --local rootsift"
+        );
+        return Ok(None);
+    }
+    let matcher = opts.local.matcher();
+    let calibration = match &opts.calibration {
+        Some(path) => {
+            let c = crate::local::calibration::Calibration::load(path)?;
+            let l = &opts.local;
+            let model = opts.model.spec().identity()?;
+            c.check(path, &model, &matcher.extraction(), l.shortlist, l.lnbnn_k)?;
+            Some(c)
+        }
+        None => None,
+    };
+    Ok(Some(crate::catalog::LocalSearch {
+        matcher,
+        shortlist: opts.local.shortlist,
+        calibration,
+    }))
 }
 
 /// A random token for a service started without one.

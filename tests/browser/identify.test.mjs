@@ -1,7 +1,8 @@
 // End to end in a real browser: `finprint serve` on a small synthetic catalogue (zero-shot
 // EfficientNet-Lite0 features, no training), a researcher uploads a test photo in headless
-// Debian Chromium, sees the right individual among the candidates, confirms it with one click,
-// and finds the new sighting on the individual's page. Screenshots go to target/browser/.
+// Debian Chromium, sees the right individual among the candidates (ranked with local features),
+// looks at the lines between the marks its photo shares with the upload, confirms it with one
+// click, and finds the new sighting on the individual's page. Screenshots go to target/browser/.
 //
 // Run from the repository root after `cargo build --release`: `node tests/browser/identify.test.mjs`.
 import { chromium } from "playwright-core";
@@ -34,7 +35,7 @@ async function startServer() {
   server = spawn(bin, [
     "serve", "--catalog", path.join(work, "catalog"), "--import", path.join(work, "synth"),
     "--zero-shot", "efficientnet_lite0", "--img-size", "128", "--addr", "127.0.0.1:0",
-    "--token", TOKEN, "--threads", "2",
+    "--token", TOKEN, "--threads", "2", "--local", "rootsift",
   ], { stdio: ["ignore", "pipe", "pipe"] });
   let log = "";
   server.stderr.on("data", (d) => (log += d));
@@ -93,6 +94,27 @@ async function main() {
   if (!candidates.includes(truth)) fail(`the true individual ${truth} is not among the candidates`);
   await page.waitForFunction(() => [...document.images].every((i) => i.complete && i.naturalWidth > 0));
   await page.screenshot({ path: path.join(shots, "identify.png"), fullPage: true });
+
+  // The marks the truth's best photo shares with the upload, as lines between the two photos.
+  const show = card.locator(`li.candidate[data-individual="${truth}"] button.show-matches`);
+  await show.click();
+  if ((await show.getAttribute("aria-expanded")) !== "true") fail("Show matches did not open the match view");
+  const count = card.locator('[data-testid="match-count"]');
+  await count.waitFor();
+  const countText = await count.textContent();
+  const marks = Number((countText.match(/^(\d+) matching marks?/) || [])[1]);
+  if (!(marks > 0)) fail(`the match view shows no count of matching marks: "${countText}"`);
+  // Drawn once both photos are laid out: each line spans from one photo to the other.
+  await page.waitForFunction(() => {
+    const photos = [...document.querySelectorAll(".match-view img")];
+    const line = document.querySelector(".match-view svg.lines line");
+    return photos.length === 2 && photos.every((i) => i.complete && i.naturalWidth > 0) && line && line.getTotalLength() > 1;
+  });
+  const lines = await card.locator(".match-view svg.lines line").count();
+  console.log(`match view: "${countText}", ${lines} lines drawn`);
+  if (lines !== marks) fail(`${lines} lines drawn for ${marks} matching marks`);
+  await page.waitForFunction(() => [...document.images].every((i) => i.complete && i.naturalWidth > 0));
+  await page.screenshot({ path: path.join(shots, "matches.png"), fullPage: true });
 
   await card.locator(`li.candidate[data-individual="${truth}"] button.confirm`).click();
   const link = card.locator('[data-testid="decided-link"]');

@@ -3,6 +3,9 @@
 
 use finprint::data::KaggleDir;
 use finprint::synth::{generate, SynthConfig};
+use image::{Rgb, RgbImage};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard};
@@ -55,4 +58,61 @@ pub fn header_bomb(side: u16) -> Vec<u8> {
     bytes[sof + 5..sof + 7].copy_from_slice(&side.to_be_bytes());
     bytes[sof + 7..sof + 9].copy_from_slice(&side.to_be_bytes());
     bytes
+}
+
+/// A generated animal whose identity is only a pattern of spots: `(x, y, radius)` on a pale
+/// body, in body coordinates centred on 0.
+pub fn spot_animal(rng: &mut ChaCha8Rng) -> Vec<(f32, f32, f32)> {
+    (0..30)
+        .map(|_| {
+            (
+                rng.gen_range(-90.0..90.0),
+                rng.gen_range(-45.0..45.0),
+                rng.gen_range(2.0..5.0),
+            )
+        })
+        .collect()
+}
+
+/// A photo of `spots`: the body moved, scaled and turned a little, on a background of its own.
+pub fn spot_photo(spots: &[(f32, f32, f32)], rng: &mut ChaCha8Rng) -> RgbImage {
+    let (w, h) = (320u32, 240u32);
+    let scale = rng.gen_range(0.85..1.15f32);
+    let angle = rng.gen_range(-0.08..0.08f32);
+    let (cx, cy) = (
+        160.0 + rng.gen_range(-20.0..20.0f32),
+        120.0 + rng.gen_range(-15.0..15.0f32),
+    );
+    let (c, s) = (angle.cos() * scale, angle.sin() * scale);
+    let placed: Vec<(f32, f32, f32)> = spots
+        .iter()
+        .map(|&(x, y, r)| (cx + c * x - s * y, cy + s * x + c * y, r * scale))
+        .collect();
+    // Background clutter of its own: big soft blobs, different in every photo.
+    let clutter: Vec<(f32, f32, f32)> = (0..12)
+        .map(|_| {
+            (
+                rng.gen_range(0.0..w as f32),
+                rng.gen_range(0.0..h as f32),
+                rng.gen_range(3.0..8.0),
+            )
+        })
+        .collect();
+    let tone = rng.gen_range(60.0..100.0f32);
+    RgbImage::from_fn(w, h, |x, y| {
+        let (fx, fy) = (x as f32, y as f32);
+        let (bx, by) = ((fx - cx) / scale, (fy - cy) / scale);
+        let on_body = (bx / 110.0).powi(2) + (by / 60.0).powi(2) < 1.0;
+        let mut v = if on_body { 200.0 } else { tone };
+        for &(px, py, r) in &clutter {
+            let d2 = (fx - px).powi(2) + (fy - py).powi(2);
+            v += 60.0 * (-d2 / (2.0 * r * r)).exp();
+        }
+        for &(px, py, r) in &placed {
+            let d2 = (fx - px).powi(2) + (fy - py).powi(2);
+            v -= 150.0 * (-d2 / (2.0 * r * r)).exp();
+        }
+        let v = (v + rng.gen_range(-4.0..4.0)).clamp(0.0, 255.0) as u8;
+        Rgb([v, v, v])
+    })
 }

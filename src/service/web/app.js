@@ -105,6 +105,7 @@ async function identifyFiles(files) {
   }
 }
 
+renderResult.views = 0;
 function renderResult(item) {
   const results = $("#results");
   if (item.error) {
@@ -121,7 +122,7 @@ function renderResult(item) {
       el("a", { href: individualHref(record.individual_id), "data-testid": "decided-link" }, record.individual_id),
       ` (${record.kind} by ${record.decided_by}, ${record.decided_at.replace("T", " ").slice(0, 19)} UTC)`,
     );
-    card.querySelectorAll("button").forEach((b) => (b.disabled = true));
+    card.querySelectorAll("button.confirm, button.new").forEach((b) => (b.disabled = true));
     refreshHealth();
   };
   const decide = async (decision) => {
@@ -146,6 +147,8 @@ function renderResult(item) {
   const verdict = r.new_individual
     ? el("p", { class: "verdict new" }, "Probably a new individual", best === null ? "" : ` (best match ${best.toFixed(3)} is below ${r.threshold.toFixed(3)})`)
     : el("p", { class: "verdict known" }, `Best match scores ${best.toFixed(3)} (new-individual threshold ${r.threshold.toFixed(3)})`);
+  const ranking = RANKED_BY[r.ranked_by] || RANKED_BY.embedding;
+  const matchView = el("div", { class: "match-view", id: "matches-" + ++renderResult.views, hidden: "" });
 
   const query = el("div", { class: "query" },
     el("img", { src: imageUrl(r.image), alt: "query photo " + item.upload }),
@@ -160,9 +163,14 @@ function renderResult(item) {
       el("div", { class: "meta" },
         el("span", { class: "rank" }, `#${i + 1}`),
         el("a", { href: individualHref(c.individual_id), class: "id" }, c.individual_id),
-        el("span", { class: "score", title: "cosine similarity of its best photo" }, c.score.toFixed(3)),
+        el("span", { class: "score", title: ranking.score }, c.score.toFixed(3)),
+        c.local ? el("span", { class: "marks", title: "keypoints of its best photo whose matches agree with one affine map" }, `${c.local.inliers} marks`) : null,
         c.species ? el("span", { class: "species" }, c.species.replaceAll("_", " ")) : null),
       el("button", { class: "confirm", "data-testid": "confirm", onclick: () => decide({ kind: "confirm", individual_id: c.individual_id }) }, `This is ${c.individual_id}`),
+      c.photos.length ? el("button", {
+        class: "show-matches", type: "button", "aria-expanded": "false", "aria-controls": matchView.id,
+        onclick: (e) => toggleMatches(e.currentTarget, matchView, item.upload, r.image, c),
+      }, "Show matches") : null,
     )));
 
   const newId = el("input", { placeholder: "new id (optional)", class: "new-id" });
@@ -173,8 +181,73 @@ function renderResult(item) {
   if (r.individual_id) {
     decided({ individual_id: r.individual_id, kind: "already confirmed", decided_by: "earlier", decided_at: "" });
   }
-  card.append(query, el("div", { class: "right" }, candidates.childElementCount ? candidates : el("p", {}, "The catalogue has no confirmed photo yet."), actions));
+  card.append(query, el("div", { class: "right" }, el("p", { class: "ranking" }, ranking.caption),
+    candidates.childElementCount ? candidates : el("p", {}, "The catalogue has no confirmed photo yet."), matchView, actions));
   results.prepend(card);
+}
+
+// What ranks the candidates, as the service says (Identification.ranked_by).
+const RANKED_BY = {
+  embedding: { caption: "Ranked by the similarity of the whole photo.", score: "cosine similarity of its photo most like this one" },
+  local: { caption: "Ranked by matching marks (local features) among the most similar photos.", score: "cosine similarity of its photo most like this one" },
+  fused: { caption: "Ranked by the probability of the same animal (similarity and matching marks, calibrated).", score: "probability of the same animal, from its best photo" },
+};
+
+// The query beside a candidate's best photo, with a line between each pair of matching marks.
+async function toggleMatches(button, view, upload, image, c) {
+  const photo = c.local ? c.local.image : c.photos[0].image;
+  const open = button.getAttribute("aria-expanded") === "true";
+  button.closest(".candidates").querySelectorAll("button.show-matches").forEach((b) => {
+    b.setAttribute("aria-expanded", "false");
+    b.textContent = "Show matches";
+  });
+  if (open) {
+    view.hidden = true;
+    return;
+  }
+  button.setAttribute("aria-expanded", "true");
+  button.textContent = "Hide matches";
+  view.hidden = false;
+  view.replaceChildren(el("p", { class: "hint" }, "Matching marks…"));
+  let m;
+  try {
+    m = await api(`/api/matches?query=${encodeURIComponent(image)}&photo=${encodeURIComponent(photo)}`);
+  } catch (e) {
+    view.replaceChildren(el("p", { class: "error" }, e.message));
+    return;
+  }
+  const marks = `${m.verified} matching mark${m.verified === 1 ? "" : "s"}`;
+  const svgNS = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(svgNS, "svg");
+  svg.setAttribute("class", "lines");
+  svg.setAttribute("role", "img");
+  svg.setAttribute("aria-label", `${marks}: lines between the same marks in both photos`);
+  const left = el("img", { src: imageUrl(image), alt: "query photo " + upload });
+  const right = el("img", { src: imageUrl(photo), alt: `${c.individual_id}: photo ${photo}` });
+  const pair = el("div", { class: "pair" }, left, right, svg);
+  const draw = () => {
+    const box = pair.getBoundingClientRect();
+    const [a, b] = [left.getBoundingClientRect(), right.getBoundingClientRect()];
+    svg.setAttribute("viewBox", `0 0 ${box.width} ${box.height}`);
+    const at = (rect, [x, y]) => [rect.left - box.left + x * rect.width, rect.top - box.top + y * rect.height];
+    svg.replaceChildren(...m.lines.flatMap((l) => {
+      const [[x1, y1], [x2, y2]] = [at(a, l.query), at(b, l.candidate)];
+      const line = document.createElementNS(svgNS, "line");
+      Object.entries({ x1, y1, x2, y2 }).forEach(([k, v]) => line.setAttribute(k, v.toFixed(1)));
+      const ends = [[x1, y1], [x2, y2]].map(([cx, cy]) => {
+        const dot = document.createElementNS(svgNS, "circle");
+        Object.entries({ cx, cy, r: 2.5 }).forEach(([k, v]) => dot.setAttribute(k, String(v)));
+        return dot;
+      });
+      return [line, ...ends];
+    }));
+  };
+  for (const img of [left, right]) img.addEventListener("load", draw);
+  new ResizeObserver(draw).observe(pair);
+  view.replaceChildren(el("figure", { class: "matches" },
+    pair,
+    el("figcaption", { "data-testid": "match-count" },
+      m.verified ? `${marks} between this photo and ${c.individual_id}'s ${photo}` : `No matching marks found between this photo and ${c.individual_id}'s ${photo}`)));
 }
 
 const drop = $("#drop");
