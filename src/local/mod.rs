@@ -121,12 +121,14 @@ impl LocalArgs {
 }
 
 /// One photo's local features: keypoint positions in the matched image's pixels and their
-/// RootSIFT descriptors, row-major `[n, sift::DESC_LEN]`.
+/// descriptors (unit vectors), row-major `[n, dim]`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Features {
     /// The matched image's width and height (the photo resized to the matcher's size).
     pub size: [u32; 2],
     pub points: Vec<[f32; 2]>,
+    /// The descriptors' length: [`sift::DESC_LEN`] for RootSIFT.
+    pub dim: usize,
     pub descriptors: Vec<f32>,
 }
 
@@ -173,6 +175,11 @@ impl Matcher {
         }
     }
 
+    /// The length of this matcher's descriptors.
+    pub fn dim(&self) -> usize {
+        sift::DESC_LEN
+    }
+
     /// The local features of a photo (or crop), resized so its longer side is `size`.
     pub fn extract(&self, image: &RgbImage) -> Features {
         let gray = Gray::from_rgb_longest(image, self.size);
@@ -180,6 +187,7 @@ impl Matcher {
         let (w, h) = (gray.width as f32, gray.height as f32);
         let mut features = Features {
             size: [gray.width as u32, gray.height as u32],
+            dim: sift::DESC_LEN,
             ..Default::default()
         };
         for (kp, d) in keypoints.iter().zip(descriptors.chunks(sift::DESC_LEN)) {
