@@ -220,7 +220,7 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
         (Some(_), Some(path), _) => {
             let c = Calibration::load(path)?;
             let l = &args.local;
-            let extraction = l.matcher().extraction();
+            let extraction = l.extraction();
             c.check(path, &spec.identity()?, &extraction, l.shortlist, l.lnbnn_k)?;
             Some(c)
         }

@@ -37,7 +37,7 @@ impl LocalScores {
         names: &[String],
         progress: &ProgressBar,
     ) -> Result<Self> {
-        let matcher = args.matcher();
+        let matcher = args.matcher()?;
         progress.reset();
         progress.set_length(names.len() as u64);
         progress.set_message("local features");
