@@ -6,9 +6,11 @@
 mod common;
 
 use finprint::local::xfeat::{self, XFeat};
-use image::RgbImage;
+use finprint::local::{Matcher, Method, Region};
+use image::{Rgb, RgbImage};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use tch::{Kind, Tensor};
 
 /// The reference's top-k when it wrote the fixture.
@@ -124,4 +126,73 @@ fn sparse_detection_gives_the_reference_keypoints_and_descriptors() {
         ours.scores.windows(2).all(|w| w[0] >= w[1]),
         "strongest first"
     );
+}
+
+#[test]
+fn a_shifted_photo_matches_through_the_shift() {
+    let _serial = common::serial();
+    let Some(net) = load() else { return };
+    let photo = photo(&fixture());
+    // The photo on a grey canvas of 192×144 pixels, at (0, 0) and moved by (+21, +13).
+    let place = |dx: u32, dy: u32| {
+        let mut canvas = RgbImage::from_pixel(192, 144, Rgb([128, 128, 128]));
+        image::imageops::overlay(&mut canvas, &photo, dx as i64, dy as i64);
+        canvas
+    };
+    let matcher = Matcher {
+        size: 192,
+        region: Region::default(),
+        sift: Default::default(),
+        method: Method::XFeat(Arc::new(Mutex::new(net))),
+        k: 4,
+        ransac: Default::default(),
+    };
+    let (a, b) = (
+        matcher.extract(&place(0, 0)),
+        matcher.extract(&place(21, 13)),
+    );
+    assert_eq!((a.dim, a.size), (xfeat::DESC_LEN, [192, 144]));
+    assert!(
+        a.len() > 50 && b.len() > 50,
+        "{} and {} keypoints",
+        a.len(),
+        b.len()
+    );
+    let lines = matcher.pairwise(&a, &b);
+    let scores = matcher.rescore(&a, &[&b]);
+    eprintln!(
+        "{} and {} keypoints, {} verified pairwise matches, {:?}",
+        a.len(),
+        b.len(),
+        lines.len(),
+        scores[0]
+    );
+    // The shift is not a multiple of XFeat's 8-pixel cells: fewer mutual ratio matches.
+    assert!(lines.len() >= 5, "{} verified matches", lines.len());
+    // Each line within RANSAC's tolerance (3% of 192 px) of one map, their median the shift.
+    let shifts: Vec<[f32; 2]> = lines
+        .iter()
+        .map(|l| {
+            [
+                (l.candidate[0] - l.query[0]) * 192.0 - 21.0,
+                (l.candidate[1] - l.query[1]) * 144.0 - 13.0,
+            ]
+        })
+        .collect();
+    assert!(
+        shifts.iter().all(|d| d[0].hypot(d[1]) < 8.0),
+        "errors {shifts:?}"
+    );
+    let median = |axis: usize| {
+        let mut v: Vec<f32> = shifts.iter().map(|d| d[axis]).collect();
+        v.sort_by(f32::total_cmp);
+        v[v.len() / 2]
+    };
+    assert!(
+        median(0).abs() < 2.0 && median(1).abs() < 2.0,
+        "median error ({}, {})",
+        median(0),
+        median(1)
+    );
+    assert!(scores[0].inliers >= 10, "{scores:?}");
 }
