@@ -143,7 +143,7 @@ fn a_shifted_photo_matches_through_the_shift() {
         size: 192,
         region: Region::default(),
         sift: Default::default(),
-        method: Method::XFeat(Arc::new(Mutex::new(net))),
+        method: Method::XFeat(Arc::new(vec![Mutex::new(net)])),
         k: 4,
         ransac: Default::default(),
     };

@@ -114,8 +114,11 @@ impl LocalArgs {
         let method = match self.local.as_str() {
             "xfeat" => {
                 let path = xfeat::weights_path();
-                let net = xfeat::XFeat::load(&path).context("--local xfeat")?;
-                Method::XFeat(Arc::new(Mutex::new(net)))
+                let nets = (0..rayon::current_num_threads().max(1))
+                    .map(|_| Ok(Mutex::new(xfeat::XFeat::load(&path)?)))
+                    .collect::<Result<_>>()
+                    .context("--local xfeat")?;
+                Method::XFeat(Arc::new(nets))
             }
             _ => Method::RootSift,
         };
@@ -203,8 +206,9 @@ pub struct MatchScore {
 pub enum Method {
     /// Upright SIFT keypoints with RootSIFT descriptors ([`sift`]).
     RootSift,
-    /// XFeat's keypoints and descriptors ([`xfeat`]); one network, used by one photo at a time.
-    XFeat(Arc<Mutex<xfeat::XFeat>>),
+    /// XFeat's keypoints and descriptors ([`xfeat`]): a copy of the network per rayon thread,
+    /// so that photos extracted in parallel do not wait for one another (at least one).
+    XFeat(Arc<Vec<Mutex<xfeat::XFeat>>>),
 }
 
 impl fmt::Debug for Method {
@@ -257,9 +261,10 @@ impl Matcher {
                 let points = keypoints.iter().map(|kp| [kp.x, kp.y]).collect();
                 ([gray.width, gray.height], points, descriptors)
             }
-            Method::XFeat(net) => {
+            Method::XFeat(nets) => {
                 let resized = gray::resize_longest(image, self.size);
-                let net = net.lock().unwrap_or_else(|e| e.into_inner());
+                let slot = rayon::current_thread_index().unwrap_or(0) % nets.len();
+                let net = nets[slot].lock().unwrap_or_else(|e| e.into_inner());
                 let found = net.detect(&resized, self.sift.max_keypoints);
                 let (w, h) = resized.dimensions();
                 ([w as usize, h as usize], found.points, found.descriptors)
