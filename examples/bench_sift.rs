@@ -11,7 +11,7 @@
 use clap::Parser;
 use finprint::data::image::load_rgb;
 use finprint::local::sift::{detect_and_describe, SiftConfig};
-use finprint::local::{Features, Gray, Matcher, Region};
+use finprint::local::{Features, Gray, Matcher, Method, Region};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -61,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         let seconds = start.elapsed().as_secs_f64();
         features.push(Features {
             size: [gray.width as u32, gray.height as u32],
+            dim: finprint::local::sift::DESC_LEN,
             points: kps.iter().map(|k| [k.x, k.y]).collect(),
             descriptors: desc.clone(),
         });
@@ -75,6 +76,7 @@ fn main() -> anyhow::Result<()> {
         size: args.size,
         region: Region::default(),
         sift: cfg,
+        method: Method::RootSift,
         k: 4,
         ransac: Default::default(),
     };

@@ -220,7 +220,7 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
         (Some(_), Some(path), _) => {
             let c = Calibration::load(path)?;
             let l = &args.local;
-            let extraction = l.matcher().extraction();
+            let extraction = l.extraction();
             c.check(path, &spec.identity()?, &extraction, l.shortlist, l.lnbnn_k)?;
             Some(c)
         }
@@ -376,12 +376,18 @@ impl fmt::Display for Evaluation {
                 gains(&local.gain)
             )?;
             let c = &local.cost;
+            let extracted = match c.extracted {
+                0 => "all read from the features file".to_string(),
+                n => format!(
+                    "{:.0} ms to decode and extract each of {n} photos",
+                    c.extract_ms
+                ),
+            };
             write!(
                 f,
-                "\nlocal features: {:.0} keypoints, {:.0} KB per photo; {:.0} ms to decode and extract a photo, {:.0} ms to re-score a shortlist of {} (one core)",
+                "\nlocal features: {:.0} keypoints, {:.0} KB per photo; {extracted}; {:.0} ms to re-score a shortlist of {} (one core)",
                 c.keypoints,
                 c.bytes_per_photo / 1024.0,
-                c.extract_ms,
                 c.rescore_ms,
                 c.shortlist
             )?;

@@ -37,7 +37,7 @@ impl LocalScores {
         names: &[String],
         progress: &ProgressBar,
     ) -> Result<Self> {
-        let matcher = args.matcher();
+        let matcher = args.matcher()?;
         progress.reset();
         progress.set_length(names.len() as u64);
         progress.set_message("local features");
@@ -125,7 +125,7 @@ impl LocalScores {
         LocalCost {
             shortlist,
             keypoints,
-            bytes_per_photo: keypoints * store::KEYPOINT_BYTES as f64,
+            bytes_per_photo: keypoints * store::keypoint_bytes(self.matcher.dim()) as f64,
             extracted: self.extracted,
             extract_ms: self.extract_ns as f64 / 1e6 / self.extracted.max(1) as f64,
             rescore_ms: self.rescore_ns.load(Ordering::Relaxed) as f64

@@ -112,7 +112,9 @@ fn predict_with_local_features_calibrates_on_the_catalogue_and_reuses_what_it_sa
         };
         for p in 0..in_catalogue {
             let name = format!("a{a:02}_{p}.png");
-            spot_photo(&spots, &mut rng).save(train.join(&name)).unwrap();
+            spot_photo(&spots, &mut rng)
+                .save(train.join(&name))
+                .unwrap();
             writeln!(csv, "{name},beluga,animal{a:02}").unwrap();
         }
         if in_catalogue != 1 {

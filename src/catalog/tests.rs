@@ -394,7 +394,7 @@ fn local_at(size: u32) -> LocalSearch {
         ..Default::default()
     };
     LocalSearch {
-        matcher: args.matcher(),
+        matcher: args.matcher().unwrap(),
         shortlist: args.shortlist,
         calibration: None,
     }

@@ -10,6 +10,20 @@ pub struct Gray {
     pub data: Vec<f32>,
 }
 
+/// `image` resized with a triangle filter so its longer side is `longest` pixels.
+pub fn resize_longest(image: &RgbImage, longest: u32) -> RgbImage {
+    let (w, h) = image.dimensions();
+    let scale = longest as f32 / w.max(h).max(1) as f32;
+    let (nw, nh) = (
+        ((w as f32 * scale).round() as u32).max(1),
+        ((h as f32 * scale).round() as u32).max(1),
+    );
+    match (nw, nh) == (w, h) {
+        true => image.clone(),
+        false => image::imageops::resize(image, nw, nh, image::imageops::FilterType::Triangle),
+    }
+}
+
 impl Gray {
     pub fn new(width: usize, height: usize, data: Vec<f32>) -> Self {
         assert_eq!(
@@ -27,16 +41,8 @@ impl Gray {
     /// The luma (BT.601, as OpenCV's RGB→gray) of `image`, resized with a triangle filter so
     /// its longer side is `longest` pixels.
     pub fn from_rgb_longest(image: &RgbImage, longest: u32) -> Self {
-        let (w, h) = image.dimensions();
-        let scale = longest as f32 / w.max(h).max(1) as f32;
-        let (nw, nh) = (
-            ((w as f32 * scale).round() as u32).max(1),
-            ((h as f32 * scale).round() as u32).max(1),
-        );
-        let resized = match (nw, nh) == (w, h) {
-            true => image.clone(),
-            false => image::imageops::resize(image, nw, nh, image::imageops::FilterType::Triangle),
-        };
+        let resized = resize_longest(image, longest);
+        let (nw, nh) = resized.dimensions();
         let data = resized
             .pixels()
             .map(|p| (0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32) / 255.0)

@@ -4,7 +4,6 @@
 //! (k+1)-th minus its own: how much more it resembles that photo than the background of all
 //! the others. A photo takes one vote per query descriptor, its best.
 
-use super::sift::DESC_LEN;
 use super::Features;
 
 /// One query descriptor's vote for a photo, with the gallery keypoint it matched.
@@ -27,6 +26,7 @@ pub struct PhotoVotes {
 const BLOCK: usize = 128;
 
 /// The LNBNN votes of `query`'s descriptors for each photo of `gallery`, in gallery order.
+/// Photos whose descriptors are of another length than the query's get none.
 pub fn vote(query: &Features, gallery: &[&Features], k: usize) -> Vec<PhotoVotes> {
     let mut out: Vec<PhotoVotes> = (0..gallery.len())
         .map(|photo| PhotoVotes {
@@ -36,7 +36,8 @@ pub fn vote(query: &Features, gallery: &[&Features], k: usize) -> Vec<PhotoVotes
         .collect();
     let mut owner = Vec::new();
     let mut pooled = Vec::new();
-    for (photo, f) in gallery.iter().enumerate() {
+    let dim = query.dim;
+    for (photo, f) in gallery.iter().enumerate().filter(|(_, f)| f.dim == dim) {
         for point in 0..f.len() {
             owner.push((photo, point));
         }
@@ -50,8 +51,8 @@ pub fn vote(query: &Features, gallery: &[&Features], k: usize) -> Vec<PhotoVotes
     let mut sims = vec![0f32; BLOCK * m];
     for start in (0..query.len()).step_by(BLOCK) {
         let rows = BLOCK.min(query.len() - start);
-        let q = &query.descriptors[start * DESC_LEN..(start + rows) * DESC_LEN];
-        similarities(q, &pooled, &mut sims[..rows * m]);
+        let q = &query.descriptors[start * dim..(start + rows) * dim];
+        similarities(q, &pooled, dim, &mut sims[..rows * m]);
         for r in 0..rows {
             let nearest = top_k(&sims[r * m..(r + 1) * m], k + 1);
             // Unit vectors: ‖a − b‖ = √(2 − 2a·b).
@@ -78,24 +79,24 @@ pub fn vote(query: &Features, gallery: &[&Features], k: usize) -> Vec<PhotoVotes
 }
 
 /// `out[r·m + j]` = the dot product of descriptor `r` of `a` with descriptor `j` of `b`
-/// (row-major `[·, DESC_LEN]` each; `out` holds their product of counts).
-pub(super) fn similarities(a: &[f32], b: &[f32], out: &mut [f32]) {
-    let (rows, m) = (a.len() / DESC_LEN, b.len() / DESC_LEN);
+/// (row-major `[·, dim]` each; `out` holds their product of counts).
+pub(super) fn similarities(a: &[f32], b: &[f32], dim: usize, out: &mut [f32]) {
+    let (rows, m) = (a.len() / dim, b.len() / dim);
     assert_eq!(out.len(), rows * m, "similarity matrix size");
     // out[rows, m] = a[rows, D] · bᵀ[D, m]
     // SAFETY: the slices hold rows×D, m×D and rows×m floats, laid out as the strides say.
     unsafe {
         matrixmultiply::sgemm(
             rows,
-            DESC_LEN,
+            dim,
             m,
             1.0,
             a.as_ptr(),
-            DESC_LEN as isize,
+            dim as isize,
             1,
             b.as_ptr(),
             1,
-            DESC_LEN as isize,
+            dim as isize,
             0.0,
             out.as_mut_ptr(),
             m as isize,
@@ -121,6 +122,7 @@ fn top_k(row: &[f32], n: usize) -> Vec<(usize, f32)> {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use crate::local::sift::DESC_LEN;
 
     /// A descriptor: `v` padded with zeros and scaled to unit length.
     pub(in crate::local) fn unit(v: &[f32]) -> Vec<f32> {
@@ -133,6 +135,7 @@ pub(super) mod tests {
     fn features(descs: &[Vec<f32>]) -> Features {
         Features {
             points: (0..descs.len()).map(|i| [i as f32, 0.0]).collect(),
+            dim: descs.first().map_or(DESC_LEN, Vec::len),
             descriptors: descs.concat(),
             ..Default::default()
         }
@@ -170,6 +173,19 @@ pub(super) mod tests {
         let v = vote(&q, &[&g0, &g1, &g2], 2);
         let r2 = 2f32.sqrt();
         assert!((v[0].total - r2).abs() < 1e-5 && (v[1].total - (r2 - 1.0)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn descriptors_of_any_length_vote_and_photos_of_another_length_get_none() {
+        let short = |v: &[f32]| unit(v)[..64].to_vec();
+        let q = features(&[short(&[1.0])]);
+        let g0 = features(&[short(&[1.0])]);
+        let g1 = features(&[short(&[0.5, 0.75f32.sqrt()])]);
+        let other = features(&[unit(&[1.0])]);
+        assert_eq!((q.dim, other.dim), (64, DESC_LEN));
+        let v = vote(&q, &[&g0, &other, &g1], 1);
+        assert!((v[0].total - 1.0).abs() < 1e-5, "{v:?}");
+        assert_eq!((v[1].total, v[2].total), (0.0, 0.0));
     }
 
     #[test]

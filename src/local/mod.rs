@@ -10,6 +10,7 @@ pub mod pairwise;
 pub mod ransac;
 pub mod sift;
 pub mod store;
+pub mod xfeat;
 
 pub use gray::Gray;
 
@@ -17,6 +18,7 @@ use anyhow::{bail, Context, Result};
 use image::RgbImage;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 
 /// Where keypoints are kept, as fractions of the photo (or its crop): `x0,y0,x1,y1`. A band
 /// on the animal keeps the ground, the water and the frame edges, shared by different animals
@@ -73,18 +75,20 @@ impl fmt::Display for Region {
 /// The local features' settings, as `evaluate`, `predict` and `serve` take them.
 #[derive(Clone, Debug, clap::Args)]
 pub struct LocalArgs {
-    /// Re-rank the embedding's shortlist by local features: none, or rootsift (upright SIFT
-    /// keypoints with RootSIFT descriptors, scored by LNBNN votes verified by affine RANSAC).
-    #[arg(long, default_value = "none", value_parser = ["none", "rootsift"])]
+    /// Re-rank the embedding's shortlist by local features: none, rootsift (upright SIFT
+    /// keypoints with RootSIFT descriptors) or xfeat (XFeat's learned keypoints and 64-d
+    /// descriptors; needs weights/xfeat.safetensors), scored by LNBNN votes verified by affine
+    /// RANSAC.
+    #[arg(long, default_value = "none", value_parser = ["none", "rootsift", "xfeat"])]
     pub local: String,
     /// The longer side, in pixels, photos (or crops) are matched at: the scale of the marks.
     #[arg(long, default_value_t = 256)]
     pub local_size: u32,
-    /// Keypoints kept per photo, the strongest.
+    /// Keypoints kept per photo, the strongest (XFeat's top-k).
     #[arg(long, default_value_t = 1000)]
     pub local_keypoints: usize,
     /// SIFT's contrast threshold (OpenCV's 0.04): lower finds more keypoints on smooth,
-    /// low-contrast skin.
+    /// low-contrast skin. XFeat keeps its detection threshold, 0.05.
     #[arg(long, default_value_t = 0.04)]
     pub local_contrast: f32,
     /// Keypoints are kept only inside this band of the photo: x0,y0,x1,y1 as fractions.
@@ -115,8 +119,20 @@ impl LocalArgs {
         self.local != "none"
     }
 
-    pub fn matcher(&self) -> Matcher {
-        Matcher {
+    /// The matcher of these settings (XFeat's loads its weights).
+    pub fn matcher(&self) -> Result<Matcher> {
+        let method = match self.local.as_str() {
+            "xfeat" => {
+                let path = xfeat::weights_path();
+                let nets = (0..rayon::current_num_threads().max(1))
+                    .map(|_| Ok(Mutex::new(xfeat::XFeat::load(&path)?)))
+                    .collect::<Result<_>>()
+                    .context("--local xfeat")?;
+                Method::XFeat(Arc::new(nets))
+            }
+            _ => Method::RootSift,
+        };
+        Ok(Matcher {
             size: self.local_size,
             region: self.local_region,
             sift: sift::SiftConfig {
@@ -124,19 +140,53 @@ impl LocalArgs {
                 contrast_threshold: self.local_contrast,
                 ..Default::default()
             },
+            method,
             k: self.lnbnn_k.max(1),
             ransac: ransac::RansacConfig::default(),
-        }
+        })
+    }
+
+    /// How these settings extract features, without loading anything.
+    pub fn extraction(&self) -> store::Extraction {
+        extraction(
+            self.local == "xfeat",
+            self.local_size,
+            self.local_keypoints,
+            self.local_contrast,
+            self.local_region,
+        )
+    }
+}
+
+/// The extraction settings' tag: for XFeat the contrast is its detection threshold.
+fn extraction(
+    xfeat: bool,
+    size: u32,
+    keypoints: usize,
+    contrast: f32,
+    region: Region,
+) -> store::Extraction {
+    store::Extraction {
+        method: if xfeat { "xfeat" } else { "rootsift" }.into(),
+        size,
+        keypoints,
+        contrast: match xfeat {
+            true => xfeat::DETECTION_THRESHOLD as f32,
+            false => contrast,
+        },
+        region: region.0,
     }
 }
 
 /// One photo's local features: keypoint positions in the matched image's pixels and their
-/// RootSIFT descriptors, row-major `[n, sift::DESC_LEN]`.
+/// descriptors (unit vectors), row-major `[n, dim]`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Features {
     /// The matched image's width and height (the photo resized to the matcher's size).
     pub size: [u32; 2],
     pub points: Vec<[f32; 2]>,
+    /// The descriptors' length: [`sift::DESC_LEN`] for RootSIFT, [`xfeat::DESC_LEN`] for XFeat.
+    pub dim: usize,
     pub descriptors: Vec<f32>,
 }
 
@@ -161,12 +211,33 @@ pub struct MatchScore {
     pub inliers: usize,
 }
 
+/// The detector and descriptor a [`Matcher`] extracts with.
+#[derive(Clone)]
+pub enum Method {
+    /// Upright SIFT keypoints with RootSIFT descriptors ([`sift`]).
+    RootSift,
+    /// XFeat's keypoints and descriptors ([`xfeat`]): a copy of the network per rayon thread,
+    /// so that photos extracted in parallel do not wait for one another (at least one).
+    XFeat(Arc<Vec<Mutex<xfeat::XFeat>>>),
+}
+
+impl fmt::Debug for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Method::RootSift => "RootSift",
+            Method::XFeat(_) => "XFeat",
+        })
+    }
+}
+
 /// Extracts local features and scores shortlists with them.
 #[derive(Clone, Debug)]
 pub struct Matcher {
     pub size: u32,
     pub region: Region,
+    /// SIFT's settings; for XFeat, `max_keypoints` is its top-k.
     pub sift: sift::SiftConfig,
+    pub method: Method,
     pub k: usize,
     pub ransac: ransac::RansacConfig,
 }
@@ -174,27 +245,51 @@ pub struct Matcher {
 impl Matcher {
     /// How this matcher extracts features (what a stored file must have been made with).
     pub fn extraction(&self) -> store::Extraction {
-        store::Extraction {
-            method: "rootsift".into(),
-            size: self.size,
-            keypoints: self.sift.max_keypoints,
-            contrast: self.sift.contrast_threshold,
-            region: self.region.0,
+        extraction(
+            matches!(self.method, Method::XFeat(_)),
+            self.size,
+            self.sift.max_keypoints,
+            self.sift.contrast_threshold,
+            self.region,
+        )
+    }
+
+    /// The length of this matcher's descriptors.
+    pub fn dim(&self) -> usize {
+        match self.method {
+            Method::RootSift => sift::DESC_LEN,
+            Method::XFeat(_) => xfeat::DESC_LEN,
         }
     }
 
     /// The local features of a photo (or crop), resized so its longer side is `size`.
     pub fn extract(&self, image: &RgbImage) -> Features {
-        let gray = Gray::from_rgb_longest(image, self.size);
-        let (keypoints, descriptors) = sift::detect_and_describe(&gray, &self.sift);
-        let (w, h) = (gray.width as f32, gray.height as f32);
+        let (size, points, descriptors) = match &self.method {
+            Method::RootSift => {
+                let gray = Gray::from_rgb_longest(image, self.size);
+                let (keypoints, descriptors) = sift::detect_and_describe(&gray, &self.sift);
+                let points = keypoints.iter().map(|kp| [kp.x, kp.y]).collect();
+                ([gray.width, gray.height], points, descriptors)
+            }
+            Method::XFeat(nets) => {
+                let resized = gray::resize_longest(image, self.size);
+                let slot = rayon::current_thread_index().unwrap_or(0) % nets.len();
+                let net = nets[slot].lock().unwrap_or_else(|e| e.into_inner());
+                let found = net.detect(&resized, self.sift.max_keypoints);
+                let (w, h) = resized.dimensions();
+                ([w as usize, h as usize], found.points, found.descriptors)
+            }
+        };
+        let dim = self.dim();
+        let (w, h) = (size[0] as f32, size[1] as f32);
         let mut features = Features {
-            size: [gray.width as u32, gray.height as u32],
+            size: [size[0] as u32, size[1] as u32],
+            dim,
             ..Default::default()
         };
-        for (kp, d) in keypoints.iter().zip(descriptors.chunks(sift::DESC_LEN)) {
-            if self.region.contains(kp.x / w, kp.y / h) {
-                features.points.push([kp.x, kp.y]);
+        for (&[x, y], d) in points.iter().zip(descriptors.chunks(dim)) {
+            if self.region.contains(x / w, y / h) {
+                features.points.push([x, y]);
                 // Rounded as they are stored, so that stored and fresh features match alike.
                 let stored = d.iter().map(|&v| half::f16::from_f32(v).to_f32());
                 features.descriptors.extend(stored);

@@ -4,7 +4,6 @@
 
 use super::lnbnn::similarities;
 use super::ransac::{self, Correspondence, RansacConfig};
-use super::sift::DESC_LEN;
 use super::Features;
 
 /// Lowe's ratio: a match is kept when its distance is below this share of the second
@@ -19,14 +18,15 @@ pub struct Line {
 }
 
 /// Index pairs `(i in a, j in b)` that are each other's nearest neighbour and whose distance
-/// is below [`RATIO`] times the second nearest's, on both sides.
+/// is below [`RATIO`] times the second nearest's, on both sides (none between descriptors of
+/// different lengths).
 pub fn mutual_ratio_matches(a: &Features, b: &Features) -> Vec<(usize, usize)> {
     let (n, m) = (a.len(), b.len());
-    if n < 2 || m < 2 {
+    if n < 2 || m < 2 || a.dim != b.dim {
         return Vec::new();
     }
     let mut sims = vec![0f32; n * m];
-    similarities(&a.descriptors, &b.descriptors, &mut sims);
+    similarities(&a.descriptors, &b.descriptors, a.dim, &mut sims);
     // Unit vectors: ‖a − b‖ = √(2 − 2a·b).
     let distance = |s: f32| (2.0 - 2.0 * s).max(0.0).sqrt();
     let best_two = |values: &mut dyn Iterator<Item = (usize, f32)>| {
@@ -61,7 +61,7 @@ pub fn verified(
     cfg: &RansacConfig,
     side: f32,
 ) -> Vec<Line> {
-    debug_assert_eq!(query.descriptors.len(), query.len() * DESC_LEN);
+    debug_assert_eq!(query.descriptors.len(), query.len() * query.dim);
     let pairs: Vec<Correspondence> = mutual_ratio_matches(query, candidate)
         .into_iter()
         .map(|(i, j)| Correspondence {
@@ -90,11 +90,13 @@ pub fn verified(
 mod tests {
     use super::*;
     use crate::local::lnbnn::tests::unit;
+    use crate::local::sift::DESC_LEN;
 
     fn features(points: &[[f32; 2]], descs: &[Vec<f32>]) -> Features {
         Features {
             size: [100, 50],
             points: points.to_vec(),
+            dim: DESC_LEN,
             descriptors: descs.concat(),
         }
     }

@@ -423,6 +423,7 @@ mod tests {
             Features {
                 size: [g.width as u32, g.height as u32],
                 points: kps.iter().map(|k| [k.x, k.y]).collect(),
+                dim: DESC_LEN,
                 descriptors,
             }
         };

@@ -2,7 +2,6 @@
 //! keeps them per photo), and a features file of many photos beside the embeddings, tagged
 //! with how they were extracted so that features of other settings are never matched.
 
-use super::sift::DESC_LEN;
 use super::Features;
 use anyhow::{bail, ensure, Context, Result};
 use half::f16;
@@ -21,16 +20,27 @@ pub struct Extraction {
     pub region: [f32; 4],
 }
 
-const HEADER: usize = 12;
-/// Bytes per keypoint: its position (two f32) and its descriptor (f16).
-pub const KEYPOINT_BYTES: usize = 8 + 2 * DESC_LEN;
+const HEADER: usize = 16;
+/// The header of features stored before their descriptor length was, all 128-d RootSIFT: no
+/// length word.
+const HEADER_128: usize = 12;
+
+/// Bytes per keypoint: its position (two f32) and its descriptor of `dim` f16.
+pub fn keypoint_bytes(dim: usize) -> usize {
+    8 + 2 * dim
+}
 
 impl Features {
-    /// Little-endian: width, height and count (u32), the points (f32 pairs), the descriptors
-    /// (f16, which is how they are extracted: see `Matcher::extract`).
+    /// Little-endian: width, height, count and descriptor length (u32), the points (f32
+    /// pairs), the descriptors (f16, which is how they are extracted: see `Matcher::extract`).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER + self.len() * KEYPOINT_BYTES);
-        for v in [self.size[0], self.size[1], self.len() as u32] {
+        let mut out = Vec::with_capacity(HEADER + self.len() * keypoint_bytes(self.dim));
+        for v in [
+            self.size[0],
+            self.size[1],
+            self.len() as u32,
+            self.dim as u32,
+        ] {
             out.extend_from_slice(&v.to_le_bytes());
         }
         for v in self.points.iter().flatten() {
@@ -42,20 +52,26 @@ impl Features {
         out
     }
 
+    /// The features of [`Features::to_bytes`], or of the earlier 128-d layout without the
+    /// length word.
     pub fn from_bytes(bytes: &[u8]) -> Result<Features> {
         ensure!(
-            bytes.len() >= HEADER,
+            bytes.len() >= HEADER_128,
             "local features: {} bytes, no header",
             bytes.len()
         );
         let word = |i: usize| u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
         let (size, n) = ([word(0), word(1)], word(2) as usize);
-        ensure!(
-            bytes.len() == HEADER + n * KEYPOINT_BYTES,
-            "local features: {} bytes for {n} keypoints",
-            bytes.len()
-        );
-        let (points, descriptors) = bytes[HEADER..].split_at(n * 8);
+        let fits = |header: usize, dim: usize| {
+            let body = n.checked_mul(keypoint_bytes(dim));
+            body.and_then(|b| b.checked_add(header)) == Some(bytes.len())
+        };
+        let (header, dim) = match bytes.len() >= HEADER {
+            true if fits(HEADER, word(3) as usize) => (HEADER, word(3) as usize),
+            _ if fits(HEADER_128, 128) => (HEADER_128, 128),
+            _ => bail!("local features: {} bytes for {n} keypoints", bytes.len()),
+        };
+        let (points, descriptors) = bytes[header..].split_at(n * 8);
         let floats: Vec<f32> = points
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
@@ -63,6 +79,7 @@ impl Features {
         Ok(Features {
             size,
             points: floats.chunks_exact(2).map(|p| [p[0], p[1]]).collect(),
+            dim,
             descriptors: descriptors
                 .chunks_exact(2)
                 .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
@@ -220,13 +237,16 @@ mod tests {
     use super::*;
 
     fn sample(n: usize, seed: f32) -> Features {
+        sample_of(n, seed, 128)
+    }
+
+    fn sample_of(n: usize, seed: f32, dim: usize) -> Features {
         Features {
             size: [256, 81],
             points: (0..n).map(|i| [i as f32 + 0.25, seed]).collect(),
+            dim,
             // Halves are exact in f16.
-            descriptors: (0..n * DESC_LEN)
-                .map(|i| (i % 7) as f32 * 0.5 + seed)
-                .collect(),
+            descriptors: (0..n * dim).map(|i| (i % 7) as f32 * 0.5 + seed).collect(),
         }
     }
 
@@ -244,7 +264,7 @@ mod tests {
     fn a_photo_round_trips_through_bytes_and_bad_lengths_are_refused() {
         let f = sample(3, 1.0);
         let bytes = f.to_bytes();
-        assert_eq!(bytes.len(), 12 + 3 * (8 + 256));
+        assert_eq!(bytes.len(), 16 + 3 * (8 + 256));
         assert_eq!(Features::from_bytes(&bytes).unwrap(), f);
         assert!(Features::from_bytes(&bytes[..bytes.len() - 1]).is_err());
         assert!(Features::from_bytes(&bytes[..5]).is_err());
@@ -252,6 +272,26 @@ mod tests {
             Features::from_bytes(&Features::default().to_bytes()).unwrap(),
             Features::default()
         );
+    }
+
+    #[test]
+    fn descriptors_of_any_length_round_trip_and_the_length_is_checked() {
+        let f = sample_of(5, 0.5, 64);
+        let bytes = f.to_bytes();
+        assert_eq!(bytes.len(), 16 + 5 * (8 + 128));
+        assert_eq!(Features::from_bytes(&bytes).unwrap(), f);
+        let mut wrong = bytes.clone();
+        wrong[12..16].copy_from_slice(&65u32.to_le_bytes());
+        assert!(Features::from_bytes(&wrong).is_err());
+    }
+
+    #[test]
+    fn features_stored_before_the_length_word_read_as_128_d() {
+        let f = sample(2, 1.5);
+        let bytes = f.to_bytes();
+        let legacy: Vec<u8> = [&bytes[..12], &bytes[16..]].concat();
+        assert_eq!(Features::from_bytes(&legacy).unwrap(), f);
+        assert!(Features::from_bytes(&legacy[..legacy.len() - 2]).is_err());
     }
 
     #[test]

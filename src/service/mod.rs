@@ -769,7 +769,7 @@ fn local_search(opts: &ServeArgs) -> anyhow::Result<Option<crate::catalog::Local
         );
         return Ok(None);
     }
-    let matcher = opts.local.matcher();
+    let matcher = opts.local.matcher()?;
     let calibration = match &opts.calibration {
         Some(path) => {
             let c = crate::local::calibration::Calibration::load(path)?;
