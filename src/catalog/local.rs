@@ -101,15 +101,7 @@ impl Catalog {
         progress: &ProgressBar,
     ) -> Result<Extracted> {
         let tag = tag(&local.matcher)?;
-        let missing: Vec<String> = {
-            let conn = self.conn();
-            let mut st = conn.prepare(
-                "SELECT p.image FROM photos p LEFT JOIN local_features f
-                 ON f.image = p.image AND f.extraction = ?1 WHERE f.image IS NULL ORDER BY p.image",
-            )?;
-            let rows = st.query_map([&tag], |r| r.get(0))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
+        let missing = self.photos_without("local_features", "extraction", &tag)?;
         progress.set_length(missing.len() as u64);
         let mut count = 0;
         let unusable = self.in_batches(&missing, progress, |batch| {

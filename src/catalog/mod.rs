@@ -347,15 +347,7 @@ impl Catalog {
         index: IndexSpec,
         progress: &ProgressBar,
     ) -> Result<Attached> {
-        let missing: Vec<String> = {
-            let conn = self.conn();
-            let mut st = conn.prepare(
-                "SELECT p.image FROM photos p LEFT JOIN embeddings e
-                 ON e.image = p.image AND e.model = ?1 WHERE e.image IS NULL ORDER BY p.image",
-            )?;
-            let rows = st.query_map([&embedder.model_id], |r| r.get(0))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
+        let missing = self.photos_without("embeddings", "model", &embedder.model_id)?;
         progress.set_length(missing.len() as u64);
         let mut embedded = 0;
         let unusable = self.in_batches(&missing, progress, |batch| {
@@ -370,6 +362,19 @@ impl Catalog {
         *self.gallery.write().unwrap_or_else(|e| e.into_inner()) = Some(gallery);
         self.embedder = Some(embedder);
         Ok(attached)
+    }
+
+    /// The catalogue's photos, by name, without a row in `table` (embeddings or local
+    /// features, keyed by `image`) whose `tag_column` holds `tag`: those of another model or
+    /// other settings do not count.
+    fn photos_without(&self, table: &str, tag_column: &str, tag: &str) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut st = conn.prepare(&format!(
+            "SELECT p.image FROM photos p LEFT JOIN {table} t
+             ON t.image = p.image AND t.{tag_column} = ?1 WHERE t.image IS NULL ORDER BY p.image"
+        ))?;
+        let rows = st.query_map([tag], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Decode the photos `names` and hand them to `store` in batches of at most [`SYNC_BATCH`]
