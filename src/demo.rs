@@ -71,7 +71,7 @@ pub fn run(args: &DemoArgs, say: &mut dyn FnMut(String)) -> Result<()> {
         boxes.display()
     ));
     let train_cfg = TrainConfig {
-        data: out.clone(),
+        data: crate::data::DataFolders(vec![out.clone()]),
         mode: Mode::Fast,
         epochs: args.epochs,
         img_size: Some(crate::transforms::ImgSize::square(args.img_size)),

@@ -1,6 +1,7 @@
 //! The data path: Kaggle-format CSVs and image folders, species names, folds and statistics.
 
 mod csvfile;
+pub mod folders;
 pub mod folds;
 pub mod image;
 mod jpeg;
@@ -8,6 +9,7 @@ pub mod kaggle;
 pub mod stats;
 
 pub use csvfile::{CsvFile, CsvRow};
+pub use folders::DataFolders;
 pub use kaggle::{
     normalise_species, read_solution, read_submission, read_train_csv, write_solution,
     write_submission, write_train_csv, KaggleDir, Prediction, SolutionRow, TrainRow, TrainSet,

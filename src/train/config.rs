@@ -4,6 +4,7 @@
 use super::augment::AugmentConfig;
 use crate::args::{defaults_of, merge_flags};
 use crate::crops::CropSet;
+use crate::data::DataFolders;
 use crate::model::heads::ArcFaceConfig;
 use crate::model::Variant;
 use crate::transforms::{Fit, Flips, ImgSize};
@@ -33,9 +34,11 @@ pub enum Mode {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default)]
 pub struct TrainConfig {
-    /// A folder in Kaggle's layout (train.csv, train_images/).
+    /// A folder in Kaggle's layout (train.csv, train_images/), or several, comma-separated,
+    /// trained on as one catalogue: each folder's ids get its name as a prefix, so that the
+    /// animals of different folders stay apart.
     #[arg(long, default_value = "synth")]
-    pub data: PathBuf,
+    pub data: DataFolders,
     /// Backbone of the registry; with --mode frozen one or more, comma-separated (e.g.
     /// efficientnet_lite0,efficientnet_lite1,efficientnet_lite2).
     #[arg(long, default_value = "efficientnet_lite0")]
@@ -149,7 +152,7 @@ impl TrainConfig {
         let absolute = |p: &Path| {
             std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display()))
         };
-        self.data = absolute(&self.data)?;
+        self.data = self.data.absolute()?;
         for set in &mut self.crops {
             for boxes in &mut set.boxes {
                 *boxes = absolute(boxes)?;

@@ -53,12 +53,7 @@ pub fn train(
         }
         cfg.clone().with_absolute_paths()?
     };
-    let train_csv = crate::data::KaggleDir::new(&cfg.data).train_csv();
-    anyhow::ensure!(
-        train_csv.is_file(),
-        "{}: no such file (--data takes a folder in Kaggle's layout)",
-        train_csv.display()
-    );
+    cfg.data.check()?;
     let threads = configure_threads(cfg.threads);
     run.create()?;
     run.write_config(&cfg)?;

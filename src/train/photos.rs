@@ -5,7 +5,7 @@ use super::config::TrainConfig;
 use crate::args::bar;
 use crate::crops::sets::{self as crop_sets, load_sets};
 use crate::data::folds::{assign_folds, split};
-use crate::data::{image::load_rgb, read_train_csv, KaggleDir, NEW_INDIVIDUAL};
+use crate::data::{image::load_rgb, NEW_INDIVIDUAL};
 use crate::runs::{RunState, TrainSummary};
 use crate::transforms::{fit_to, item_rng, ImgSize};
 use anyhow::Result;
@@ -81,8 +81,8 @@ impl Photos {
 /// The photos of `cfg`'s fold split, each crop set's crop fitted to `size` as `cfg.fit` says
 /// (padding of colour `fill`).
 pub(super) fn load_photos(cfg: &TrainConfig, size: ImgSize, fill: [u8; 3]) -> Result<Photos> {
-    let kaggle = KaggleDir::new(&cfg.data);
-    let set = read_train_csv(&kaggle.train_csv())?;
+    let labelled = cfg.data.read()?;
+    let set = labelled.set;
     anyhow::ensure!(cfg.folds >= 2, "--folds must be at least 2");
     anyhow::ensure!(
         cfg.fold < cfg.folds,
@@ -106,12 +106,11 @@ pub(super) fn load_photos(cfg: &TrainConfig, size: ImgSize, fill: [u8; 3]) -> Re
     let wanted: Vec<usize> = s.train.iter().chain(&s.val).copied().collect();
     let sets = load_sets(&cfg.crops)?;
     let bar = bar(wanted.len() as u64, "decoding photos");
-    let dir = kaggle.train_images();
     let decoded: Vec<Vec<RgbImage>> = wanted
         .par_iter()
         .map(|&i| {
             let name = &set.rows[i].image;
-            let img = load_rgb(&dir.join(name))?;
+            let img = load_rgb(&labelled.image_dirs[i].join(name))?;
             bar.inc(1);
             Ok(sets
                 .iter()

@@ -183,7 +183,7 @@ pub fn report(run: &Path) -> Result<ReportFiles> {
             md,
             "{} on `{}`, fold {} of {}, Frozen mode: the pretrained backbones' GeM features, concatenated and whitened{whitening}; epoch 1 is the whitening.\n",
             config.model,
-            config.data.display(),
+            config.data,
             config.fold,
             config.folds,
         )?;
@@ -192,7 +192,7 @@ pub fn report(run: &Path) -> Result<ReportFiles> {
         md,
         "{} on `{}`, fold {} of {}, {:?} mode, {} epochs, input {} px, batch {}, lr {} (heads ×{}).\n",
         config.model,
-        config.data.display(),
+        config.data,
         config.fold,
         config.folds,
         config.mode,
