@@ -47,9 +47,10 @@ pub struct EvaluateArgs {
     /// Seed of the bootstrap's draws.
     #[arg(long, default_value_t = 0)]
     pub bootstrap_seed: u64,
-    /// Also evaluate a pretrained backbone's zero-shot features on the same photos and give
-    /// the gain over them, with 95% paired-bootstrap intervals (with --bootstrap).
-    #[arg(long)]
+    /// Also evaluate a baseline on the same photos and give the gain over it, with 95%
+    /// paired-bootstrap intervals (with --bootstrap): a pretrained backbone's zero-shot
+    /// features (a registry name), or another trained run (a folder).
+    #[arg(long, value_name = "BACKBONE|RUN")]
     pub baseline: Option<String>,
     /// Also write the figures (and intervals) to this JSON file.
     #[arg(long)]
@@ -142,7 +143,7 @@ pub struct LocalGain {
     pub cost: LocalCost,
 }
 
-/// The gain over a pretrained backbone's zero-shot features.
+/// The gain over a baseline: a pretrained backbone's zero-shot features, or another run.
 #[derive(Clone, Debug, Serialize)]
 pub struct Baseline {
     pub backbone: String,
@@ -290,9 +291,20 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
     let bootstrap = (resamples > 0).then(|| report.bootstrap(&labelled.animals, resamples, seed));
     let baseline = match &args.baseline {
         Some(backbone) => {
-            let features = ZeroShot::new(backbone);
-            let zero_shot = Ensemble::zero_shot(&features, 0.0, crate::runtime::device())?;
-            let (base, _) = evaluate(&zero_shot, report.threshold)?;
+            let device = crate::runtime::device();
+            // A run decides new_individual at its own threshold, zero-shot features at ours.
+            let (other, threshold) = match Path::new(backbone).is_dir() {
+                true => {
+                    let run = Ensemble::load(&[backbone.into()], device)?;
+                    let t = args.threshold.unwrap_or(run.threshold);
+                    (run, t)
+                }
+                false => (
+                    Ensemble::zero_shot(&ZeroShot::new(backbone), 0.0, device)?,
+                    report.threshold,
+                ),
+            };
+            let (base, _) = evaluate(&other, threshold)?;
             let gain = report.paired_bootstrap(&base, &labelled.animals, resamples, seed)?;
             Some(Baseline {
                 backbone: backbone.clone(),
@@ -395,8 +407,11 @@ impl fmt::Display for Evaluation {
         if let Some(base) = &self.baseline {
             write!(
                 f,
-                "\ngain over zero-shot {} (MAP@5 {:.4}): {}",
-                base.backbone,
+                "\ngain over {} (MAP@5 {:.4}): {}",
+                match Path::new(&base.backbone).is_dir() {
+                    true => format!("the run {}", base.backbone),
+                    false => format!("zero-shot {}", base.backbone),
+                },
                 base.report.map5_known,
                 gains(&base.gain)
             )?;

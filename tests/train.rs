@@ -349,3 +349,87 @@ fn a_config_file_is_overridden_by_the_flags_given_and_saved_whole() {
     assert_eq!(saved["fit"], "pad");
     assert!(std::path::Path::new(saved["data"].as_str().unwrap()).is_absolute());
 }
+
+#[test]
+fn several_data_folders_train_one_model_with_their_animals_kept_apart() {
+    if !pretrained_weights_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The same catalogue twice: the same ids in both folders, which must not merge.
+    let (a, b) = (dir.path().join("north/data"), dir.path().join("south/data"));
+    synth(&a, 30, 96, 64, 4);
+    synth(&b, 30, 96, 64, 4);
+    let run = dir.path().join("run");
+    let both = format!("{},{}", a.display(), b.display());
+    let o = finprint()
+        .args(["train", "--data", &both, "--out", run.to_str().unwrap()])
+        .args(["--mode", "frozen", "--img-size", "32", "--folds", "3"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: TrainSummary =
+        serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    let ids = |d: &Path| {
+        finprint::data::read_train_csv(&d.join("train.csv"))
+            .unwrap()
+            .rows
+            .into_iter()
+            .map(|r| r.individual_id)
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
+    assert_eq!(ids(&a), ids(&b));
+    // A third of the animals validate and a fifth of those are never trained on.
+    let animals = ids(&a) + ids(&b);
+    assert!(
+        summary.classes > ids(&a) && summary.classes < animals,
+        "{} classes from {animals} animals",
+        summary.classes
+    );
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("train_config.json")).unwrap()).unwrap();
+    let saved: Vec<&str> = saved["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(saved, [a.to_str().unwrap(), b.to_str().unwrap()]);
+
+    // The run against itself as the baseline: the same figures, a gain of exactly zero.
+    let json = dir.path().join("eval.json");
+    let o = finprint()
+        .args(["evaluate", "--models", run.to_str().unwrap()])
+        .args(["--labels", a.join("train.csv").to_str().unwrap()])
+        .args(["--images", a.join("train_images").to_str().unwrap()])
+        .args(["--baseline", run.to_str().unwrap(), "--bootstrap", "20"])
+        .args(["--json", json.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("gain over the run"), "{out}");
+    let e: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(e["baseline"]["report"]["top1"], e["report"]["top1"]);
+    for figure in ["top1", "top5", "map5"] {
+        assert_eq!(e["baseline"]["gain"][figure], 0.0, "{figure}");
+    }
+
+    let missing = dir.path().join("nowhere");
+    let o = finprint()
+        .args([
+            "train",
+            "--data",
+            &format!("{},{}", a.display(), missing.display()),
+        ])
+        .args(["--out", dir.path().join("run2").to_str().unwrap()])
+        .args(["--mode", "frozen", "--img-size", "32"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("nowhere/train.csv"),
+        "{err}"
+    );
+}
