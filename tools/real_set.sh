@@ -15,7 +15,7 @@
 # the input keeps their aspect (EVAL_FLAGS, default `--img-size 128x384 --fit pad`).
 # Then the untrained features with local features fused (`--local rootsift`, calibrated on the
 # training animals). Without train flags it trains the frozen mode on the three pretrained Lite
-# backbones.
+# backbones. UNTRAINED=0 leaves out the untrained rows (the trained ones only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SET=${1:?usage: tools/real_set.sh beluga|rightwhale [OUT] [train flags...]}
@@ -73,17 +73,19 @@ echo "$SET: $(($(wc -l < "$OUT/data/train.csv") - 1)) training photos, $(($(wc -
 [[ ${1:-} == --prepare-only ]] && exit 0
 
 EVAL=(--labels "$OUT/val_labels.csv" --images "$SRC" "${EXCLUDE[@]}" --bootstrap "$BOOT")
-echo "== untrained: pretrained EfficientNet-Lite0, GeM features, 224×224"
-"$FINPRINT" evaluate --zero-shot efficientnet_lite0 "${EVAL[@]}"
-if ((${#SIZE[@]})); then
-  echo "== untrained, ${SIZE[*]}"
-  "$FINPRINT" evaluate --zero-shot efficientnet_lite0 "${SIZE[@]}" "${EVAL[@]}"
-fi
-echo "== untrained Lite0 with local features (RootSIFT, LNBNN, affine RANSAC) re-scoring its shortlist,"
-echo "   fused by probabilities calibrated on the training animals"
 LOCAL+=(--local rootsift --local-features "$OUT/local.features")
-"$FINPRINT" evaluate --zero-shot efficientnet_lite0 "${SIZE[@]}" "${EVAL[@]}" \
-  "${LOCAL[@]}" --calibration-labels "$OUT/train_labels.csv"
+if ((${UNTRAINED:-1})); then
+  echo "== untrained: pretrained EfficientNet-Lite0, GeM features, 224×224"
+  "$FINPRINT" evaluate --zero-shot efficientnet_lite0 "${EVAL[@]}"
+  if ((${#SIZE[@]})); then
+    echo "== untrained, ${SIZE[*]}"
+    "$FINPRINT" evaluate --zero-shot efficientnet_lite0 "${SIZE[@]}" "${EVAL[@]}"
+  fi
+  echo "== untrained Lite0 with local features (RootSIFT, LNBNN, affine RANSAC) re-scoring its shortlist,"
+  echo "   fused by probabilities calibrated on the training animals"
+  "$FINPRINT" evaluate --zero-shot efficientnet_lite0 "${SIZE[@]}" "${EVAL[@]}" \
+    "${LOCAL[@]}" --calibration-labels "$OUT/train_labels.csv"
+fi
 rm -rf "$OUT/run"
 (($#)) || set -- --mode frozen --model efficientnet_lite0,efficientnet_lite1,efficientnet_lite2 "${SIZE[@]}"
 echo "== finprint train $*"
