@@ -10,3 +10,6 @@ cargo test --release --locked
 bash tests/browser/run.sh
 # The bench command in miniature (seconds, no references, no data; figures not checked).
 bash tools/bench.sh --smoke
+# The GPU build: `--features cuda` puts models on a GPU when libtorch finds one. Last, as it
+# rebuilds the crate with the feature.
+cargo build --release --locked --features cuda --bins
