@@ -12,6 +12,7 @@ use crate::local::calibration::Calibration;
 use crate::local::LocalArgs;
 use crate::metrics::{average_precision_at_5, K};
 use crate::model::happywhale::HappyWhaleModel;
+use crate::model::heads::ArcFace;
 use crate::runs::{Ensemble, ModelArgs};
 use crate::search::{rank_labels, Aggregation, Index, IndexSpec, Neighbor};
 use anyhow::Context;
@@ -100,12 +101,59 @@ impl From<&Ensemble> for Thresholds {
     }
 }
 
-/// The `top` best classes of the models' ArcFace heads for each row of `fused` (row-major
-/// `[count, Σ dims]`, the ensemble's fused unit embeddings), the class cosines averaged with
-/// the squared model weights `weights` (as the fused cosine averages the models' cosines); rows
-/// may go on past the models' dimensions (other crop sets), which are ignored, as are members
-/// without a head (pretrained features). `None` when no model has a head or those with one do
-/// not share one class list.
+/// The cosines `[count, classes]` of the rows of `fused` (row-major `[count, Σ dims]`, the
+/// ensemble's fused unit embeddings) to the classes of the heads that `head` picks from
+/// `models`, averaged with the squared model weights `weights` (as the fused cosine averages
+/// the models' cosines), with those classes. Rows may go on past the models' dimensions (other
+/// crop sets), which are ignored, as are members without such a head. `None` when no model has
+/// one or those with one do not share one class list.
+fn head_cosines<'a>(
+    models: &[&'a HappyWhaleModel],
+    weights: &[f32],
+    fused: &[f32],
+    count: usize,
+    head: impl Fn(&'a HappyWhaleModel) -> Option<(&'a ArcFace, &'a [String])>,
+) -> anyhow::Result<Option<(Tensor, &'a [String])>> {
+    let Some((_, first)) = models.iter().find_map(|m| head(m)) else {
+        return Ok(None);
+    };
+    if count == 0
+        || models
+            .iter()
+            .any(|m| head(m).is_some_and(|(_, c)| c != first))
+    {
+        return Ok(None);
+    }
+    let dim = fused.len() / count;
+    let rows = Tensor::from_slice(fused).view([count as i64, dim as i64]);
+    let norm: f32 = models
+        .iter()
+        .zip(weights)
+        .filter(|(m, _)| head(m).is_some())
+        .map(|(_, w)| w * w)
+        .sum();
+    let mut total: Option<Tensor> = None;
+    let mut offset = 0;
+    for (m, &w) in models.iter().zip(weights) {
+        let d = m.config.embedding_size;
+        let part = rows.narrow(1, offset, d).to_device(m.vs.device());
+        offset += d;
+        let Some((h, _)) = head(m) else {
+            continue;
+        };
+        let cos =
+            tch::no_grad(|| h.cosine(&part)).to_device(tch::Device::Cpu) * f64::from(w * w / norm);
+        total = Some(match total {
+            Some(t) => t + cos,
+            None => cos,
+        });
+    }
+    Ok(total.map(|t| (t, first)))
+}
+
+/// The `top` best classes of the models' ArcFace heads for each row of `fused` (see
+/// [`head_cosines`]); `None` when no model has a head or those with one do not share one
+/// class list.
 pub fn head_candidates(
     models: &[&HappyWhaleModel],
     weights: &[f32],
@@ -113,41 +161,12 @@ pub fn head_candidates(
     count: usize,
     top: usize,
 ) -> anyhow::Result<Option<Vec<Vec<Candidate>>>> {
-    let Some(first) = models
-        .iter()
-        .find(|m| m.has_head())
-        .map(|m| &m.config.classes)
-    else {
+    fn identities(m: &HappyWhaleModel) -> Option<(&ArcFace, &[String])> {
+        m.has_head().then(|| (m.head(), &m.config.classes[..]))
+    }
+    let Some((total, first)) = head_cosines(models, weights, fused, count, identities)? else {
         return Ok(None);
     };
-    if count == 0
-        || models
-            .iter()
-            .any(|m| m.has_head() && &m.config.classes != first)
-    {
-        return Ok(None);
-    }
-    let dim = fused.len() / count;
-    let rows = Tensor::from_slice(fused).view([count as i64, dim as i64]);
-    let mut total: Option<Tensor> = None;
-    let mut offset = 0;
-    let with_head = || models.iter().zip(weights).filter(|(m, _)| m.has_head());
-    let norm: f32 = with_head().map(|(_, w)| w * w).sum();
-    for (m, &w) in models.iter().zip(weights) {
-        let d = m.config.embedding_size;
-        let part = rows.narrow(1, offset, d).to_device(m.vs.device());
-        offset += d;
-        if !m.has_head() {
-            continue;
-        }
-        let cos = tch::no_grad(|| m.head().cosine(&part)).to_device(tch::Device::Cpu)
-            * f64::from(w * w / norm);
-        total = Some(match total {
-            Some(t) => t + cos,
-            None => cos,
-        });
-    }
-    let total = total.expect("an ensemble has a model");
     let k = (top as i64).min(first.len() as i64);
     let (values, indices) = total.topk(k, 1, true, true);
     let values = Vec::<f32>::try_from(values.contiguous().view([-1]))?;
@@ -165,6 +184,41 @@ pub fn head_candidates(
             })
             .collect(),
     ))
+}
+
+/// The species of each row of `fused` by the models' species heads (see [`head_cosines`]);
+/// `None` when no model has one.
+pub fn species_predictions(
+    models: &[&HappyWhaleModel],
+    weights: &[f32],
+    fused: &[f32],
+    count: usize,
+) -> anyhow::Result<Option<Vec<String>>> {
+    fn species(m: &HappyWhaleModel) -> Option<(&ArcFace, &[String])> {
+        m.species_head().map(|h| (h, &m.config.species[..]))
+    }
+    let Some((total, names)) = head_cosines(models, weights, fused, count, species)? else {
+        return Ok(None);
+    };
+    let best = Vec::<i64>::try_from(total.argmax(1, false))?;
+    Ok(Some(
+        best.into_iter()
+            .map(|i| names[i as usize].clone())
+            .collect(),
+    ))
+}
+
+/// `candidates` with those of another species than `species` moved behind the rest, each
+/// part in its order. An individual of unknown species stays with the rest.
+pub fn prefer_species(
+    candidates: Vec<Candidate>,
+    species: &str,
+    species_of: &HashMap<String, String>,
+) -> Vec<Candidate> {
+    let (same, other): (Vec<_>, Vec<_>) = candidates
+        .into_iter()
+        .partition(|c| species_of.get(&c.id).is_none_or(|s| s == species));
+    same.into_iter().chain(other).collect()
 }
 
 /// The global threshold that maximises MAP@5 over all validation queries, and for each species
@@ -411,6 +465,7 @@ pub fn predict_submission(
         .collect();
     let index = index.build_with(gallery.len() / names.len(), &gallery)?;
     let encounters: Vec<Option<String>> = train.rows.iter().map(|r| r.encounter.clone()).collect();
+    let models: Vec<&HappyWhaleModel> = ensemble.models.iter().collect();
     let (ranked, calibrated) = match local {
         Some(plan) => {
             let dim = gallery.len() / names.len();
@@ -440,7 +495,6 @@ pub fn predict_submission(
                 Aggregation::Max,
                 FUSION_DEPTH,
             )?;
-            let models: Vec<&HappyWhaleModel> = ensemble.models.iter().collect();
             let heads = if ensemble.fusion_weight > 0.0 {
                 head_candidates(
                     &models,
@@ -463,6 +517,14 @@ pub fn predict_submission(
         .iter()
         .map(|r| (r.individual_id.clone(), r.species.clone()))
         .collect();
+    let ranked = match species_predictions(&models, &ensemble.weights, &queries, tests.len())? {
+        Some(species) => ranked
+            .into_iter()
+            .zip(&species)
+            .map(|(c, s)| prefer_species(c, s, &species_of))
+            .collect(),
+        None => ranked,
+    };
     let thresholds = match new_rule {
         NewRule::Threshold(t) => t.clone(),
         NewRule::Calibrated => Thresholds::global(
@@ -664,6 +726,53 @@ mod tests {
     use super::*;
     use crate::data::NEW_INDIVIDUAL;
     use crate::decide::tests::candidates as cands;
+
+    #[test]
+    fn candidates_of_other_species_go_behind_the_rest_in_their_order() {
+        let species: HashMap<String, String> = [("a", "beluga"), ("b", "dolphin"), ("c", "beluga")]
+            .map(|(i, s)| (i.to_string(), s.to_string()))
+            .into();
+        let ranked = cands(&[("b", 0.9), ("a", 0.8), ("x", 0.7), ("d", 0.6), ("c", 0.5)]);
+        let ids = |c: Vec<Candidate>| c.into_iter().map(|c| c.id).collect::<Vec<_>>();
+        // "x" and "d" have no known species: they stay with the rest.
+        assert_eq!(
+            ids(prefer_species(ranked.clone(), "beluga", &species)),
+            ["a", "x", "d", "c", "b"]
+        );
+        assert_eq!(
+            ids(prefer_species(ranked, "dolphin", &species)),
+            ["b", "x", "d", "a", "c"]
+        );
+    }
+
+    #[test]
+    fn the_species_head_names_the_species_nearest_each_embedding() {
+        use crate::model::happywhale::ModelConfig;
+        let mut config =
+            ModelConfig::for_backbone("efficientnet_lite0", vec!["w1".into()], vec![1]).unwrap();
+        config.embedding_size = 3;
+        config.species = vec!["beluga".into(), "dolphin".into()];
+        let model = HappyWhaleModel::new(config.clone(), tch::Device::Cpu).unwrap();
+        let centres = Tensor::from_slice(&[0.0f32, 1.0, 0.0, 0.0, 0.0, 2.0]).view([2, 3]);
+        tch::no_grad(|| {
+            model
+                .species_head()
+                .unwrap()
+                .weight
+                .shallow_clone()
+                .copy_(&centres)
+        });
+        // Rows of 3 + 2 values: the model's 3, then another crop set's, ignored.
+        let fused = [0.1f32, 0.9, 0.1, 9.0, 9.0, 0.0, -0.2, 0.8, 9.0, 9.0];
+        let predicted = species_predictions(&[&model], &[1.0], &fused, 2).unwrap();
+        assert_eq!(predicted.unwrap(), ["beluga", "dolphin"]);
+        config.species.clear();
+        let plain = HappyWhaleModel::new(config, tch::Device::Cpu).unwrap();
+        assert!(plain.species_head().is_none());
+        assert!(species_predictions(&[&plain], &[1.0], &fused, 2)
+            .unwrap()
+            .is_none());
+    }
 
     #[test]
     fn per_species_thresholds_separate_what_one_threshold_cannot() {

@@ -52,6 +52,9 @@ pub struct EpochMetrics {
     pub val_map5_knn: Option<f64>,
     #[serde(default)]
     pub val_map5_species: Option<f64>,
+    /// The species head's accuracy on the validation photos (runs with one).
+    #[serde(default)]
+    pub val_species_accuracy: Option<f64>,
     #[serde(default)]
     pub fusion_weight: Option<f32>,
     /// Weight of the pretrained features fused with the trained embedding.

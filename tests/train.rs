@@ -433,3 +433,64 @@ fn several_data_folders_train_one_model_with_their_animals_kept_apart() {
         "{err}"
     );
 }
+
+#[test]
+fn a_species_head_learns_the_species_and_predict_uses_it() {
+    if !pretrained_weights_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cat");
+    synth(&data, 80, 160, 120, 21);
+    let run = dir.path().join("run");
+    let o = finprint()
+        .args(["train", "--data", data.to_str().unwrap()])
+        .args(["--out", run.to_str().unwrap(), "--mode", "fast"])
+        .args(["--img-size", "96", "--epochs", "4", "--lr", "1e-3"])
+        .args(["--aug-passes", "2", "--folds", "3", "--species-weight", "1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let metrics = read_metrics(&run.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        metrics[0].val_species_accuracy, None,
+        "zero-shot has no head"
+    );
+    let accuracy = metrics.last().unwrap().val_species_accuracy.unwrap();
+    // The most common of the 5 species is 40% of the animals.
+    assert!(accuracy > 0.6, "species accuracy {accuracy:.3}");
+    let e = Ensemble::load(std::slice::from_ref(&run), tch::Device::Cpu).unwrap();
+    let species = &e.models[0].config.species;
+    assert!(
+        species.len() >= 4 && e.models[0].species_head().is_some(),
+        "{species:?}"
+    );
+    let o = finprint()
+        .args(["report", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::read_to_string(run.join("report.md"))
+        .unwrap()
+        .contains("species accuracy"));
+    predict_and_score(&run, &data, &dir.path().join("sub.csv"));
+
+    let o = finprint()
+        .args(["train", "--data", data.to_str().unwrap()])
+        .args(["--out", dir.path().join("frozen").to_str().unwrap()])
+        .args([
+            "--mode",
+            "frozen",
+            "--img-size",
+            "32",
+            "--species-weight",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--species-weight"),
+        "{err}"
+    );
+}

@@ -3,7 +3,8 @@
 //!
 //! Variable names follow the seed's PyTorch module, so its checkpoints converted to
 //! safetensors load as they are: `model.*` (the timm backbone), `pooling.p`, `neck.0.*`
-//! (BatchNorm1d), `neck.1.*` (Linear), `fc.weight` (ArcFace).
+//! (BatchNorm1d), `neck.1.*` (Linear), `fc.weight` (ArcFace). The optional species head is
+//! `species.*`: a cosine classifier of the species on the same embedding.
 
 use super::heads::{normalize, ArcFace, ArcFaceConfig, Gem};
 use super::{build_backbone, variant, Backbone};
@@ -39,6 +40,9 @@ pub struct ModelConfig {
     pub classes: Vec<String>,
     /// Training images per class (sets dynamic margins).
     pub class_counts: Vec<usize>,
+    /// The species head's classes (empty: no species head).
+    #[serde(default)]
+    pub species: Vec<String>,
 }
 
 impl ModelConfig {
@@ -61,6 +65,7 @@ impl ModelConfig {
             arcface: ArcFaceConfig::default(),
             classes,
             class_counts,
+            species: Vec::new(),
         })
     }
 }
@@ -77,6 +82,7 @@ pub struct HappyWhaleModel {
     neck_bn: nn::BatchNorm,
     neck_fc: nn::Linear,
     fc: ArcFace,
+    species: Option<ArcFace>,
     /// Embed with the GeM-pooled backbone features, skipping the neck (see [`Self::zero_shot`]).
     pooled_only: bool,
 }
@@ -104,6 +110,18 @@ impl HappyWhaleModel {
             config.arcface.clone(),
             Some(&config.class_counts),
         );
+        // ArcFace without a margin: logits s·cos θ of the species centres.
+        let species = (!config.species.is_empty()).then(|| {
+            let plain = ArcFaceConfig {
+                m: 0.0,
+                subcenters: 1,
+                ls_eps: 0.0,
+                dynamic: None,
+                ..config.arcface.clone()
+            };
+            let n = config.species.len() as i64;
+            ArcFace::new(&root / "species", config.embedding_size, n, plain, None)
+        });
         Ok(Self {
             vs,
             config,
@@ -112,6 +130,7 @@ impl HappyWhaleModel {
             neck_bn,
             neck_fc,
             fc,
+            species,
             pooled_only: false,
         })
     }
@@ -147,6 +166,11 @@ impl HappyWhaleModel {
 
     pub fn head(&self) -> &ArcFace {
         &self.fc
+    }
+
+    /// The species head, trained with `--species-weight`; its classes are `config.species`.
+    pub fn species_head(&self) -> Option<&ArcFace> {
+        self.species.as_ref().filter(|_| !self.pooled_only)
     }
 
     /// Pooled features `[N, C]` of a backbone feature map.

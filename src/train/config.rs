@@ -129,6 +129,12 @@ pub struct TrainConfig {
     /// features still carry what training has not learnt.
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     pub fuse_pretrained: bool,
+    /// Weight of a species head's loss beside ArcFace's (gradient modes; 0: no species head).
+    /// The head classifies the species from the embedding; validation and predict then move
+    /// candidates of other species than the predicted one behind the rest, and pick the
+    /// per-species threshold by it.
+    #[arg(long, default_value_t = 0.0)]
+    pub species_weight: f64,
 }
 
 impl Default for TrainConfig {

@@ -40,6 +40,10 @@ pub(super) fn fit(
         cfg.pretrained,
         "--mode frozen needs the pretrained weights (it trains no backbone)"
     );
+    anyhow::ensure!(
+        cfg.species_weight == 0.0,
+        "--species-weight trains a species head: the gradient modes only (--mode full or fast)"
+    );
     let names = backbones(&cfg.model);
     anyhow::ensure!(!names.is_empty(), "--model names no backbone");
     let mut members = Vec::new();
@@ -122,6 +126,7 @@ pub(super) fn fit(
         threshold: v.map(|v| v.thresholds.global),
         val_map5_knn: Some(knn),
         val_map5_species: v.map(|v| v.map5_species),
+        val_species_accuracy: None,
         fusion_weight: None,
         pretrained_weight: None,
         images_per_s: None,

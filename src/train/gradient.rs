@@ -78,6 +78,12 @@ pub(super) fn fit(
     mcfg.flips = cfg.flips;
     mcfg.embedding_size = cfg.embedding_size;
     mcfg.arcface = cfg.arcface.clone();
+    if cfg.species_weight > 0.0 {
+        let mut species: Vec<String> = photos.species_of.values().cloned().collect();
+        species.sort();
+        species.dedup();
+        mcfg.species = species;
+    }
     tch::manual_seed(cfg.seed as i64);
     let mut model = HappyWhaleModel::new(mcfg, crate::runtime::device())?;
     if cfg.pretrained {
@@ -131,6 +137,7 @@ pub(super) fn fit(
             threshold: None,
             val_map5_knn: Some(zs),
             val_map5_species: None,
+            val_species_accuracy: None,
             fusion_weight: None,
             pretrained_weight: None,
             images_per_s: None,
@@ -181,15 +188,18 @@ pub(super) fn fit(
             threshold: v.as_ref().map(|v| v.thresholds.global),
             val_map5_knn: v.as_ref().map(|v| v.map5_knn),
             val_map5_species: v.as_ref().map(|v| v.map5_species),
+            val_species_accuracy: v.as_ref().and_then(|v| v.species_accuracy),
             fusion_weight: v.as_ref().map(|v| v.fusion_weight),
             pretrained_weight: v.as_ref().map(|v| v.pretrained_weight),
             images_per_s: Some(images_per_s),
             seconds: t.elapsed().as_secs_f64(),
         };
+        let species = v.as_ref().and_then(|v| v.species_accuracy);
         log(format!(
-            "epoch {epoch}/{}: loss {loss:.4}, lr {lr:.2e}, {images_per_s:.1} img/s{}",
+            "epoch {epoch}/{}: loss {loss:.4}, lr {lr:.2e}, {images_per_s:.1} img/s{}{}",
             cfg.epochs,
-            map.map_or(String::new(), |m| format!(", val MAP@5 {m:.4}"))
+            map.map_or(String::new(), |m| format!(", val MAP@5 {m:.4}")),
+            species.map_or(String::new(), |a| format!(", species accuracy {a:.3}"))
         ));
         metrics.push(line);
         state.epoch = epoch;
@@ -272,6 +282,8 @@ struct Trainer {
     eval_cache: Option<Tensor>,
     /// The pretrained backbone's features, fused with the trained ones at validation.
     pretrained: Option<Views>,
+    /// With a species head: each class's species, an index into the model's species.
+    class_species: Option<Tensor>,
 }
 
 impl Trainer {
@@ -292,6 +304,18 @@ impl Trainer {
             Mode::Fast => cfg.freeze_stages.unwrap_or(stages - 1).min(stages),
             Mode::Frozen => bail!("the frozen mode has no gradient steps (see train::frozen)"),
         };
+        let species = &model.config.species;
+        let class_species = model.species_head().map(|_| {
+            let of: Vec<i64> = photos
+                .classes
+                .iter()
+                .map(|c| {
+                    let s = &photos.species_of[c];
+                    species.binary_search(s).map_or(0, |i| i as i64)
+                })
+                .collect();
+            Tensor::from_slice(&of).to_device(model.vs.device())
+        });
         let mut t = Self {
             cfg: cfg.clone(),
             pipeline,
@@ -299,6 +323,7 @@ impl Trainer {
             train_cache: Vec::new(),
             eval_cache: None,
             pretrained: None,
+            class_species,
         };
         if frozen > 0 {
             let eval = Pipeline::eval(size, model.config.fit, mean, std)?;
@@ -410,10 +435,17 @@ impl Trainer {
             } else {
                 model.embed(&xs, true)
             };
-            let loss = model
+            let mut loss = model
                 .head()
                 .forward(&emb, &labels)
                 .cross_entropy_for_logits(&labels);
+            if let (Some(head), Some(of)) = (model.species_head(), &self.class_species) {
+                let species = of.index_select(0, &labels);
+                let aux = head
+                    .forward(&emb, &species)
+                    .cross_entropy_for_logits(&species);
+                loss += aux * self.cfg.species_weight;
+            }
             loss.backward();
             if self.cfg.grad_clip > 0.0 {
                 opt.clip_grad_norm(self.cfg.grad_clip);

@@ -28,6 +28,8 @@ pub(super) struct Photos {
     pub class_counts: Vec<usize>,
     /// Each training individual's species.
     pub species_of: HashMap<String, String>,
+    /// The species of each validation photo (of `val`).
+    pub val_species: Vec<String>,
 }
 
 impl Photos {
@@ -150,6 +152,7 @@ pub(super) fn load_photos(cfg: &TrainConfig, size: ImgSize, fill: [u8; 3]) -> Re
             })
             .collect(),
         class_counts: counts.values().copied().collect(),
+        val_species: s.val.iter().map(|&i| set.rows[i].species.clone()).collect(),
         species_of: s
             .train
             .iter()

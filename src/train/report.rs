@@ -218,12 +218,12 @@ pub fn report(run: &Path) -> Result<ReportFiles> {
         )?;
     }
     writeln!(md, "![MAP@5](map5.png)\n\n![loss](loss.png)\n")?;
-    writeln!(md, "| epoch | train loss | lr | val MAP@5 | threshold | img/s | s |\n|---|---|---|---|---|---|---|")?;
+    writeln!(md, "| epoch | train loss | lr | val MAP@5 | threshold | species accuracy | img/s | s |\n|---|---|---|---|---|---|---|---|")?;
     let f = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
     for m in &metrics {
         writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {:.1} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} |",
             if m.epoch == 0 {
                 "0 (zero-shot)".to_string()
             } else {
@@ -233,6 +233,7 @@ pub fn report(run: &Path) -> Result<ReportFiles> {
             m.lr.map_or("-".to_string(), |v| format!("{v:.2e}")),
             f(m.val_map5, 4),
             f(m.threshold.map(f64::from), 3),
+            f(m.val_species_accuracy, 3),
             f(m.images_per_s, 1),
             m.seconds
         )?;

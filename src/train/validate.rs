@@ -8,8 +8,8 @@ use crate::decide::{best_threshold, Candidate};
 use crate::embed::{embed_images, fuse};
 use crate::model::happywhale::HappyWhaleModel;
 use crate::predict::{
-    best_thresholds, choose_fusion_weight, fuse_all, head_candidates, rank_candidates, Thresholds,
-    FUSION_DEPTH, MIN_SPECIES_QUERIES,
+    best_thresholds, choose_fusion_weight, fuse_all, head_candidates, prefer_species,
+    rank_candidates, species_predictions, Thresholds, FUSION_DEPTH, MIN_SPECIES_QUERIES,
 };
 use crate::runs::ZeroShot;
 use crate::search::{Aggregation, IndexSpec};
@@ -21,6 +21,8 @@ pub(super) struct Validation {
     pub map5: f64,
     pub map5_knn: f64,
     pub map5_species: f64,
+    /// The species head's accuracy on the queries (runs with one).
+    pub species_accuracy: Option<f64>,
     pub fusion_weight: f32,
     pub pretrained_weight: f32,
     pub thresholds: Thresholds,
@@ -58,8 +60,9 @@ impl Views {
 
 /// Validation queries against the training photos as gallery: the kNN ranking `knn` (see
 /// [`knn_ranking`]), blended with the ArcFace head's scores at the weight that serves best (when
-/// `head` gives a model with its queries' embeddings), and the best new_individual thresholds,
-/// global and per species.
+/// `head` gives a model with its queries' embeddings), candidates of other species than its
+/// species head predicts moved behind the rest (when it has one), and the best new_individual
+/// thresholds, global and per species.
 pub(super) fn validation(
     photos: &Photos,
     head: Option<(&HappyWhaleModel, &[f32])>,
@@ -74,10 +77,25 @@ pub(super) fn validation(
         Some(h) => choose_fusion_weight(&knn, h, &truths),
         None => (0.0, Vec::new()),
     };
-    let fused: Vec<_> = fuse_all(knn, heads.as_deref(), fusion_weight)
-        .into_iter()
-        .zip(truths.iter().cloned())
-        .collect();
+    let mut ranked = fuse_all(knn, heads.as_deref(), fusion_weight);
+    let species = match head {
+        Some((m, queries)) => species_predictions(&[m], &[1.0], queries, truths.len())?,
+        None => None,
+    };
+    let species_accuracy = species.map(|predicted| {
+        ranked = std::mem::take(&mut ranked)
+            .into_iter()
+            .zip(&predicted)
+            .map(|(c, s)| prefer_species(c, s, &photos.species_of))
+            .collect();
+        let right = predicted
+            .iter()
+            .zip(&photos.val_species)
+            .filter(|(p, t)| p == t)
+            .count();
+        right as f64 / predicted.len().max(1) as f64
+    });
+    let fused: Vec<_> = ranked.into_iter().zip(truths.iter().cloned()).collect();
     let map5 = best_threshold(&fused).1;
     // The first weight tried is 0, kNN alone; without a head, `fused` is kNN alone.
     let map5_knn = tried.first().map_or(map5, |&(_, m)| m);
@@ -87,6 +105,7 @@ pub(super) fn validation(
         map5,
         map5_knn,
         map5_species,
+        species_accuracy,
         fusion_weight,
         pretrained_weight: 0.0,
         thresholds,
