@@ -6,23 +6,29 @@
 #
 #   bash tools/real_set.sh SET [OUT] [`finprint train` flags... | --prepare-only]
 #
-# SET is beluga or rightwhale (nyala: tools/nyala.sh). OUT (default runs/SET) gets data/ (the
-# training animals in Kaggle's layout, with an encounter column where the set has one),
-# calib_labels.csv (every fifth training animal of dev_split.csv, held out of training to
-# calibrate the trained model's fusion with local features), train_labels.csv (all training
-# animals: the untrained features' calibration) and val_labels.csv. Belugas: one photo per encounter of the val whales, each query's gallery
-# without its own encounter (`--exclude-same encounter`); the photos are tall and narrow, so
-# the input keeps their aspect (EVAL_FLAGS, default `--img-size 128x384 --fit pad`).
+# SET is nyala, beluga or rightwhale. OUT (default runs/SET) gets data/ (the training animals
+# in Kaggle's layout, with an encounter column where the set has one), calib_labels.csv (every
+# fifth training animal of dev_split.csv, held out of training to calibrate the trained model's
+# fusion with local features), train_labels.csv (all training animals: the untrained features'
+# calibration) and val_labels.csv.
+# - Nyala: the identity is the animal and its flank (`--group view`), repeated files dropped,
+#   no mirror in training, keypoints in the body band.
+# - Belugas: one photo per encounter of the val whales, each query's gallery without its own
+#   encounter (`--exclude-same encounter`); the photos are tall and narrow, so the input keeps
+#   their aspect (EVAL_FLAGS, default `--img-size 128x384 --fit pad`).
 # Then the untrained features with local features fused (`--local rootsift`, calibrated on the
 # training animals). Without train flags it trains the frozen mode on the three pretrained Lite
-# backbones. UNTRAINED=0 leaves out the untrained rows (the trained ones only).
+# backbones, and measures it alone and fused with local features (calibrated on the held-out
+# training animals). UNTRAINED=0 leaves out the untrained rows (the trained ones only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SET=${1:?usage: tools/real_set.sh beluga|rightwhale [OUT] [train flags...]}
+SET=${1:?usage: tools/real_set.sh nyala|beluga|rightwhale [OUT] [train flags...]}
 shift
-SRC=$(realpath "../shared/data/$SET" 2>/dev/null || true)
+FOLDER=$SET
+[[ $SET == nyala ]] && FOLDER=nyala-train
+SRC=$(realpath "../shared/data/$FOLDER" 2>/dev/null || true)
 if [[ -z $SRC || ! -f $SRC/labels.csv ]]; then
-  echo "skipped: ../shared/data/$SET not found"
+  echo "skipped: ../shared/data/$FOLDER not found"
   exit 0
 fi
 OUT=${1:-runs/$SET}
@@ -31,26 +37,40 @@ FINPRINT=${FINPRINT:-target/release/finprint}
 BOOT=${BOOTSTRAP:-1000}
 mkdir -p "$OUT/data"
 ln -sfn "$SRC" "$OUT/data/train_images"
-# The dev roles of labels.csv's rows (image,individual_id,species[,encounter]) written out:
-# data/train.csv in Kaggle's layout and the label lists, with the encounter column when
-# ENCOUNTER (its column number) is set; the val animals keep one photo per encounter then.
+# The dev roles of labels.csv's rows (image,individual_id,species,...) written out: data/train.csv
+# in Kaggle's layout and the label lists. Column numbers, where set: ENCOUNTER, an encounter
+# column (the val animals keep one photo per encounter); GROUP, a part of the identity (nyala's
+# flank: `ID/GROUP` in train.csv, a `view` column in the label lists); DEDUPE, a checksum
+# (repeated files kept once).
 split() {
   awk -F, -v roles="$SRC/dev_split.csv" -v train="$OUT/data/train.csv" -v val="$OUT/val_labels.csv" \
-      -v calib="$OUT/calib_labels.csv" -v all="$OUT/train_labels.csv" -v enc="${ENCOUNTER:-0}" '
+      -v calib="$OUT/calib_labels.csv" -v all="$OUT/train_labels.csv" -v enc="${ENCOUNTER:-0}" \
+      -v grp="${GROUP:-0}" -v dedupe="${DEDUPE:-0}" '
     BEGIN { while ((getline line < roles) > 0) { sub(/\r$/, "", line); split(line, f, ","); role[f[1]] = f[2]
               if (f[2] == "train" && ++n % 5 == 0) role[f[1]] = "calib" }
-            h = enc ? ",encounter" : ""
-            print "image,species,individual_id" h > train; print "image,individual_id" h > val
+            e = enc ? ",encounter" : ""; h = e (grp ? ",view" : "")
+            print "image,species,individual_id" e > train; print "image,individual_id" h > val
             print "image,individual_id" h > calib; print "image,individual_id" h > all }
     { sub(/\r$/, "") }
-    NR == 1 { next }
-    { e = enc ? "," $enc : "" }
-    role[$2] == "train" { print $1 "," $3 "," $2 e > train }
-    role[$2] == "calib" { print $1 "," $2 e > calib }
-    role[$2] == "train" || role[$2] == "calib" { print $1 "," $2 e > all }
-    role[$2] == "val" && (!enc || !seen[$enc]++) { print $1 "," $2 e > val }' "$SRC/labels.csv"
+    NR == 1 || (dedupe && copies[$dedupe]++) { next }
+    { e = enc ? "," $enc : ""; g = grp ? "," $grp : ""; id = grp ? $2 "/" $grp : $2 }
+    role[$2] == "train" { print $1 "," $3 "," id e > train }
+    role[$2] == "calib" { print $1 "," $2 e g > calib }
+    role[$2] == "train" || role[$2] == "calib" { print $1 "," $2 e g > all }
+    role[$2] == "val" && (!enc || !seen[$enc]++) { print $1 "," $2 e g > val }' "$SRC/labels.csv"
 }
+FLIPS=()
 case $SET in
+  nyala)
+    # labels.csv: image,individual_id,species,original_split,view,width,height,md5,source.
+    # The identity is the animal and its flank; a mirror turns one flank into the other.
+    GROUP=5 DEDUPE=8 split
+    EXCLUDE=(--group view)
+    read -r -a SIZE <<< "${EVAL_FLAGS:-}"
+    FLIPS=(--flips none)
+    # Keypoints in the body band only: animals photographed at one waterhole share its ground.
+    LOCAL=(--local-region 0.1,0.2,0.9,0.8)
+    ;;
   beluga)
     # labels.csv: image,individual_id,species,encounter,date
     ENCOUNTER=4 split
@@ -67,7 +87,7 @@ case $SET in
     read -r -a SIZE <<< "${EVAL_FLAGS:-}"
     LOCAL=()
     ;;
-  *) echo "unknown set $SET (beluga or rightwhale)" >&2; exit 2 ;;
+  *) echo "unknown set $SET (nyala, beluga or rightwhale)" >&2; exit 2 ;;
 esac
 echo "$SET: $(($(wc -l < "$OUT/data/train.csv") - 1)) training photos, $(($(wc -l < "$OUT/calib_labels.csv") - 1)) calibration photos, $(($(wc -l < "$OUT/val_labels.csv") - 1)) validation photos"
 [[ ${1:-} == --prepare-only ]] && exit 0
@@ -90,7 +110,7 @@ rm -rf "$OUT/run"
 (($#)) || set -- --mode frozen --model efficientnet_lite0,efficientnet_lite1,efficientnet_lite2 "${SIZE[@]}"
 echo "== finprint train $*"
 start=$(date +%s)
-"$FINPRINT" train --data "$OUT/data" --out "$OUT/run" "$@"
+"$FINPRINT" train --data "$OUT/data" --out "$OUT/run" "${FLIPS[@]}" "$@"
 echo "trained in $(($(date +%s) - start)) s"
 "$FINPRINT" report "$OUT/run"
 echo "== trained, against untrained Lite0 at 224×224"
