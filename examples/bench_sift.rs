@@ -78,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         sift: cfg,
         method: Method::RootSift,
         k: 4,
+        score: Default::default(),
         ransac: Default::default(),
     };
     for (q, photo) in photos.iter_mut().enumerate() {

@@ -220,9 +220,7 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
     let calibration = match (&local, &args.calibration, &args.calibration_labels) {
         (Some(_), Some(path), _) => {
             let c = Calibration::load(path)?;
-            let l = &args.local;
-            let extraction = l.extraction();
-            c.check(path, &spec.identity()?, &extraction, l.shortlist, l.lnbnn_k)?;
+            c.check(path, &spec.identity()?, &args.local)?;
             Some(c)
         }
         (Some(_), None, Some(labels)) => {

@@ -225,6 +225,7 @@ pub fn calibrate(
         extraction: local.matcher.extraction(),
         shortlist,
         lnbnn_k: local.matcher.k,
+        score: local.matcher.score,
         fusion,
         threshold: report.best_threshold,
         photos: ids.len(),

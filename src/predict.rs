@@ -582,7 +582,7 @@ fn rank_with_local(
     let calibration = match &plan.calibration {
         Ok(path) => {
             let c = Calibration::load(path)?;
-            c.check(path, &plan.model, &a.extraction(), a.shortlist, a.lnbnn_k)?;
+            c.check(path, &plan.model, a)?;
             c
         }
         Err(save_to) => {

@@ -73,6 +73,12 @@ fn local_features_find_animals_by_their_spots_and_the_fusion_keeps_the_gain() {
         fused >= 0.9,
         "fused top-1 {fused}, embedding alone {embedding}"
     );
+    // Each shortlisted photo matched alone: verified mutual ratio-test matches.
+    let (pairwise, _) = evaluate(&["--local-score", "pairwise"], "pairwise.json");
+    assert!(
+        pairwise >= 0.9,
+        "pairwise top-1 {pairwise}, embedding alone {embedding}"
+    );
 }
 
 /// Skips (with the reason) where the Lite0 weights were not fetched.
@@ -203,6 +209,19 @@ fn predict_with_local_features_calibrates_on_the_catalogue_and_reuses_what_it_sa
     assert!(
         !ok && stderr.contains("first.calibration.json")
             && stderr.contains("fitted for local features"),
+        "{stderr}"
+    );
+    let (ok, _, stderr, _) = predict(
+        "fourth.csv",
+        &[
+            "--calibration",
+            saved.to_str().unwrap(),
+            "--local-score",
+            "pairwise",
+        ],
+    );
+    assert!(
+        !ok && stderr.contains("fitted for --local-score lnbnn, not pairwise"),
         "{stderr}"
     );
 }

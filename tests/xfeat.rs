@@ -145,6 +145,7 @@ fn a_shifted_photo_matches_through_the_shift() {
         sift: Default::default(),
         method: Method::XFeat(Arc::new(vec![Mutex::new(net)])),
         k: 4,
+        score: Default::default(),
         ransac: Default::default(),
     };
     let (a, b) = (

@@ -4,6 +4,7 @@
 //! carries no signal is fitted flat and leaves the other's ranking as it was.
 
 use super::store::Extraction;
+use super::{LocalArgs, Score};
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -114,6 +115,9 @@ pub struct Calibration {
     pub extraction: Extraction,
     pub shortlist: usize,
     pub lnbnn_k: usize,
+    /// How shortlisted photos were scored (older calibrations: LNBNN).
+    #[serde(default)]
+    pub score: Score,
     pub fusion: Fusion,
     pub threshold: f32,
     /// The calibration photos, and their queries' MAP@5 with `threshold`.
@@ -135,15 +139,10 @@ impl Calibration {
     }
 
     /// Refuses a calibration fitted for another model or other local settings (extraction,
-    /// shortlist and LNBNN's k, which all change the votes' scale).
-    pub fn check(
-        &self,
-        path: &Path,
-        model: &str,
-        extraction: &Extraction,
-        shortlist: usize,
-        lnbnn_k: usize,
-    ) -> Result<()> {
+    /// shortlist, LNBNN's k and the scoring, which all change the scores' scale).
+    pub fn check(&self, path: &Path, model: &str, args: &LocalArgs) -> Result<()> {
+        let extraction = &args.extraction();
+        let (shortlist, lnbnn_k, score) = (args.shortlist, args.lnbnn_k, args.local_score);
         ensure!(
             self.model == model,
             "{} was fitted for the model {}, not {model}",
@@ -163,6 +162,12 @@ impl Calibration {
             path.display(),
             self.shortlist,
             self.lnbnn_k
+        );
+        ensure!(
+            self.score == score,
+            "{} was fitted for --local-score {}, not {score}",
+            path.display(),
+            self.score
         );
         Ok(())
     }

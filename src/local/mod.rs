@@ -1,7 +1,8 @@
 //! Local features: keypoints with descriptors of the marks around them (notches, scars,
 //! stripes), matched between photos and verified by geometry, HotSpotter's way. A global
 //! embedding proposes a shortlist; [`Matcher::rescore`] scores each shortlisted photo by the
-//! LNBNN votes of the query's descriptors that agree with one affine map.
+//! LNBNN votes of the query's descriptors that agree with one affine map, or by the pairwise
+//! matches that do ([`Score`]).
 
 pub mod calibration;
 mod gray;
@@ -72,6 +73,38 @@ impl fmt::Display for Region {
     }
 }
 
+/// How a shortlisted photo is scored against the query.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Score {
+    /// One-vs-many: the query's descriptors vote among the pooled descriptors of the whole
+    /// shortlist (LNBNN), each photo's votes verified by affine RANSAC.
+    #[default]
+    Lnbnn,
+    /// The query against each photo alone: mutual nearest neighbours passing Lowe's ratio test
+    /// that agree with one affine map, counted (what the web page draws).
+    Pairwise,
+}
+
+impl fmt::Display for Score {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Score::Lnbnn => "lnbnn",
+            Score::Pairwise => "pairwise",
+        })
+    }
+}
+
 /// The local features' settings, as `evaluate`, `predict` and `serve` take them.
 #[derive(Clone, Debug, clap::Args)]
 pub struct LocalArgs {
@@ -102,6 +135,11 @@ pub struct LocalArgs {
     /// weighted by how much nearer each is than the (k+1)-th.
     #[arg(long, default_value_t = 4)]
     pub lnbnn_k: usize,
+    /// How each shortlisted photo is scored: lnbnn (one-vs-many votes over the pooled
+    /// descriptors of the shortlist, verified by affine RANSAC) or pairwise (the query against
+    /// each photo alone: verified mutual ratio-test matches, counted).
+    #[arg(long, value_enum, default_value_t = Score::Lnbnn)]
+    pub local_score: Score,
 }
 
 impl Default for LocalArgs {
@@ -142,6 +180,7 @@ impl LocalArgs {
             },
             method,
             k: self.lnbnn_k.max(1),
+            score: self.local_score,
             ransac: ransac::RansacConfig::default(),
         })
     }
@@ -239,6 +278,7 @@ pub struct Matcher {
     pub sift: sift::SiftConfig,
     pub method: Method,
     pub k: usize,
+    pub score: Score,
     pub ransac: ransac::RansacConfig,
 }
 
@@ -298,9 +338,23 @@ impl Matcher {
         features
     }
 
-    /// Score each of `gallery` (a query's shortlist) against `query`: LNBNN over their pooled
-    /// descriptors, each photo's correspondences then verified by affine RANSAC.
+    /// Score each of `gallery` (a query's shortlist) against `query` as [`Self::score`] says:
+    /// LNBNN over their pooled descriptors, each photo's correspondences then verified by affine
+    /// RANSAC; or each photo's verified pairwise matches.
     pub fn rescore(&self, query: &Features, gallery: &[&Features]) -> Vec<MatchScore> {
+        if self.score == Score::Pairwise {
+            return gallery
+                .iter()
+                .map(|g| {
+                    let n = self.pairwise(query, g).len();
+                    MatchScore {
+                        votes: n as f32,
+                        verified: n as f32,
+                        inliers: n,
+                    }
+                })
+                .collect();
+        }
         let votes = lnbnn::vote(query, gallery, self.k);
         votes
             .into_iter()

@@ -773,9 +773,8 @@ fn local_search(opts: &ServeArgs) -> anyhow::Result<Option<crate::catalog::Local
     let calibration = match &opts.calibration {
         Some(path) => {
             let c = crate::local::calibration::Calibration::load(path)?;
-            let l = &opts.local;
             let model = opts.model.spec().identity()?;
-            c.check(path, &model, &matcher.extraction(), l.shortlist, l.lnbnn_k)?;
+            c.check(path, &model, &opts.local)?;
             Some(c)
         }
         None => None,
