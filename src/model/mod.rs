@@ -6,6 +6,7 @@ pub mod efficientnet_lite;
 pub mod happywhale;
 pub mod heads;
 pub mod layers;
+pub mod nfnet;
 pub mod whitening;
 
 use efficientnet::EfficientNetConfig;
