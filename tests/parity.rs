@@ -8,7 +8,7 @@ mod common;
 
 use finprint::model::efficientnet::{efficientnet, EfficientNetConfig};
 use finprint::model::efficientnet_lite::{efficientnet_lite, LiteConfig};
-use finprint::model::layers::StagedNet;
+use finprint::model::nfnet::{nfnet, NfNetConfig};
 use finprint::model::{self, Backbone};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -29,24 +29,42 @@ fn read_json(name: &str) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-fn build(config: &Value, p: &nn::Path) -> StagedNet {
+fn build(config: &Value, p: &nn::Path) -> Box<dyn Backbone> {
     let f = |key: &str| {
         config[key]
             .as_f64()
             .unwrap_or_else(|| panic!("no {key} in {config}"))
     };
+    let four = |key: &str| -> [i64; 4] {
+        serde_json::from_value(config[key].clone()).unwrap_or_else(|e| panic!("{key}: {e}"))
+    };
     match config["family"].as_str() {
-        Some("tf_efficientnet_b") => efficientnet(
+        Some("tf_efficientnet_b") => Box::new(efficientnet(
             p,
             &EfficientNetConfig::TF_B0
                 .with_multipliers(f("channel_multiplier"), f("depth_multiplier")),
-        ),
-        Some("tf_efficientnetv2_s") => efficientnet(
+        )),
+        Some("tf_efficientnetv2_s") => Box::new(efficientnet(
             p,
             &EfficientNetConfig::TF_V2_S
                 .with_multipliers(f("channel_multiplier"), f("depth_multiplier")),
-        ),
-        Some("efficientnet_lite") => efficientnet_lite(p, &LiteConfig::new(f("width"), f("depth"))),
+        )),
+        Some("efficientnet_lite") => Box::new(efficientnet_lite(
+            p,
+            &LiteConfig::new(f("width"), f("depth")),
+        )),
+        Some("eca_nfnet") => Box::new(nfnet(
+            p,
+            &NfNetConfig {
+                depths: four("depths").map(|d| d as usize),
+                channels: four("channels"),
+                stem_chs: f("stem_chs") as i64,
+                group_size: f("group_size") as i64,
+                ch_div: f("ch_div") as i64,
+                feat_mult: f("feat_mult"),
+                ..NfNetConfig::ECA_NFNET_L0
+            },
+        )),
         other => panic!("unknown family {other:?}"),
     }
 }
@@ -121,6 +139,11 @@ fn tf_efficientnetv2_matches_timm() {
 #[test]
 fn efficientnet_lite_matches_the_reference_package() {
     check_fixture("efficientnet_lite_tiny");
+}
+
+#[test]
+fn eca_nfnet_matches_timm() {
+    check_fixture("eca_nfnet_tiny");
 }
 
 #[test]
