@@ -173,12 +173,14 @@ fn every_variant_has_the_reference_variables() {
         let head = want
             .get("conv_head.weight")
             .or(want.get("_conv_head.weight"))
+            .or(want.get("final_conv.weight"))
             .expect("head");
         assert_eq!(net.num_features(), head[0], "{}", v.name);
-        let stages = if v.name.starts_with("tf_efficientnetv2_s") {
-            8
-        } else {
-            9
+        // Stem, block stages, head.
+        let stages = match v.arch {
+            model::Arch::NfNet(_) => 6,
+            _ if v.name.starts_with("tf_efficientnetv2_s") => 8,
+            _ => 9,
         };
         assert_eq!(net.num_stages(), stages, "{}", v.name);
     }
@@ -187,7 +189,7 @@ fn every_variant_has_the_reference_variables() {
 #[test]
 fn registry_builds_by_name_and_refuses_unknown_names() {
     let _serial = serial();
-    assert_eq!(model::variants().len(), 16);
+    assert_eq!(model::variants().len(), 19);
     let lite0 = model::variant("efficientnet_lite0").expect("lite0");
     assert_eq!(
         (lite0.input_size, lite0.weights_file()),
@@ -196,6 +198,10 @@ fn registry_builds_by_name_and_refuses_unknown_names() {
     assert_eq!(
         model::variant("tf_efficientnet_b3_ns").map(|v| v.input_size),
         Some(300)
+    );
+    assert_eq!(
+        model::variant("eca_nfnet_l2").map(|v| v.input_size),
+        Some(320)
     );
     let vs = nn::VarStore::new(Device::Cpu);
     let net = model::build_backbone("tf_efficientnet_b0_ns", &vs.root()).expect("b0");

@@ -31,7 +31,7 @@ import torch
 from efficientnet_lite_pytorch import EfficientNet as LiteNet
 from safetensors.torch import load_file, save_file
 from timm.models.efficientnet import _gen_efficientnet, _gen_efficientnetv2_l, _gen_efficientnetv2_m, _gen_efficientnetv2_s
-from timm.models.nfnet import NormFreeNet, _nfnet_cfg
+from timm.models.nfnet import NormFreeNet, _nfnet_cfg, model_cfgs as nf_cfgs
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -148,6 +148,8 @@ def shapes():
     builders["tf_efficientnetv2_s"] = lambda: _gen_efficientnetv2_s("tf_efficientnetv2_s", **TF)
     builders["tf_efficientnetv2_m"] = lambda: _gen_efficientnetv2_m("tf_efficientnetv2_m", **TF)
     builders["tf_efficientnetv2_l"] = lambda: _gen_efficientnetv2_l("tf_efficientnetv2_l", **TF)
+    for n in range(3):
+        builders[f"eca_nfnet_l{n}"] = lambda n=n: NormFreeNet(nf_cfgs[f"eca_nfnet_l{n}"])
     out = {}
     with torch.device("meta"):
         for name, build in builders.items():
