@@ -8,7 +8,7 @@ mod common;
 
 use finprint::model::efficientnet::{efficientnet, EfficientNetConfig};
 use finprint::model::efficientnet_lite::{efficientnet_lite, LiteConfig};
-use finprint::model::layers::StagedNet;
+use finprint::model::nfnet::{nfnet, NfNetConfig};
 use finprint::model::{self, Backbone};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -29,24 +29,42 @@ fn read_json(name: &str) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-fn build(config: &Value, p: &nn::Path) -> StagedNet {
+fn build(config: &Value, p: &nn::Path) -> Box<dyn Backbone> {
     let f = |key: &str| {
         config[key]
             .as_f64()
             .unwrap_or_else(|| panic!("no {key} in {config}"))
     };
+    let four = |key: &str| -> [i64; 4] {
+        serde_json::from_value(config[key].clone()).unwrap_or_else(|e| panic!("{key}: {e}"))
+    };
     match config["family"].as_str() {
-        Some("tf_efficientnet_b") => efficientnet(
+        Some("tf_efficientnet_b") => Box::new(efficientnet(
             p,
             &EfficientNetConfig::TF_B0
                 .with_multipliers(f("channel_multiplier"), f("depth_multiplier")),
-        ),
-        Some("tf_efficientnetv2_s") => efficientnet(
+        )),
+        Some("tf_efficientnetv2_s") => Box::new(efficientnet(
             p,
             &EfficientNetConfig::TF_V2_S
                 .with_multipliers(f("channel_multiplier"), f("depth_multiplier")),
-        ),
-        Some("efficientnet_lite") => efficientnet_lite(p, &LiteConfig::new(f("width"), f("depth"))),
+        )),
+        Some("efficientnet_lite") => Box::new(efficientnet_lite(
+            p,
+            &LiteConfig::new(f("width"), f("depth")),
+        )),
+        Some("eca_nfnet") => Box::new(nfnet(
+            p,
+            &NfNetConfig {
+                depths: four("depths").map(|d| d as usize),
+                channels: four("channels"),
+                stem_chs: f("stem_chs") as i64,
+                group_size: f("group_size") as i64,
+                ch_div: f("ch_div") as i64,
+                feat_mult: f("feat_mult"),
+                ..NfNetConfig::ECA_NFNET_L0
+            },
+        )),
         other => panic!("unknown family {other:?}"),
     }
 }
@@ -124,6 +142,11 @@ fn efficientnet_lite_matches_the_reference_package() {
 }
 
 #[test]
+fn eca_nfnet_matches_timm() {
+    check_fixture("eca_nfnet_tiny");
+}
+
+#[test]
 fn every_variant_has_the_reference_variables() {
     let _serial = serial();
     let shapes = read_json("shapes.json");
@@ -150,12 +173,14 @@ fn every_variant_has_the_reference_variables() {
         let head = want
             .get("conv_head.weight")
             .or(want.get("_conv_head.weight"))
+            .or(want.get("final_conv.weight"))
             .expect("head");
         assert_eq!(net.num_features(), head[0], "{}", v.name);
-        let stages = if v.name.starts_with("tf_efficientnetv2_s") {
-            8
-        } else {
-            9
+        // Stem, block stages, head.
+        let stages = match v.arch {
+            model::Arch::NfNet(_) => 6,
+            _ if v.name.starts_with("tf_efficientnetv2_s") => 8,
+            _ => 9,
         };
         assert_eq!(net.num_stages(), stages, "{}", v.name);
     }
@@ -164,7 +189,7 @@ fn every_variant_has_the_reference_variables() {
 #[test]
 fn registry_builds_by_name_and_refuses_unknown_names() {
     let _serial = serial();
-    assert_eq!(model::variants().len(), 16);
+    assert_eq!(model::variants().len(), 19);
     let lite0 = model::variant("efficientnet_lite0").expect("lite0");
     assert_eq!(
         (lite0.input_size, lite0.weights_file()),
@@ -173,6 +198,10 @@ fn registry_builds_by_name_and_refuses_unknown_names() {
     assert_eq!(
         model::variant("tf_efficientnet_b3_ns").map(|v| v.input_size),
         Some(300)
+    );
+    assert_eq!(
+        model::variant("eca_nfnet_l2").map(|v| v.input_size),
+        Some(320)
     );
     let vs = nn::VarStore::new(Device::Cpu);
     let net = model::build_backbone("tf_efficientnet_b0_ns", &vs.root()).expect("b0");

@@ -8,9 +8,10 @@ Reference tools only, never finprint dependencies. Once:
 then `.venv/bin/python -W ignore tools/make_fixtures.py`. It writes to tests/fixtures/:
 
 * `<name>.safetensors` + `<name>.json` for reduced-size variants built by the reference code
-  (timm's `_gen_efficientnet` / `_gen_efficientnetv2_s`, the Lite package's `EfficientNet`) with
-  seeded random weights and BatchNorm statistics set near each layer's actual input statistics,
-  then perturbed (see `calibrate`). Besides the weights (timm or
+  (timm's `_gen_efficientnet` / `_gen_efficientnetv2_s` / `NormFreeNet`, the Lite package's
+  `EfficientNet`) with seeded random weights and BatchNorm statistics set near each layer's actual
+  input statistics, then perturbed (see `calibrate`; NFNets have none, and their convolutions'
+  `gain`s are drawn too, so no residual branch starts at zero). Besides the weights (timm or
   lukemelas names, no `num_batches_tracked`, no classifier) the file holds `__input__`
   (2×3×64×64) and `__input_odd__` (2×3×57×71, so TF "SAME" padding is asymmetric) and the
   eval-mode feature maps before pooling, `__features__` and `__features_odd__`. The JSON holds
@@ -30,6 +31,7 @@ import torch
 from efficientnet_lite_pytorch import EfficientNet as LiteNet
 from safetensors.torch import load_file, save_file
 from timm.models.efficientnet import _gen_efficientnet, _gen_efficientnetv2_l, _gen_efficientnetv2_m, _gen_efficientnetv2_s
+from timm.models.nfnet import NormFreeNet, _nfnet_cfg, model_cfgs as nf_cfgs
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -43,7 +45,9 @@ def randomise(model, seed):
         for name, t in model.state_dict().items():
             if not t.is_floating_point():
                 continue
-            if name.endswith("running_mean") or name.endswith(".bias") and t.dim() == 1:
+            if name.endswith(".gain"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif name.endswith("running_mean") or name.endswith(".bias") and t.dim() == 1:
                 t.copy_(torch.randn(t.shape, generator=g) * 0.1)
             elif name.endswith("running_var") or t.dim() == 1:
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
@@ -71,7 +75,7 @@ def calibrate(model, features, g):
 
 
 def backbone_state(model):
-    skip = ("num_batches_tracked", "classifier.", "_fc.")
+    skip = ("num_batches_tracked", "classifier.", "_fc.", "head.fc.")
     return {k: v.contiguous() for k, v in model.state_dict().items() if not any(s in k for s in skip)}
 
 
@@ -124,6 +128,15 @@ def tiny_fixtures():
                   {"family": "efficientnet_lite", "width": 0.25, "depth": 0.5,
                    "reference": f"efficientnet-lite-pytorch {efficientnet_lite_pytorch.__version__}"},
                   seed=3)
+    # The eca_nfnet_l* blocks (ECA, grouped 3×3s, a deep-quad stem, downsampling shortcuts),
+    # narrow and shallow: 4 channels a group, channels rounded to 4.
+    nf = dict(depths=(1, 2, 2, 1), channels=(16, 24, 32, 48), stem_chs=8, group_size=4, ch_div=4, feat_mult=1.5)
+    cfg = _nfnet_cfg(depths=nf["depths"], channels=nf["channels"], feat_mult=nf["feat_mult"],
+                     group_size=nf["group_size"], bottle_ratio=0.25, attn_layer="eca", attn_kwargs=dict(),
+                     act_layer="silu")
+    net = NormFreeNet(cfg, stem_chs=nf["stem_chs"], ch_div=nf["ch_div"])
+    write_fixture("eca_nfnet_tiny", net, net.forward_features,
+                  {"family": "eca_nfnet", **nf, "reference": f"timm {timm.__version__}"}, seed=4)
 
 
 def shapes():
@@ -135,6 +148,8 @@ def shapes():
     builders["tf_efficientnetv2_s"] = lambda: _gen_efficientnetv2_s("tf_efficientnetv2_s", **TF)
     builders["tf_efficientnetv2_m"] = lambda: _gen_efficientnetv2_m("tf_efficientnetv2_m", **TF)
     builders["tf_efficientnetv2_l"] = lambda: _gen_efficientnetv2_l("tf_efficientnetv2_l", **TF)
+    for n in range(3):
+        builders[f"eca_nfnet_l{n}"] = lambda n=n: NormFreeNet(nf_cfgs[f"eca_nfnet_l{n}"])
     out = {}
     with torch.device("meta"):
         for name, build in builders.items():

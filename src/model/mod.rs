@@ -6,10 +6,12 @@ pub mod efficientnet_lite;
 pub mod happywhale;
 pub mod heads;
 pub mod layers;
+pub mod nfnet;
 pub mod whitening;
 
 use efficientnet::EfficientNetConfig;
 use efficientnet_lite::LiteConfig;
+use nfnet::NfNetConfig;
 use tch::Tensor;
 
 /// A CNN that maps a normalised image batch `[N, 3, H, W]` to a feature map `[N, C, H', W']`.
@@ -36,6 +38,8 @@ pub enum Arch {
     EfficientNet(EfficientNetConfig),
     /// EfficientNet-Lite in lukemelas' layout ([`efficientnet_lite`]).
     EfficientNetLite(LiteConfig),
+    /// timm's ECA-NFNets ([`nfnet`]).
+    NfNet(NfNetConfig),
 }
 
 /// A backbone of the registry.
@@ -66,6 +70,7 @@ impl Variant {
         match &self.arch {
             Arch::EfficientNet(cfg) => Box::new(efficientnet::efficientnet(p, cfg)),
             Arch::EfficientNetLite(cfg) => Box::new(efficientnet_lite::efficientnet_lite(p, cfg)),
+            Arch::NfNet(cfg) => Box::new(nfnet::nfnet(p, cfg)),
         }
     }
 
@@ -126,10 +131,23 @@ const fn tf_v2(name: &'static str, cfg: EfficientNetConfig, size: i64) -> Varian
     }
 }
 
+const fn eca_nfnet(name: &'static str, cfg: NfNetConfig, size: i64) -> Variant {
+    let arch = Arch::NfNet(cfg);
+    Variant {
+        name,
+        arch,
+        input_size: size,
+        mean: IMAGENET_MEAN,
+        std: IMAGENET_STD,
+        pretrained: false,
+    }
+}
+
 /// Every backbone finprint can build. Sizes and normalisation are those of the pretrained
-/// weights: timm's `tf_efficientnet_bN.ns_jft_in1k` and `tf_efficientnetv2_*.in21k_ft_in1k`
-/// (train sizes), and the EfficientNet-Lite packages.
-static VARIANTS: [Variant; 16] = [
+/// weights: timm's `tf_efficientnet_bN.ns_jft_in1k`, `tf_efficientnetv2_*.in21k_ft_in1k` and
+/// `eca_nfnet_l0/l1.ra2_in1k`, `eca_nfnet_l2.ra3_in1k` (train sizes), and the EfficientNet-Lite
+/// packages.
+static VARIANTS: [Variant; 19] = [
     lite("efficientnet_lite0", LiteConfig::LITE0, 224, true),
     lite("efficientnet_lite1", LiteConfig::LITE1, 240, true),
     lite("efficientnet_lite2", LiteConfig::LITE2, 260, true),
@@ -146,6 +164,9 @@ static VARIANTS: [Variant; 16] = [
     tf_v2("tf_efficientnetv2_s", EfficientNetConfig::TF_V2_S, 300),
     tf_v2("tf_efficientnetv2_m", EfficientNetConfig::TF_V2_M, 384),
     tf_v2("tf_efficientnetv2_l", EfficientNetConfig::TF_V2_L, 384),
+    eca_nfnet("eca_nfnet_l0", NfNetConfig::ECA_NFNET_L0, 224),
+    eca_nfnet("eca_nfnet_l1", NfNetConfig::ECA_NFNET_L1, 256),
+    eca_nfnet("eca_nfnet_l2", NfNetConfig::ECA_NFNET_L2, 320),
 ];
 
 /// All variants, in registry order.
