@@ -101,7 +101,7 @@ pub fn run(args: &DemoArgs, say: &mut dyn FnMut(String)) -> Result<()> {
         crops: Vec::new(),
     };
     let progress = bar(0, "embedding");
-    let (predictions, _) = predict_submission(
+    let predictions = predict_submission(
         &ensemble,
         &kaggle,
         &load_sets(&validation_crops(&run)?)?,
@@ -110,7 +110,8 @@ pub fn run(args: &DemoArgs, say: &mut dyn FnMut(String)) -> Result<()> {
         IndexSpec::default(),
         None,
         &progress,
-    )?;
+    )?
+    .predictions;
     progress.finish_and_clear();
     let submission = out.join("submission.csv");
     write_submission(&submission, &predictions)?;

@@ -4,7 +4,8 @@
 use crate::crops::LoadedCropSet;
 use crate::crossval::Protocol;
 use crate::data::image::list_photos;
-use crate::data::{read_train_csv, write_submission, KaggleDir, Prediction};
+use crate::data::pseudo::write_pseudo_labelled;
+use crate::data::{read_solution, read_train_csv, write_submission, KaggleDir, Prediction};
 use crate::decide::{answers, best_threshold, threshold_for_new_share, Candidate};
 use crate::embed::EmbedOptions;
 use crate::fusion::{calibrate, LocalScores};
@@ -335,6 +336,48 @@ pub struct PredictArgs {
     /// read from and stored once extracted; without, they are extracted on every run.
     #[arg(long, value_name = "FILE")]
     pub local_features: Option<PathBuf>,
+    /// Also write pseudo-labels: a Kaggle folder whose training photos are the catalogue's and
+    /// the test photos identified with a best score of at least --pseudo-min-score, as photos
+    /// of that individual. `train --data DIR` on it is the second round.
+    #[arg(long, value_name = "DIR")]
+    pub pseudo_labels: Option<PathBuf>,
+    /// The least score of a pseudo-labelled photo's best candidate (the fused probability with
+    /// --local, else the similarity); photos answered new_individual first never count.
+    #[arg(long, default_value_t = 0.7)]
+    pub pseudo_min_score: f32,
+}
+
+/// Test photos labelled for a second round of training.
+#[derive(Clone, Debug)]
+pub struct Pseudo {
+    pub dir: PathBuf,
+    pub count: usize,
+    /// The share labelled right, where the catalogue has a test solution (synthetic data).
+    pub precision: Option<f64>,
+}
+
+/// What [`predict_submission`] answers: each test photo's answers and best candidate.
+pub struct Submission {
+    pub predictions: Vec<Prediction>,
+    pub best: Vec<Option<Candidate>>,
+    /// With local re-scoring, the calibration used.
+    pub calibration: Option<Calibration>,
+}
+
+impl Submission {
+    /// `(image, individual)` of the photos whose first answer is their best candidate, with
+    /// a score of at least `min_score`.
+    pub fn confident(&self, min_score: f32) -> Vec<(String, String)> {
+        self.predictions
+            .iter()
+            .zip(&self.best)
+            .filter_map(|(p, best)| {
+                let best = best.as_ref()?;
+                (p.ids.first() == Some(&best.id) && best.score >= min_score)
+                    .then(|| (p.image.clone(), best.id.clone()))
+            })
+            .collect()
+    }
 }
 
 /// What `finprint predict` did.
@@ -345,6 +388,7 @@ pub struct Predicted {
     /// With --local: the calibration used, and where it was saved when fitted on the catalogue.
     pub calibration: Option<Calibration>,
     pub calibration_file: Option<PathBuf>,
+    pub pseudo: Option<Pseudo>,
 }
 
 impl std::fmt::Display for Predicted {
@@ -359,6 +403,21 @@ impl std::fmt::Display for Predicted {
         }
         if let Some(path) = &self.calibration_file {
             write!(f, "; calibration saved to {}", path.display())?;
+        }
+        if let Some(p) = &self.pseudo {
+            write!(
+                f,
+                "\npseudo-labels: {} test photos added to the catalogue's in {}",
+                p.count,
+                p.dir.display()
+            )?;
+            if let Some(precision) = p.precision {
+                write!(
+                    f,
+                    " ({:.1}% of them right by the test solution)",
+                    100.0 * precision
+                )?;
+            }
         }
         Ok(())
     }
@@ -405,9 +464,10 @@ pub fn run(args: &PredictArgs, progress: &ProgressBar) -> anyhow::Result<Predict
         (None, None) => NewRule::Threshold((&ensemble).into()),
     };
     let sets = args.options.crop_sets(&spec)?;
-    let (predictions, calibration) = predict_submission(
+    let data = KaggleDir::new(&args.data);
+    let submission = predict_submission(
         &ensemble,
-        &KaggleDir::new(&args.data),
+        &data,
         &sets,
         &rule,
         &args.options,
@@ -415,12 +475,36 @@ pub fn run(args: &PredictArgs, progress: &ProgressBar) -> anyhow::Result<Predict
         local.as_ref(),
         progress,
     )?;
-    write_submission(&args.out, &predictions)?;
+    write_submission(&args.out, &submission.predictions)?;
+    let pseudo = match &args.pseudo_labels {
+        Some(dir) => {
+            let labels = submission.confident(args.pseudo_min_score);
+            write_pseudo_labelled(&data, &labels, dir)?;
+            let precision = match data.test_solution().is_file() {
+                true => {
+                    let truth: HashMap<String, String> = read_solution(&data.test_solution())?
+                        .into_iter()
+                        .map(|r| (r.image, r.individual_id))
+                        .collect();
+                    let right = labels.iter().filter(|(i, id)| truth.get(i) == Some(id));
+                    Some(right.count() as f64 / labels.len().max(1) as f64)
+                }
+                false => None,
+            };
+            Some(Pseudo {
+                dir: dir.clone(),
+                count: labels.len(),
+                precision,
+            })
+        }
+        None => None,
+    };
     Ok(Predicted {
-        count: predictions.len(),
+        count: submission.predictions.len(),
         rule,
-        calibration,
+        calibration: submission.calibration,
         calibration_file: local.and_then(|l| l.calibration.err()),
+        pseudo,
     })
 }
 
@@ -437,7 +521,7 @@ pub fn predict_submission(
     index: IndexSpec,
     local: Option<&LocalPlan>,
     progress: &ProgressBar,
-) -> anyhow::Result<(Vec<Prediction>, Option<Calibration>)> {
+) -> anyhow::Result<Submission> {
     let train = read_train_csv(&data.train_csv())?;
     let tests = list_photos(&data.test_images())?;
     anyhow::ensure!(
@@ -541,6 +625,7 @@ pub fn predict_submission(
             Thresholds::global(threshold_for_new_share(&best, *share))
         }
     };
+    let best = ranked.iter().map(|c| c.first().cloned()).collect();
     let predictions = tests
         .into_iter()
         .zip(ranked)
@@ -549,7 +634,11 @@ pub fn predict_submission(
             ids: thresholds.answers(&c, &species_of),
         })
         .collect();
-    Ok((predictions, calibrated))
+    Ok(Submission {
+        predictions,
+        best,
+        calibration: calibrated,
+    })
 }
 
 fn train_ids(train: &crate::data::TrainSet) -> Vec<String> {

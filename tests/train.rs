@@ -494,3 +494,62 @@ fn a_species_head_learns_the_species_and_predict_uses_it() {
         "{err}"
     );
 }
+
+#[test]
+fn pseudo_labels_grow_the_catalogue_for_a_second_round() {
+    if !pretrained_weights_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cat");
+    synth(&data, 60, 128, 96, 8);
+    let train = |data: &Path, run: &Path| {
+        let o = finprint()
+            .args(["train", "--data", data.to_str().unwrap()])
+            .args(["--out", run.to_str().unwrap()])
+            .args(["--mode", "frozen", "--img-size", "64", "--folds", "3"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let run = dir.path().join("run");
+    train(&data, &run);
+    let round2 = dir.path().join("round2");
+    let o = finprint()
+        .args(["predict", "--models", run.to_str().unwrap()])
+        .args(["--data", data.to_str().unwrap()])
+        .args(["--out", dir.path().join("sub.csv").to_str().unwrap()])
+        .args(["--pseudo-labels", round2.to_str().unwrap()])
+        .args(["--pseudo-min-score", "0.5"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let added: usize = out
+        .split("pseudo-labels: ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(out.contains("right by the test solution"), "{out}");
+    let rows = |d: &Path| {
+        finprint::data::read_train_csv(&d.join("train.csv"))
+            .unwrap()
+            .rows
+    };
+    let grown = rows(&round2);
+    assert!(added > 0, "{out}");
+    assert_eq!(grown.len(), rows(&data).len() + added);
+    // The added photos are test photos of known individuals, linked where train reads them.
+    let truth: std::collections::HashMap<String, String> =
+        finprint::data::read_solution(&data.join("test_solution.csv"))
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.image, r.individual_id))
+            .collect();
+    for r in &grown[grown.len() - added..] {
+        assert!(truth.contains_key(&r.image), "{}", r.image);
+        assert!(round2.join("train_images").join(&r.image).is_file());
+    }
+    train(&round2, &dir.path().join("run2"));
+}

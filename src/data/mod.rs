@@ -6,6 +6,7 @@ pub mod folds;
 pub mod image;
 mod jpeg;
 pub mod kaggle;
+pub mod pseudo;
 pub mod stats;
 
 pub use csvfile::{CsvFile, CsvRow};
