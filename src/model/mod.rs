@@ -95,52 +95,47 @@ const LITE_STD: [f64; 3] = [128. / 255.; 3];
 const INCEPTION_MEAN: [f64; 3] = [0.5; 3];
 const INCEPTION_STD: [f64; 3] = [0.5; 3];
 
-const fn lite(name: &'static str, cfg: LiteConfig, size: i64, pretrained: bool) -> Variant {
-    let arch = Arch::EfficientNetLite(cfg);
+/// A registry entry: `norm` is the input's (mean, std); `pretrained` whether weights ship.
+const fn entry(
+    name: &'static str,
+    arch: Arch,
+    size: i64,
+    norm: ([f64; 3], [f64; 3]),
+    pretrained: bool,
+) -> Variant {
     Variant {
         name,
         arch,
         input_size: size,
-        mean: LITE_MEAN,
-        std: LITE_STD,
+        mean: norm.0,
+        std: norm.1,
         pretrained,
     }
 }
 
+const fn lite(name: &'static str, cfg: LiteConfig, size: i64, pretrained: bool) -> Variant {
+    let norm = (LITE_MEAN, LITE_STD);
+    entry(name, Arch::EfficientNetLite(cfg), size, norm, pretrained)
+}
+
 const fn tf_b(name: &'static str, cfg: EfficientNetConfig, size: i64) -> Variant {
-    let arch = Arch::EfficientNet(cfg);
-    Variant {
-        name,
-        arch,
-        input_size: size,
-        mean: IMAGENET_MEAN,
-        std: IMAGENET_STD,
-        pretrained: false,
-    }
+    let norm = (IMAGENET_MEAN, IMAGENET_STD);
+    entry(name, Arch::EfficientNet(cfg), size, norm, false)
 }
 
 const fn tf_v2(name: &'static str, cfg: EfficientNetConfig, size: i64) -> Variant {
-    let arch = Arch::EfficientNet(cfg);
-    Variant {
-        name,
-        arch,
-        input_size: size,
-        mean: INCEPTION_MEAN,
-        std: INCEPTION_STD,
-        pretrained: false,
-    }
+    let norm = (INCEPTION_MEAN, INCEPTION_STD);
+    entry(name, Arch::EfficientNet(cfg), size, norm, false)
 }
 
 const fn eca_nfnet(name: &'static str, cfg: NfNetConfig, size: i64) -> Variant {
-    let arch = Arch::NfNet(cfg);
-    Variant {
+    entry(
         name,
-        arch,
-        input_size: size,
-        mean: IMAGENET_MEAN,
-        std: IMAGENET_STD,
-        pretrained: false,
-    }
+        Arch::NfNet(cfg),
+        size,
+        (IMAGENET_MEAN, IMAGENET_STD),
+        false,
+    )
 }
 
 /// Every backbone finprint can build. Sizes and normalisation are those of the pretrained
