@@ -648,6 +648,12 @@ def markdown(res, out, md_path):
     else:
         w("Skipped: " + next((l for l in res["skipped"] if l.startswith("accuracy on real")), "not run") + "\n")
 
+    # accuracy, the real sets' own scripts: too long for this bench (an hour and more on 2 cores),
+    # their figures are copied from the scripts' output into bench/real_sets.md.
+    real = ROOT / "bench/real_sets.md"
+    if real.is_file():
+        w(real.read_text().rstrip() + "\n")
+
     # accuracy, synthetic
     w("## Accuracy on the synthetic catalogue\n")
     sy = s.get("synth")
