@@ -88,8 +88,10 @@ impl Features {
     }
 }
 
-/// The local features of many photos (safetensors: a `u8` tensor of every photo's bytes and
-/// an `i64` tensor of offsets; names and extraction in the metadata).
+/// The local features of many photos, extracted one way. A features file holds one such group
+/// per extraction (safetensors: group `k` is a `u8` tensor of every photo's bytes and an `i64`
+/// tensor of offsets, `features`/`offsets` for the first and `features.k`/`offsets.k` for the
+/// others; names and extraction in the metadata under the same suffix).
 #[derive(Clone, Debug, PartialEq)]
 pub struct FeatureFile {
     pub extraction: Extraction,
@@ -97,41 +99,58 @@ pub struct FeatureFile {
     pub features: Vec<Features>,
 }
 
+/// The suffix of group `k`'s tensor and metadata names.
+fn suffix(k: usize) -> String {
+    match k {
+        0 => String::new(),
+        k => format!(".{k}"),
+    }
+}
+
 impl FeatureFile {
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let mut blob = Vec::new();
-        let mut offsets = vec![0i64];
-        for f in &self.features {
-            blob.extend(f.to_bytes());
-            offsets.push(blob.len() as i64);
+    /// Write `groups` to `path` (atomically).
+    pub fn save_all(groups: &[FeatureFile], path: &Path) -> Result<()> {
+        let mut blobs = Vec::new();
+        let mut metadata = HashMap::new();
+        for (k, g) in groups.iter().enumerate() {
+            let mut blob = Vec::new();
+            let mut offsets = vec![0i64];
+            for f in &g.features {
+                blob.extend(f.to_bytes());
+                offsets.push(blob.len() as i64);
+            }
+            let offsets: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
+            blobs.push((k, blob, offsets));
+            let s = suffix(k);
+            metadata.insert(format!("names{s}"), serde_json::to_string(&g.names)?);
+            metadata.insert(
+                format!("extraction{s}"),
+                serde_json::to_string(&g.extraction)?,
+            );
         }
-        let offset_bytes: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
         let view = |dtype, shape, data| {
             safetensors::tensor::TensorView::new(dtype, shape, data).context("features tensor")
         };
-        let tensors = [
-            (
-                "features",
-                view(safetensors::Dtype::U8, vec![blob.len()], &blob)?,
-            ),
-            (
-                "offsets",
-                view(safetensors::Dtype::I64, vec![offsets.len()], &offset_bytes)?,
-            ),
-        ];
-        let metadata = HashMap::from([
-            ("names".to_string(), serde_json::to_string(&self.names)?),
-            (
-                "extraction".to_string(),
-                serde_json::to_string(&self.extraction)?,
-            ),
-        ]);
+        let mut tensors = Vec::new();
+        for (k, blob, offsets) in &blobs {
+            let s = suffix(*k);
+            let n = offsets.len() / 8;
+            tensors.push((
+                format!("features{s}"),
+                view(safetensors::Dtype::U8, vec![blob.len()], blob)?,
+            ));
+            tensors.push((
+                format!("offsets{s}"),
+                view(safetensors::Dtype::I64, vec![n], offsets)?,
+            ));
+        }
         let data =
             safetensors::serialize(tensors, &Some(metadata)).context("serialising features")?;
         crate::fsio::write_bytes_atomic(path, &data)
     }
 
-    pub fn load(path: &Path) -> Result<FeatureFile> {
+    /// Every group of the features file `path`.
+    pub fn load_all(path: &Path) -> Result<Vec<FeatureFile>> {
         let bytes =
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let bad = |what: &str| {
@@ -143,65 +162,74 @@ impl FeatureFile {
         let (_, meta) =
             safetensors::SafeTensors::read_metadata(&bytes).map_err(|_| bad("header"))?;
         let field = |key: &str| meta.metadata().as_ref().and_then(|m| m.get(key)).cloned();
-        let names: Vec<String> = field("names")
-            .and_then(|n| serde_json::from_str(&n).ok())
-            .ok_or_else(|| bad("no names"))?;
-        let extraction: Extraction = field("extraction")
-            .and_then(|n| serde_json::from_str(&n).ok())
-            .ok_or_else(|| bad("no extraction settings"))?;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|_| bad("tensors"))?;
-        let blob = st.tensor("features").map_err(|_| bad("no 'features'"))?;
-        let offsets: Vec<usize> = st
-            .tensor("offsets")
-            .map_err(|_| bad("no 'offsets'"))?
-            .data()
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as usize)
-            .collect();
-        if offsets.len() != names.len() + 1
-            || offsets.windows(2).any(|w| w[0] > w[1])
-            || offsets.last() != Some(&blob.data().len())
-        {
-            bail!(bad("offsets"));
+        let mut groups = Vec::new();
+        for k in 0.. {
+            let s = suffix(k);
+            let Some(names) = field(&format!("names{s}")) else {
+                break;
+            };
+            let names: Vec<String> = serde_json::from_str(&names).map_err(|_| bad("names"))?;
+            let extraction: Extraction = field(&format!("extraction{s}"))
+                .and_then(|n| serde_json::from_str(&n).ok())
+                .ok_or_else(|| bad("no extraction settings"))?;
+            let blob = st
+                .tensor(&format!("features{s}"))
+                .map_err(|_| bad("no 'features'"))?;
+            let offsets: Vec<usize> = st
+                .tensor(&format!("offsets{s}"))
+                .map_err(|_| bad("no 'offsets'"))?
+                .data()
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as usize)
+                .collect();
+            if offsets.len() != names.len() + 1
+                || offsets.windows(2).any(|w| w[0] > w[1])
+                || offsets.last() != Some(&blob.data().len())
+            {
+                bail!(bad("offsets"));
+            }
+            let features = offsets
+                .windows(2)
+                .zip(&names)
+                .map(|(w, name)| {
+                    Features::from_bytes(&blob.data()[w[0]..w[1]])
+                        .with_context(|| format!("{}: photo {name}", path.display()))
+                })
+                .collect::<Result<_>>()?;
+            groups.push(FeatureFile {
+                extraction,
+                names,
+                features,
+            });
         }
-        let features = offsets
-            .windows(2)
-            .zip(&names)
-            .map(|(w, name)| {
-                Features::from_bytes(&blob.data()[w[0]..w[1]])
-                    .with_context(|| format!("{}: photo {name}", path.display()))
-            })
-            .collect::<Result<_>>()?;
-        Ok(FeatureFile {
-            extraction,
-            names,
-            features,
-        })
+        anyhow::ensure!(!groups.is_empty(), bad("no names"));
+        Ok(groups)
     }
 }
 
 /// The features of `names`: read from `file` where it holds them, extracted the same way;
 /// the others by `extract` (in parallel), after which the file is rewritten with all of them.
-/// Returns the features and how many were extracted.
+/// Features the file holds of other extractions stay in it. Returns the features and how
+/// many were extracted.
 pub fn cached(
     file: Option<&Path>,
     extraction: &Extraction,
     names: &[String],
     extract: impl Fn(usize) -> Result<Features> + Sync,
 ) -> Result<(Vec<Features>, usize)> {
-    let mut stored: HashMap<String, Features> = HashMap::new();
-    if let Some(path) = file.filter(|p| p.exists()) {
-        let f = FeatureFile::load(path)?;
-        if &f.extraction == extraction {
-            stored = f.names.into_iter().zip(f.features).collect();
-        } else {
-            eprintln!(
-                "{}: extracted with other settings ({:?}); extracting again",
-                path.display(),
-                f.extraction
-            );
-        }
-    }
+    let mut groups = match file.filter(|p| p.exists()) {
+        Some(path) => FeatureFile::load_all(path)?,
+        None => Vec::new(),
+    };
+    let mut stored: HashMap<String, Features> =
+        match groups.iter().position(|g| &g.extraction == extraction) {
+            Some(k) => {
+                let g = groups.remove(k);
+                g.names.into_iter().zip(g.features).collect()
+            }
+            None => HashMap::new(),
+        };
     let fresh: Vec<(usize, Features)> = (0..names.len())
         .into_par_iter()
         .filter(|&i| !stored.contains_key(&names[i]))
@@ -222,12 +250,12 @@ pub fn cached(
             stored.insert(name.clone(), f.clone());
         }
         let (names, features) = stored.into_iter().unzip();
-        FeatureFile {
+        groups.push(FeatureFile {
             extraction: extraction.clone(),
             names,
             features,
-        }
-        .save(path)?;
+        });
+        FeatureFile::save_all(&groups, path)?;
     }
     Ok((features, extracted))
 }
@@ -310,17 +338,20 @@ mod tests {
         let (second, n) = cached(Some(&path), &extraction(), &more, extract).unwrap();
         assert_eq!(n, 1, "only c.jpg is new");
         assert_eq!((&second[0], &second[2]), (&first[1], &first[0]));
-        assert_eq!(FeatureFile::load(&path).unwrap().names.len(), 3);
+        assert_eq!(FeatureFile::load_all(&path).unwrap()[0].names.len(), 3);
         let other = Extraction {
             size: 512,
             ..extraction()
         };
         let (_, n) = cached(Some(&path), &other, &names, extract).unwrap();
-        assert_eq!(
-            (n, calls.into_inner()),
-            (2, 5),
-            "other settings: extracted again"
-        );
+        assert_eq!(n, 2, "other settings: extracted again");
+        // Both extractions stay in the file: neither is extracted again.
+        let groups = FeatureFile::load_all(&path).unwrap();
+        assert_eq!(groups.len(), 2);
+        let (again, n) = cached(Some(&path), &extraction(), &more, extract).unwrap();
+        assert_eq!((n, again), (0, second));
+        assert_eq!(cached(Some(&path), &other, &names, extract).unwrap().1, 0);
+        assert_eq!(calls.into_inner(), 5);
     }
 
     #[test]
@@ -328,7 +359,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("junk.safetensors");
         std::fs::write(&path, b"not at all").unwrap();
-        let err = format!("{:#}", FeatureFile::load(&path).unwrap_err());
+        let err = format!("{:#}", FeatureFile::load_all(&path).unwrap_err());
         assert!(
             err.contains("junk.safetensors") && err.contains("not a finprint"),
             "{err}"
