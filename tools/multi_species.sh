@@ -6,7 +6,7 @@
 #   bash tools/multi_species.sh [OUT] [`finprint train` flags...]
 #
 # OUT (default runs/multi) gets each set prepared in Kaggle's layout (OUT/SET, by
-# tools/real_set.sh and tools/nyala.sh with --prepare-only), one run per set (OUT/SET/run) and
+# tools/real_set.sh with --prepare-only), one run per set (OUT/SET/run) and
 # one on all sets together (OUT/run, `train --data A,B,C`: ids kept apart by folder). Every run
 # trains alike: without flags, the frozen mode on the three pretrained Lite backbones at their
 # own square sizes. Each set's validation animals are then evaluated with the multi-species
@@ -23,17 +23,15 @@ DATA=$(realpath ../shared/data 2>/dev/null || echo ../shared/data)
 
 sets=()
 declare -A EVAL
-if [[ -f $DATA/nyala-train/labels.csv ]]; then
-  FINPRINT=$FINPRINT bash tools/nyala.sh "$OUT/nyala" --prepare-only
-  sets+=(nyala)
-  EVAL[nyala]="--labels $OUT/nyala/val_labels.csv --images $DATA/nyala-train --group view"
-fi
-for set in beluga rightwhale; do
-  [[ -f $DATA/$set/labels.csv ]] || continue
+for set in nyala beluga rightwhale; do
+  folder=$set
+  [[ $set == nyala ]] && folder=nyala-train
+  [[ -f $DATA/$folder/labels.csv ]] || continue
   FINPRINT=$FINPRINT bash tools/real_set.sh "$set" "$OUT/$set" --prepare-only
   sets+=("$set")
-  EVAL[$set]="--labels $OUT/$set/val_labels.csv --images $DATA/$set"
+  EVAL[$set]="--labels $OUT/$set/val_labels.csv --images $DATA/$folder"
 done
+EVAL[nyala]+=" --group view"
 EVAL[beluga]+=" --exclude-same encounter"
 ((${#sets[@]})) || { echo "skipped: no real set in ../shared/data"; exit 0; }
 
