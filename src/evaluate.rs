@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use serde::Serialize;
 use std::fmt;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// `finprint evaluate`.
@@ -55,6 +56,12 @@ pub struct EvaluateArgs {
     /// Also write the figures (and intervals) to this JSON file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Also write each query's outcome to this CSV (image,animal,rank, then embedding_rank
+    /// with local features and baseline_rank with --baseline): the rank (1–5) of its true
+    /// identity, 0 when not among the first five; queries whose identity has another photo.
+    /// Folds evaluated apart pool into one table, for one bootstrap over all their animals.
+    #[arg(long, value_name = "CSV")]
+    pub queries: Option<PathBuf>,
     /// The search index: flat (exact), flat-f16 or hnsw[:M[,EF]]; an approximate one also
     /// reports its recall of the exact neighbours.
     #[arg(long, default_value_t = IndexSpec::default())]
@@ -321,7 +328,46 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
     if let Some(path) = &args.json {
         fsio::write_bytes_atomic(path, serde_json::to_string_pretty(&evaluation)?.as_bytes())?;
     }
+    if let Some(path) = &args.queries {
+        write_queries(path, &labelled, &evaluation)?;
+    }
     Ok(evaluation)
+}
+
+/// Each known query's rank of its true identity, by each system of `e` (see
+/// [`EvaluateArgs::queries`]).
+fn write_queries(path: &Path, labelled: &Labelled, e: &Evaluation) -> Result<()> {
+    let mut systems = vec![("rank", &e.report)];
+    if let Some(l) = &e.local {
+        systems.push(("embedding_rank", &l.embedding));
+    }
+    if let Some(b) = &e.baseline {
+        systems.push(("baseline_rank", &b.report));
+    }
+    let ranks: Vec<std::collections::HashMap<usize, usize>> = systems
+        .iter()
+        .map(|(_, r)| {
+            let of =
+                |rank: &Option<usize>| rank.filter(|&k| k < crate::metrics::K).map_or(0, |k| k + 1);
+            r.known_ranks
+                .iter()
+                .map(|(row, rank)| (*row, of(rank)))
+                .collect()
+        })
+        .collect();
+    fsio::write_atomic(path, |w| {
+        let names: Vec<&str> = systems.iter().map(|(n, _)| *n).collect();
+        writeln!(w, "image,animal,{}", names.join(","))?;
+        for (row, _) in &e.report.known_ranks {
+            let cells: Vec<String> = ranks
+                .iter()
+                .map(|r| r.get(row).map_or(String::new(), usize::to_string))
+                .collect();
+            let (image, animal) = (&labelled.names[*row], &labelled.animals[*row]);
+            writeln!(w, "{image},{animal},{}", cells.join(","))?;
+        }
+        Ok(())
+    })
 }
 
 impl fmt::Display for Evaluation {

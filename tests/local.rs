@@ -59,7 +59,21 @@ fn local_features_find_animals_by_their_spots_and_the_fusion_keeps_the_gain() {
         let top1 = |r: &serde_json::Value| r["top1"].as_f64().unwrap();
         (top1(&v["report"]), top1(&v["local"]["embedding"]))
     };
-    let (local, embedding) = evaluate(&[], "local.json");
+    let queries = dir.path().join("queries.csv");
+    let (local, embedding) = evaluate(&["--queries", queries.to_str().unwrap()], "local.json");
+    // Each known query's rank, by local re-scoring and by the embedding alone: their shares
+    // of first places are the two top-1 figures.
+    let table = std::fs::read_to_string(&queries).unwrap();
+    let mut lines = table.lines();
+    assert_eq!(lines.next(), Some("image,animal,rank,embedding_rank"));
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    let first =
+        |col: usize| rows.iter().filter(|r| r[col] == "1").count() as f64 / rows.len() as f64;
+    assert!(
+        (first(2) - local).abs() < 1e-9 && (first(3) - embedding).abs() < 1e-9,
+        "{table}"
+    );
+    assert!(rows.iter().all(|r| r[2].parse::<usize>().unwrap() <= 5));
     assert!(
         local >= 0.9,
         "local re-scoring top-1 {local}, embedding alone {embedding}"
