@@ -209,17 +209,24 @@ pub fn species_predictions(
     ))
 }
 
-/// `candidates` with those of another species than `species` moved behind the rest, each
-/// part in its order. An individual of unknown species stays with the rest.
+/// Each query's candidates of `ranked` with those of another species than its `species`
+/// moved behind the rest, each part in its order. An individual of unknown species stays with
+/// the rest.
 pub fn prefer_species(
-    candidates: Vec<Candidate>,
-    species: &str,
+    ranked: Vec<Vec<Candidate>>,
+    species: &[String],
     species_of: &HashMap<String, String>,
-) -> Vec<Candidate> {
-    let (same, other): (Vec<_>, Vec<_>) = candidates
+) -> Vec<Vec<Candidate>> {
+    ranked
         .into_iter()
-        .partition(|c| species_of.get(&c.id).is_none_or(|s| s == species));
-    same.into_iter().chain(other).collect()
+        .zip(species)
+        .map(|(candidates, species)| {
+            let (same, other): (Vec<_>, Vec<_>) = candidates
+                .into_iter()
+                .partition(|c| species_of.get(&c.id).is_none_or(|s| s == species));
+            same.into_iter().chain(other).collect()
+        })
+        .collect()
 }
 
 /// The global threshold that maximises MAP@5 over all validation queries, and for each species
@@ -602,11 +609,7 @@ pub fn predict_submission(
         .map(|r| (r.individual_id.clone(), r.species.clone()))
         .collect();
     let ranked = match species_predictions(&models, &ensemble.weights, &queries, tests.len())? {
-        Some(species) => ranked
-            .into_iter()
-            .zip(&species)
-            .map(|(c, s)| prefer_species(c, s, &species_of))
-            .collect(),
+        Some(species) => prefer_species(ranked, &species, &species_of),
         None => ranked,
     };
     let thresholds = match new_rule {
@@ -822,16 +825,13 @@ mod tests {
             .map(|(i, s)| (i.to_string(), s.to_string()))
             .into();
         let ranked = cands(&[("b", 0.9), ("a", 0.8), ("x", 0.7), ("d", 0.6), ("c", 0.5)]);
-        let ids = |c: Vec<Candidate>| c.into_iter().map(|c| c.id).collect::<Vec<_>>();
-        // "x" and "d" have no known species: they stay with the rest.
-        assert_eq!(
-            ids(prefer_species(ranked.clone(), "beluga", &species)),
-            ["a", "x", "d", "c", "b"]
-        );
-        assert_eq!(
-            ids(prefer_species(ranked, "dolphin", &species)),
-            ["b", "x", "d", "a", "c"]
-        );
+        let ids = |c: &[Candidate]| c.iter().map(|c| c.id.clone()).collect::<Vec<_>>();
+        // Two queries alike, predicted beluga and dolphin; "x" and "d" have no known species:
+        // they stay with the rest.
+        let predicted = ["beluga".to_string(), "dolphin".to_string()];
+        let preferred = prefer_species(vec![ranked.clone(), ranked], &predicted, &species);
+        assert_eq!(ids(&preferred[0]), ["a", "x", "d", "c", "b"]);
+        assert_eq!(ids(&preferred[1]), ["b", "x", "d", "a", "c"]);
     }
 
     #[test]

@@ -82,19 +82,13 @@ pub(super) fn validation(
         Some((m, queries)) => species_predictions(&[m], &[1.0], queries, truths.len())?,
         None => None,
     };
-    let species_accuracy = species.map(|predicted| {
-        ranked = std::mem::take(&mut ranked)
-            .into_iter()
-            .zip(&predicted)
-            .map(|(c, s)| prefer_species(c, s, &photos.species_of))
-            .collect();
-        let right = predicted
-            .iter()
-            .zip(&photos.val_species)
-            .filter(|(p, t)| p == t)
-            .count();
-        right as f64 / predicted.len().max(1) as f64
-    });
+    let mut species_accuracy = None;
+    if let Some(predicted) = species {
+        let right = predicted.iter().zip(&photos.val_species);
+        let right = right.filter(|(p, t)| p == t).count();
+        species_accuracy = Some(right as f64 / predicted.len().max(1) as f64);
+        ranked = prefer_species(ranked, &predicted, &photos.species_of);
+    }
     let fused: Vec<_> = ranked.into_iter().zip(truths.iter().cloned()).collect();
     let map5 = best_threshold(&fused).1;
     // The first weight tried is 0, kNN alone; without a head, `fused` is kNN alone.
