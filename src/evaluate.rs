@@ -153,7 +153,10 @@ pub struct LocalGain {
 /// The gain over a baseline: a pretrained backbone's zero-shot features, or another run.
 #[derive(Clone, Debug, Serialize)]
 pub struct Baseline {
+    /// The backbone's name, or the run's folder.
     pub backbone: String,
+    /// Whether `backbone` is a trained run.
+    pub run: bool,
     pub report: LooReport,
     pub gain: Difference,
 }
@@ -298,11 +301,12 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
         Some(backbone) => {
             let device = crate::runtime::device();
             // A run decides new_individual at its own threshold, zero-shot features at ours.
-            let (other, threshold) = match Path::new(backbone).is_dir() {
+            let run = Path::new(backbone).is_dir();
+            let (other, threshold) = match run {
                 true => {
-                    let run = Ensemble::load(&[backbone.into()], device)?;
-                    let t = args.threshold.unwrap_or(run.threshold);
-                    (run, t)
+                    let loaded = Ensemble::load(&[backbone.into()], device)?;
+                    let t = args.threshold.unwrap_or(loaded.threshold);
+                    (loaded, t)
                 }
                 false => (
                     Ensemble::zero_shot(&ZeroShot::new(backbone), 0.0, device)?,
@@ -313,6 +317,7 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
             let gain = report.paired_bootstrap(&base, &labelled.animals, resamples, seed)?;
             Some(Baseline {
                 backbone: backbone.clone(),
+                run,
                 report: base,
                 gain,
             })
@@ -452,7 +457,7 @@ impl fmt::Display for Evaluation {
             write!(
                 f,
                 "\ngain over {} (MAP@5 {:.4}): {}",
-                match Path::new(&base.backbone).is_dir() {
+                match base.run {
                     true => format!("the run {}", base.backbone),
                     false => format!("zero-shot {}", base.backbone),
                 },
