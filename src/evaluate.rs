@@ -285,6 +285,19 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
             }
         }
     };
+    // The baseline is loaded before any photo is embedded: a wrong name fails at once.
+    let other = match &args.baseline {
+        Some(backbone) => {
+            let device = crate::runtime::device();
+            let run = Path::new(backbone).is_dir();
+            let other = match run {
+                true => Ensemble::load(&[backbone.into()], device)?,
+                false => Ensemble::zero_shot(&ZeroShot::new(backbone), 0.0, device)?,
+            };
+            Some((other, run))
+        }
+        None => None,
+    };
     let (resamples, seed) = (args.bootstrap, args.bootstrap_seed);
     let (report, embedding) = evaluate(&ensemble, ensemble.threshold)?;
     let local = match (embedding, &local) {
@@ -297,21 +310,12 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
         _ => None,
     };
     let bootstrap = (resamples > 0).then(|| report.bootstrap(&labelled.animals, resamples, seed));
-    let baseline = match &args.baseline {
-        Some(backbone) => {
-            let device = crate::runtime::device();
+    let baseline = match (&args.baseline, other) {
+        (Some(backbone), Some((other, run))) => {
             // A run decides new_individual at its own threshold, zero-shot features at ours.
-            let run = Path::new(backbone).is_dir();
-            let (other, threshold) = match run {
-                true => {
-                    let loaded = Ensemble::load(&[backbone.into()], device)?;
-                    let t = args.threshold.unwrap_or(loaded.threshold);
-                    (loaded, t)
-                }
-                false => (
-                    Ensemble::zero_shot(&ZeroShot::new(backbone), 0.0, device)?,
-                    report.threshold,
-                ),
+            let threshold = match run {
+                true => args.threshold.unwrap_or(other.threshold),
+                false => report.threshold,
             };
             let (base, _) = evaluate(&other, threshold)?;
             let gain = report.paired_bootstrap(&base, &labelled.animals, resamples, seed)?;
@@ -322,7 +326,7 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
                 gain,
             })
         }
-        None => None,
+        _ => None,
     };
     let evaluation = Evaluation {
         report,

@@ -415,6 +415,17 @@ fn several_data_folders_train_one_model_with_their_animals_kept_apart() {
     for figure in ["top1", "top5", "map5"] {
         assert_eq!(e["baseline"]["gain"][figure], 0.0, "{figure}");
     }
+    assert_eq!(e["baseline"]["run"], true);
+    // A baseline that is neither a run folder nor a backbone is named.
+    let o = finprint()
+        .args(["evaluate", "--models", run.to_str().unwrap()])
+        .args(["--labels", a.join("train.csv").to_str().unwrap()])
+        .args(["--images", a.join("train_images").to_str().unwrap()])
+        .args(["--baseline", "runs/no_such_run"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("no_such_run"), "{err}");
 
     let missing = dir.path().join("nowhere");
     let o = finprint()
