@@ -254,7 +254,7 @@ pub struct Bootstrap {
 impl Bootstrap {
     /// Intervals of the means of per-query top-1, top-5 and MAP@5 `values` (see
     /// [`bootstrap_means`]), `unit_count` distinct units.
-    fn of(
+    pub(crate) fn of(
         values: &[[f64; 3]],
         units: &[usize],
         unit_count: usize,
@@ -288,13 +288,8 @@ impl LooReport {
             .known_ranks
             .iter()
             .map(|&(i, r)| {
-                let hit = |ok: bool| f64::from(u8::from(ok));
                 let unit = names.binary_search(&unit_of[i].as_str()).unwrap_or(0);
-                let map = r.filter(|&r| r < K).map_or(0.0, |r| 1.0 / (r + 1) as f64);
-                (
-                    unit,
-                    [hit(r == Some(0)), hit(r.is_some_and(|r| r < K)), map],
-                )
+                (unit, outcome(r))
             })
             .unzip();
         (names, units, values)
@@ -327,19 +322,25 @@ impl LooReport {
         anyhow::ensure!(same_queries, "the two evaluations have different queries");
         let (names, units, values) = self.known_values(unit_of);
         let (_, _, base) = baseline.known_values(unit_of);
-        let diffs: Vec<[f64; 3]> = values
-            .iter()
-            .zip(&base)
-            .map(|(a, b)| std::array::from_fn(|k| a[k] - b[k]))
-            .collect();
-        let mean = |k: usize| diffs.iter().map(|d| d[k]).sum::<f64>() / diffs.len().max(1) as f64;
-        Ok(Difference {
-            top1: mean(0),
-            top5: mean(1),
-            map5: mean(2),
-            interval: Bootstrap::of(&diffs, &units, names.len(), resamples, seed),
-        })
+        Ok(Difference::of(
+            &values,
+            &base,
+            &units,
+            names.len(),
+            resamples,
+            seed,
+        ))
     }
+}
+
+/// A query's top-1, top-5 and average precision at 5, from the rank of its true identity
+/// (0-based; `None` when not found).
+pub fn outcome(rank: Option<usize>) -> [f64; 3] {
+    let hit = |ok: bool| f64::from(u8::from(ok));
+    let map = rank
+        .filter(|&r| r < K)
+        .map_or(0.0, |r| 1.0 / (r + 1) as f64);
+    [hit(rank == Some(0)), hit(rank.is_some_and(|r| r < K)), map]
 }
 
 /// Differences of top-1, top-5 and MAP@5 (known queries) between two evaluations of the same
@@ -350,6 +351,32 @@ pub struct Difference {
     pub top5: f64,
     pub map5: f64,
     pub interval: Bootstrap,
+}
+
+impl Difference {
+    /// The mean differences of per-query `values` over `base` (the same queries, in the same
+    /// order, `units[i]` the unit of query `i`) and their paired-bootstrap intervals.
+    pub(crate) fn of(
+        values: &[[f64; 3]],
+        base: &[[f64; 3]],
+        units: &[usize],
+        unit_count: usize,
+        resamples: usize,
+        seed: u64,
+    ) -> Self {
+        let diffs: Vec<[f64; 3]> = values
+            .iter()
+            .zip(base)
+            .map(|(a, b)| std::array::from_fn(|k| a[k] - b[k]))
+            .collect();
+        let mean = |k: usize| diffs.iter().map(|d| d[k]).sum::<f64>() / diffs.len().max(1) as f64;
+        Difference {
+            top1: mean(0),
+            top5: mean(1),
+            map5: mean(2),
+            interval: Bootstrap::of(&diffs, units, unit_count, resamples, seed),
+        }
+    }
 }
 
 /// The 2.5% and 97.5% percentiles of the mean of `values` (one row per query, `unit[i]` the

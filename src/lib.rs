@@ -20,6 +20,7 @@
 //! | fusion | [`fusion`] | local features of a photo set, shortlist re-scoring, the calibrated fusion |
 //! | prediction | [`predict`] | ranking individuals, kNN + head (or local) fusion, submissions |
 //! | evaluation | [`evaluate`] | `finprint evaluate`: the figures, intervals, gains and their costs |
+//! | comparison | [`compare`] | `finprint compare`: per-query outcomes of cross-validation folds pooled, paired gains |
 //! | training | [`train`] | augmentations, AdamW, the gradient and frozen modes, reports |
 //! | demo | [`demo`] | the main job on the synthetic default |
 //! | catalogue | [`catalog`] | individuals, photos, sightings and decisions in SQLite |
@@ -30,6 +31,7 @@
 
 pub mod args;
 pub mod catalog;
+pub mod compare;
 pub mod crops;
 pub mod crossval;
 pub mod data;

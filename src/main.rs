@@ -5,6 +5,7 @@ use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use finprint::args::bar;
 use finprint::catalog::{ExportArgs, ImportArgs};
+use finprint::compare::CompareArgs;
 use finprint::crops::CropArgs;
 use finprint::data::folds::{self, FoldsArgs};
 use finprint::data::stats::{Stats, StatsArgs};
@@ -64,6 +65,9 @@ enum Command {
     Predict(PredictArgs),
     /// Leave-one-out identification over a labelled folder: top-1, top-5, MAP@5.
     Evaluate(EvaluateArgs),
+    /// Pool the per-query tables of `evaluate --queries` (cross-validation folds) and compare
+    /// systems on them: intervals over animals and paired gains over the first.
+    Compare(CompareArgs),
     /// Draw a run's loss and MAP@5 curves (PNG) and write its Markdown summary.
     Report {
         /// The run folder written by `finprint train`.
@@ -155,6 +159,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
             progress.finish_and_clear();
             say(evaluation);
         }
+        Command::Compare(a) => say(finprint::compare::compare(&a)?),
         Command::Report { run } => say(finprint::train::report::report(&run)?),
         Command::Demo(a) => finprint::demo::run(&a, &mut |l| say(l))?,
         Command::Serve(a) => finprint::service::run(&a, &mut |l| say(l))?,
