@@ -19,7 +19,14 @@
 # Then the untrained features with local features fused (`--local rootsift`, calibrated on the
 # training animals). Without train flags it trains the frozen mode on the three pretrained Lite
 # backbones, and measures it alone and fused with local features (calibrated on the held-out
-# training animals). UNTRAINED=0 leaves out the untrained rows (the trained ones only).
+# training animals). UNTRAINED=0 leaves out the untrained rows, TRAINED=0 the trained ones.
+# Every evaluation also writes its per-query table to OUT (untrained.csv, untrained_local.csv,
+# trained.csv, trained_local.csv) for `finprint compare`.
+#
+# Cross-validation (`tools/crossval.sh`): with FOLDS=K and FOLD=k, the val animals are fold k of
+# all the dev animals (every K-th in dev_split.csv's order from the k-th), the others training
+# animals. LOCAL_FLAGS replaces the set's local-feature settings; FEATURES names the features
+# file (default OUT/local.features), which folds can share.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SET=${1:?usage: tools/real_set.sh nyala|beluga|rightwhale [OUT] [train flags...]}
@@ -45,9 +52,10 @@ ln -sfn "$SRC" "$OUT/data/train_images"
 split() {
   awk -F, -v roles="$SRC/dev_split.csv" -v train="$OUT/data/train.csv" -v val="$OUT/val_labels.csv" \
       -v calib="$OUT/calib_labels.csv" -v all="$OUT/train_labels.csv" -v enc="${ENCOUNTER:-0}" \
-      -v grp="${GROUP:-0}" -v dedupe="${DEDUPE:-0}" '
+      -v grp="${GROUP:-0}" -v dedupe="${DEDUPE:-0}" -v folds="${FOLDS:-0}" -v fold="${FOLD:-0}" '
     BEGIN { while ((getline line < roles) > 0) { sub(/\r$/, "", line); split(line, f, ","); role[f[1]] = f[2]
-              if (f[2] == "train" && ++n % 5 == 0) role[f[1]] = "calib" }
+              if (folds && (f[2] == "train" || f[2] == "val")) role[f[1]] = (animals++ % folds == fold) ? "val" : "train"
+              if (role[f[1]] == "train" && ++n % 5 == 0) role[f[1]] = "calib" }
             e = enc ? ",encounter" : ""; h = e (grp ? ",view" : "")
             print "image,species,individual_id" e > train; print "image,individual_id" h > val
             print "image,individual_id" h > calib; print "image,individual_id" h > all }
@@ -69,7 +77,7 @@ case $SET in
     read -r -a SIZE <<< "${EVAL_FLAGS:-}"
     FLIPS=(--flips none)
     # Keypoints in the body band only: animals photographed at one waterhole share its ground.
-    LOCAL=(--local-region 0.1,0.2,0.9,0.8)
+    read -r -a LOCAL <<< "${LOCAL_FLAGS---local-region 0.1,0.2,0.9,0.8}"
     ;;
   beluga)
     # labels.csv: image,individual_id,species,encounter,date
@@ -78,14 +86,14 @@ case $SET in
     read -r -a SIZE <<< "${EVAL_FLAGS:---img-size 128x384 --fit pad}"
     # Scars on the back are small and faint: match at about the photos' own 460 px, with a
     # low contrast threshold (OpenCV's 0.04 finds 90 keypoints on a back, 0.01 about 770).
-    LOCAL=(--local-size 512 --local-contrast 0.01)
+    read -r -a LOCAL <<< "${LOCAL_FLAGS---local-size 512 --local-contrast 0.01}"
     ;;
   rightwhale)
     # labels.csv: image,individual_id,species
     split
     EXCLUDE=()
     read -r -a SIZE <<< "${EVAL_FLAGS:-}"
-    LOCAL=()
+    read -r -a LOCAL <<< "${LOCAL_FLAGS:-}"
     ;;
   *) echo "unknown set $SET (nyala, beluga or rightwhale)" >&2; exit 2 ;;
 esac
@@ -93,10 +101,10 @@ echo "$SET: $(($(wc -l < "$OUT/data/train.csv") - 1)) training photos, $(($(wc -
 [[ ${1:-} == --prepare-only ]] && exit 0
 
 EVAL=(--labels "$OUT/val_labels.csv" --images "$SRC" "${EXCLUDE[@]}" --bootstrap "$BOOT")
-LOCAL+=(--local rootsift --local-features "$OUT/local.features")
+LOCAL+=(--local rootsift --local-features "${FEATURES:-$OUT/local.features}")
 if ((${UNTRAINED:-1})); then
   echo "== untrained: pretrained EfficientNet-Lite0, GeM features, 224×224"
-  "$FINPRINT" evaluate --zero-shot efficientnet_lite0 "${EVAL[@]}"
+  "$FINPRINT" evaluate --zero-shot efficientnet_lite0 "${EVAL[@]}" --queries "$OUT/untrained.csv"
   if ((${#SIZE[@]})); then
     echo "== untrained, ${SIZE[*]}"
     "$FINPRINT" evaluate --zero-shot efficientnet_lite0 "${SIZE[@]}" "${EVAL[@]}"
@@ -104,8 +112,9 @@ if ((${UNTRAINED:-1})); then
   echo "== untrained Lite0 with local features (RootSIFT, LNBNN, affine RANSAC) re-scoring its shortlist,"
   echo "   fused by probabilities calibrated on the training animals"
   "$FINPRINT" evaluate --zero-shot efficientnet_lite0 "${SIZE[@]}" "${EVAL[@]}" \
-    "${LOCAL[@]}" --calibration-labels "$OUT/train_labels.csv"
+    "${LOCAL[@]}" --calibration-labels "$OUT/train_labels.csv" --queries "$OUT/untrained_local.csv"
 fi
+((${TRAINED:-1})) || exit 0
 rm -rf "$OUT/run"
 (($#)) || set -- --mode frozen --model efficientnet_lite0,efficientnet_lite1,efficientnet_lite2 "${SIZE[@]}"
 echo "== finprint train $*"
@@ -114,7 +123,9 @@ start=$(date +%s)
 echo "trained in $(($(date +%s) - start)) s"
 "$FINPRINT" report "$OUT/run"
 echo "== trained, against untrained Lite0 at 224×224"
-"$FINPRINT" evaluate --models "$OUT/run" "${EVAL[@]}" --baseline efficientnet_lite0
+"$FINPRINT" evaluate --models "$OUT/run" "${EVAL[@]}" --baseline efficientnet_lite0 \
+  --queries "$OUT/trained.csv"
 echo "== trained, with local features fused, calibrated on the held-out training animals"
 "$FINPRINT" evaluate --models "$OUT/run" "${EVAL[@]}" "${LOCAL[@]}" \
-  --calibration-labels "$OUT/calib_labels.csv" --save-calibration "$OUT/run/calibration.json"
+  --calibration-labels "$OUT/calib_labels.csv" --save-calibration "$OUT/run/calibration.json" \
+  --queries "$OUT/trained_local.csv"
