@@ -66,6 +66,16 @@ fn parse_system(spec: &str) -> (Vec<PathBuf>, &str) {
     (files.split(',').map(PathBuf::from).collect(), column)
 }
 
+/// A system's name as printed: its first table, how many more, and its column.
+fn short_name(spec: &str) -> String {
+    let (files, column) = parse_system(spec);
+    let more = match files.len() {
+        1 => String::new(),
+        n => format!(" (+{} more)", n - 1),
+    };
+    format!("{}{more} {column}", files[0].display())
+}
+
 /// Each query (image) of a system's tables: its animal and rank of the truth (1–5, 0 beyond).
 fn read_system(spec: &str) -> Result<BTreeMap<String, (String, usize)>> {
     let (files, column) = parse_system(spec);
@@ -144,7 +154,7 @@ pub fn compare(args: &CompareArgs) -> Result<Comparison> {
         .map(|(name, v)| {
             let [top1, top5, map5] = mean(v);
             System {
-                name: name.clone(),
+                name: short_name(name),
                 top1,
                 top5,
                 map5,
@@ -251,6 +261,7 @@ mod tests {
         let [embedding, fused] = &c.systems[..] else {
             panic!("two systems")
         };
+        assert_eq!(fused.name, format!("{a} (+1 more) rank"));
         // Embedding ranks 2, 0, 0, 1: top-1 1/4, top-5 2/4, MAP@5 (1/2 + 1)/4.
         assert_eq!(
             (embedding.top1, embedding.top5, embedding.map5),

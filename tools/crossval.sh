@@ -9,7 +9,8 @@
 # SET is nyala, beluga or rightwhale; OUT defaults to runs/cv/SET. FOLDS (default 5) sets K.
 # The environment of tools/real_set.sh applies: TRAINED=0 runs the untrained rows only (no
 # training: minutes), UNTRAINED=0 the trained ones only, LOCAL_FLAGS other local settings. The
-# folds share one features file, so local features are extracted once per setting.
+# folds share one features file, so local features are extracted once per setting;
+# CALIBRATIONS=OTHER_OUT reuses the untrained calibrations of an earlier run of the same folds.
 # To compare two settings, run each into its own OUT and compare their tables:
 #
 #   finprint compare "$(ls A/fold*/untrained_local.csv | paste -sd,)" \
@@ -26,6 +27,7 @@ mkdir -p "$OUT"
 for ((k = 0; k < K; k++)); do
   echo "=== $SET fold $((k + 1)) of $K"
   FOLDS=$K FOLD=$k FEATURES=${FEATURES:-$OUT/local.features} \
+    CALIBRATIONS=${CALIBRATIONS:+$CALIBRATIONS/fold$k} \
     bash tools/real_set.sh "$SET" "$OUT/fold$k" "$@"
 done
 # The folds' tables of NAME, comma-separated, when every fold wrote one.

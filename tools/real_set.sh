@@ -26,7 +26,8 @@
 # Cross-validation (`tools/crossval.sh`): with FOLDS=K and FOLD=k, the val animals are fold k of
 # all the dev animals (every K-th in dev_split.csv's order from the k-th), the others training
 # animals. LOCAL_FLAGS replaces the set's local-feature settings; FEATURES names the features
-# file (default OUT/local.features), which folds can share.
+# file (default OUT/local.features), which folds can share; CALIBRATIONS=DIR reuses the
+# untrained fusion's calibration an earlier run into DIR saved.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SET=${1:?usage: tools/real_set.sh nyala|beluga|rightwhale [OUT] [train flags...]}
@@ -102,6 +103,11 @@ echo "$SET: $(($(wc -l < "$OUT/data/train.csv") - 1)) training photos, $(($(wc -
 
 EVAL=(--labels "$OUT/val_labels.csv" --images "$SRC" "${EXCLUDE[@]}" --bootstrap "$BOOT")
 LOCAL+=(--local rootsift --local-features "${FEATURES:-$OUT/local.features}")
+# The untrained fusion's calibration: fitted on the training animals and saved, or with
+# CALIBRATIONS=DIR the one an earlier run into DIR saved (settings that change neither the
+# features nor the fits then cost only the val queries).
+CALIBRATE=(--calibration-labels "$OUT/train_labels.csv" --save-calibration "$OUT/untrained_calibration.json")
+[[ -n ${CALIBRATIONS:-} ]] && CALIBRATE=(--calibration "$CALIBRATIONS/untrained_calibration.json")
 if ((${UNTRAINED:-1})); then
   echo "== untrained: pretrained EfficientNet-Lite0, GeM features, 224×224"
   "$FINPRINT" evaluate --zero-shot efficientnet_lite0 "${EVAL[@]}" --queries "$OUT/untrained.csv"
@@ -112,7 +118,7 @@ if ((${UNTRAINED:-1})); then
   echo "== untrained Lite0 with local features (RootSIFT, LNBNN, affine RANSAC) re-scoring its shortlist,"
   echo "   fused by probabilities calibrated on the training animals"
   "$FINPRINT" evaluate --zero-shot efficientnet_lite0 "${SIZE[@]}" "${EVAL[@]}" \
-    "${LOCAL[@]}" --calibration-labels "$OUT/train_labels.csv" --queries "$OUT/untrained_local.csv"
+    "${LOCAL[@]}" "${CALIBRATE[@]}" --queries "$OUT/untrained_local.csv"
 fi
 ((${TRAINED:-1})) || exit 0
 rm -rf "$OUT/run"
