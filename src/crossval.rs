@@ -54,10 +54,11 @@ pub struct Protocol<'a> {
 
 /// Re-scores the first `shortlist` photos the embedding found for a query: `score(query,
 /// shortlisted)` takes rows of the labelled set (with their cosine to the query) and gives one
-/// score per shortlisted row. Identities of the shortlist are ranked by these scores, ahead of
-/// those found only beyond it.
+/// score per shortlisted row. Identities of the shortlist are ranked by these scores combined
+/// by `aggregation`, ahead of those found only beyond it.
 pub struct Rescorer<'a> {
     pub shortlist: usize,
+    pub aggregation: Aggregation,
     #[allow(clippy::type_complexity)]
     pub score: &'a (dyn Fn(usize, &[(usize, f32)]) -> Vec<f32> + Sync),
 }
@@ -227,7 +228,7 @@ fn rescored(
         .zip(scores)
         .map(|(nb, score)| Neighbor { id: nb.id, score })
         .collect();
-    let mut ranked = rank_labels(&short, labels, Aggregation::Max, K);
+    let mut ranked = rank_labels(&short, labels, r.aggregation, K);
     if ranked.len() < K {
         for (label, score) in rank_labels(rest, labels, Aggregation::Max, 2 * K) {
             if ranked.len() < K && !ranked.iter().any(|&(l, _)| l == label) {

@@ -9,9 +9,9 @@ use crate::embed::EmbedOptions;
 use crate::fsio;
 use crate::fusion::{self, LocalCost, LocalScores};
 use crate::local::calibration::Calibration;
-use crate::local::LocalArgs;
+use crate::local::{IdentityScore, LocalArgs};
 use crate::runs::{Ensemble, ModelArgs, ModelSpec, ZeroShot};
-use crate::search::IndexSpec;
+use crate::search::{Aggregation, IndexSpec};
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -124,7 +124,7 @@ fn fit_calibration(
         ensemble.dim(),
         &labelled.ids,
         &protocol,
-        args.local.shortlist,
+        &args.local,
         model,
     )
     .with_context(|| format!("calibrating on {}", labels.display()))
@@ -213,6 +213,12 @@ fn read_labels(args: &EvaluateArgs, path: &Path) -> Result<Labelled> {
 
 /// Evaluate the models of `args` by leave-one-out over the labelled photos.
 pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
+    let calibrated = args.calibration.is_some() || args.calibration_labels.is_some();
+    anyhow::ensure!(
+        args.local.identity_score == IdentityScore::Best || calibrated,
+        "--identity-score {} combines fused probabilities: give --calibration-labels or --calibration",
+        args.local.identity_score
+    );
     let spec = args.model.spec();
     let ensemble = spec.load(args.threshold, crate::runtime::device())?;
     let labelled = read_labels(args, &args.labels)?;
@@ -248,6 +254,10 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
     });
     let rescorer = local_score.as_ref().map(|s| Rescorer {
         shortlist: args.local.shortlist,
+        aggregation: match fusion {
+            Some(_) => args.local.identity_score.aggregation(),
+            None => Aggregation::Max,
+        },
         score: s,
     });
     // Fused scores are probabilities: their threshold is the calibration's.

@@ -6,6 +6,7 @@
 use crate::crossval::{leave_one_out, Protocol, Rescorer};
 use crate::local::calibration::{rank_score, Calibration, Fusion};
 use crate::local::{store, Features, LocalArgs, Matcher};
+use crate::search::Aggregation;
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -154,17 +155,19 @@ pub struct LocalCost {
 /// Fit the fusion of the embedding with local matching on labelled photos of calibration
 /// animals: every photo queries the others as `protocol` says (its `rescore` is replaced),
 /// each shortlisted photo gives a pair (cosine, verified votes, same individual); then the
-/// `new_individual` threshold on the fused probability that is best on the same queries.
-/// `emb` and `local` hold the same photos, identities `ids`.
+/// `new_individual` threshold on the fused probability that is best on the same queries, for
+/// identities scored as `args.identity_score` says. `emb` and `local` hold the same photos,
+/// identities `ids`; `args` gives the shortlist's length.
 pub fn calibrate(
     local: &LocalScores,
     emb: &[f32],
     dim: usize,
     ids: &[String],
     protocol: &Protocol,
-    shortlist: usize,
+    args: &LocalArgs,
     model: String,
 ) -> Result<Calibration> {
+    let (shortlist, identity) = (args.shortlist, args.identity_score);
     let pairs = Mutex::new(Vec::new());
     let verified_of = Mutex::new(HashMap::new());
     let record = |query: usize, short: &[(usize, f32)]| {
@@ -186,6 +189,7 @@ pub fn calibrate(
     };
     let recording = Rescorer {
         shortlist,
+        aggregation: Aggregation::Max,
         score: &record,
     };
     leave_one_out(
@@ -215,6 +219,7 @@ pub fn calibrate(
         &Protocol {
             rescore: Some(&Rescorer {
                 shortlist,
+                aggregation: identity.aggregation(),
                 score: &fused,
             }),
             ..*protocol
@@ -226,6 +231,7 @@ pub fn calibrate(
         shortlist,
         lnbnn_k: local.matcher.k,
         score: local.matcher.score,
+        identity_score: identity,
         fusion,
         threshold: report.best_threshold,
         photos: ids.len(),

@@ -700,7 +700,7 @@ fn rank_with_local(
                 dim,
                 &sample_ids,
                 &protocol,
-                a.shortlist,
+                a,
                 plan.model.clone(),
             )
             .context("calibrating local matching on the catalogue")?;
@@ -731,7 +731,7 @@ fn rank_with_local(
                 .zip(scores)
                 .map(|(nb, score)| Neighbor { id: nb.id, score })
                 .collect();
-            rank_labels(&rescored, labels, Aggregation::Max, K)
+            rank_labels(&rescored, labels, a.identity_score.aggregation(), K)
                 .into_iter()
                 .map(|(label, score)| Candidate {
                     id: ids[label as usize].clone(),

@@ -87,6 +87,38 @@ fn local_features_find_animals_by_their_spots_and_the_fusion_keeps_the_gain() {
         fused >= 0.9,
         "fused top-1 {fused}, embedding alone {embedding}"
     );
+    // An identity scored by all its shortlisted photos' fused probabilities.
+    let (noisy, _) = evaluate(
+        &[
+            "--calibration-labels",
+            calibration.to_str().unwrap(),
+            "--identity-score",
+            "noisy-or",
+        ],
+        "noisy.json",
+    );
+    assert!(
+        noisy >= 0.9,
+        "noisy-or top-1 {noisy}, embedding alone {embedding}"
+    );
+    let o = finprint()
+        .args([
+            "evaluate",
+            "--zero-shot",
+            "efficientnet_lite0",
+            "--local",
+            "rootsift",
+        ])
+        .args(["--labels", evaluated.to_str().unwrap()])
+        .args(["--images", dir.path().to_str().unwrap()])
+        .args(["--identity-score", "noisy-or"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("--identity-score noisy-or combines fused"),
+        "{stderr}"
+    );
     // Each shortlisted photo matched alone: verified mutual ratio-test matches.
     let (pairwise, _) = evaluate(&["--local-score", "pairwise"], "pairwise.json");
     assert!(
@@ -236,6 +268,19 @@ fn predict_with_local_features_calibrates_on_the_catalogue_and_reuses_what_it_sa
     );
     assert!(
         !ok && stderr.contains("fitted for --local-score lnbnn, not pairwise"),
+        "{stderr}"
+    );
+    let (ok, _, stderr, _) = predict(
+        "fifth.csv",
+        &[
+            "--calibration",
+            saved.to_str().unwrap(),
+            "--identity-score",
+            "noisy-or",
+        ],
+    );
+    assert!(
+        !ok && stderr.contains("fitted for --identity-score best, not noisy-or"),
         "{stderr}"
     );
 }

@@ -211,15 +211,24 @@ impl Catalog {
             .matcher
             .rescore(&own, &features.iter().collect::<Vec<_>>());
         let fusion = local.calibration.as_ref().map(|c| &c.fusion);
-        // Each individual's best photo (by the ranking score) and best cosine.
+        // Each individual's best photo (by the ranking score), its score and best cosine.
         let mut best: HashMap<&str, (usize, f32, f32)> = HashMap::new();
+        let mut photos: HashMap<&str, Vec<f32>> = HashMap::new();
         for (i, (p, s)) in shortlist.iter().zip(&scores).enumerate() {
             let key = rank_score(fusion, p.cosine, s.verified);
+            photos.entry(&p.id).or_default().push(key);
             let e = best.entry(&p.id).or_insert((i, key, p.cosine));
             if key > e.1 {
                 (e.0, e.1) = (i, key);
             }
             e.2 = e.2.max(p.cosine);
+        }
+        // A calibration fitted for another identity score says how photos combine.
+        if let Some(c) = local.calibration.as_ref() {
+            let how = c.identity_score.aggregation();
+            for (id, e) in best.iter_mut() {
+                e.1 = how.combine(&photos[id]);
+            }
         }
         let mut order: Vec<(&str, (usize, f32, f32))> = best.into_iter().collect();
         order.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1).then(a.0.cmp(b.0)));

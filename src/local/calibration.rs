@@ -4,7 +4,7 @@
 //! carries no signal is fitted flat and leaves the other's ranking as it was.
 
 use super::store::Extraction;
-use super::{LocalArgs, Score};
+use super::{IdentityScore, LocalArgs, Score};
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -118,6 +118,9 @@ pub struct Calibration {
     /// How shortlisted photos were scored (older calibrations: LNBNN).
     #[serde(default)]
     pub score: Score,
+    /// How identities were scored from their photos (older calibrations: their best photo).
+    #[serde(default)]
+    pub identity_score: IdentityScore,
     pub fusion: Fusion,
     pub threshold: f32,
     /// The calibration photos, and their queries' MAP@5 with `threshold`.
@@ -168,6 +171,13 @@ impl Calibration {
             "{} was fitted for --local-score {}, not {score}",
             path.display(),
             self.score
+        );
+        ensure!(
+            self.identity_score == args.identity_score,
+            "{} was fitted for --identity-score {}, not {}",
+            path.display(),
+            self.identity_score,
+            args.identity_score
         );
         Ok(())
     }

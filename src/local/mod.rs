@@ -96,6 +96,46 @@ pub enum Score {
     Pairwise,
 }
 
+/// How the scores of an identity's shortlisted photos combine into the identity's score.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdentityScore {
+    /// Its best photo's.
+    #[default]
+    Best,
+    /// With a calibration: the chance that at least one of its photos shows it, `1 − Π(1 − p)`
+    /// over the photos' fused probabilities, so that several matching photos add up.
+    NoisyOr,
+}
+
+impl IdentityScore {
+    pub fn aggregation(self) -> crate::search::Aggregation {
+        match self {
+            IdentityScore::Best => crate::search::Aggregation::Max,
+            IdentityScore::NoisyOr => crate::search::Aggregation::NoisyOr,
+        }
+    }
+}
+
+impl fmt::Display for IdentityScore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IdentityScore::Best => "best",
+            IdentityScore::NoisyOr => "noisy-or",
+        })
+    }
+}
+
 impl fmt::Display for Score {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -140,6 +180,10 @@ pub struct LocalArgs {
     /// each photo alone: verified mutual ratio-test matches, counted).
     #[arg(long, value_enum, default_value_t = Score::Lnbnn)]
     pub local_score: Score,
+    /// How an identity's shortlisted photos rank it: best (its best photo) or noisy-or (with a
+    /// calibration: 1 − Π(1 − p) over its photos' fused probabilities).
+    #[arg(long, value_enum, default_value_t = IdentityScore::Best)]
+    pub identity_score: IdentityScore,
 }
 
 impl Default for LocalArgs {

@@ -211,6 +211,31 @@ pub enum Aggregation {
     /// The mean of its best `k` scores; of all of them when fewer than `k` are among the
     /// neighbours (`MeanTopK(0)` counts as `MeanTopK(1)`, i.e. [`Aggregation::Max`]).
     MeanTopK(usize),
+    /// For scores that are probabilities of the same individual: the chance that at least one
+    /// of its photos is, `1 − Π(1 − p)`, so that several matching photos add up.
+    NoisyOr,
+}
+
+impl Aggregation {
+    /// The score of an individual whose photos among the neighbours scored `scores` (at least
+    /// one).
+    pub fn combine(self, scores: &[f32]) -> f32 {
+        match self {
+            Aggregation::Max => scores.iter().copied().fold(f32::MIN, f32::max),
+            Aggregation::MeanTopK(k) => {
+                let mut sorted = scores.to_vec();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                let best = &sorted[..k.clamp(1, sorted.len())];
+                best.iter().sum::<f32>() / best.len() as f32
+            }
+            Aggregation::NoisyOr => {
+                1.0 - scores
+                    .iter()
+                    .map(|p| 1.0 - p.clamp(0.0, 1.0))
+                    .product::<f32>()
+            }
+        }
+    }
 }
 
 /// Ranks individuals for one query: `labels[id]` is the individual of catalogue row `id`.
@@ -232,17 +257,7 @@ pub fn rank_labels(
     }
     let mut ranked: Vec<(u32, f32)> = by_label
         .into_iter()
-        .map(|(label, mut scores)| {
-            scores.sort_by(|a, b| b.total_cmp(a));
-            let score = match how {
-                Aggregation::Max => scores[0],
-                Aggregation::MeanTopK(k) => {
-                    let best = &scores[..k.clamp(1, scores.len())];
-                    best.iter().sum::<f32>() / best.len() as f32
-                }
-            };
-            (label, score)
-        })
+        .map(|(label, scores)| (label, how.combine(&scores)))
         .collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     ranked.truncate(top);
@@ -355,6 +370,21 @@ mod tests {
             assert_eq!(ranked, vec![(4, 0.5), (6, 0.5), (9, 0.5)]);
         }
         assert!(rank_labels(&[], &labels, Aggregation::Max, 5).is_empty());
+    }
+
+    #[test]
+    fn noisy_or_adds_up_photos_that_each_match_a_little() {
+        // Individual 1: two photos at .6, 1 − .4·.4 = .84; individual 2: one photo at .8.
+        let labels = [1, 1, 2];
+        let neighbors = [n(0, 0.6), n(2, 0.8), n(1, 0.6)];
+        let ranked = rank_labels(&neighbors, &labels, Aggregation::NoisyOr, 5);
+        assert_eq!(ranked.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2]);
+        assert!((ranked[0].1 - 0.84).abs() < 1e-6 && (ranked[1].1 - 0.8).abs() < 1e-6);
+        let max = rank_labels(&neighbors, &labels, Aggregation::Max, 5);
+        assert_eq!(max, vec![(2, 0.8), (1, 0.6)]);
+        // Scores outside 0..1 count as certain or as nothing.
+        assert_eq!(Aggregation::NoisyOr.combine(&[1.5, -2.0]), 1.0);
+        assert_eq!(Aggregation::NoisyOr.combine(&[-1.0]), 0.0);
     }
 
     #[test]
