@@ -6,6 +6,7 @@
 
 pub mod calibration;
 mod gray;
+pub mod lighterglue;
 pub mod lnbnn;
 pub mod pairwise;
 pub mod ransac;
