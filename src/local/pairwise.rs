@@ -70,7 +70,19 @@ pub fn verified(
             weight: 1.0,
         })
         .collect();
-    let fit = ransac::affine(&pairs, cfg, side);
+    lines(query, candidate, &pairs, cfg, side)
+}
+
+/// The correspondences `pairs` (query's points to candidate's) that agree with the affine map
+/// of most weight, as lines (none when fewer than three agree).
+pub fn lines(
+    query: &Features,
+    candidate: &Features,
+    pairs: &[Correspondence],
+    cfg: &RansacConfig,
+    side: f32,
+) -> Vec<Line> {
+    let fit = ransac::affine(pairs, cfg, side);
     if fit.inliers < 3 {
         return Vec::new();
     }
