@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -41,15 +41,7 @@ fn load() -> Option<LighterGlue> {
 }
 
 fn fixture() -> HashMap<String, Tensor> {
-    let path = root().join("tests/fixtures/lighterglue_reference.safetensors");
-    Tensor::read_safetensors(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .into_iter()
-        .collect()
-}
-
-fn floats(t: &Tensor) -> Vec<f32> {
-    Vec::<f32>::try_from(t.to_kind(Kind::Float).flatten(0, -1)).unwrap()
+    common::reference("lighterglue_reference.safetensors")
 }
 
 fn ints(t: &Tensor) -> Vec<i64> {
@@ -58,15 +50,15 @@ fn ints(t: &Tensor) -> Vec<i64> {
 
 /// Image `i` of the fixture as [`Features`].
 fn features(fx: &HashMap<String, Tensor>, i: usize) -> Features {
-    let size = floats(&fx[&format!("size{i}")]);
+    let size = common::floats(&fx[&format!("size{i}")]);
     Features {
         size: [size[0] as u32, size[1] as u32],
-        points: floats(&fx[&format!("keypoints{i}")])
+        points: common::floats(&fx[&format!("keypoints{i}")])
             .chunks_exact(2)
             .map(|p| [p[0], p[1]])
             .collect(),
         dim: xfeat::DESC_LEN,
-        descriptors: floats(&fx[&format!("descriptors{i}")]),
+        descriptors: common::floats(&fx[&format!("descriptors{i}")]),
     }
 }
 
@@ -76,7 +68,7 @@ fn the_network_gives_the_reference_assignment_and_matches() {
     let Some(net) = load() else { return };
     let fx = fixture();
     let image = |i: usize| {
-        let size = floats(&fx[&format!("size{i}")]);
+        let size = common::floats(&fx[&format!("size{i}")]);
         (
             fx[&format!("keypoints{i}")].unsqueeze(0),
             [size[0], size[1]],
@@ -111,7 +103,7 @@ fn the_network_gives_the_reference_assignment_and_matches() {
         "the fixture should have matches"
     );
     assert_eq!(out.matches0, matches0, "matches0");
-    let mscores0 = floats(&fx["mscores0"]);
+    let mscores0 = common::floats(&fx["mscores0"]);
     let worst = out
         .mscores0
         .iter()

@@ -11,7 +11,7 @@ use image::{Rgb, RgbImage};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// The reference's top-k when it wrote the fixture.
 const TOP_K: usize = 100;
@@ -30,15 +30,7 @@ fn load() -> Option<XFeat> {
 }
 
 fn fixture() -> HashMap<String, Tensor> {
-    let path = root().join("tests/fixtures/xfeat_reference.safetensors");
-    Tensor::read_safetensors(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .into_iter()
-        .collect()
-}
-
-fn floats(t: &Tensor) -> Vec<f32> {
-    Vec::<f32>::try_from(t.to_kind(Kind::Float).flatten(0, -1)).unwrap()
+    common::reference("xfeat_reference.safetensors")
 }
 
 /// The fixture's photo (`[H, W, 3]` u8).
@@ -81,9 +73,9 @@ fn sparse_detection_gives_the_reference_keypoints_and_descriptors() {
     let Some(net) = load() else { return };
     let fx = fixture();
     let ours = net.detect(&photo(&fx), TOP_K);
-    let points = floats(&fx["keypoints"]);
-    let scores = floats(&fx["scores"]);
-    let descriptors = floats(&fx["descriptors"]);
+    let points = common::floats(&fx["keypoints"]);
+    let scores = common::floats(&fx["scores"]);
+    let descriptors = common::floats(&fx["descriptors"]);
     let n = scores.len();
     assert!(
         n >= 50 && ours.scores.len() <= TOP_K,

