@@ -406,7 +406,23 @@ impl std::fmt::Display for Predicted {
                 "new_individual below a fused probability of {:.3} (calibrated on {} photos, MAP@5 {:.4} there)",
                 c.threshold, c.photos, c.map5
             )?,
-            (rule, _) => write!(f, "new_individual: {rule:?}")?,
+            (NewRule::Share(share), _) => write!(
+                f,
+                "new_individual first for the {:.1}% of photos whose best candidate is weakest",
+                share * 100.0
+            )?,
+            (NewRule::Threshold(t), _) => {
+                write!(f, "new_individual below a similarity of {:.3}", t.global)?;
+                if !t.by_species.is_empty() {
+                    let each: Vec<String> = t
+                        .by_species
+                        .iter()
+                        .map(|(species, v)| format!("{species} {v:.3}"))
+                        .collect();
+                    write!(f, " ({} for its species)", each.join(", "))?;
+                }
+            }
+            (NewRule::Calibrated, None) => write!(f, "new_individual at the calibration's threshold")?,
         }
         if let Some(path) = &self.calibration_file {
             write!(f, "; calibration saved to {}", path.display())?;
@@ -818,6 +834,30 @@ mod tests {
     use super::*;
     use crate::data::NEW_INDIVIDUAL;
     use crate::decide::tests::candidates as cands;
+
+    #[test]
+    fn the_new_individual_rule_reads_as_words() {
+        let said = |rule| {
+            Predicted {
+                count: 3,
+                rule,
+                calibration: None,
+                calibration_file: None,
+                pseudo: None,
+            }
+            .to_string()
+        };
+        let mut t = Thresholds::global(0.42);
+        t.by_species.insert("beluga".into(), 0.3);
+        assert_eq!(
+            said(NewRule::Threshold(t)),
+            "new_individual below a similarity of 0.420 (beluga 0.300 for its species)"
+        );
+        assert_eq!(
+            said(NewRule::Share(0.157)),
+            "new_individual first for the 15.7% of photos whose best candidate is weakest"
+        );
+    }
 
     #[test]
     fn candidates_of_other_species_go_behind_the_rest_in_their_order() {
