@@ -243,44 +243,32 @@ fn predict_with_local_features_calibrates_on_the_catalogue_and_reuses_what_it_sa
         submission,
         "the saved calibration and features give the same answers"
     );
-    let (ok, _, stderr, _) = predict(
-        "third.csv",
-        &[
-            "--calibration",
-            saved.to_str().unwrap(),
+    // The saved calibration refuses other settings, naming the file and the setting.
+    let saved = saved.to_str().unwrap();
+    for (out, flag, value, said) in [
+        (
+            "third.csv",
             "--local-size",
             "192",
-        ],
-    );
-    assert!(
-        !ok && stderr.contains("first.calibration.json")
-            && stderr.contains("fitted for local features"),
-        "{stderr}"
-    );
-    let (ok, _, stderr, _) = predict(
-        "fourth.csv",
-        &[
-            "--calibration",
-            saved.to_str().unwrap(),
+            "fitted for local features",
+        ),
+        (
+            "fourth.csv",
             "--local-score",
             "pairwise",
-        ],
-    );
-    assert!(
-        !ok && stderr.contains("fitted for --local-score lnbnn, not pairwise"),
-        "{stderr}"
-    );
-    let (ok, _, stderr, _) = predict(
-        "fifth.csv",
-        &[
-            "--calibration",
-            saved.to_str().unwrap(),
+            "fitted for --local-score lnbnn, not pairwise",
+        ),
+        (
+            "fifth.csv",
             "--identity-score",
             "noisy-or",
-        ],
-    );
-    assert!(
-        !ok && stderr.contains("fitted for --identity-score best, not noisy-or"),
-        "{stderr}"
-    );
+            "fitted for --identity-score best, not noisy-or",
+        ),
+    ] {
+        let (ok, _, stderr, _) = predict(out, &["--calibration", saved, flag, value]);
+        assert!(
+            !ok && stderr.contains("first.calibration.json") && stderr.contains(said),
+            "{stderr}"
+        );
+    }
 }
