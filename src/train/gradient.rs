@@ -61,11 +61,11 @@ pub(super) fn fit(
         cfg.fold
     );
     log(format!(
-        "training {} ({:?} mode) on {}; {} threads",
+        "training {} ({} mode) on {}; {threads} thread{}",
         cfg.model,
-        cfg.mode,
+        format!("{:?}", cfg.mode).to_lowercase(),
         photos.describe(),
-        threads
+        if threads == 1 { "" } else { "s" }
     ));
 
     let mut mcfg = ModelConfig::for_backbone(
