@@ -3,7 +3,7 @@
 //! each system's top-1, top-5 and MAP@5 with bootstrap intervals over animals, and each one's
 //! paired gain over the first.
 
-use crate::crossval::{outcome, Bootstrap, Difference};
+use crate::crossval::{means, outcome, Bootstrap, Difference};
 use crate::data::CsvFile;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -151,15 +151,16 @@ pub fn compare(args: &CompareArgs) -> Result<Comparison> {
         .systems
         .iter()
         .zip(&values)
-        .map(|(name, v)| {
-            let [top1, top5, map5] = mean(v);
+        .enumerate()
+        .map(|(i, (name, v))| {
+            let [top1, top5, map5] = means(v);
             System {
                 name: short_name(name),
                 top1,
                 top5,
                 map5,
                 interval: Bootstrap::of(v, &units, animals.len(), resamples, seed),
-                gain: (!std::ptr::eq(v, &values[0]))
+                gain: (i > 0)
                     .then(|| Difference::of(v, &values[0], &units, animals.len(), resamples, seed)),
             }
         })
@@ -176,10 +177,6 @@ pub fn compare(args: &CompareArgs) -> Result<Comparison> {
         )?;
     }
     Ok(comparison)
-}
-
-fn mean(values: &[[f64; 3]]) -> [f64; 3] {
-    std::array::from_fn(|k| values.iter().map(|v| v[k]).sum::<f64>() / values.len().max(1) as f64)
 }
 
 impl fmt::Display for Comparison {

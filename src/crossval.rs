@@ -334,6 +334,11 @@ impl LooReport {
     }
 }
 
+/// The means of per-query top-1, top-5 and MAP@5 values (0 for none).
+pub fn means(values: &[[f64; 3]]) -> [f64; 3] {
+    std::array::from_fn(|k| values.iter().map(|v| v[k]).sum::<f64>() / values.len().max(1) as f64)
+}
+
 /// A query's top-1, top-5 and average precision at 5, from the rank of its true identity
 /// (0-based; `None` when not found).
 pub fn outcome(rank: Option<usize>) -> [f64; 3] {
@@ -370,11 +375,11 @@ impl Difference {
             .zip(base)
             .map(|(a, b)| std::array::from_fn(|k| a[k] - b[k]))
             .collect();
-        let mean = |k: usize| diffs.iter().map(|d| d[k]).sum::<f64>() / diffs.len().max(1) as f64;
+        let [top1, top5, map5] = means(&diffs);
         Difference {
-            top1: mean(0),
-            top5: mean(1),
-            map5: mean(2),
+            top1,
+            top5,
+            map5,
             interval: Bootstrap::of(&diffs, units, unit_count, resamples, seed),
         }
     }
