@@ -7,7 +7,7 @@ use super::{image_problem, invalid, not_found, Catalog, PhotoMatch};
 use crate::decide::Candidate;
 use crate::local::calibration::{rank_score, Calibration};
 use crate::local::pairwise::Line;
-use crate::local::{Features, LocalArgs, Matcher};
+use crate::local::{Features, IdentityScore, LocalArgs, Matcher};
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use rayon::prelude::*;
@@ -213,21 +213,28 @@ impl Catalog {
         let fusion = local.calibration.as_ref().map(|c| &c.fusion);
         // Each individual's best photo (by the ranking score), its score and best cosine.
         let mut best: HashMap<&str, (usize, f32, f32)> = HashMap::new();
+        // A calibration fitted for another identity score says how an individual's photos
+        // combine; the best photo's needs nothing more.
+        let combine = local
+            .calibration
+            .as_ref()
+            .map(|c| c.identity_score)
+            .filter(|&s| s != IdentityScore::Best);
         let mut photos: HashMap<&str, Vec<f32>> = HashMap::new();
         for (i, (p, s)) in shortlist.iter().zip(&scores).enumerate() {
             let key = rank_score(fusion, p.cosine, s.verified);
-            photos.entry(&p.id).or_default().push(key);
+            if combine.is_some() {
+                photos.entry(&p.id).or_default().push(key);
+            }
             let e = best.entry(&p.id).or_insert((i, key, p.cosine));
             if key > e.1 {
                 (e.0, e.1) = (i, key);
             }
             e.2 = e.2.max(p.cosine);
         }
-        // A calibration fitted for another identity score says how photos combine.
-        if let Some(c) = local.calibration.as_ref() {
-            let how = c.identity_score.aggregation();
+        if let Some(how) = combine {
             for (id, e) in best.iter_mut() {
-                e.1 = how.combine(&photos[id]);
+                e.1 = how.aggregation().combine(&photos[id]);
             }
         }
         let mut order: Vec<(&str, (usize, f32, f32))> = best.into_iter().collect();
