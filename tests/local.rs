@@ -35,9 +35,8 @@ fn local_features_find_animals_by_their_spots_and_the_fusion_keeps_the_gain() {
     let calibration = dir.path().join("calibration.csv");
     std::fs::write(&evaluated, photograph(dir.path(), 0, 12, &mut rng)).unwrap();
     std::fs::write(&calibration, photograph(dir.path(), 12, 10, &mut rng)).unwrap();
-    let evaluate = |extra: &[&str], json: &str| {
-        let json = dir.path().join(json);
-        let o = finprint()
+    let run = |extra: &[&str]| {
+        finprint()
             .args([
                 "evaluate",
                 "--zero-shot",
@@ -47,10 +46,17 @@ fn local_features_find_animals_by_their_spots_and_the_fusion_keeps_the_gain() {
             ])
             .args(["--labels", evaluated.to_str().unwrap()])
             .args(["--images", dir.path().to_str().unwrap()])
-            .args(["--bootstrap", "200", "--json", json.to_str().unwrap()])
             .args(extra)
             .output()
-            .unwrap();
+            .unwrap()
+    };
+    let evaluate = |extra: &[&str], json: &str| {
+        let json = dir.path().join(json);
+        let o = run(&[
+            &["--bootstrap", "200", "--json", json.to_str().unwrap()],
+            extra,
+        ]
+        .concat());
         let stdout = String::from_utf8_lossy(&o.stdout).to_string();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(stdout.contains("the embedding alone"), "{stdout}");
@@ -101,19 +107,7 @@ fn local_features_find_animals_by_their_spots_and_the_fusion_keeps_the_gain() {
         noisy >= 0.9,
         "noisy-or top-1 {noisy}, embedding alone {embedding}"
     );
-    let o = finprint()
-        .args([
-            "evaluate",
-            "--zero-shot",
-            "efficientnet_lite0",
-            "--local",
-            "rootsift",
-        ])
-        .args(["--labels", evaluated.to_str().unwrap()])
-        .args(["--images", dir.path().to_str().unwrap()])
-        .args(["--identity-score", "noisy-or"])
-        .output()
-        .unwrap();
+    let o = run(&["--identity-score", "noisy-or"]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && stderr.contains("--identity-score noisy-or combines fused"),
