@@ -94,6 +94,7 @@ enum CatalogCommand {
 }
 
 fn main() {
+    finprint::runtime::reuse_freed_memory();
     let matches = Cli::command().get_matches();
     let run = Cli::from_arg_matches(&matches)
         .map_err(anyhow::Error::from)

@@ -180,8 +180,9 @@ pub fn stats(values: &[f64]) -> Value {
 }
 
 /// Fixed threads for a side-by-side measurement: libtorch intra-op `threads`, one inter-op
-/// thread, rayon `threads`, and libtorch's seed 0.
+/// thread, rayon `threads`, and libtorch's seed 0; freed memory reused as `finprint` does.
 pub fn fix_threads(threads: usize) -> anyhow::Result<()> {
+    finprint::runtime::reuse_freed_memory();
     tch::set_num_threads(threads as i32);
     tch::set_num_interop_threads(1);
     rayon::ThreadPoolBuilder::new()
