@@ -160,6 +160,15 @@ impl Act {
             Act::Silu => xs.silu(),
         }
     }
+
+    /// [`Self::apply`] in place, on a fresh tensor that nothing else reads (no new activation
+    /// to allocate and write).
+    pub fn apply_(self, mut xs: Tensor) -> Tensor {
+        match self {
+            Act::Relu6 => xs.relu6_(),
+            Act::Silu => xs.silu_(),
+        }
+    }
 }
 
 /// BatchNorm options: TF-trained weights use `eps = 1e-3`; PyTorch's momentum is `1 - TF's`.
@@ -212,7 +221,7 @@ impl BnAct {
         };
         let ys = conv.conv_with(xs, &ws, Some(&bias));
         match self.act {
-            Some(act) => act.apply(&ys),
+            Some(act) => act.apply_(ys),
             None => ys,
         }
     }
@@ -239,6 +248,17 @@ pub fn drop_path(xs: &Tensor, rate: f64, train: bool) -> Tensor {
         .ge(rate)
         .to_kind(xs.kind());
     xs * mask / keep
+}
+
+/// A block's output `ys` plus its input `xs`, through [`drop_path`] in training; in eval mode
+/// added in place into `ys`, the block's fresh output.
+fn residual(mut ys: Tensor, xs: &Tensor, rate: f64, train: bool) -> Tensor {
+    if train {
+        drop_path(&ys, rate, train) + xs
+    } else {
+        ys += xs;
+        ys
+    }
 }
 
 /// Options shared by every layer of a network.
@@ -296,7 +316,7 @@ impl ModuleT for ConvBnAct {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         let ys = self.bn.after_conv(&self.conv, xs, train);
         if self.has_skip {
-            drop_path(&ys, self.drop_path, train) + xs
+            residual(ys, xs, self.drop_path, train)
         } else {
             ys
         }
@@ -469,7 +489,7 @@ impl ModuleT for MbConv {
         }
         ys = self.project_bn.after_conv(&self.project, &ys, train);
         if self.has_skip {
-            drop_path(&ys, self.drop_path, train) + xs
+            residual(ys, xs, self.drop_path, train)
         } else {
             ys
         }
@@ -530,7 +550,7 @@ impl ModuleT for FusedMbConv {
         }
         ys = self.bn2.after_conv(&self.conv_pwl, &ys, train);
         if self.has_skip {
-            drop_path(&ys, self.drop_path, train) + xs
+            residual(ys, xs, self.drop_path, train)
         } else {
             ys
         }
