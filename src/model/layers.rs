@@ -124,15 +124,39 @@ impl Conv2d {
 impl Conv2d {
     /// This convolution's geometry with other weights and bias.
     fn conv_with(&self, xs: &Tensor, ws: &Tensor, bs: Option<&Tensor>) -> Tensor {
-        let (xs, pad) = match self.pad {
-            Pad::Fixed(pad) => (xs.shallow_clone(), pad),
-            Pad::Same => (pad_same(xs, self.kernel, self.stride, self.dilation), 0),
-        };
+        if let Pad::Fixed(pad) = self.pad {
+            return self.conv_padded(xs, ws, bs, [pad, pad]);
+        }
+        // TF "SAME" without a padded copy of the input: libtorch pads symmetrically, so an axis
+        // whose padding is odd (one more at the end) gets `stride` more at the start, which
+        // shifts its outputs by exactly one, and the first output is dropped.
+        let size = xs.size();
+        let axes = [size[size.len() - 2], size[size.len() - 1]].map(|n| {
+            let total = same_padding(n, self.kernel, self.stride, self.dilation);
+            let odd = total % 2 == 1;
+            let out = (n + self.stride - 1) / self.stride;
+            (total / 2 + if odd { self.stride } else { 0 }, odd, out)
+        });
+        let ys = self.conv_padded(xs, ws, bs, axes.map(|a| a.0));
+        let dims = [ys.dim() as i64 - 2, ys.dim() as i64 - 1];
+        dims.into_iter().zip(axes).fold(
+            ys,
+            |ys, (dim, (_, odd, out))| {
+                if odd {
+                    ys.narrow(dim, 1, out)
+                } else {
+                    ys
+                }
+            },
+        )
+    }
+
+    fn conv_padded(&self, xs: &Tensor, ws: &Tensor, bs: Option<&Tensor>, pad: [i64; 2]) -> Tensor {
         xs.conv2d(
             ws,
             bs,
             [self.stride, self.stride],
-            [pad, pad],
+            pad,
             [self.dilation, self.dilation],
             self.groups,
         )
@@ -662,6 +686,31 @@ mod tests {
         assert_eq!(ys.double_value(&[0, 0, 1, 1]), 4.);
         let ys = conv.forward(&Tensor::ones([1, 1, 5, 7], (Kind::Float, Device::Cpu)));
         assert_eq!(ys.size(), [1, 1, 3, 4]);
+    }
+
+    #[test]
+    fn same_conv_equals_the_padded_copy_then_convolution() {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        for (kernel, stride, groups) in [(3, 2, 1), (5, 2, 4), (3, 1, 4), (4, 1, 1), (5, 3, 1)] {
+            let cfg = ConvCfg::new(Padding::Same).stride(stride).groups(groups);
+            let conv = Conv2d::new(vs.root() / "c", 4, 8, kernel, cfg);
+            for (h, w) in [(16, 16), (15, 17), (7, 10)] {
+                let xs = Tensor::randn([2, 4, h, w], (Kind::Float, Device::Cpu));
+                let want = pad_same(&xs, kernel, stride, 1).conv2d(
+                    &conv.ws,
+                    None::<Tensor>,
+                    [stride, stride],
+                    [0, 0],
+                    [1, 1],
+                    groups,
+                );
+                let got = conv.forward(&xs);
+                assert_eq!(got.size(), want.size(), "k{kernel} s{stride} {h}×{w}");
+                let diff = (got - want).abs().max().double_value(&[]);
+                assert!(diff < 1e-5, "k{kernel} s{stride} {h}×{w}: {diff}");
+            }
+        }
     }
 
     #[test]
