@@ -1,8 +1,11 @@
-//! The assembled model: checkpoints restore exactly, and a few optimiser steps fit a batch.
+//! The assembled model: checkpoints restore exactly, inference equals the plain op-by-op graph,
+//! and a few optimiser steps fit a batch.
 
 mod common;
 
+use finprint::embed::input_tensor;
 use finprint::model::happywhale::{HappyWhaleModel, ModelConfig};
+use finprint::model::layers::pad_same;
 use finprint::train::optim::{AdamW, Group};
 use tch::{Device, Kind, Tensor};
 
@@ -74,4 +77,125 @@ fn adamw_steps_fit_a_small_batch() {
     }
     let last = tch::no_grad(|| loss_at(&model).double_value(&[]));
     assert!(last < first * 0.5, "loss {first} -> {last}");
+}
+
+/// Lite0's embedding op by op, as the reference graph has it: each convolution on a padded copy
+/// of its input, then BatchNorm and ReLU6, each a new tensor; GeM, BatchNorm1d, Linear, L2.
+fn plain_lite0_embedding(model: &HappyWhaleModel, xs: &Tensor) -> Tensor {
+    let vars = model.vs.variables();
+    let var = |name: String| &vars[&name];
+    let bn = |x: &Tensor, p: &str, eps: f64| {
+        x.batch_norm(
+            Some(var(format!("{p}.weight"))),
+            Some(var(format!("{p}.bias"))),
+            Some(var(format!("{p}.running_mean"))),
+            Some(var(format!("{p}.running_var"))),
+            false,
+            0.0,
+            eps,
+            false,
+        )
+    };
+    let conv_bn = |x: &Tensor, conv: String, norm: String, stride: i64, act: bool| {
+        let w = var(format!("{conv}.weight"));
+        let (k, groups) = (w.size()[2], if w.size()[1] == 1 { w.size()[0] } else { 1 });
+        let y = pad_same(x, k, stride, 1).conv2d(
+            w,
+            None::<Tensor>,
+            [stride; 2],
+            [0; 2],
+            [1; 2],
+            groups,
+        );
+        let y = bn(&y, &norm, 1e-3);
+        if act {
+            y.relu6()
+        } else {
+            y
+        }
+    };
+    let mut x = conv_bn(xs, "model._conv_stem".into(), "model._bn0".into(), 2, true);
+    // Lite0's block groups start at these blocks; groups 2, 3, 4 and 6 start with stride 2.
+    let (firsts, stride2) = ([0, 1, 3, 5, 8, 11, 15], [1, 3, 5, 11]);
+    for i in 0..16 {
+        let b = format!("model._blocks.{i}");
+        let mut y = x.shallow_clone();
+        if vars.contains_key(&format!("{b}._expand_conv.weight")) {
+            y = conv_bn(
+                &y,
+                format!("{b}._expand_conv"),
+                format!("{b}._bn0"),
+                1,
+                true,
+            );
+        }
+        let stride = if stride2.contains(&i) { 2 } else { 1 };
+        y = conv_bn(
+            &y,
+            format!("{b}._depthwise_conv"),
+            format!("{b}._bn1"),
+            stride,
+            true,
+        );
+        y = conv_bn(
+            &y,
+            format!("{b}._project_conv"),
+            format!("{b}._bn2"),
+            1,
+            false,
+        );
+        x = if firsts.contains(&i) { y } else { y + &x };
+    }
+    x = conv_bn(&x, "model._conv_head".into(), "model._bn1".into(), 1, true);
+    let p = var("pooling.p".into());
+    let pooled = x
+        .clamp_min(1e-6)
+        .pow(p)
+        .mean_dim(&[-2i64, -1][..], false, Kind::Float)
+        .pow(&p.reciprocal());
+    let e = bn(&pooled, "neck.0", 1e-5)
+        .linear(var("neck.1.weight".into()), Some(var("neck.1.bias".into())));
+    &e / e
+        .norm_scalaropt_dim(2, [1i64].as_slice(), true)
+        .clamp_min(1e-12)
+}
+
+#[test]
+fn inference_embeddings_equal_the_plain_op_by_op_graph() {
+    let _guard = common::serial();
+    tch::manual_seed(0);
+    let mut model = HappyWhaleModel::new(config(5), Device::Cpu).unwrap();
+    // BatchNorms away from the identity, so that folding them into the convolutions matters.
+    tch::no_grad(|| {
+        for (name, mut t) in model.vs.variables() {
+            let n = t.size();
+            let fresh = if name.ends_with("running_var")
+                || (name.contains("bn") && name.ends_with("weight"))
+            {
+                Tensor::rand(n.as_slice(), (Kind::Float, Device::Cpu)) + 0.5
+            } else if name.ends_with("running_mean")
+                || name.contains("bn") && name.ends_with("bias")
+            {
+                Tensor::randn(n.as_slice(), (Kind::Float, Device::Cpu)) * 0.1
+            } else {
+                continue;
+            };
+            t.copy_(&fresh);
+        }
+    });
+    for size in [64, 67] {
+        model.config.img_size = finprint::transforms::ImgSize::square(size);
+        let chw: Vec<f32> = Tensor::randn(
+            [4 * 3 * size as i64 * size as i64],
+            (Kind::Float, Device::Cpu),
+        )
+        .try_into()
+        .unwrap();
+        let xs = input_tensor(&model, &chw, 4);
+        let got = model.extract(&xs);
+        let want = tch::no_grad(|| plain_lite0_embedding(&model, &xs.contiguous()));
+        let diff = (&got - &want).abs().max().double_value(&[]);
+        eprintln!("{size} px: max |diff| {diff:.2e}");
+        assert!(diff <= 1e-4, "{size} px: max |diff| {diff:.2e}");
+    }
 }
