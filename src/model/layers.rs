@@ -122,8 +122,20 @@ impl Conv2d {
 }
 
 impl Conv2d {
-    /// This convolution's geometry with other weights and bias.
+    /// This convolution's geometry with other weights and bias; TF "SAME" padding on a padded
+    /// copy of the input (what training differentiates through: contiguous outputs).
     fn conv_with(&self, xs: &Tensor, ws: &Tensor, bs: Option<&Tensor>) -> Tensor {
+        match self.pad {
+            Pad::Fixed(pad) => self.conv_padded(xs, ws, bs, [pad, pad]),
+            Pad::Same => {
+                let xs = pad_same(xs, self.kernel, self.stride, self.dilation);
+                self.conv_padded(&xs, ws, bs, [0, 0])
+            }
+        }
+    }
+
+    /// [`Self::conv_with`] for inference, the same outputs without the padded copy.
+    fn conv_eval(&self, xs: &Tensor, ws: &Tensor, bs: Option<&Tensor>) -> Tensor {
         if let Pad::Fixed(pad) = self.pad {
             return self.conv_padded(xs, ws, bs, [pad, pad]);
         }
@@ -243,7 +255,7 @@ impl BnAct {
             Some(b) => shift + b * &scale,
             None => shift,
         };
-        let ys = conv.conv_with(xs, &ws, Some(&bias));
+        let ys = conv.conv_eval(xs, &ws, Some(&bias));
         match self.act {
             Some(act) => act.apply_(ys),
             None => ys,
@@ -705,7 +717,7 @@ mod tests {
                     [1, 1],
                     groups,
                 );
-                let got = conv.forward(&xs);
+                let got = conv.conv_eval(&xs, &conv.ws, conv.bs.as_ref());
                 assert_eq!(got.size(), want.size(), "k{kernel} s{stride} {h}×{w}");
                 let diff = (got - want).abs().max().double_value(&[]);
                 assert!(diff < 1e-5, "k{kernel} s{stride} {h}×{w}: {diff}");
