@@ -85,9 +85,9 @@ case $SET in
     ENCOUNTER=4 split
     EXCLUDE=(--exclude-same encounter)
     read -r -a SIZE <<< "${EVAL_FLAGS:---img-size 128x384 --fit pad}"
-    # Scars on the back are small and faint: match at about the photos' own 460 px, with a
-    # low contrast threshold (OpenCV's 0.04 finds 90 keypoints on a back, 0.01 about 770).
-    read -r -a LOCAL <<< "${LOCAL_FLAGS---local-size 512 --local-contrast 0.01}"
+    # Scars on the back are small and faint: match at about the photos' own 460 px (the
+    # default contrast threshold, 0.01, finds about 770 keypoints on a back; OpenCV's 0.04, 90).
+    read -r -a LOCAL <<< "${LOCAL_FLAGS---local-size 512}"
     ;;
   rightwhale)
     # labels.csv: image,individual_id,species
