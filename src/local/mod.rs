@@ -309,7 +309,7 @@ impl Features {
 pub struct MatchScore {
     /// The LNBNN votes the photo received.
     pub votes: f32,
-    /// The votes of the correspondences consistent with the best affine map.
+    /// The votes of the correspondences consistent with the best map.
     pub verified: f32,
     /// How many correspondences that map kept.
     pub inliers: usize,
@@ -458,7 +458,7 @@ impl Matcher {
                 .iter()
                 .map(|g| {
                     let pairs = glue.correspondences(query, g);
-                    let fit = ransac::affine(&pairs, &self.ransac, self.size as f32);
+                    let fit = ransac::fit(&pairs, &self.ransac, self.size as f32);
                     MatchScore {
                         votes: pairs.iter().map(|p| p.weight).sum(),
                         verified: fit.weight,
@@ -493,7 +493,7 @@ impl Matcher {
                         weight: m.weight,
                     })
                     .collect();
-                let fit = ransac::affine(&pairs, &self.ransac, self.size as f32);
+                let fit = ransac::fit(&pairs, &self.ransac, self.size as f32);
                 MatchScore {
                     votes: v.total,
                     verified: fit.weight,
