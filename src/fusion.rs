@@ -232,6 +232,7 @@ pub fn calibrate(
         lnbnn_k: local.matcher.k,
         score: local.matcher.score,
         identity_score: identity,
+        geometry: local.matcher.ransac.geometry,
         fusion,
         threshold: report.best_threshold,
         photos: ids.len(),

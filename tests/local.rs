@@ -258,6 +258,12 @@ fn predict_with_local_features_calibrates_on_the_catalogue_and_reuses_what_it_sa
             "noisy-or",
             "fitted for --identity-score best, not noisy-or",
         ),
+        (
+            "sixth.csv",
+            "--local-geometry",
+            "homography",
+            "fitted for --local-geometry affine, not homography",
+        ),
     ] {
         let (ok, _, stderr, _) = predict(out, &["--calibration", saved, flag, value]);
         assert!(

@@ -1112,6 +1112,7 @@ async fn identify_with_local_features_ranks_the_spotted_animal_first() {
         lnbnn_k: 4,
         score: Default::default(),
         identity_score: Default::default(),
+        geometry: Default::default(),
         fusion: Fusion {
             embedding: Logistic { a: 0.0, b: 0.0 },
             local: Logistic { a: 3.0, b: -6.0 },

@@ -3,6 +3,7 @@
 //! that are not evaluated; the fused score is the mean of the probabilities, so a score that
 //! carries no signal is fitted flat and leaves the other's ranking as it was.
 
+use super::ransac::Geometry;
 use super::store::Extraction;
 use super::{IdentityScore, LocalArgs, Score};
 use anyhow::{ensure, Context, Result};
@@ -121,6 +122,9 @@ pub struct Calibration {
     /// How identities were scored from their photos (older calibrations: their best photo).
     #[serde(default)]
     pub identity_score: IdentityScore,
+    /// The map matches were verified with (older calibrations: affine).
+    #[serde(default)]
+    pub geometry: Geometry,
     pub fusion: Fusion,
     pub threshold: f32,
     /// The calibration photos, and their queries' MAP@5 with `threshold`.
@@ -142,7 +146,8 @@ impl Calibration {
     }
 
     /// Refuses a calibration fitted for another model or other local settings (extraction,
-    /// shortlist, LNBNN's k and the scoring, which all change the scores' scale).
+    /// shortlist, LNBNN's k, the scoring and the geometry verified, which all change the
+    /// scores' scale).
     pub fn check(&self, path: &Path, model: &str, args: &LocalArgs) -> Result<()> {
         let extraction = &args.extraction();
         let (shortlist, lnbnn_k, score) = (args.shortlist, args.lnbnn_k, args.local_score);
@@ -178,6 +183,13 @@ impl Calibration {
             path.display(),
             self.identity_score,
             args.identity_score
+        );
+        ensure!(
+            self.geometry == args.local_geometry,
+            "{} was fitted for --local-geometry {}, not {}",
+            path.display(),
+            self.geometry,
+            args.local_geometry
         );
         Ok(())
     }

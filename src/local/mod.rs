@@ -1,8 +1,9 @@
 //! Local features: keypoints with descriptors of the marks around them (notches, scars,
 //! stripes), matched between photos and verified by geometry, HotSpotter's way. A global
 //! embedding proposes a shortlist; [`Matcher::rescore`] scores each shortlisted photo by the
-//! LNBNN votes of the query's descriptors that agree with one affine map, or by the pairwise
-//! matches (mutual ratio-test or LighterGlue's) that do ([`Score`]).
+//! LNBNN votes of the query's descriptors that agree with one map (affine, or a homography:
+//! [`ransac::Geometry`]), or by the pairwise matches (mutual ratio-test or LighterGlue's) that
+//! do ([`Score`]).
 
 pub mod calibration;
 mod gray;
@@ -89,14 +90,14 @@ impl fmt::Display for Region {
 #[serde(rename_all = "lowercase")]
 pub enum Score {
     /// One-vs-many: the query's descriptors vote among the pooled descriptors of the whole
-    /// shortlist (LNBNN), each photo's votes verified by affine RANSAC.
+    /// shortlist (LNBNN), each photo's votes verified by RANSAC.
     #[default]
     Lnbnn,
     /// The query against each photo alone: mutual nearest neighbours passing Lowe's ratio test
-    /// that agree with one affine map, counted (what the web page draws).
+    /// that agree with one map, counted (what the web page draws).
     Pairwise,
     /// The query against each photo alone: LighterGlue's confident matches of XFeat's
-    /// features that agree with one affine map, their confidences summed (what the web page
+    /// features that agree with one map, their confidences summed (what the web page
     /// draws). Needs `--local xfeat`.
     Lighterglue,
 }
@@ -156,8 +157,8 @@ impl fmt::Display for Score {
 pub struct LocalArgs {
     /// Re-rank the embedding's shortlist by local features: none, rootsift (upright SIFT
     /// keypoints with RootSIFT descriptors) or xfeat (XFeat's learned keypoints and 64-d
-    /// descriptors; needs weights/xfeat.safetensors), scored by LNBNN votes verified by affine
-    /// RANSAC.
+    /// descriptors; needs weights/xfeat.safetensors), scored by LNBNN votes verified by RANSAC
+    /// (--local-geometry).
     #[arg(long, default_value = "none", value_parser = ["none", "rootsift", "xfeat"])]
     pub local: String,
     /// The longer side, in pixels, photos (or crops) are matched at: the scale of the marks.
@@ -183,10 +184,10 @@ pub struct LocalArgs {
     #[arg(long, default_value_t = 4)]
     pub lnbnn_k: usize,
     /// How each shortlisted photo is scored: lnbnn (one-vs-many votes over the pooled
-    /// descriptors of the shortlist, verified by affine RANSAC), pairwise (the query against
+    /// descriptors of the shortlist, verified by RANSAC), pairwise (the query against
     /// each photo alone: verified mutual ratio-test matches, counted) or lighterglue (with
     /// --local xfeat: the query against each photo alone, matched by the LighterGlue network,
-    /// needs weights/lighterglue.safetensors; the confidences of the matches verified by affine
+    /// needs weights/lighterglue.safetensors; the confidences of the matches verified by
     /// RANSAC, summed).
     #[arg(long, value_enum, default_value_t = Score::Lnbnn)]
     pub local_score: Score,
@@ -194,6 +195,11 @@ pub struct LocalArgs {
     /// calibration: 1 − Π(1 − p) over its photos' fused probabilities).
     #[arg(long, value_enum, default_value_t = IdentityScore::Best)]
     pub identity_score: IdentityScore,
+    /// The map RANSAC verifies matches with: affine (the default; a pattern seen roughly face
+    /// on) or homography (also perspective: a flat pattern, such as a flank or a fluke, seen
+    /// at an angle).
+    #[arg(long, value_enum, default_value_t = ransac::Geometry::Affine)]
+    pub local_geometry: ransac::Geometry,
 }
 
 impl Default for LocalArgs {
@@ -245,7 +251,7 @@ impl LocalArgs {
             method,
             k: self.lnbnn_k.max(1),
             score: self.local_score,
-            ransac: ransac::RansacConfig::default(),
+            ransac: ransac::RansacConfig::of(self.local_geometry),
             glue,
         })
     }
@@ -309,7 +315,7 @@ impl Features {
 pub struct MatchScore {
     /// The LNBNN votes the photo received.
     pub votes: f32,
-    /// The votes of the correspondences consistent with the best affine map.
+    /// The votes of the correspondences consistent with the best map.
     pub verified: f32,
     /// How many correspondences that map kept.
     pub inliers: usize,
@@ -444,7 +450,7 @@ impl Matcher {
     }
 
     /// Score each of `gallery` (a query's shortlist) against `query` as [`Self::score`] says:
-    /// LNBNN over their pooled descriptors, each photo's correspondences then verified by affine
+    /// LNBNN over their pooled descriptors, each photo's correspondences then verified by
     /// RANSAC; or each photo's verified pairwise matches.
     ///
     /// LighterGlue's matches are verified by RANSAC weighted by their confidence, and a photo
@@ -458,7 +464,7 @@ impl Matcher {
                 .iter()
                 .map(|g| {
                     let pairs = glue.correspondences(query, g);
-                    let fit = ransac::affine(&pairs, &self.ransac, self.size as f32);
+                    let fit = ransac::fit(&pairs, &self.ransac, self.size as f32);
                     MatchScore {
                         votes: pairs.iter().map(|p| p.weight).sum(),
                         verified: fit.weight,
@@ -493,7 +499,7 @@ impl Matcher {
                         weight: m.weight,
                     })
                     .collect();
-                let fit = ransac::affine(&pairs, &self.ransac, self.size as f32);
+                let fit = ransac::fit(&pairs, &self.ransac, self.size as f32);
                 MatchScore {
                     votes: v.total,
                     verified: fit.weight,
@@ -505,7 +511,7 @@ impl Matcher {
 
     /// The matches a person can check between a query and one candidate: mutual nearest
     /// neighbours that pass the ratio test (LighterGlue's matches when it scores) and agree
-    /// with one affine map, as pairs of points in fractions of each photo's width and height.
+    /// with one map, as pairs of points in fractions of each photo's width and height.
     pub fn pairwise(&self, query: &Features, candidate: &Features) -> Vec<pairwise::Line> {
         let side = self.size as f32;
         match self.glue() {

@@ -1,6 +1,7 @@
 //! Pairwise matching of two photos: mutual nearest neighbours that pass Lowe's ratio test,
-//! kept where they agree with one affine map. This is what the person who confirms a match is
-//! shown, lines between the same marks in both photos, and a score of its own.
+//! kept where they agree with one map (affine, or a homography). This is what the person who
+//! confirms a match is shown, lines between the same marks in both photos, and a score of its
+//! own.
 
 use super::lnbnn::similarities;
 use super::ransac::{self, Correspondence, RansacConfig};
@@ -53,8 +54,8 @@ pub fn mutual_ratio_matches(a: &Features, b: &Features) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// The mutual ratio matches of `query` and `candidate` that agree with the affine map most of
-/// them agree with (none when fewer than three do).
+/// The mutual ratio matches of `query` and `candidate` that agree with the map (of
+/// `cfg.geometry`) most of them agree with (none when fewer than three do).
 pub fn verified(
     query: &Features,
     candidate: &Features,
@@ -73,8 +74,8 @@ pub fn verified(
     lines(query, candidate, &pairs, cfg, side)
 }
 
-/// The correspondences `pairs` (query's points to candidate's) that agree with the affine map
-/// of most weight, as lines (none when fewer than three agree).
+/// The correspondences `pairs` (query's points to candidate's) that agree with the map (of
+/// `cfg.geometry`) of most weight, as lines (none when fewer than three agree).
 pub fn lines(
     query: &Features,
     candidate: &Features,
@@ -82,7 +83,7 @@ pub fn lines(
     cfg: &RansacConfig,
     side: f32,
 ) -> Vec<Line> {
-    let fit = ransac::affine(pairs, cfg, side);
+    let fit = ransac::fit(pairs, cfg, side);
     if fit.inliers < 3 {
         return Vec::new();
     }

@@ -440,7 +440,7 @@ mod tests {
                 weight: 1.0,
             })
             .collect();
-        let fit = ransac::affine(&pairs, &Default::default(), 200.0);
+        let fit = ransac::fit(&pairs, &Default::default(), 200.0);
         assert!(fit.inliers >= 20, "{fit:?} of {} pairs", pairs.len());
         let want = [scale, 0.0, tx, 0.0, scale, ty];
         for (i, (g, w)) in fit.map.iter().zip(want).enumerate() {
