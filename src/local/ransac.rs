@@ -339,24 +339,7 @@ mod tests {
     #[test]
     fn finds_the_map_behind_noisy_matches_among_outliers() {
         let map = [0.8, 0.1, 20.0, -0.1, 0.8, 10.0];
-        let mut rng = ChaCha8Rng::seed_from_u64(3);
-        let mut pairs = Vec::new();
-        for i in 0..60 {
-            let from = [rng.gen_range(0.0..256.0), rng.gen_range(0.0..256.0)];
-            let to = match i % 3 {
-                // A third are true matches, within a pixel.
-                0 => {
-                    let [x, y] = apply(map, from);
-                    [x + rng.gen_range(-1.0..1.0), y + rng.gen_range(-1.0..1.0)]
-                }
-                _ => [rng.gen_range(0.0..256.0), rng.gen_range(0.0..256.0)],
-            };
-            pairs.push(Correspondence {
-                from,
-                to,
-                weight: 0.5,
-            });
-        }
+        let pairs = noisy(|f| apply(map, f), 3);
         let fit = super::fit(&pairs, &RansacConfig::default(), 256.0);
         assert!((20..=24).contains(&fit.inliers), "{fit:?}");
         assert!((fit.weight - 0.5 * fit.inliers as f32).abs() < 1e-4);
