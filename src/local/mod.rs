@@ -23,29 +23,61 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
-/// Where keypoints are kept, as fractions of the photo (or its crop): `x0,y0,x1,y1`. A band
-/// on the animal keeps the ground, the water and the frame edges, shared by different animals
-/// photographed at one place, from voting.
+/// Where keypoints are kept, as fractions of the photo (or its crop): the box `x0,y0,x1,y1`,
+/// or with `ellipse:` the ellipse inscribed in it. A band on the animal keeps the ground, the
+/// water and the frame edges, shared by different animals photographed at one place, from
+/// voting; an ellipse fits an animal that fills its crop and tapers to its ends, such as a
+/// whale's back seen from above, and leaves out the water in the crop's corners.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Region(pub [f32; 4]);
+pub struct Region {
+    pub bounds: [f32; 4],
+    pub shape: Shape,
+}
+
+/// The shape of a [`Region`] within its bounds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Shape {
+    #[default]
+    Box,
+    Ellipse,
+}
 
 impl Default for Region {
     fn default() -> Self {
-        Region([0.0, 0.0, 1.0, 1.0])
+        Region {
+            bounds: [0.0, 0.0, 1.0, 1.0],
+            shape: Shape::Box,
+        }
     }
 }
 
 impl Region {
     fn contains(&self, x: f32, y: f32) -> bool {
-        let [x0, y0, x1, y1] = self.0;
-        x >= x0 && x <= x1 && y >= y0 && y <= y1
+        let [x0, y0, x1, y1] = self.bounds;
+        match self.shape {
+            Shape::Box => x >= x0 && x <= x1 && y >= y0 && y <= y1,
+            Shape::Ellipse => {
+                let dx = (2.0 * x - x0 - x1) / (x1 - x0);
+                let dy = (2.0 * y - y0 - y1) / (y1 - y0);
+                dx * dx + dy * dy <= 1.0
+            }
+        }
     }
 }
 
 impl FromStr for Region {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        let v: Vec<f32> = s
+        let (shape, bounds) = match s.trim().strip_prefix("ellipse") {
+            Some("") => (Shape::Ellipse, "0,0,1,1"),
+            Some(rest) => match rest.strip_prefix(':') {
+                Some(bounds) => (Shape::Ellipse, bounds),
+                None => bail!("region {s:?}: expected x0,y0,x1,y1, ellipse or ellipse:x0,y0,x1,y1"),
+            },
+            None => (Shape::Box, s),
+        };
+        let v: Vec<f32> = bounds
             .split(',')
             .map(|p| p.trim().parse::<f32>())
             .collect::<Result<_, _>>()
@@ -59,7 +91,10 @@ impl FromStr for Region {
                     && y0 < y1
                     && y1 <= 1.0 =>
             {
-                Ok(Region([x0, y0, x1, y1]))
+                Ok(Region {
+                    bounds: [x0, y0, x1, y1],
+                    shape,
+                })
             }
             _ => {
                 bail!("region {s:?}: expected x0,y0,x1,y1 with 0 ≤ x0 < x1 ≤ 1 and 0 ≤ y0 < y1 ≤ 1")
@@ -70,7 +105,10 @@ impl FromStr for Region {
 
 impl fmt::Display for Region {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let [x0, y0, x1, y1] = self.0;
+        let [x0, y0, x1, y1] = self.bounds;
+        if self.shape == Shape::Ellipse {
+            f.write_str("ellipse:")?;
+        }
         write!(f, "{x0},{y0},{x1},{y1}")
     }
 }
@@ -172,7 +210,8 @@ pub struct LocalArgs {
     /// sets (cross-validated). XFeat keeps its detection threshold, 0.05.
     #[arg(long, default_value_t = 0.01)]
     pub local_contrast: f32,
-    /// Keypoints are kept only inside this band of the photo: x0,y0,x1,y1 as fractions.
+    /// Keypoints are kept only inside this part of the photo: the box x0,y0,x1,y1 (fractions),
+    /// or `ellipse:x0,y0,x1,y1` (`ellipse` alone: the whole photo's) the ellipse inscribed in it.
     #[arg(long, default_value_t = Region::default())]
     pub local_region: Region,
     /// How many of the embedding's nearest photos local matching re-scores (100 found more
@@ -200,6 +239,22 @@ pub struct LocalArgs {
     /// at an angle).
     #[arg(long, value_enum, default_value_t = ransac::Geometry::Affine)]
     pub local_geometry: ransac::Geometry,
+    /// The largest rotation, in degrees, of a map that verifies matches (180: any). Upright
+    /// keypoints match only between photos of about the same orientation, so a map turning
+    /// further fits chance matches.
+    #[arg(long, default_value_t = 180.0, value_parser = rotation_bound)]
+    pub local_max_rotation: f32,
+}
+
+fn rotation_bound(s: &str) -> Result<f32> {
+    let deg: f32 = s
+        .parse()
+        .with_context(|| format!("--local-max-rotation {s:?}: expected degrees"))?;
+    ensure!(
+        (0.0..=180.0).contains(&deg),
+        "--local-max-rotation {s}: expected degrees from 0 to 180"
+    );
+    Ok(deg)
 }
 
 impl Default for LocalArgs {
@@ -251,7 +306,10 @@ impl LocalArgs {
             method,
             k: self.lnbnn_k.max(1),
             score: self.local_score,
-            ransac: ransac::RansacConfig::of(self.local_geometry),
+            ransac: ransac::RansacConfig {
+                max_rotation: self.local_max_rotation,
+                ..ransac::RansacConfig::of(self.local_geometry)
+            },
             glue,
         })
     }
@@ -284,7 +342,8 @@ fn extraction(
             true => xfeat::DETECTION_THRESHOLD as f32,
             false => contrast,
         },
-        region: region.0,
+        region: region.bounds,
+        shape: region.shape,
     }
 }
 
@@ -530,5 +589,66 @@ impl Matcher {
                 .as_ref()
                 .expect("a matcher scoring with LighterGlue has it loaded (LocalArgs::matcher)")
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_parse_as_boxes_or_ellipses_and_print_back() {
+        let band: Region = "0.1,0.2,0.9,0.8".parse().unwrap();
+        assert_eq!(band.bounds, [0.1, 0.2, 0.9, 0.8]);
+        assert_eq!(band.shape, Shape::Box);
+        let whole: Region = "ellipse".parse().unwrap();
+        assert_eq!(whole.bounds, [0.0, 0.0, 1.0, 1.0]);
+        assert_eq!(whole.shape, Shape::Ellipse);
+        let inner: Region = "ellipse:0.05,0,0.95,1".parse().unwrap();
+        assert_eq!(inner.to_string(), "ellipse:0.05,0,0.95,1");
+        assert_eq!(inner.to_string().parse::<Region>().unwrap(), inner);
+        assert_eq!(Region::default().to_string(), "0,0,1,1");
+        for bad in [
+            "ellipses",
+            "ellipse:0,0,1",
+            "0.5,0,0.4,1",
+            "circle:0,0,1,1",
+            "0,0,1,2",
+        ] {
+            assert!(bad.parse::<Region>().is_err(), "{bad} parsed");
+        }
+    }
+
+    #[test]
+    fn an_ellipse_keeps_its_inside_and_leaves_the_corners_of_its_box() {
+        let box_: Region = "0.2,0,0.8,1".parse().unwrap();
+        let ellipse: Region = "ellipse:0.2,0,0.8,1".parse().unwrap();
+        // Centre (0.5, 0.5), semi-axes 0.3 and 0.5.
+        for (x, y) in [
+            (0.5, 0.5),
+            (0.21, 0.5),
+            (0.5, 0.01),
+            (0.5 + 0.3 * 0.7, 0.5 + 0.5 * 0.7),
+        ] {
+            assert!(ellipse.contains(x, y) && box_.contains(x, y), "({x}, {y})");
+        }
+        // In the box's corners, and just past the ellipse's diagonal (0.72² · 2 > 1).
+        for (x, y) in [
+            (0.21, 0.02),
+            (0.79, 0.98),
+            (0.5 + 0.3 * 0.72, 0.5 + 0.5 * 0.72),
+        ] {
+            assert!(box_.contains(x, y) && !ellipse.contains(x, y), "({x}, {y})");
+        }
+        assert!(!ellipse.contains(0.1, 0.5) && !box_.contains(0.1, 0.5));
+    }
+
+    #[test]
+    fn features_extracted_before_regions_had_shapes_read_as_boxes() {
+        let old = r#"{"method":"rootsift","size":256,"keypoints":1000,"contrast":0.04,"region":[0.0,0.0,1.0,1.0]}"#;
+        let read: store::Extraction = serde_json::from_str(old).unwrap();
+        assert_eq!(read.shape, Shape::Box);
+        let ellipse = extraction(false, 256, 1000, 0.04, "ellipse".parse().unwrap());
+        assert_ne!(read, ellipse);
     }
 }

@@ -18,6 +18,9 @@ pub struct Extraction {
     pub keypoints: usize,
     pub contrast: f32,
     pub region: [f32; 4],
+    /// Features stored before regions had shapes were all extracted in a box.
+    #[serde(default)]
+    pub shape: crate::local::Shape,
 }
 
 const HEADER: usize = 16;
@@ -285,6 +288,7 @@ mod tests {
             keypoints: 1000,
             contrast: 0.04,
             region: [0.0, 0.0, 1.0, 1.0],
+            shape: crate::local::Shape::Box,
         }
     }
 
