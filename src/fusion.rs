@@ -233,6 +233,7 @@ pub fn calibrate(
         score: local.matcher.score,
         identity_score: identity,
         geometry: local.matcher.ransac.geometry,
+        max_rotation: local.matcher.ransac.max_rotation,
         fusion,
         threshold: report.best_threshold,
         photos: ids.len(),

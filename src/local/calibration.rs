@@ -125,11 +125,18 @@ pub struct Calibration {
     /// The map matches were verified with (older calibrations: affine).
     #[serde(default)]
     pub geometry: Geometry,
+    /// The largest rotation of a verifying map, in degrees (older calibrations: any, 180).
+    #[serde(default = "any_rotation")]
+    pub max_rotation: f32,
     pub fusion: Fusion,
     pub threshold: f32,
     /// The calibration photos, and their queries' MAP@5 with `threshold`.
     pub photos: usize,
     pub map5: f64,
+}
+
+fn any_rotation() -> f32 {
+    180.0
 }
 
 impl Calibration {
@@ -190,6 +197,13 @@ impl Calibration {
             path.display(),
             self.geometry,
             args.local_geometry
+        );
+        ensure!(
+            self.max_rotation == args.local_max_rotation,
+            "{} was fitted for --local-max-rotation {}, not {}",
+            path.display(),
+            self.max_rotation,
+            args.local_max_rotation
         );
         Ok(())
     }

@@ -54,6 +54,8 @@ pub struct RansacConfig {
     pub max_scale: f32,
     pub seed: u64,
     pub geometry: Geometry,
+    /// Largest rotation a map may make at the sampled points, in degrees (180: any).
+    pub max_rotation: f32,
 }
 
 impl RansacConfig {
@@ -69,6 +71,7 @@ impl RansacConfig {
             max_scale: 4.0,
             seed: 0,
             geometry,
+            max_rotation: 180.0,
         }
     }
 }
@@ -129,6 +132,13 @@ fn search<const K: usize>(
         {
             continue;
         }
+        if cfg.max_rotation < 180.0
+            && !sample
+                .iter()
+                .all(|p| rotation(&map, p.from).abs() <= cfg.max_rotation)
+        {
+            continue;
+        }
         let (mut inliers, mut weight) = (0, 0.0);
         for p in pairs {
             if agrees(&map, p, cfg, side) {
@@ -178,6 +188,20 @@ fn jacobian(m: &[f32; 9], [x, y]: [f32; 2]) -> f32 {
         + m[2] * (m[3] * m[7] - m[4] * m[6]);
     let w = m[6] * f64::from(x) + m[7] * f64::from(y) + m[8];
     (det / (w * w * w)) as f32
+}
+
+/// The rotation of the map's derivative at `[x, y]`, in degrees: the angle of the rotation
+/// nearest to it (its polar factor's), `atan2(c − b, a + d)` for a derivative `[a b; c d]`.
+fn rotation(m: &[f32; 9], [x, y]: [f32; 2]) -> f32 {
+    let w = m[6] * x + m[7] * y + m[8];
+    let (u, v) = (
+        (m[0] * x + m[1] * y + m[2]) / w,
+        (m[3] * x + m[4] * y + m[5]) / w,
+    );
+    // The derivative up to the factor 1/w, which leaves the angle alone (w > 0 in front).
+    let (a, b) = (m[0] - u * m[6], m[1] - u * m[7]);
+    let (c, d) = (m[3] - v * m[6], m[4] - v * m[7]);
+    (c - b).atan2(a + d).to_degrees()
 }
 
 /// The affine map through three correspondences; `None` when they are (nearly) collinear.
@@ -451,5 +475,72 @@ mod tests {
         let centre = [128.0, 128.0];
         let (got, want) = (project_by(fit.map, centre), apply(map, centre));
         assert!((got[0] - want[0]).hypot(got[1] - want[1]) < 3.0, "{fit:?}");
+    }
+
+    /// A rotation by `deg` degrees about (128, 128), scaled by 0.9.
+    fn turned(deg: f32) -> impl Fn([f32; 2]) -> [f32; 2] {
+        let (sin, cos) = deg.to_radians().sin_cos();
+        move |[x, y]| {
+            let (dx, dy) = (x - 128.0, y - 128.0);
+            [
+                128.0 + 0.9 * (cos * dx - sin * dy),
+                128.0 + 0.9 * (sin * dx + cos * dy),
+            ]
+        }
+    }
+
+    #[test]
+    fn the_rotation_of_a_map_is_read_at_a_point_for_both_models() {
+        let (sin, cos) = 25f32.to_radians().sin_cos();
+        let affine = [
+            2.0 * cos,
+            -2.0 * sin,
+            5.0,
+            2.0 * sin,
+            2.0 * cos,
+            -3.0,
+            0.0,
+            0.0,
+            1.0,
+        ];
+        assert!((rotation(&affine, [40.0, 90.0]) - 25.0).abs() < 1e-3);
+        // A perspective map turns by different angles at different points: each the angle of
+        // its derivative there, taken here by finite differences.
+        let numeric = |[x, y]: [f32; 2]| {
+            // Central differences: exact to second order, and steps large beside f32's
+            // rounding at a few hundred pixels.
+            let e = 0.25;
+            let [u0, v0] = project_by(PERSPECTIVE, [x - e, y]);
+            let [u1, v1] = project_by(PERSPECTIVE, [x + e, y]);
+            let [u2, v2] = project_by(PERSPECTIVE, [x, y - e]);
+            let [u3, v3] = project_by(PERSPECTIVE, [x, y + e]);
+            let (a, c) = ((u1 - u0) / (2.0 * e), (v1 - v0) / (2.0 * e));
+            let (b, d) = ((u3 - u2) / (2.0 * e), (v3 - v2) / (2.0 * e));
+            (c - b).atan2(a + d).to_degrees()
+        };
+        let angles = [[1.0, 1.0], [250.0, 10.0], [20.0, 240.0]].map(|p| {
+            let (got, want) = (rotation(&PERSPECTIVE, p), numeric(p));
+            assert!((got - want).abs() < 0.05, "{p:?}: {got} for {want}");
+            got
+        });
+        assert!((angles[1] - angles[2]).abs() > 1.0, "{angles:?}");
+    }
+
+    #[test]
+    fn a_rotation_bound_refuses_maps_that_turn_further() {
+        for geometry in [Geometry::Affine, HOMOGRAPHY] {
+            let bounded = RansacConfig {
+                max_rotation: 30.0,
+                ..RansacConfig::of(geometry)
+            };
+            let slight = noisy(turned(10.0), 7);
+            let fit = super::fit(&slight, &bounded, 256.0);
+            assert!((20..=24).contains(&fit.inliers), "{geometry}: {fit:?}");
+            let steep = noisy(turned(60.0), 7);
+            let free = super::fit(&steep, &RansacConfig::of(geometry), 256.0);
+            assert!((20..=24).contains(&free.inliers), "{geometry}: {free:?}");
+            let fit = super::fit(&steep, &bounded, 256.0);
+            assert!(fit.inliers < 8, "{geometry}: {fit:?}");
+        }
     }
 }
