@@ -125,18 +125,13 @@ fn search<const K: usize>(
         let Some(map) = solve(&sample) else {
             continue;
         };
-        // The area scale at each sampled point: positive (no mirror) and bounded.
-        if !sample
-            .iter()
-            .all(|p| (lo..=hi).contains(&jacobian(&map, p.from)))
-        {
-            continue;
-        }
-        if cfg.max_rotation < 180.0
-            && !sample
-                .iter()
-                .all(|p| rotation(&map, p.from).abs() <= cfg.max_rotation)
-        {
+        // The derivative at each sampled point: its area scale positive (no mirror) and
+        // bounded, and its rotation bounded.
+        let bounded = |p: &Correspondence| {
+            (lo..=hi).contains(&jacobian(&map, p.from))
+                && (cfg.max_rotation >= 180.0 || rotation(&map, p.from).abs() <= cfg.max_rotation)
+        };
+        if !sample.iter().all(bounded) {
             continue;
         }
         let (mut inliers, mut weight) = (0, 0.0);
