@@ -4,7 +4,8 @@
 //! points dropped, and a 4×4×8 histogram of gradients around each point. Upright by default,
 //! as HotSpotter matches animals: the orientation is taken as 0 rather than from the gradients.
 
-use super::Gray;
+use super::gray::{Gray, Pool};
+use std::cell::RefCell;
 
 /// SIFT's settings; the defaults are OpenCV's.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -69,40 +70,50 @@ const DESC_BINS: usize = 8;
 /// The length of a SIFT descriptor.
 pub const DESC_LEN: usize = DESC_WIDTH * DESC_WIDTH * DESC_BINS;
 
+thread_local! {
+    /// Each thread's scale-space buffers, kept from photo to photo.
+    static POOL: RefCell<Pool> = RefCell::default();
+}
+
 /// Detect upright keypoints and compute their RootSIFT descriptors (unit L2 norm), strongest
-/// first: `(keypoints, descriptors)` with descriptors row-major `[n, DESC_LEN]`.
+/// first: `(keypoints, descriptors)` with descriptors row-major `[n, DESC_LEN]`. The scale
+/// space lives in buffers the calling thread keeps for its next photo (about 14 images of twice
+/// the input's size).
 pub fn detect_and_describe(image: &Gray, cfg: &SiftConfig) -> (Vec<Keypoint>, Vec<f32>) {
     if image.width < 2 * BORDER + 3 || image.height < 2 * BORDER + 3 {
         return (Vec::new(), Vec::new());
     }
-    let pyramid = gaussian_pyramid(image, cfg);
-    let dogs: Vec<Vec<Gray>> = pyramid
-        .iter()
-        .map(|octave| octave.windows(2).map(|w| w[1].minus(&w[0])).collect())
-        .collect();
-    let mut keypoints = find_extrema(&dogs, cfg);
-    keypoints.sort_by(|a, b| b.response.total_cmp(&a.response));
-    keypoints.dedup_by(|a, b| a.x == b.x && a.y == b.y && a.size == b.size);
-    keypoints.truncate(cfg.max_keypoints);
-    let mut descriptors = vec![0f32; keypoints.len() * DESC_LEN];
-    for (kp, out) in keypoints.iter().zip(descriptors.chunks_mut(DESC_LEN)) {
-        describe(&pyramid[kp.octave][kp.layer], kp, out);
-        root_sift(out);
-    }
-    (keypoints, descriptors)
+    POOL.with_borrow_mut(|pool| {
+        let pyramid = gaussian_pyramid(image, cfg, pool);
+        let mut keypoints = find_extrema(&pyramid, cfg, pool);
+        keypoints.sort_by(|a, b| b.response.total_cmp(&a.response));
+        keypoints.dedup_by(|a, b| a.x == b.x && a.y == b.y && a.size == b.size);
+        keypoints.truncate(cfg.max_keypoints);
+        let mut descriptors = vec![0f32; keypoints.len() * DESC_LEN];
+        for (kp, out) in keypoints.iter().zip(descriptors.chunks_mut(DESC_LEN)) {
+            describe(&pyramid[kp.octave][kp.layer], kp, out);
+            root_sift(out);
+        }
+        pyramid.into_iter().flatten().for_each(|g| pool.give(g));
+        (keypoints, descriptors)
+    })
 }
 
-fn gaussian_pyramid(image: &Gray, cfg: &SiftConfig) -> Vec<Vec<Gray>> {
+fn gaussian_pyramid(image: &Gray, cfg: &SiftConfig, pool: &mut Pool) -> Vec<Vec<Gray>> {
     let s = cfg.octave_layers;
-    let (base, initial_blur) = match cfg.upsample {
-        true => (image.upsample2(), 1.0),
-        false => (image.clone(), 0.5),
+    let initial_blur: f32 = if cfg.upsample { 1.0 } else { 0.5 };
+    let sigma = (cfg.sigma.powi(2) - initial_blur * initial_blur)
+        .max(0.01)
+        .sqrt();
+    let base = match cfg.upsample {
+        true => {
+            let doubled = image.upsample2(pool);
+            let base = doubled.blur(sigma, pool);
+            pool.give(doubled);
+            base
+        }
+        false => image.blur(sigma, pool),
     };
-    let base = base.blur(
-        (cfg.sigma.powi(2) - initial_blur * initial_blur)
-            .max(0.01)
-            .sqrt(),
-    );
     let octaves = (((image.width.min(image.height) as f32).log2() - 2.0).round() as isize
         + isize::from(cfg.upsample))
     .max(1) as usize;
@@ -115,17 +126,19 @@ fn gaussian_pyramid(image: &Gray, cfg: &SiftConfig) -> Vec<Vec<Gray>> {
         })
         .collect();
     let mut pyramid: Vec<Vec<Gray>> = Vec::with_capacity(octaves);
+    let mut base = Some(base);
     for o in 0..octaves {
-        let first = match o {
-            0 => base.clone(),
-            _ => pyramid[o - 1][s].halve(),
+        let first = match base.take() {
+            Some(base) => base,
+            None => pyramid[o - 1][s].halve(pool),
         };
         if first.width < 2 * BORDER + 3 || first.height < 2 * BORDER + 3 {
+            pool.give(first);
             break;
         }
         let mut layers = vec![first];
         for &step in &steps {
-            let next = layers.last().expect("non-empty").blur(step);
+            let next = layers.last().expect("non-empty").blur(step, pool);
             layers.push(next);
         }
         pyramid.push(layers);
@@ -133,11 +146,13 @@ fn gaussian_pyramid(image: &Gray, cfg: &SiftConfig) -> Vec<Vec<Gray>> {
     pyramid
 }
 
-fn find_extrema(dogs: &[Vec<Gray>], cfg: &SiftConfig) -> Vec<Keypoint> {
+/// The refined extrema of each octave's differences of Gaussians (built one octave at a time).
+fn find_extrema(pyramid: &[Vec<Gray>], cfg: &SiftConfig, pool: &mut Pool) -> Vec<Keypoint> {
     let s = cfg.octave_layers;
     let threshold = 0.5 * cfg.contrast_threshold / s as f32;
     let mut found = Vec::new();
-    for (o, dog) in dogs.iter().enumerate() {
+    for (o, octave) in pyramid.iter().enumerate() {
+        let dog: Vec<Gray> = octave.windows(2).map(|w| w[1].minus(&w[0], pool)).collect();
         let (w, h) = (dog[0].width, dog[0].height);
         for layer in 1..=s {
             let (below, here, above) = (&dog[layer - 1], &dog[layer], &dog[layer + 1]);
@@ -147,12 +162,13 @@ fn find_extrema(dogs: &[Vec<Gray>], cfg: &SiftConfig) -> Vec<Keypoint> {
                     if v.abs() <= threshold || !is_extremum(v, x, y, [below, here, above]) {
                         continue;
                     }
-                    if let Some(kp) = refine(dog, o, layer, x, y, cfg) {
+                    if let Some(kp) = refine(&dog, o, layer, x, y, cfg) {
                         found.push(kp);
                     }
                 }
             }
         }
+        dog.into_iter().for_each(|g| pool.give(g));
     }
     found
 }
@@ -295,19 +311,30 @@ fn describe(img: &Gray, kp: &Keypoint, out: &mut [f32]) {
     let bins_per_degree = n as f32 / 360.0;
     let stride = (DESC_WIDTH + 2) * (n + 2);
     let mut hist = vec![0f32; (DESC_WIDTH + 2) * stride];
+    // Where a row or column offset falls among the cells: its coordinate in the window, the
+    // cell before it and its share of the next; `None` outside the 4×4 cells or the image.
+    let place = |offset: isize, centre: isize, extent: usize| {
+        let rotated = offset as f32 / hist_width;
+        let bin = rotated + d / 2.0 - 0.5;
+        let pixel = centre + offset;
+        (bin > -1.0 && bin < d && pixel > 0 && pixel < extent as isize - 1).then(|| {
+            let first = bin.floor();
+            (
+                rotated,
+                pixel as usize,
+                (first as isize + 1) as usize,
+                bin - first,
+            )
+        })
+    };
+    let columns: Vec<_> = (-radius..=radius)
+        .filter_map(|j| place(j, px, img.width))
+        .collect();
     for i in -radius..=radius {
-        for j in -radius..=radius {
-            let (c_rot, r_rot) = (j as f32 / hist_width, i as f32 / hist_width);
-            let rbin = r_rot + d / 2.0 - 0.5;
-            let cbin = c_rot + d / 2.0 - 0.5;
-            let (r, c) = (py + i, px + j);
-            if !(rbin > -1.0 && rbin < d && cbin > -1.0 && cbin < d) {
-                continue;
-            }
-            if r <= 0 || r >= img.height as isize - 1 || c <= 0 || c >= img.width as isize - 1 {
-                continue;
-            }
-            let (r, c) = (r as usize, c as usize);
+        let Some((r_rot, r, r0, fr)) = place(i, py, img.height) else {
+            continue;
+        };
+        for &(c_rot, c, c0, fc) in &columns {
             let dx = img.at(c + 1, r) - img.at(c - 1, r);
             let dy = img.at(c, r - 1) - img.at(c, r + 1);
             let weight = ((c_rot * c_rot + r_rot * r_rot) * exp_scale).exp();
@@ -316,11 +343,12 @@ fn describe(img: &Gray, kp: &Keypoint, out: &mut [f32]) {
             if angle < 0.0 {
                 angle += 360.0;
             }
+            // Not negative, so truncation is the floor (and cheaper than `floor`'s libm call).
             let obin = angle * bins_per_degree;
-            let (r0, c0, o0) = (rbin.floor(), cbin.floor(), obin.floor());
-            let (fr, fc, fo) = (rbin - r0, cbin - c0, obin - o0);
-            let o0 = (o0 as isize).rem_euclid(n as isize) as usize;
-            let base = (r0 as isize + 1) as usize * stride + (c0 as isize + 1) as usize * (n + 2);
+            let o0 = obin as usize;
+            let fo = obin - o0 as f32;
+            let o0 = o0 % n;
+            let base = r0 * stride + c0 * (n + 2);
             for (dr, wr) in [(0, 1.0 - fr), (1, fr)] {
                 for (dc, wc) in [(0, 1.0 - fc), (1, fc)] {
                     for (dobin, wo) in [(0, 1.0 - fo), (1, fo)] {
