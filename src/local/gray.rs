@@ -134,9 +134,10 @@ impl Gray {
 }
 
 /// Pixel buffers kept from one image to the next. A scale space allocated afresh for every
-/// photo is fresh pages from the kernel, each faulted in and zeroed on first touch: on this
-/// project's machines that took a third of SIFT's time. Images taken from a pool and given
-/// back reuse the same memory; the pool keeps what it is given until it is dropped.
+/// photo is fresh pages from the kernel, each faulted in and zeroed on first touch: a few
+/// percent of SIFT's time on a quiet machine, and a third of it (perf, 25 photos) while another
+/// process was churning memory. Images taken from a pool and given back reuse the same memory;
+/// the pool keeps what it is given until it is dropped.
 #[derive(Debug, Default)]
 pub struct Pool(Vec<Vec<f32>>);
 
