@@ -1,6 +1,7 @@
-//! Speed of the assembled model (EfficientNet-Lite0 → GeM → BN → Linear 512 → ArcFace) on this
-//! machine, one JSON line for `tools/bench.sh` to set beside PyTorch's and onnxruntime's
-//! figures for the same recipe (`tools/bench_model.py`).
+//! Speed of the assembled model (a backbone of the registry, EfficientNet-Lite0 unless
+//! `--backbone` says otherwise → GeM → BN → Linear 512 → ArcFace) on this machine, one JSON
+//! line for `tools/bench.sh` to set beside PyTorch's and onnxruntime's figures for the same
+//! recipe (`tools/bench_model.py`).
 //!
 //! Without `--images`: inference and training-step images/s on a random batch, each timed per
 //! step (median, min, max over `--steps` after a warm-up). With `--images DIR --list FILE`:
@@ -9,8 +10,8 @@
 //! decoding the next batch while the model works), images/s of `--runs` passes after a
 //! one-batch warm-up.
 //!
-//!   cargo run --release --example bench_model -- [--size 224] [--batch 16] [--threads 2]
-//!       [--steps 5] [--images DIR --list FILE --runs 3]
+//!   cargo run --release --example bench_model -- [--backbone efficientnet_lite0] [--size 224]
+//!       [--batch 16] [--threads 2] [--steps 5] [--images DIR --list FILE --runs 3]
 
 mod common;
 
@@ -28,6 +29,8 @@ use tch::{Device, Kind, Tensor};
 
 #[derive(Parser)]
 struct Args {
+    #[arg(long, default_value = "efficientnet_lite0")]
+    backbone: String,
     #[arg(long, default_value_t = 224)]
     size: usize,
     #[arg(long, default_value_t = 16)]
@@ -53,7 +56,7 @@ fn main() -> anyhow::Result<()> {
     common::fix_threads(args.threads)?;
     let classes = 1000;
     let names = (0..classes).map(|c| c.to_string()).collect();
-    let mut cfg = ModelConfig::for_backbone("efficientnet_lite0", names, vec![1; classes])?;
+    let mut cfg = ModelConfig::for_backbone(&args.backbone, names, vec![1; classes])?;
     cfg.img_size = finprint::transforms::ImgSize::square(args.size as u32);
     let model = HappyWhaleModel::new(cfg, Device::Cpu)?;
     let figures = match (&args.images, &args.list) {
@@ -62,6 +65,7 @@ fn main() -> anyhow::Result<()> {
     };
     let mut line = json!({
         "impl": "finprint (tch)",
+        "backbone": args.backbone,
         "size": args.size,
         "batch": args.batch,
         "threads": args.threads,

@@ -31,7 +31,9 @@ HNSW_1M = {"m": 8, "ef_construction": 20}
 # What each run measures: the full run (34 minutes on 2 cores at a load of 3-5) and the CI smoke run.
 FULL = {
     "threads": os.cpu_count() or 2,
-    "model": {"size": 224, "batch": 16, "steps": 8},
+    # One backbone of each family in the registry, at 224 px (`model` and `e2e` alike).
+    "model": {"size": 224, "batch": 16, "steps": 8,
+              "backbones": ["efficientnet_lite0", "tf_efficientnet_b0_ns", "eca_nfnet_l0"]},
     "e2e": {"runs": 3, "photos": 198},
     "knn": {
         "sizes": [
@@ -59,7 +61,7 @@ FULL = {
 }
 SMOKE = {
     "threads": 2,
-    "model": {"size": 64, "batch": 2, "steps": 2},
+    "model": {"size": 64, "batch": 2, "steps": 2, "backbones": ["efficientnet_lite0"]},
     "e2e": {"runs": 1, "photos": 8},
     "knn": {
         "sizes": [{"n": 2000, "queries": 50, "single": 10, "f16": True, "hnsw_n": 500}],
@@ -286,34 +288,33 @@ class Bench:
         path.write_text("\n".join(names) + "\n")
         return root, path, len(names), "nyala validation photos" if root == NYALA else "synthetic catalogue photos"
 
+    def model_rows(self, what, flags):
+        """finprint's row, then the references' (with --ref-python), for each backbone of `model`."""
+        rows = []
+        for backbone in self.cfg["model"]["backbones"]:
+            args = ["--backbone", backbone, *flags]
+            text, _, rss = self.run(f"{what}-finprint-{backbone}", [EXAMPLES / "bench_model", *args])
+            rows += [{**r, "rss_mb": rss} for r in self.json_lines(text)]
+            if self.ref:
+                text, _, rss = self.run(f"{what}-references-{backbone}",
+                                        [self.ref, "-W", "ignore", ROOT / "tools/bench_model.py", *args])
+                rows += [{**r, "rss_mb": rss} for r in self.json_lines(text)]
+        if not self.ref:
+            self.skip(f"{what}: PyTorch and onnxruntime", "no reference virtualenv (smoke run)")
+        return rows
+
     def model_speed(self):
         c, t = self.cfg["model"], self.cfg["threads"]
         flags = ["--size", c["size"], "--batch", c["batch"], "--threads", t, "--steps", c["steps"]]
-        text, _, rss = self.run("model-finprint", [EXAMPLES / "bench_model", *flags])
-        rows = self.json_lines(text)
-        rows[0]["rss_mb"] = rss
-        if self.ref:
-            text, _, rss = self.run("model-references", [self.ref, "-W", "ignore", ROOT / "tools/bench_model.py", *flags])
-            rows += [{**r, "rss_mb": rss} for r in self.json_lines(text)]
-        else:
-            self.skip("model speed: PyTorch and onnxruntime", "no reference virtualenv (smoke run)")
-        return {"rows": rows, **c, "threads": t}
+        return {"rows": self.model_rows("model", flags), **c, "threads": t}
 
     def e2e(self):
         c, m, t = self.cfg["e2e"], self.cfg["model"], self.cfg["threads"]
         root, names, count, what = self.photo_list()
         flags = ["--size", m["size"], "--batch", m["batch"], "--threads", t, "--images", root, "--list", names,
                  "--runs", c["runs"]]
-        text, _, rss = self.run("e2e-finprint", [EXAMPLES / "bench_model", *flags])
-        rows = self.json_lines(text)
-        rows[0]["rss_mb"] = rss
-        if self.ref:
-            text, _, rss = self.run("e2e-references", [self.ref, "-W", "ignore", ROOT / "tools/bench_model.py", *flags])
-            rows += [{**r, "rss_mb": rss} for r in self.json_lines(text)]
-        else:
-            self.skip("end-to-end embedding: PyTorch and onnxruntime", "no reference virtualenv (smoke run)")
-        return {"rows": rows, "photos": count, "what": what, "size": m["size"], "batch": m["batch"], "threads": t,
-                "runs": c["runs"]}
+        return {"rows": self.model_rows("e2e", flags), "photos": count, "what": what, "size": m["size"],
+                "batch": m["batch"], "threads": t, "runs": c["runs"]}
 
     def knn(self):
         c, t = self.cfg["knn"], self.cfg["threads"]
@@ -557,6 +558,19 @@ def med(x):
     return x["median"] if isinstance(x, dict) else x
 
 
+def backbone(row):
+    """The backbone a speed row measured (rows from before `--backbone` measured Lite0)."""
+    return row.get("backbone", "efficientnet_lite0")
+
+
+def per_backbone(rows):
+    """(finprint's row of the same backbone, row) for each row, in order."""
+    ours = {}
+    for r in rows:
+        ours.setdefault(backbone(r), r)
+    return [(ours[backbone(r)], r) for r in rows]
+
+
 def table(header, rows):
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -673,16 +687,19 @@ def markdown(res, out, md_path):
     w("## Speed\n")
     mo = s.get("model")
     if mo and "rows" in mo:
-        w(f"### Model: images/s on a random batch\n\nEfficientNet-Lite0 → GeM → BN → Linear 512 (→ ArcFace when "
-          f"training), {mo['size']} px, batch {mo['batch']}, {mo['threads']} threads, {mo['steps']} timed steps each. "
-          "Inference = L2-normalised embeddings without gradients; training = one AdamW step (forward, ArcFace "
-          "loss, backward, update). PyTorch runs timm's `efficientnet_lite0`; onnxruntime runs the exported "
-          "embedding network.\n")
-        ours = mo["rows"][0]
-        rows = [[r["impl"], f(r["inference_img_s"]), ratio(med(ours["inference_img_s"]), med(r["inference_img_s"])),
-                 f(r.get("train_img_s")), ratio(med(ours["train_img_s"]), med(r["train_img_s"])) if r.get("train_img_s") else "–"]
-                for r in mo["rows"]]
-        w(table(["implementation", "inference img/s", "finprint ×", "training img/s", "finprint ×"], rows))
+        names = ", ".join(f"`{b}`" for b in mo.get("backbones", ["efficientnet_lite0"]))
+        w(f"### Model: images/s on a random batch\n\nThe registry's {names} → GeM → BN → "
+          f"Linear 512 (→ ArcFace when training), {mo['size']} px, batch {mo['batch']}, {mo['threads']} threads, "
+          f"{mo['steps']} timed steps each. Inference = L2-normalised embeddings without gradients; training = one "
+          "AdamW step (forward, ArcFace loss, backward, update). PyTorch runs timm's model of the same "
+          "architecture (random weights, as finprint's here); onnxruntime runs the exported embedding network; "
+          "finprint × compares with finprint's row of the same backbone.\n")
+        rows = [[backbone(r), r["impl"], f(r["inference_img_s"]),
+                 ratio(med(ours["inference_img_s"]), med(r["inference_img_s"])), f(r.get("train_img_s")),
+                 ratio(med(ours["train_img_s"]), med(r["train_img_s"])) if r.get("train_img_s") else "–"]
+                for ours, r in per_backbone(mo["rows"])]
+        w(table(["backbone", "implementation", "inference img/s", "finprint ×", "training img/s", "finprint ×"],
+                rows))
         w(load(mo) + "\n")
     e2 = s.get("e2e")
     if e2 and "rows" in e2:
@@ -691,9 +708,9 @@ def markdown(res, out, md_path):
           f"{e2['runs']} timed passes. finprint: `embed::embed_images` (what `finprint embed`, `predict` and "
           "`evaluate` run), decoding the next batch on the other threads while the model works; PyTorch and "
           "onnxruntime: PIL decoding in a `DataLoader` with one worker process.\n")
-        ours = e2["rows"][0]
-        w(table(["implementation", "images/s", "finprint ×"], [
-            [r["impl"], f(r["e2e_img_s"]), ratio(med(ours["e2e_img_s"]), med(r["e2e_img_s"]))] for r in e2["rows"]]))
+        w(table(["backbone", "implementation", "images/s", "finprint ×"], [
+            [backbone(r), r["impl"], f(r["e2e_img_s"]), ratio(med(ours["e2e_img_s"]), med(r["e2e_img_s"]))]
+            for ours, r in per_backbone(e2["rows"])]))
         w(load(e2) + "\n")
     kn = s.get("knn")
     if kn and "sizes" in kn:
@@ -791,8 +808,10 @@ def markdown(res, out, md_path):
         rows.append(["identification: `finprint predict` synthetic catalogue",
                      f"{sy['train_photos']} catalogue + {sy['test_photos']} test photos", f(sy["predict_rss_mb"], 0)])
     if e2 and "rows" in e2:
-        ours, refs = e2["rows"][0], e2["rows"][1:]
-        rows.append([f"embedding end to end: {ours['impl']}", f"model + {e2['photos']} photos, batch {e2['batch']}",
+        first = [r for r in e2["rows"] if backbone(r) == backbone(e2["rows"][0])]
+        ours, refs = first[0], first[1:]
+        rows.append([f"embedding end to end: {ours['impl']}, {backbone(ours)}",
+                     f"model + {e2['photos']} photos, batch {e2['batch']}",
                      f(ours["rss_mb"], 0)])
         if refs:
             rows.append([f"embedding end to end: {' and '.join(r['impl'] for r in refs)} (one process)",

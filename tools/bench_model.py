@@ -1,6 +1,7 @@
 """The PyTorch and onnxruntime references for `examples/bench_model.rs`: the same recipe,
-EfficientNet-Lite0 (timm's) → GeM → BN → Linear 512 → ArcFace, at the same input size, batch
-and threads. One JSON line per implementation and measurement, for `tools/bench.sh`.
+a backbone (timm's; `--backbone`, finprint's registry name) → GeM → BN → Linear 512 → ArcFace,
+at the same input size, batch and threads. One JSON line per implementation and measurement, for
+`tools/bench.sh`.
 
 Without --images: model images/s on a random batch, inference (L2-normalised embeddings) and
 AdamW training steps, each timed per step (median, min, max over --steps after a warm-up), for
@@ -29,6 +30,9 @@ import torch.nn.functional as F
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+# finprint's registry names → timm's (same architecture; weights are random here).
+TIMM = {"efficientnet_lite0": "efficientnet_lite0", "tf_efficientnet_b0_ns": "tf_efficientnet_b0",
+        "eca_nfnet_l0": "eca_nfnet_l0"}
 
 
 class GeM(nn.Module):
@@ -59,11 +63,12 @@ class ArcFace(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, classes):
+    def __init__(self, classes, backbone):
         super().__init__()
-        self.model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0, global_pool="")
+        self.model = timm.create_model(TIMM[backbone], pretrained=False, num_classes=0, global_pool="")
         self.pooling = GeM()
-        self.neck = nn.Sequential(nn.BatchNorm1d(1280), nn.Linear(1280, 512))
+        features = self.model.num_features
+        self.neck = nn.Sequential(nn.BatchNorm1d(features), nn.Linear(features, 512))
         self.fc = ArcFace(512, classes)
 
     def embed(self, x):
@@ -109,14 +114,14 @@ def onnx_session(m, args):
 
 
 def line(impl, args, **figures):
-    print(json.dumps({"impl": impl, "size": args.size, "batch": args.batch, "threads": args.threads, **figures}),
-          flush=True)
+    print(json.dumps({"impl": impl, "backbone": args.backbone, "size": args.size, "batch": args.batch,
+                      "threads": args.threads, **figures}), flush=True)
 
 
 def model_speed(args, classes=1000):
     torch_name = f"PyTorch {torch.__version__.split('+')[0]} eager"
     for layout in ["channels_last", "contiguous"]:
-        m = Model(classes)
+        m = Model(classes, args.backbone)
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         m = m.to(memory_format=fmt)
         x = torch.randn(args.batch, 3, args.size, args.size).to(memory_format=fmt)
@@ -134,7 +139,7 @@ def model_speed(args, classes=1000):
 
         line(f"{torch_name} ({layout.replace('_', '-')})", args, inference_img_s=infer,
              train_img_s=per_step(step, args.steps, args.batch))
-    ort, sess = onnx_session(Model(classes).eval(), args)
+    ort, sess = onnx_session(Model(classes, args.backbone).eval(), args)
     xn = torch.randn(args.batch, 3, args.size, args.size).numpy()
     line(f"onnxruntime {ort.__version__}", args,
          inference_img_s=per_step(lambda: sess.run(None, {"x": xn}), args.steps, args.batch), train_img_s=None)
@@ -160,8 +165,8 @@ def end_to_end(args):
     names = [l.strip() for l in open(args.list) if l.strip()]
     loader = torch.utils.data.DataLoader(Photos(args.images, names, args.size), batch_size=args.batch,
                                          num_workers=1)
-    m = Model(1000).eval().to(memory_format=torch.channels_last)
-    ort, sess = onnx_session(Model(1000).eval(), args)
+    m = Model(1000, args.backbone).eval().to(memory_format=torch.channels_last)
+    ort, sess = onnx_session(Model(1000, args.backbone).eval(), args)
 
     def pytorch(x):
         with torch.no_grad():
@@ -184,6 +189,7 @@ def end_to_end(args):
 
 def main():
     a = argparse.ArgumentParser()
+    a.add_argument("--backbone", default="efficientnet_lite0", choices=sorted(TIMM))
     a.add_argument("--size", type=int, default=224)
     a.add_argument("--batch", type=int, default=16)
     a.add_argument("--threads", type=int, default=2)
