@@ -146,11 +146,11 @@ impl Pool {
     /// largest, grown, or a new one).
     pub fn take(&mut self, width: usize, height: usize) -> Gray {
         let len = width * height;
+        let capacity = |&i: &usize| self.0[i].capacity();
         let fits = (0..self.0.len())
-            .filter(|&i| self.0[i].capacity() >= len)
-            .min_by_key(|&i| self.0[i].capacity());
-        let largest = (0..self.0.len()).max_by_key(|&i| self.0[i].capacity());
-        let mut data = match fits.or(largest) {
+            .filter(|i| capacity(i) >= len)
+            .min_by_key(capacity);
+        let mut data = match fits.or_else(|| (0..self.0.len()).max_by_key(capacity)) {
             Some(i) => self.0.swap_remove(i),
             None => Vec::new(),
         };
