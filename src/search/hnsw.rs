@@ -1,6 +1,6 @@
 //! Approximate search on a hierarchical navigable small-world graph (Malkov & Yashunin, 2016).
 
-use super::kernels::{dot_fn, DotFn};
+use super::kernels::{dot4_fn, dot_fn, Dot4Fn, DotFn};
 use super::topk::TopK;
 use super::{check_capacity, rows_of, Index, Neighbor, SearchError};
 use rand::{Rng, SeedableRng};
@@ -58,9 +58,13 @@ pub struct HnswIndex {
     entry: Option<(u32, usize)>,
     rng: ChaCha8Rng,
     dot: DotFn,
+    dot4: Dot4Fn,
     scratch: Mutex<Vec<Scratch>>,
 }
 
+/// Cache lines of a row fetched ahead of scoring it: the hardware prefetcher streams the rest
+/// (512-d rows: 2 built faster than 1, 8 or all 32 over 51,000 rows, and than 4 over 1,000,000).
+const PREFETCH_LINES: usize = 2;
 /// Nodes inserted one by one before the rest go in parallel, so that early nodes find each other.
 const SERIAL_HEAD: usize = 256;
 /// Layers above the bottom one that a node may reach.
@@ -83,6 +87,7 @@ impl HnswIndex {
             entry: None,
             rng: ChaCha8Rng::seed_from_u64(params.seed),
             dot: dot_fn(),
+            dot4: dot4_fn(),
             scratch: Mutex::new(Vec::new()),
         }
     }
@@ -105,16 +110,35 @@ impl HnswIndex {
         (self.dot)(query, self.vector(id))
     }
 
-    /// Asks the CPU to fetch row `id` into its caches while other work goes on.
+    /// Asks the CPU to fetch the start of row `id` while other work goes on.
     #[inline]
     fn prefetch(&self, id: u32) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let row = self.vectors.as_ptr().wrapping_add(id as usize * self.dim);
-            for line in (0..self.dim).step_by(16) {
-                // SAFETY: a prefetch is a hint that never faults, whatever the address.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(line).cast::<i8>()) };
+        let row = self.vectors.as_ptr().wrapping_add(id as usize * self.dim);
+        for line in (0..self.dim).step_by(16).take(PREFETCH_LINES) {
+            prefetch_line(row.wrapping_add(line));
+        }
+    }
+
+    /// The scores of one to four rows `ids` for `query`, in one pass over the rows (a shorter
+    /// chunk is padded with its last row, whose extra scores are not used).
+    fn scores4(&self, query: &[f32], ids: &[u32]) -> [f32; 4] {
+        let last = ids[ids.len() - 1];
+        let id = |i: usize| ids.get(i).copied().unwrap_or(last);
+        (self.dot4)(
+            query,
+            [id(0), id(1), id(2), id(3)].map(|id| self.vector(id)),
+        )
+    }
+
+    /// Scores the rows `ids` for `query` and hands each to `each`, in order. Rows are scored
+    /// four at a time while the next four are fetched: the cost is memory, not arithmetic.
+    fn score_each(&self, query: &[f32], ids: &[u32], mut each: impl FnMut(Neighbor)) {
+        ids.iter().take(4).for_each(|&id| self.prefetch(id));
+        for (i, chunk) in ids.chunks(4).enumerate() {
+            let ahead = ids.iter().skip(4 * (i + 1)).take(4);
+            ahead.for_each(|&id| self.prefetch(id));
+            for (&id, score) in chunk.iter().zip(self.scores4(query, chunk)) {
+                each(Neighbor { id, score });
             }
         }
     }
@@ -176,16 +200,12 @@ impl HnswIndex {
         loop {
             self.links_into(best.id, layer, buf);
             let mut moved = false;
-            for &id in buf.iter() {
-                let candidate = Neighbor {
-                    id,
-                    score: self.row_score(query, id),
-                };
+            self.score_each(query, buf, |candidate| {
                 if candidate.rank_cmp(&best) == Ordering::Less {
                     best = candidate;
                     moved = true;
                 }
-            }
+            });
             if !moved {
                 return best;
             }
@@ -221,24 +241,18 @@ impl HnswIndex {
                 break;
             }
             self.links_into(current.id, layer, links);
+            links.iter().for_each(|&id| visited.prefetch(id));
+            if let (0, Some(Better(next))) = (layer, frontier.peek()) {
+                prefetch_line(self.base_slots(next.id).as_ptr());
+            }
             fresh.clear();
             fresh.extend(links.iter().copied().filter(|&id| visited.insert(id)));
-            if let Some(&first) = fresh.first() {
-                self.prefetch(first);
-            }
-            for (i, &id) in fresh.iter().enumerate() {
-                if let Some(&next) = fresh.get(i + 1) {
-                    self.prefetch(next);
-                }
-                let candidate = Neighbor {
-                    id,
-                    score: self.row_score(query, id),
-                };
+            self.score_each(query, fresh, |candidate| {
                 if !found.is_full() || candidate.score >= found.floor() {
                     frontier.push(Better(candidate));
                     found.push(candidate);
                 }
-            }
+            });
         }
         found.into_sorted()
     }
@@ -251,12 +265,20 @@ impl HnswIndex {
             if chosen.len() == m {
                 break;
             }
-            let v = self.vector(c.id);
-            if chosen.iter().all(|&r| self.row_score(v, r) < c.score) {
+            if self.all_below(self.vector(c.id), &chosen, c.score) {
                 chosen.push(c.id);
             }
         }
         chosen
+    }
+
+    /// Whether every row of `ids` scores below `bound` for `query`; four rows at a time, stopping
+    /// after the first four that hold one at or above it.
+    fn all_below(&self, query: &[f32], ids: &[u32], bound: f32) -> bool {
+        ids.chunks(4).all(|chunk| {
+            let scores = self.scores4(query, chunk);
+            scores[..chunk.len()].iter().all(|&s| s < bound)
+        })
     }
 
     /// Links node `id`, whose slots already exist, into the graph.
@@ -338,14 +360,12 @@ impl HnswIndex {
     /// The at most `max` links that `from` keeps of `links` and `to`, by [`Self::select`].
     fn prune(&self, from: u32, links: &[u32], to: u32, max: usize) -> Vec<u32> {
         let base = self.vector(from);
-        let mut candidates: Vec<Neighbor> = links
-            .iter()
-            .chain(std::iter::once(&to))
-            .map(|&id| Neighbor {
-                id,
-                score: self.row_score(base, id),
-            })
-            .collect();
+        let mut candidates = Vec::with_capacity(links.len() + 1);
+        self.score_each(base, links, |n| candidates.push(n));
+        candidates.push(Neighbor {
+            id: to,
+            score: self.row_score(base, to),
+        });
         candidates.sort_by(Neighbor::rank_cmp);
         self.select(&candidates, max)
     }
@@ -444,6 +464,19 @@ impl Index for HnswIndex {
     }
 }
 
+/// Asks the CPU to fetch the cache line holding `p` while other work goes on.
+#[inline]
+fn prefetch_line<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: a prefetch is a hint that never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -497,6 +530,14 @@ impl Visited {
         if self.stamp == 0 {
             self.stamps.fill(0);
             self.stamp = 1;
+        }
+    }
+
+    /// Asks the CPU to fetch `id`'s stamp while other work goes on.
+    #[inline]
+    fn prefetch(&self, id: u32) {
+        if let Some(stamp) = self.stamps.get(id as usize) {
+            prefetch_line(stamp);
         }
     }
 
