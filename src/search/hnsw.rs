@@ -393,21 +393,24 @@ impl Index for HnswIndex {
             self.upper
                 .push((0..layers).map(|_| Mutex::new(Vec::new())).collect());
         }
-        let mut first = old;
-        if self.entry.is_none() && n > 0 {
-            self.entry = Some((old as u32, self.upper[old].len()));
-            first += 1;
+        // The new rows from the highest layer down, as faiss inserts them: the sparse upper
+        // layers are in place before the many nodes that only reach layer 0 descend through them.
+        let mut order: Vec<u32> = (old as u32..(old + n) as u32).collect();
+        order.sort_by_key(|&id| std::cmp::Reverse(self.upper[id as usize].len()));
+        let mut order = &order[..];
+        if let (None, Some((&top, rest))) = (self.entry, order.split_first()) {
+            self.entry = Some((top, self.upper[top as usize].len()));
+            order = rest;
         }
         let locks: Vec<Mutex<()>> = (0..old + n).map(|_| Mutex::new(())).collect();
         let entry = Mutex::new(self.entry);
-        let head_end = (first + SERIAL_HEAD).min(old + n);
+        let (head, tail) = order.split_at(SERIAL_HEAD.min(order.len()));
         let this = &*self;
-        for id in first..head_end {
-            this.insert(id as u32, &locks, &entry);
+        for &id in head {
+            this.insert(id, &locks, &entry);
         }
-        (head_end..old + n)
-            .into_par_iter()
-            .for_each(|id| this.insert(id as u32, &locks, &entry));
+        tail.par_iter()
+            .for_each(|&id| this.insert(id, &locks, &entry));
         self.entry = entry.into_inner().unwrap_or_else(PoisonError::into_inner);
         Ok(())
     }
