@@ -6,9 +6,10 @@
 //! Without `--images`: inference and training-step images/s on a random batch, each timed per
 //! step (median, min, max over `--steps` after a warm-up). With `--images DIR --list FILE`:
 //! end to end, the photos named in FILE decoded, resized, normalised and embedded by the
-//! library's own path (`embed::embed_images`, which `Ensemble::embed` runs per model,
-//! decoding the next batch while the model works), images/s of `--runs` passes after a
-//! one-batch warm-up.
+//! library's own path (`embed::embed_by_each`, which `Ensemble::embed` runs: each photo
+//! decoded once for all the models, the next batch decoded while the models work), images/s of
+//! `--runs` passes after a one-batch warm-up. End to end, `--backbone` may name several
+//! (`a,b,c`): an ensemble of one model each, as the frozen mode's members.
 //!
 //!   cargo run --release --example bench_model -- [--backbone efficientnet_lite0] [--size 224]
 //!       [--batch 16] [--threads 2] [--steps 5] [--images DIR --list FILE --runs 3]
@@ -18,7 +19,7 @@ mod common;
 use clap::Parser;
 use common::{stats, vm_hwm_mb};
 use finprint::data::image::load_rgb;
-use finprint::embed::{embed_images, input_tensor};
+use finprint::embed::{embed_by_each, input_tensor};
 use finprint::model::happywhale::{HappyWhaleModel, ModelConfig};
 use finprint::train::optim::{AdamW, Group};
 use indicatif::ProgressBar;
@@ -29,8 +30,9 @@ use tch::{Device, Kind, Tensor};
 
 #[derive(Parser)]
 struct Args {
-    #[arg(long, default_value = "efficientnet_lite0")]
-    backbone: String,
+    /// Registry name; end to end, several separated by commas.
+    #[arg(long, value_delimiter = ',', default_value = "efficientnet_lite0")]
+    backbone: Vec<String>,
     #[arg(long, default_value_t = 224)]
     size: usize,
     #[arg(long, default_value_t = 16)]
@@ -55,17 +57,26 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     common::fix_threads(args.threads)?;
     let classes = 1000;
-    let names = (0..classes).map(|c| c.to_string()).collect();
-    let mut cfg = ModelConfig::for_backbone(&args.backbone, names, vec![1; classes])?;
-    cfg.img_size = finprint::transforms::ImgSize::square(args.size as u32);
-    let model = HappyWhaleModel::new(cfg, Device::Cpu)?;
+    let names: Vec<String> = (0..classes).map(|c| c.to_string()).collect();
+    let models = args
+        .backbone
+        .iter()
+        .map(|backbone| {
+            let mut cfg = ModelConfig::for_backbone(backbone, names.clone(), vec![1; classes])?;
+            cfg.img_size = finprint::transforms::ImgSize::square(args.size as u32);
+            HappyWhaleModel::new(cfg, Device::Cpu)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let figures = match (&args.images, &args.list) {
-        (Some(dir), Some(list)) => end_to_end(&model, dir, list, &args)?,
-        _ => model_speed(&model, classes, &args)?,
+        (Some(dir), Some(list)) => end_to_end(&models, dir, list, &args)?,
+        _ => match &models[..] {
+            [model] => model_speed(model, classes, &args)?,
+            _ => anyhow::bail!("--backbone names several models: only end to end (--images)"),
+        },
     };
     let mut line = json!({
         "impl": "finprint (tch)",
-        "backbone": args.backbone,
+        "backbone": args.backbone.join("+"),
         "size": args.size,
         "batch": args.batch,
         "threads": args.threads,
@@ -129,7 +140,7 @@ fn model_speed(
 }
 
 fn end_to_end(
-    model: &HappyWhaleModel,
+    models: &[HappyWhaleModel],
     dir: &std::path::Path,
     list: &std::path::Path,
     args: &Args,
@@ -143,8 +154,8 @@ fn end_to_end(
     anyhow::ensure!(!names.is_empty(), "{} names no photo", list.display());
     let hidden = ProgressBar::hidden();
     let load = |i: usize| Ok(load_rgb(&dir.join(&names[i]))?);
-    embed_images(
-        model,
+    embed_by_each(
+        models,
         args.batch.min(names.len()),
         load,
         args.batch,
@@ -154,7 +165,7 @@ fn end_to_end(
     let mut rates = Vec::new();
     for _ in 0..args.runs.max(1) {
         let t = Instant::now();
-        let e = embed_images(model, names.len(), load, args.batch, false, &hidden)?;
+        let e = embed_by_each(models, names.len(), load, args.batch, false, &hidden)?;
         rates.push(names.len() as f64 / t.elapsed().as_secs_f64());
         std::hint::black_box(e);
     }

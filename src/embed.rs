@@ -11,7 +11,7 @@ use crate::model::happywhale::HappyWhaleModel;
 use crate::model::heads::normalize;
 use crate::runs::{Ensemble, ModelArgs, ModelSpec, Whitened};
 use crate::runtime::prefetched;
-use crate::transforms::{batch_with, Flips, Pipeline};
+use crate::transforms::{batch_views, Flips, Pipeline};
 use anyhow::{bail, Context, Result};
 use image::RgbImage;
 use indicatif::ProgressBar;
@@ -146,12 +146,61 @@ pub fn embed_images<F>(
 where
     F: Fn(usize) -> Result<RgbImage> + Sync,
 {
-    let mean = model.config.mean.map(|v| v as f32);
-    let std = model.config.std.map(|v| v as f32);
-    let pipeline = Pipeline::eval(model.config.img_size, model.config.fit, mean, std)?;
+    let mut parts = embed_by_each(
+        std::slice::from_ref(model),
+        count,
+        load,
+        batch,
+        flip_tta,
+        progress,
+    )?;
+    Ok(parts.pop().unwrap_or_default())
+}
+
+/// [`embed_images`] by several models at once: `parts[m]` is model m's `[count, E_m]`. Each
+/// photo is decoded once for all of them, and resized once for the models that take the same
+/// input (size, fit, mean and std).
+pub fn embed_by_each<F>(
+    models: &[HappyWhaleModel],
+    count: usize,
+    load: F,
+    batch: usize,
+    flip_tta: bool,
+    progress: &ProgressBar,
+) -> Result<Vec<Vec<f32>>>
+where
+    F: Fn(usize) -> Result<RgbImage> + Sync,
+{
+    let input = |m: &HappyWhaleModel| {
+        let c = &m.config;
+        (
+            c.img_size,
+            c.fit,
+            c.mean.map(|v| v as f32),
+            c.std.map(|v| v as f32),
+        )
+    };
+    let mut inputs = Vec::new();
+    let view_of: Vec<usize> = models
+        .iter()
+        .map(|m| {
+            let key = input(m);
+            inputs.iter().position(|k| *k == key).unwrap_or_else(|| {
+                inputs.push(key);
+                inputs.len() - 1
+            })
+        })
+        .collect();
+    let pipelines: Vec<Pipeline> = inputs
+        .iter()
+        .map(|&(size, fit, mean, std)| Pipeline::eval(size, fit, mean, std))
+        .collect::<Result<_>>()?;
     let batch = batch.max(1);
     let batches = count.div_ceil(batch);
-    let mut out = Vec::with_capacity(count * model.config.embedding_size as usize);
+    let mut parts: Vec<Vec<f32>> = models
+        .iter()
+        .map(|m| Vec::with_capacity(count * m.config.embedding_size as usize))
+        .collect();
     progress.set_length(count as u64);
     prefetched(
         batches,
@@ -159,20 +208,23 @@ where
         |b| {
             let start = b * batch;
             let n = batch.min(count - start);
-            batch_with(&pipeline, n, 0, |i| load(start + i)).map(|chw| (chw, n))
+            batch_views(&pipelines, n, 0, |i| load(start + i)).map(|views| (views, n))
         },
-        |_, (chw, n)| {
-            let xs = input_tensor(model, &chw, n);
-            out.extend(to_vec(&embed_batch(model, &xs, flip_tta))?);
+        |_, (views, n)| {
+            for ((model, part), &view) in models.iter().zip(&mut parts).zip(&view_of) {
+                let xs = input_tensor(model, &views[view], n);
+                part.extend(to_vec(&embed_batch(model, &xs, flip_tta))?);
+            }
             progress.inc(n as u64);
             Ok(())
         },
     )?;
-    Ok(out)
+    Ok(parts)
 }
 
 impl Ensemble {
-    /// Fused unit embeddings of `count` photos, `load(i)` giving photo i.
+    /// Fused unit embeddings of `count` photos, `load(i)` giving photo i (decoded once for all
+    /// the members).
     pub fn embed<F>(
         &self,
         count: usize,
@@ -184,14 +236,7 @@ impl Ensemble {
     where
         F: Fn(usize) -> Result<RgbImage> + Sync,
     {
-        let parts: Vec<Vec<f32>> = self
-            .models
-            .iter()
-            .map(|m| {
-                progress.reset();
-                embed_images(m, count, &load, batch, flip_tta, progress)
-            })
-            .collect::<Result<_>>()?;
+        let parts = embed_by_each(&self.models, count, load, batch, flip_tta, progress)?;
         fuse_members(&parts, &self.weights, &self.whitened, count)
     }
 }
@@ -355,6 +400,56 @@ pub fn fuse(parts: &[Vec<f32>], weights: &[f32], count: usize) -> Vec<f32> {
 mod tests {
     use super::*;
     use crate::model::whitening::Whitening;
+
+    #[test]
+    fn members_share_each_decoded_photo_and_embed_as_alone() {
+        use crate::model::happywhale::ModelConfig;
+        use crate::transforms::{Fit, ImgSize};
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        let model = |size: ImgSize, fit: Fit| {
+            let mut cfg =
+                ModelConfig::for_backbone("efficientnet_lite0", vec!["w".into()], vec![1])
+                    .expect("registry");
+            (cfg.img_size, cfg.fit) = (size, fit);
+            HappyWhaleModel::new(cfg, tch::Device::Cpu).expect("model")
+        };
+        // The first two take the same input (one resize for both), the third its own.
+        let models = [
+            model(ImgSize::square(32), Fit::Squash),
+            model(ImgSize::square(32), Fit::Squash),
+            model(
+                ImgSize {
+                    width: 48,
+                    height: 32,
+                },
+                Fit::Pad,
+            ),
+        ];
+        let photos: Vec<RgbImage> = (0..5u32)
+            .map(|k| {
+                RgbImage::from_fn(40 + 3 * k, 30, |x, y| {
+                    image::Rgb([(x * k) as u8, y as u8, 9])
+                })
+            })
+            .collect();
+        let loads = AtomicUsize::new(0);
+        let load = |i: usize| {
+            loads.fetch_add(1, Relaxed);
+            Ok(photos[i].clone())
+        };
+        let hidden = ProgressBar::hidden();
+        let parts = embed_by_each(&models, photos.len(), load, 2, false, &hidden).expect("embed");
+        assert_eq!(
+            loads.swap(0, Relaxed),
+            photos.len(),
+            "each photo decoded once"
+        );
+        for (model, part) in models.iter().zip(&parts) {
+            let alone = embed_images(model, photos.len(), load, 2, false, &hidden).expect("embed");
+            assert_eq!(part, &alone);
+        }
+        assert_ne!(parts[0], parts[1], "two models, two embeddings");
+    }
 
     #[test]
     fn flip_tta_averages_exactly_the_allowed_mirror_images() {

@@ -499,19 +499,58 @@ pub fn batch_with<F>(pipeline: &Pipeline, count: usize, seed: u64, load: F) -> R
 where
     F: Fn(usize) -> Result<RgbImage> + Sync,
 {
-    let len = pipeline.output_len();
-    let mut out = vec![0f32; len * count];
-    let results: Vec<Result<()>> = out
-        .par_chunks_mut(len)
+    let mut views = batch_views(std::slice::from_ref(pipeline), count, seed, load)?;
+    Ok(views.pop().unwrap_or_default())
+}
+
+/// [`batch_with`] for several pipelines at once: one batch per pipeline, each photo loaded once
+/// and run through every pipeline before the next is loaded (so one decoded photo per thread is
+/// held, whatever the number of pipelines). Pipeline `k`'s batch equals
+/// `batch_with(&pipelines[k], count, seed, load)`.
+pub fn batch_views<F>(
+    pipelines: &[Pipeline],
+    count: usize,
+    seed: u64,
+    load: F,
+) -> Result<Vec<Vec<f32>>>
+where
+    F: Fn(usize) -> Result<RgbImage> + Sync,
+{
+    let lens: Vec<usize> = pipelines.iter().map(Pipeline::output_len).collect();
+    let width: usize = lens.iter().sum();
+    // Item-major: item i's outputs of every pipeline side by side, split up below.
+    let mut items = vec![0f32; width * count];
+    let results: Vec<Result<()>> = items
+        .par_chunks_mut(width.max(1))
         .enumerate()
         .map(|(i, chunk)| {
             let img = load(i)?;
-            pipeline.run_into(&img, &mut item_rng(seed, i as u64), chunk);
+            let mut rest = chunk;
+            for (pipeline, &len) in pipelines.iter().zip(&lens) {
+                let (out, tail) = rest.split_at_mut(len);
+                pipeline.run_into(&img, &mut item_rng(seed, i as u64), out);
+                rest = tail;
+            }
             Ok(())
         })
         .collect();
     results.into_iter().collect::<Result<()>>()?;
-    Ok(out)
+    if pipelines.len() == 1 {
+        return Ok(vec![items]);
+    }
+    let mut offset = 0;
+    Ok(lens
+        .iter()
+        .map(|&len| {
+            let view = items
+                .chunks_exact(width)
+                .flat_map(|item| &item[offset..offset + len])
+                .copied()
+                .collect();
+            offset += len;
+            view
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -520,6 +559,48 @@ mod tests {
     use image::Rgb;
 
     const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+
+    #[test]
+    fn batch_views_load_each_photo_once_for_all_pipelines() {
+        let photos: Vec<RgbImage> = (0..5u32)
+            .map(|k| {
+                RgbImage::from_fn(30 + k, 20, |x, y| {
+                    Rgb([(x * 7 + k) as u8, (y * 11) as u8, (x + y) as u8])
+                })
+            })
+            .collect();
+        let std = [0.229, 0.224, 0.225];
+        let pipelines = [
+            Pipeline::eval(ImgSize::square(16), Fit::Squash, MEAN, std).expect("size"),
+            Pipeline::eval(
+                ImgSize {
+                    width: 24,
+                    height: 8,
+                },
+                Fit::Pad,
+                MEAN,
+                std,
+            )
+            .expect("size"),
+        ];
+        let loads = std::sync::atomic::AtomicUsize::new(0);
+        let views = batch_views(&pipelines, photos.len(), 3, |i| {
+            loads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(photos[i].clone())
+        })
+        .expect("photos");
+        assert_eq!(loads.into_inner(), photos.len());
+        assert_eq!(views.len(), 2);
+        let refs: Vec<&RgbImage> = photos.iter().collect();
+        for (view, pipeline) in views.iter().zip(&pipelines) {
+            assert_eq!(view, &batch(pipeline, &refs, 3));
+        }
+        let failed = batch_views(&pipelines, 3, 0, |i| {
+            ensure!(i != 2, "cannot decode photo {i}");
+            Ok(photos[i].clone())
+        });
+        assert!(failed.is_err_and(|e| e.to_string() == "cannot decode photo 2"));
+    }
 
     #[test]
     fn resize_matches_opencv_linear() {
