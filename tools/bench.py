@@ -34,7 +34,8 @@ FULL = {
     # One backbone of each family in the registry, at 224 px (`model` and `e2e` alike).
     "model": {"size": 224, "batch": 16, "steps": 8,
               "backbones": ["efficientnet_lite0", "tf_efficientnet_b0_ns", "eca_nfnet_l0"]},
-    "e2e": {"runs": 3, "photos": 198},
+    # Besides each backbone alone, an ensemble of three (the frozen mode's members).
+    "e2e": {"runs": 3, "photos": 198, "ensembles": ["efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"]},
     "knn": {
         "sizes": [
             {"n": 51_000, "queries": 1000, "single": 200, "f16": True, "hnsw_n": 51_000},
@@ -288,10 +289,10 @@ class Bench:
         path.write_text("\n".join(names) + "\n")
         return root, path, len(names), "nyala validation photos" if root == NYALA else "synthetic catalogue photos"
 
-    def model_rows(self, what, flags):
-        """finprint's row, then the references' (with --ref-python), for each backbone of `model`."""
+    def model_rows(self, what, flags, backbones):
+        """finprint's row, then the references' (with --ref-python), for each of `backbones`."""
         rows = []
-        for backbone in self.cfg["model"]["backbones"]:
+        for backbone in backbones:
             args = ["--backbone", backbone, *flags]
             text, _, rss = self.run(f"{what}-finprint-{backbone}", [EXAMPLES / "bench_model", *args])
             rows += [{**r, "rss_mb": rss} for r in self.json_lines(text)]
@@ -306,14 +307,15 @@ class Bench:
     def model_speed(self):
         c, t = self.cfg["model"], self.cfg["threads"]
         flags = ["--size", c["size"], "--batch", c["batch"], "--threads", t, "--steps", c["steps"]]
-        return {"rows": self.model_rows("model", flags), **c, "threads": t}
+        return {"rows": self.model_rows("model", flags, c["backbones"]), **c, "threads": t}
 
     def e2e(self):
         c, m, t = self.cfg["e2e"], self.cfg["model"], self.cfg["threads"]
         root, names, count, what = self.photo_list()
         flags = ["--size", m["size"], "--batch", m["batch"], "--threads", t, "--images", root, "--list", names,
                  "--runs", c["runs"]]
-        return {"rows": self.model_rows("e2e", flags), "photos": count, "what": what, "size": m["size"],
+        backbones = m["backbones"] + c.get("ensembles", [])
+        return {"rows": self.model_rows("e2e", flags, backbones), "photos": count, "what": what, "size": m["size"],
                 "batch": m["batch"], "threads": t, "runs": c["runs"]}
 
     def knn(self):
@@ -705,9 +707,10 @@ def markdown(res, out, md_path):
     if e2 and "rows" in e2:
         w(f"### Embedding end to end (decode → embed)\n\n{e2['photos']} {e2['what']} (JPEG) decoded, resized to "
           f"{e2['size']} px, normalised and embedded, batch {e2['batch']}, {e2['threads']} threads, "
-          f"{e2['runs']} timed passes. finprint: `embed::embed_images` (what `finprint embed`, `predict` and "
+          f"{e2['runs']} timed passes. finprint: `embed::embed_by_each` (what `finprint embed`, `predict` and "
           "`evaluate` run), decoding the next batch on the other threads while the model works; PyTorch and "
-          "onnxruntime: PIL decoding in a `DataLoader` with one worker process.\n")
+          "onnxruntime: PIL decoding in a `DataLoader` with one worker process. Backbones joined by + are an "
+          "ensemble of one model each (as the frozen mode's members), every photo decoded once for all.\n")
         w(table(["backbone", "implementation", "images/s", "finprint ×"], [
             [backbone(r), r["impl"], f(r["e2e_img_s"]), ratio(med(ours["e2e_img_s"]), med(r["e2e_img_s"]))]
             for ours, r in per_backbone(e2["rows"])]))

@@ -10,7 +10,8 @@ PyTorch eager channels-last and contiguous, and onnxruntime inference of the exp
 With --images DIR --list FILE: end to end, photos decoded (PIL, EXIF-rotated), resized
 bilinearly to size × size, normalised, batched by a DataLoader with one worker process (what a
 PyTorch user writes), and embedded, by PyTorch (channels-last) and onnxruntime; images/s of
---runs passes over the list after a one-batch warm-up.
+--runs passes over the list after a one-batch warm-up. Several backbones (`--backbone a,b,c`,
+end to end only): an ensemble of one model each, every photo decoded once and embedded by all.
 """
 import argparse
 import io
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # finprint's registry names → timm's (same architecture; weights are random here).
-TIMM = {"efficientnet_lite0": "efficientnet_lite0", "tf_efficientnet_b0_ns": "tf_efficientnet_b0",
+TIMM = {"efficientnet_lite0": "efficientnet_lite0", "efficientnet_lite1": "efficientnet_lite1",
+        "efficientnet_lite2": "efficientnet_lite2", "tf_efficientnet_b0_ns": "tf_efficientnet_b0",
         "eca_nfnet_l0": "eca_nfnet_l0"}
 
 
@@ -114,14 +116,17 @@ def onnx_session(m, args):
 
 
 def line(impl, args, **figures):
-    print(json.dumps({"impl": impl, "backbone": args.backbone, "size": args.size, "batch": args.batch,
+    print(json.dumps({"impl": impl, "backbone": "+".join(args.backbone), "size": args.size, "batch": args.batch,
                       "threads": args.threads, **figures}), flush=True)
 
 
 def model_speed(args, classes=1000):
+    if len(args.backbone) != 1:
+        raise SystemExit("--backbone names several models: only end to end (--images)")
+    backbone = args.backbone[0]
     torch_name = f"PyTorch {torch.__version__.split('+')[0]} eager"
     for layout in ["channels_last", "contiguous"]:
-        m = Model(classes, args.backbone)
+        m = Model(classes, backbone)
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         m = m.to(memory_format=fmt)
         x = torch.randn(args.batch, 3, args.size, args.size).to(memory_format=fmt)
@@ -139,7 +144,7 @@ def model_speed(args, classes=1000):
 
         line(f"{torch_name} ({layout.replace('_', '-')})", args, inference_img_s=infer,
              train_img_s=per_step(step, args.steps, args.batch))
-    ort, sess = onnx_session(Model(classes, args.backbone).eval(), args)
+    ort, sess = onnx_session(Model(classes, backbone).eval(), args)
     xn = torch.randn(args.batch, 3, args.size, args.size).numpy()
     line(f"onnxruntime {ort.__version__}", args,
          inference_img_s=per_step(lambda: sess.run(None, {"x": xn}), args.steps, args.batch), train_img_s=None)
@@ -165,15 +170,21 @@ def end_to_end(args):
     names = [l.strip() for l in open(args.list) if l.strip()]
     loader = torch.utils.data.DataLoader(Photos(args.images, names, args.size), batch_size=args.batch,
                                          num_workers=1)
-    m = Model(1000, args.backbone).eval().to(memory_format=torch.channels_last)
-    ort, sess = onnx_session(Model(1000, args.backbone).eval(), args)
+    # Several backbones: an ensemble, each photo decoded once and embedded by every model.
+    ms = [Model(1000, b).eval().to(memory_format=torch.channels_last) for b in args.backbone]
+    sessions = [onnx_session(Model(1000, b).eval(), args) for b in args.backbone]
+    ort = sessions[0][0]
 
     def pytorch(x):
         with torch.no_grad():
-            F.normalize(m.embed(x.contiguous(memory_format=torch.channels_last)))
+            x = x.contiguous(memory_format=torch.channels_last)
+            for m in ms:
+                F.normalize(m.embed(x))
 
     def onnx(x):
-        sess.run(None, {"x": x.numpy()})
+        x = x.numpy()
+        for _, sess in sessions:
+            sess.run(None, {"x": x})
 
     for impl, embed in [(f"PyTorch {torch.__version__.split('+')[0]} eager (channels-last)", pytorch),
                         (f"onnxruntime {ort.__version__}", onnx)]:
@@ -187,9 +198,18 @@ def end_to_end(args):
         line(impl, args, photos=len(names), e2e_img_s=stats(rates))
 
 
+def backbones(value):
+    names = value.split(",")
+    unknown = [n for n in names if n not in TIMM]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown backbone(s) {', '.join(unknown)}")
+    return names
+
+
 def main():
     a = argparse.ArgumentParser()
-    a.add_argument("--backbone", default="efficientnet_lite0", choices=sorted(TIMM))
+    a.add_argument("--backbone", default="efficientnet_lite0", type=backbones,
+                   help=f"one of {', '.join(sorted(TIMM))}; end to end, several separated by commas")
     a.add_argument("--size", type=int, default=224)
     a.add_argument("--batch", type=int, default=16)
     a.add_argument("--threads", type=int, default=2)
