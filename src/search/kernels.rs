@@ -65,12 +65,23 @@ unsafe fn dot_avx2_fma(a: &[f32], b: &[f32]) -> f32 {
         );
         i += 8;
     }
+    let tail: f32 = a[i..n].iter().zip(&b[i..n]).map(|(x, y)| x * y).sum();
+    sum_lanes(acc) + tail
+}
+
+/// The sum of four accumulators' lanes, in the one order both AVX2 kernels share.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_lanes(acc: [std::arch::x86_64::__m256; 4]) -> f32 {
+    use std::arch::x86_64::*;
     let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
     let q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
     let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
     let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
-    let tail: f32 = a[i..n].iter().zip(&b[i..n]).map(|(x, y)| x * y).sum();
-    _mm_cvtss_f32(q) + tail
+    _mm_cvtss_f32(q)
 }
 
 /// # Safety
@@ -103,12 +114,8 @@ unsafe fn dot4_avx2_fma(a: &[f32], rows: [&[f32]; 4]) -> [f32; 4] {
     }
     let mut out = [0.0; 4];
     for ((o, s), row) in out.iter_mut().zip(acc).zip(rows) {
-        let s = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]));
-        let q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
         let tail: f32 = a[i..n].iter().zip(&row[i..n]).map(|(x, y)| x * y).sum();
-        *o = _mm_cvtss_f32(q) + tail;
+        *o = sum_lanes(s) + tail;
     }
     out
 }
