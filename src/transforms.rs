@@ -516,41 +516,30 @@ pub fn batch_views<F>(
 where
     F: Fn(usize) -> Result<RgbImage> + Sync,
 {
-    let lens: Vec<usize> = pipelines.iter().map(Pipeline::output_len).collect();
-    let width: usize = lens.iter().sum();
-    // Item-major: item i's outputs of every pipeline side by side, split up below.
-    let mut items = vec![0f32; width * count];
-    let results: Vec<Result<()>> = items
-        .par_chunks_mut(width.max(1))
+    let mut views: Vec<Vec<f32>> = pipelines
+        .iter()
+        .map(|p| vec![0f32; p.output_len() * count])
+        .collect();
+    // Item i's slot in every view, so that one task fills all of them from one decoded photo.
+    let mut slots: Vec<Vec<&mut [f32]>> = (0..count).map(|_| Vec::new()).collect();
+    for (view, pipeline) in views.iter_mut().zip(pipelines) {
+        for (item, slot) in slots.iter_mut().zip(view.chunks_mut(pipeline.output_len())) {
+            item.push(slot);
+        }
+    }
+    let results: Vec<Result<()>> = slots
+        .into_par_iter()
         .enumerate()
-        .map(|(i, chunk)| {
+        .map(|(i, item)| {
             let img = load(i)?;
-            let mut rest = chunk;
-            for (pipeline, &len) in pipelines.iter().zip(&lens) {
-                let (out, tail) = rest.split_at_mut(len);
+            for (pipeline, out) in pipelines.iter().zip(item) {
                 pipeline.run_into(&img, &mut item_rng(seed, i as u64), out);
-                rest = tail;
             }
             Ok(())
         })
         .collect();
     results.into_iter().collect::<Result<()>>()?;
-    if pipelines.len() == 1 {
-        return Ok(vec![items]);
-    }
-    let mut offset = 0;
-    Ok(lens
-        .iter()
-        .map(|&len| {
-            let view = items
-                .chunks_exact(width)
-                .flat_map(|item| &item[offset..offset + len])
-                .copied()
-                .collect();
-            offset += len;
-            view
-        })
-        .collect())
+    Ok(views)
 }
 
 #[cfg(test)]
