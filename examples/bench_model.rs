@@ -118,6 +118,11 @@ fn model_speed(
     let infer = per_step(args.steps, batch, &mut || {
         let _ = model.extract(&xs);
     });
+    // The same network written to ONNX and run by tract (the light install's engine).
+    let net = finprint::onnx::OnnxNet::new(&model.to_onnx()?, "bench model", batch)?;
+    let tract = per_step(args.steps, batch, &mut || {
+        let _ = net.run(&chw, batch).expect("tract runs the model");
+    });
     let params = model.vs.trainable_variables();
     let mut opt = AdamW::new(vec![Group {
         params: params
@@ -136,7 +141,11 @@ fn model_speed(
         loss.backward();
         opt.step(1e-4);
     });
-    Ok(vec![("inference_img_s", infer), ("train_img_s", train)])
+    Ok(vec![
+        ("inference_img_s", infer),
+        ("tract_inference_img_s", tract),
+        ("train_img_s", train),
+    ])
 }
 
 fn end_to_end(

@@ -321,6 +321,39 @@ pub fn run(args: &EmbedArgs, progress: &ProgressBar) -> Result<Embeddings> {
     Ok(embeddings)
 }
 
+/// `finprint export-onnx`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ExportOnnxArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Folder to write the networks to: one `M-BACKBONE-SIZE.onnx` per network of the models
+    /// (M counts from 0 in the order embeddings are fused).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Write each network of the models to ONNX from finprint's own layers: input `input`
+/// `[N, 3, H, W]` (the photo resized and normalised as the run's config says), output the
+/// embedding before L2 normalisation. Returns the files written.
+pub fn export_onnx(args: &ExportOnnxArgs) -> Result<Vec<PathBuf>> {
+    let ensemble = args.model.spec().load(None, tch::Device::Cpu)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    ensemble
+        .models
+        .iter()
+        .enumerate()
+        .map(|(i, model)| {
+            let c = &model.config;
+            let path = args
+                .out
+                .join(format!("{i}-{}-{}.onnx", c.backbone, c.img_size));
+            crate::fsio::write_bytes_atomic(&path, &model.to_onnx()?)?;
+            Ok(path)
+        })
+        .collect()
+}
+
 /// Unit embeddings of the photos `names` in `dir`: the ensemble's embedding of each crop set's
 /// crop, fused with the sets' shares as weights.
 pub fn embed_crops(

@@ -44,6 +44,7 @@ pub mod fusion;
 pub mod local;
 pub mod metrics;
 pub mod model;
+pub mod onnx;
 pub mod predict;
 pub mod runs;
 pub mod runtime;

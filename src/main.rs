@@ -10,7 +10,7 @@ use finprint::crops::CropArgs;
 use finprint::data::folds::{self, FoldsArgs};
 use finprint::data::stats::{Stats, StatsArgs};
 use finprint::demo::DemoArgs;
-use finprint::embed::EmbedArgs;
+use finprint::embed::{EmbedArgs, ExportOnnxArgs};
 use finprint::evaluate::EvaluateArgs;
 use finprint::metrics::ScoreArgs;
 use finprint::predict::PredictArgs;
@@ -61,6 +61,9 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Write L2-normalised embeddings of a folder of photos (safetensors, names in metadata).
     Embed(EmbedArgs),
+    /// Write the networks that embed photos to ONNX, from finprint's own layers (for
+    /// onnxruntime, tract or other runtimes): one file per network.
+    ExportOnnx(ExportOnnxArgs),
     /// Write a Kaggle submission for DIR/test_images against the catalogue DIR/train.csv.
     Predict(PredictArgs),
     /// Leave-one-out identification over a labelled folder: top-1, top-5, MAP@5.
@@ -143,6 +146,11 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
                 "wrote {count} embeddings of {dim} dimensions to {}",
                 a.out.display()
             ));
+        }
+        Command::ExportOnnx(a) => {
+            for path in finprint::embed::export_onnx(&a)? {
+                say(format!("wrote {}", path.display()));
+            }
         }
         Command::Predict(a) => {
             configure_threads(None);

@@ -199,3 +199,74 @@ fn inference_embeddings_equal_the_plain_op_by_op_graph() {
         assert!(diff <= 1e-4, "{size} px: max |diff| {diff:.2e}");
     }
 }
+
+/// Every variable of `model` moved off its initial value (BatchNorm statistics included), so
+/// that folding and every weight's place matter: `v + 0.1·|v|·noise`, variances kept positive.
+fn perturb(model: &HappyWhaleModel) {
+    tch::no_grad(|| {
+        for (name, mut v) in model.vs.variables() {
+            let noise = Tensor::rand_like(&v) * 0.2 - 0.1;
+            if name.ends_with("running_var") {
+                v.copy_(&(Tensor::rand_like(&v) + 0.5));
+            } else if name.ends_with("running_mean") || name.ends_with(".p") {
+                v.copy_(&(&v + noise));
+            } else {
+                v.copy_(&(&v * (noise + 1.0)));
+            }
+        }
+    });
+}
+
+/// The model written to ONNX and run by tract gives its embeddings: max |difference| of the
+/// L2-normalised rows over a batch of 3 (tract planned for 2: a padded last batch too).
+#[cfg(feature = "onnx")]
+fn onnx_difference(model: &HappyWhaleModel) -> f64 {
+    let s = model.config.img_size;
+    let (h, w) = (i64::from(s.height), i64::from(s.width));
+    let xs = Tensor::randn([3, 3, h, w], (Kind::Float, Device::Cpu));
+    let want = model.extract(&xs);
+    let spread = (want.get(0) - want.get(1)).abs().max().double_value(&[]);
+    assert!(spread > 1e-3, "inputs that differ embed alike: {spread}");
+    let bytes = model.to_onnx().unwrap();
+    let net = finprint::onnx::OnnxNet::new(&bytes, "test model", 2).unwrap();
+    assert_eq!(net.input_chw(), [3, h as usize, w as usize]);
+    let input = Vec::<f32>::try_from(xs.contiguous().view(-1)).unwrap();
+    let rows = net.run(&input, 3).unwrap();
+    let got = Tensor::from_slice(&rows).view([3, net.dim() as i64]);
+    let got = finprint::model::heads::normalize(&got);
+    assert_eq!(got.size(), want.size());
+    (got - want).abs().max().double_value(&[])
+}
+
+/// Each architecture of the registry (MBConv with ReLU6 and TF "SAME" padding; SiLU,
+/// squeeze-excitation and symmetric padding; fused MBConv and conv blocks; NFNet's
+/// standardised convolutions, ECA and average-pooled shortcuts), at odd non-square sizes, with
+/// the trained neck and as zero-shot features.
+#[cfg(feature = "onnx")]
+#[test]
+fn networks_written_to_onnx_give_the_embeddings_libtorch_gives() {
+    let _guard = common::serial();
+    tch::manual_seed(1);
+    let cases = [
+        ("efficientnet_lite0", 75, 53, true),
+        ("efficientnet_lite0", 64, 64, false),
+        ("tf_efficientnet_b0_ns", 61, 70, true),
+        ("tf_efficientnetv2_s", 67, 45, true),
+        ("eca_nfnet_l0", 59, 66, true),
+    ];
+    for (backbone, w, h, neck) in cases {
+        let mut cfg = ModelConfig::for_backbone(backbone, vec!["a".into()], vec![1]).unwrap();
+        cfg.img_size = finprint::transforms::ImgSize {
+            width: w,
+            height: h,
+        };
+        cfg.embedding_size = 24;
+        let mut model = HappyWhaleModel::new(cfg, Device::Cpu).unwrap();
+        perturb(&model);
+        if !neck {
+            model = model.pooled_features();
+        }
+        let diff = onnx_difference(&model);
+        assert!(diff <= 1e-4, "{backbone} {w}×{h} neck {neck}: {diff}");
+    }
+}

@@ -183,6 +183,45 @@ fn lite0_gives_the_reference_logits() {
     assert_eq!(got.argmax(-1, false), want.argmax(-1, false));
 }
 
+/// `finprint export-onnx --zero-shot efficientnet_lite0` writes the pretrained network, and
+/// tract running that file gives libtorch's features of the sample photos (after L2
+/// normalisation, within 1e-4).
+#[cfg(feature = "onnx")]
+#[test]
+fn lite0_exported_to_onnx_gives_libtorch_features() {
+    let Some(dir) = weights_dir() else { return };
+    let _serial = serial();
+    let out = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_finprint"))
+        .args(["export-onnx", "--zero-shot", "efficientnet_lite0", "--out"])
+        .arg(out.path())
+        .env("FINPRINT_WEIGHTS", &dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let file = out.path().join("0-efficientnet_lite0-224.onnx");
+    let bytes = std::fs::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let net = finprint::onnx::OnnxNet::new(&bytes, "lite0", 4).unwrap();
+    let model = finprint::model::happywhale::HappyWhaleModel::zero_shot(
+        "efficientnet_lite0",
+        None,
+        finprint::transforms::Fit::Squash,
+        Device::Cpu,
+    )
+    .unwrap();
+    let xs = model::variant("efficientnet_lite0")
+        .unwrap()
+        .normalize(&photos(&dir, 224));
+    let want = model.extract(&xs);
+    let input = Vec::<f32>::try_from(xs.contiguous().view(-1)).unwrap();
+    let rows = net.run(&input, PHOTOS.len()).unwrap();
+    let got = Tensor::from_slice(&rows).view([PHOTOS.len() as i64, 1280]);
+    let got = finprint::model::heads::normalize(&got);
+    let diff = (&got - &want).abs().max().double_value(&[]);
+    eprintln!("lite0 through ONNX and tract: max |diff| {diff:.2e} of unit features");
+    assert!(diff <= 1e-4, "max |diff| {diff}");
+}
+
 /// Eval throughput of Lite0 at 224×224, batch 16, in NCHW and in channels-last memory layout
 /// (tch has no `to_memory_format`; a permuted contiguous copy has channels-last strides, which
 /// libtorch's convolutions then keep). Run with `cargo test --release --test pretrained --

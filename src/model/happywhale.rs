@@ -7,8 +7,10 @@
 //! `species.*`: a cosine classifier of the species on the same embedding.
 
 use super::heads::{normalize, ArcFace, ArcFaceConfig, Gem};
+use super::layers::values;
 use super::{build_backbone, variant, Backbone};
 use crate::fsio;
+use crate::onnx::{Attr, Graph};
 use crate::transforms::{Fit, Flips, ImgSize};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -150,9 +152,14 @@ impl HappyWhaleModel {
         config.fit = fit;
         let mut model = Self::new(config, device)?;
         model.load_backbone_weights(&pretrained_weights(backbone)?)?;
-        model.config.embedding_size = model.backbone.num_features();
-        model.pooled_only = true;
-        Ok(model)
+        Ok(model.pooled_features())
+    }
+
+    /// This model's backbone alone: its embedding is the GeM-pooled features.
+    pub fn pooled_features(mut self) -> Self {
+        self.config.embedding_size = self.backbone.num_features();
+        self.pooled_only = true;
+        self
     }
 
     pub fn backbone(&self) -> &dyn Backbone {
@@ -190,6 +197,50 @@ impl HappyWhaleModel {
             return self.pool(&map);
         }
         self.neck(&self.pool(&map), train)
+    }
+
+    /// This model's embedding as an ONNX model, written from its own layers: what
+    /// [`Self::embed`] computes in eval mode (not L2-normalised), input `input` `[N, 3, H, W]`
+    /// (normalised, at the model's input size), one output `[N, E]`. BatchNorms are folded into
+    /// the convolution or linear layer before them.
+    pub fn to_onnx(&self) -> Result<Vec<u8>> {
+        let mut g = Graph::new();
+        let s = self.config.img_size;
+        let x = g.input("input", &[-1, 3, i64::from(s.height), i64::from(s.width)]);
+        let map = tch::no_grad(|| self.backbone.emit(&mut g, &x))?;
+        let pooled = self.pooling.emit(&mut g, "pooling", &map);
+        let out = if self.pooled_only {
+            pooled
+        } else {
+            let (ws, bs) = tch::no_grad(|| self.folded_neck());
+            let ws = g.weight("neck.1.weight", &ws.size(), &values(&ws));
+            let bs = g.weight("neck.1.bias", &bs.size(), &values(&bs));
+            let trans = [("transB", Attr::Int(1))];
+            let shape = vec![pooled.shape[0], self.config.embedding_size];
+            g.node("Gemm", "neck.1", &[&pooled.name, &ws, &bs], &trans, shape)
+        };
+        g.output(&out);
+        Ok(g.to_bytes(&self.config.backbone))
+    }
+
+    /// The neck's Linear with its BatchNorm1d (eval mode) folded in: weights and bias.
+    fn folded_neck(&self) -> (Tensor, Tensor) {
+        let (bn, fc) = (&self.neck_bn, &self.neck_fc);
+        let eps = nn::BatchNormConfig::default().eps;
+        let ones = Tensor::ones_like(&bn.running_var);
+        let gamma = bn.ws.as_ref().unwrap_or(&ones);
+        let scale = gamma / (&bn.running_var + eps).sqrt();
+        let shift = match &bn.bs {
+            Some(beta) => beta - &bn.running_mean * &scale,
+            None => -(&bn.running_mean * &scale),
+        };
+        let ws = &fc.ws * scale.view([1, -1]);
+        let bs = fc.ws.mv(&shift);
+        let bs = match &fc.bs {
+            Some(b) => bs + b,
+            None => bs,
+        };
+        (ws, bs)
     }
 
     /// ArcFace training logits `[N, classes]`.

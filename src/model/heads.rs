@@ -1,6 +1,8 @@
 //! The heads on a backbone's feature map: GeM pooling, the BatchNorm1d + Linear neck that gives
 //! the embedding, and ArcFace (with sub-centers and per-class dynamic margins) for training.
 
+use super::layers::values;
+use crate::onnx::{Graph, Value};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
 
@@ -24,6 +26,29 @@ impl Gem {
             .pow(&self.p)
             .mean_dim(&[-2i64, -1][..], false, Kind::Float)
             .pow(&self.p.reciprocal())
+    }
+}
+
+impl Gem {
+    /// This pooling in an ONNX graph, `[N, C, H, W]` → `[N, C]`, under `name`.
+    pub fn emit(&self, g: &mut Graph, name: &str, x: &Value) -> Value {
+        let (n, c) = (x.shape[0], x.shape[1]);
+        let eps = g.scalar(&format!("{name}.eps"), self.eps as f32);
+        let p = g.weight(&format!("{name}.p"), &[1], &values(&self.p));
+        let inv = tch::no_grad(|| self.p.reciprocal());
+        let inv = g.weight(&format!("{name}.p_reciprocal"), &[1], &values(&inv));
+        let ys = g.node("Clip", name, &[&x.name, &eps], &[], x.shape.clone());
+        let ys = g.node("Pow", name, &[&ys.name, &p], &[], x.shape.clone());
+        let ys = g.node(
+            "GlobalAveragePool",
+            name,
+            &[&ys.name],
+            &[],
+            vec![n, c, 1, 1],
+        );
+        let ys = g.node("Pow", name, &[&ys.name, &inv], &[], vec![n, c, 1, 1]);
+        let flat = [("axis", crate::onnx::Attr::Int(1))];
+        g.node("Flatten", name, &[&ys.name], &flat, vec![n, c])
     }
 }
 

@@ -7,6 +7,7 @@
 //! port name the same layers differently.
 
 use super::Backbone;
+use crate::onnx::{Attr, Graph, Value};
 use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
@@ -59,6 +60,11 @@ impl ConvCfg {
     }
 }
 
+/// The dotted checkpoint path of `p`.
+pub fn path_name(p: &nn::Path) -> String {
+    p.components().collect::<Vec<_>>().join(".")
+}
+
 /// TF "SAME" total padding along one axis (timm's `get_same_padding`).
 pub fn same_padding(size: i64, kernel: i64, stride: i64, dilation: i64) -> i64 {
     let out = (size + stride - 1) / stride;
@@ -83,6 +89,8 @@ pub fn pad_same(xs: &Tensor, kernel: i64, stride: i64, dilation: i64) -> Tensor 
 pub struct Conv2d {
     pub ws: Tensor,
     pub bs: Option<Tensor>,
+    /// The checkpoint path, e.g. `_blocks.0._depthwise_conv` (names the ONNX node).
+    name: String,
     kernel: i64,
     stride: i64,
     dilation: i64,
@@ -112,6 +120,7 @@ impl Conv2d {
         Conv2d {
             ws,
             bs,
+            name: path_name(&p),
             kernel,
             stride: cfg.stride,
             dilation: cfg.dilation,
@@ -175,6 +184,62 @@ impl Conv2d {
     }
 }
 
+/// A float tensor's values, row-major.
+pub fn values(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous().view(-1))
+        .expect("a float tensor converts to a vector")
+}
+
+/// `[N, C, H, W]` of a feature map in the graph.
+fn nchw(x: &Value) -> [i64; 4] {
+    match x.shape[..] {
+        [n, c, h, w] => [n, c, h, w],
+        _ => panic!("{}: shape {:?} is not [N, C, H, W]", x.name, x.shape),
+    }
+}
+
+impl Conv2d {
+    /// ONNX `Conv` of `x` with this geometry and weights `ws`, bias `bs`, under the
+    /// convolution's checkpoint name (the padding of TF "SAME" fixed by `x`'s size).
+    fn emit_with(&self, g: &mut Graph, x: &Value, ws: &Tensor, bs: Option<&Tensor>) -> Value {
+        let [n, _, h, w] = nchw(x);
+        let span = self.dilation * (self.kernel - 1);
+        let axis = |size: i64| {
+            let (begin, end) = match self.pad {
+                Pad::Fixed(p) => (p, p),
+                Pad::Same => {
+                    let total = same_padding(size, self.kernel, self.stride, self.dilation);
+                    (total / 2, total - total / 2)
+                }
+            };
+            (
+                begin,
+                end,
+                (size + begin + end - span - 1) / self.stride + 1,
+            )
+        };
+        let ((top, bottom, oh), (left, right, ow)) = (axis(h), axis(w));
+        let weight = g.weight(&format!("{}.weight", self.name), &ws.size(), &values(ws));
+        let bias = bs.map(|b| g.weight(&format!("{}.bias", self.name), &b.size(), &values(b)));
+        let mut inputs = vec![x.name.as_str(), weight.as_str()];
+        inputs.extend(bias.as_deref());
+        let attrs = [
+            ("kernel_shape", Attr::Ints(vec![self.kernel; 2])),
+            ("strides", Attr::Ints(vec![self.stride; 2])),
+            ("dilations", Attr::Ints(vec![self.dilation; 2])),
+            ("pads", Attr::Ints(vec![top, left, bottom, right])),
+            ("group", Attr::Int(self.groups)),
+        ];
+        let c_out = ws.size()[0];
+        g.node("Conv", &self.name, &inputs, &attrs, vec![n, c_out, oh, ow])
+    }
+
+    /// This convolution in an ONNX graph.
+    pub fn emit(&self, g: &mut Graph, x: &Value) -> Value {
+        self.emit_with(g, x, &self.ws, self.bs.as_ref())
+    }
+}
+
 impl nn::Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Tensor {
         self.conv_with(xs, &self.ws, self.bs.as_ref())
@@ -194,6 +259,22 @@ impl Act {
         match self {
             Act::Relu6 => xs.relu6(),
             Act::Silu => xs.silu(),
+        }
+    }
+
+    /// This activation in an ONNX graph, after the node `x` (named after it).
+    pub fn emit(self, g: &mut Graph, x: &Value) -> Value {
+        let name = format!("{}.act", x.name);
+        match self {
+            Act::Relu6 => {
+                let lo = g.scalar("relu6.min", 0.0);
+                let hi = g.scalar("relu6.max", 6.0);
+                g.node("Clip", &name, &[&x.name, &lo, &hi], &[], x.shape.clone())
+            }
+            Act::Silu => {
+                let gate = g.node("Sigmoid", &name, &[&x.name], &[], x.shape.clone());
+                g.node("Mul", &name, &[&x.name, &gate.name], &[], x.shape.clone())
+            }
         }
     }
 
@@ -245,9 +326,19 @@ impl BnAct {
     /// the convolution's weights and bias — one pass over the activations instead of two. The
     /// folding is computed per call (on the small weight tensors), so it follows training.
     pub fn after_conv(&self, conv: &Conv2d, xs: &Tensor, train: bool) -> Tensor {
-        let (Some(gamma), Some(beta), false) = (&self.bn.ws, &self.bn.bs, train) else {
+        let Some((ws, bias)) = self.folded(conv).filter(|_| !train) else {
             return self.forward_t(&xs.apply(conv), train);
         };
+        let ys = conv.conv_eval(xs, &ws, Some(&bias));
+        match self.act {
+            Some(act) => act.apply_(ys),
+            None => ys,
+        }
+    }
+
+    /// `conv`'s weights and bias with this (affine) BatchNorm's running statistics folded in.
+    fn folded(&self, conv: &Conv2d) -> Option<(Tensor, Tensor)> {
+        let (gamma, beta) = (self.bn.ws.as_ref()?, self.bn.bs.as_ref()?);
         let scale = gamma / (&self.bn.running_var + self.eps).sqrt();
         let ws = &conv.ws * scale.view([-1, 1, 1, 1]);
         let shift = beta - &self.bn.running_mean * &scale;
@@ -255,9 +346,17 @@ impl BnAct {
             Some(b) => shift + b * &scale,
             None => shift,
         };
-        let ys = conv.conv_eval(xs, &ws, Some(&bias));
+        Some((ws, bias))
+    }
+
+    /// `conv`, this BatchNorm and activation in an ONNX graph, as [`Self::after_conv`] runs them
+    /// in eval mode: one `Conv` with the BatchNorm folded in (its weights are named after the
+    /// convolution).
+    pub fn emit_after_conv(&self, g: &mut Graph, conv: &Conv2d, x: &Value) -> Value {
+        let (ws, bias) = tch::no_grad(|| self.folded(conv)).expect("an affine BatchNorm");
+        let ys = conv.emit_with(g, x, &ws, Some(&bias));
         match self.act {
-            Some(act) => act.apply_(ys),
+            Some(act) => act.emit(g, &ys),
             None => ys,
         }
     }
@@ -295,6 +394,12 @@ fn residual(mut ys: Tensor, xs: &Tensor, rate: f64, train: bool) -> Tensor {
         ys += xs;
         ys
     }
+}
+
+/// A block's output plus its input, in an ONNX graph.
+fn emit_residual(g: &mut Graph, ys: Value, xs: &Value) -> Value {
+    let name = format!("{}.residual", ys.name);
+    g.node("Add", &name, &[&ys.name, &xs.name], &[], ys.shape.clone())
 }
 
 /// Options shared by every layer of a network.
@@ -348,6 +453,17 @@ impl ConvBnAct {
     }
 }
 
+impl ConvBnAct {
+    pub fn emit(&self, g: &mut Graph, x: &Value) -> Value {
+        let ys = self.bn.emit_after_conv(g, &self.conv, x);
+        if self.has_skip {
+            emit_residual(g, ys, x)
+        } else {
+            ys
+        }
+    }
+}
+
 impl ModuleT for ConvBnAct {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         let ys = self.bn.after_conv(&self.conv, xs, train);
@@ -376,6 +492,26 @@ impl SqueezeExcite {
             expand: Conv2d::new(expand, reduced, channels, 1, cfg),
             act,
         }
+    }
+}
+
+impl SqueezeExcite {
+    pub fn emit(&self, g: &mut Graph, x: &Value) -> Value {
+        let [n, c, _, _] = nchw(x);
+        let name = format!("{}.squeeze", self.reduce.name);
+        let mean = g.node(
+            "GlobalAveragePool",
+            &name,
+            &[&x.name],
+            &[],
+            vec![n, c, 1, 1],
+        );
+        let s = self.reduce.emit(g, &mean);
+        let s = self.act.emit(g, &s);
+        let s = self.expand.emit(g, &s);
+        let name = format!("{}.gate", self.expand.name);
+        let gate = g.node("Sigmoid", &name, &[&s.name], &[], s.shape.clone());
+        g.node("Mul", &name, &[&x.name, &gate.name], &[], x.shape.clone())
     }
 }
 
@@ -513,6 +649,25 @@ impl MbConv {
     }
 }
 
+impl MbConv {
+    pub fn emit(&self, g: &mut Graph, x: &Value) -> Value {
+        let mut ys = match &self.expand {
+            Some((conv, bn)) => bn.emit_after_conv(g, conv, x),
+            None => x.clone(),
+        };
+        ys = self.dw_bn.emit_after_conv(g, &self.dw, &ys);
+        if let Some(se) = &self.se {
+            ys = se.emit(g, &ys);
+        }
+        ys = self.project_bn.emit_after_conv(g, &self.project, &ys);
+        if self.has_skip {
+            emit_residual(g, ys, x)
+        } else {
+            ys
+        }
+    }
+}
+
 impl ModuleT for MbConv {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         let mut ys = match &self.expand {
@@ -578,6 +733,21 @@ impl FusedMbConv {
     }
 }
 
+impl FusedMbConv {
+    pub fn emit(&self, g: &mut Graph, x: &Value) -> Value {
+        let mut ys = self.bn1.emit_after_conv(g, &self.conv_exp, x);
+        if let Some(se) = &self.se {
+            ys = se.emit(g, &ys);
+        }
+        ys = self.bn2.emit_after_conv(g, &self.conv_pwl, &ys);
+        if self.has_skip {
+            emit_residual(g, ys, x)
+        } else {
+            ys
+        }
+    }
+}
+
 impl ModuleT for FusedMbConv {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         let mut ys = self.bn1.after_conv(&self.conv_exp, xs, train);
@@ -600,6 +770,16 @@ pub enum Block {
     Conv(ConvBnAct),
     MbConv(MbConv),
     Fused(FusedMbConv),
+}
+
+impl Block {
+    pub fn emit(&self, g: &mut Graph, x: &Value) -> Value {
+        match self {
+            Block::Conv(b) => b.emit(g, x),
+            Block::MbConv(b) => b.emit(g, x),
+            Block::Fused(b) => b.emit(g, x),
+        }
+    }
 }
 
 impl ModuleT for Block {
@@ -646,6 +826,16 @@ impl Backbone for StagedNet {
 
     fn num_stages(&self) -> usize {
         self.stages.len() + 2
+    }
+
+    fn emit(&self, g: &mut Graph, x: &Value) -> anyhow::Result<Value> {
+        let ys = self.stem.emit(g, x);
+        let ys = self
+            .stages
+            .iter()
+            .flatten()
+            .fold(ys, |ys, b| b.emit(g, &ys));
+        Ok(self.head.emit(g, &ys))
     }
 
     fn num_features(&self) -> i64 {

@@ -9,6 +9,7 @@ pub mod layers;
 pub mod nfnet;
 pub mod whitening;
 
+use crate::onnx::{Graph, Value};
 use efficientnet::EfficientNetConfig;
 use efficientnet_lite::LiteConfig;
 use nfnet::NfNetConfig;
@@ -29,6 +30,8 @@ pub trait Backbone: std::fmt::Debug + Send {
     fn forward_features(&self, xs: &Tensor, train: bool) -> Tensor {
         self.forward_stages(xs, train, 0, self.num_stages())
     }
+    /// The whole network in eval mode, in an ONNX graph on the feature map `x`.
+    fn emit(&self, g: &mut Graph, x: &Value) -> anyhow::Result<Value>;
 }
 
 /// Which network a variant is, with its configuration.
