@@ -402,6 +402,27 @@ fn emit_residual(g: &mut Graph, ys: Value, xs: &Value) -> Value {
     g.node("Add", &name, &[&ys.name, &xs.name], &[], ys.shape.clone())
 }
 
+/// The end of an (fused) MBConv block in an ONNX graph, after its expansion `ys`: the
+/// squeeze-excitation, the linear projection and the residual connection to the input `x`.
+fn emit_block_end(
+    g: &mut Graph,
+    se: Option<&SqueezeExcite>,
+    (conv, bn): (&Conv2d, &BnAct),
+    skip: bool,
+    mut ys: Value,
+    x: &Value,
+) -> Value {
+    if let Some(se) = se {
+        ys = se.emit(g, &ys);
+    }
+    ys = bn.emit_after_conv(g, conv, &ys);
+    if skip {
+        emit_residual(g, ys, x)
+    } else {
+        ys
+    }
+}
+
 /// Options shared by every layer of a network.
 #[derive(Debug, Clone, Copy)]
 pub struct LayerCfg {
@@ -651,20 +672,13 @@ impl MbConv {
 
 impl MbConv {
     pub fn emit(&self, g: &mut Graph, x: &Value) -> Value {
-        let mut ys = match &self.expand {
+        let ys = match &self.expand {
             Some((conv, bn)) => bn.emit_after_conv(g, conv, x),
             None => x.clone(),
         };
-        ys = self.dw_bn.emit_after_conv(g, &self.dw, &ys);
-        if let Some(se) = &self.se {
-            ys = se.emit(g, &ys);
-        }
-        ys = self.project_bn.emit_after_conv(g, &self.project, &ys);
-        if self.has_skip {
-            emit_residual(g, ys, x)
-        } else {
-            ys
-        }
+        let ys = self.dw_bn.emit_after_conv(g, &self.dw, &ys);
+        let project = (&self.project, &self.project_bn);
+        emit_block_end(g, self.se.as_ref(), project, self.has_skip, ys, x)
     }
 }
 
@@ -735,16 +749,9 @@ impl FusedMbConv {
 
 impl FusedMbConv {
     pub fn emit(&self, g: &mut Graph, x: &Value) -> Value {
-        let mut ys = self.bn1.emit_after_conv(g, &self.conv_exp, x);
-        if let Some(se) = &self.se {
-            ys = se.emit(g, &ys);
-        }
-        ys = self.bn2.emit_after_conv(g, &self.conv_pwl, &ys);
-        if self.has_skip {
-            emit_residual(g, ys, x)
-        } else {
-            ys
-        }
+        let ys = self.bn1.emit_after_conv(g, &self.conv_exp, x);
+        let project = (&self.conv_pwl, &self.bn2);
+        emit_block_end(g, self.se.as_ref(), project, self.has_skip, ys, x)
     }
 }
 
