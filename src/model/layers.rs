@@ -326,7 +326,8 @@ impl BnAct {
     /// the convolution's weights and bias — one pass over the activations instead of two. The
     /// folding is computed per call (on the small weight tensors), so it follows training.
     pub fn after_conv(&self, conv: &Conv2d, xs: &Tensor, train: bool) -> Tensor {
-        let Some((ws, bias)) = self.folded(conv).filter(|_| !train) else {
+        let folded = if train { None } else { self.folded(conv) };
+        let Some((ws, bias)) = folded else {
             return self.forward_t(&xs.apply(conv), train);
         };
         let ys = conv.conv_eval(xs, &ws, Some(&bias));
