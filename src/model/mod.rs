@@ -30,7 +30,8 @@ pub trait Backbone: std::fmt::Debug + Send {
     fn forward_features(&self, xs: &Tensor, train: bool) -> Tensor {
         self.forward_stages(xs, train, 0, self.num_stages())
     }
-    /// The whole network in eval mode, in an ONNX graph on the feature map `x`.
+    /// The whole network in eval mode, in an ONNX graph: the feature map of the image batch
+    /// `x` (an error for a backbone that cannot be written yet).
     fn emit(&self, g: &mut Graph, x: &Value) -> anyhow::Result<Value>;
 }
 
