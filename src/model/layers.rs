@@ -61,7 +61,7 @@ impl ConvCfg {
 }
 
 /// The dotted checkpoint path of `p`.
-fn path_name(p: &nn::Path) -> String {
+pub fn path_name(p: &nn::Path) -> String {
     p.components().collect::<Vec<_>>().join(".")
 }
 

@@ -11,9 +11,9 @@
 //! variance grows by `α²` a block, and is back to 1 after each stage's first block, whose shortcut
 //! is a convolution of `act(x) · β`.
 
-use super::layers::{drop_path, make_divisible, Act};
+use super::layers::{drop_path, make_divisible, path_name, values, Act};
 use super::Backbone;
-use crate::onnx::{Graph, Value};
+use crate::onnx::{Attr, Graph, Value};
 use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
@@ -147,6 +147,8 @@ impl StdConvCfg {
 /// and scaled by `gain · gamma / sqrt(fan_in)`, on every call, so that training sees it.
 #[derive(Debug)]
 pub struct ScaledStdConv2d {
+    /// The checkpoint path (names the ONNX node).
+    name: String,
     ws: Tensor,
     bs: Tensor,
     gain: Tensor,
@@ -169,6 +171,7 @@ impl ScaledStdConv2d {
         };
         let fan_in = c_in / cfg.groups * kernel * kernel;
         ScaledStdConv2d {
+            name: path_name(&p),
             ws: p.var("weight", &[c_out, c_in / cfg.groups, kernel, kernel], init),
             bs: p.var("bias", &[c_out], nn::Init::Const(0.)),
             gain: p.var("gain", &[c_out, 1, 1, 1], nn::Init::Const(cfg.gain_init)),
@@ -201,6 +204,39 @@ impl ScaledStdConv2d {
     }
 }
 
+impl ScaledStdConv2d {
+    /// This convolution in an ONNX graph, its standardised weights computed once.
+    fn emit(&self, g: &mut Graph, x: &Value) -> Value {
+        let &[n, _, h, w] = &x.shape[..] else {
+            panic!("{}: shape {:?} is not [N, C, H, W]", x.name, x.shape)
+        };
+        let ws = tch::no_grad(|| self.weight());
+        let size = ws.size();
+        let (k, p, s) = (size[2], self.padding, self.stride);
+        let out = |n: i64| (n + 2 * p - k) / s + 1;
+        let weight = g.weight(&format!("{}.weight", self.name), &size, &values(&ws));
+        let bias = g.weight(
+            &format!("{}.bias", self.name),
+            &[size[0]],
+            &values(&self.bs),
+        );
+        let attrs = [
+            ("kernel_shape", Attr::Ints(vec![k; 2])),
+            ("strides", Attr::Ints(vec![s; 2])),
+            ("pads", Attr::Ints(vec![p; 4])),
+            ("group", Attr::Int(self.groups)),
+        ];
+        let shape = vec![n, size[0], out(h), out(w)];
+        g.node(
+            "Conv",
+            &self.name,
+            &[&x.name, &weight, &bias],
+            &attrs,
+            shape,
+        )
+    }
+}
+
 impl nn::Module for ScaledStdConv2d {
     fn forward(&self, xs: &Tensor) -> Tensor {
         xs.conv2d(
@@ -218,6 +254,7 @@ impl nn::Module for ScaledStdConv2d {
 /// bias, over the channels' global averages, then a sigmoid. Variable `conv.weight` `[1, 1, k]`.
 #[derive(Debug)]
 pub struct Eca {
+    name: String,
     ws: Tensor,
 }
 
@@ -238,8 +275,36 @@ impl Eca {
             up: bound,
         };
         Eca {
+            name: path_name(&p),
             ws: p.var("weight", &[1, 1, k], init),
         }
+    }
+}
+
+impl Eca {
+    fn emit(&self, g: &mut Graph, x: &Value) -> Value {
+        let (n, c) = (x.shape[0], x.shape[1]);
+        let k = self.ws.size()[2];
+        let name = &self.name;
+        let mean = g.node("GlobalAveragePool", name, &[&x.name], &[], vec![n, c, 1, 1]);
+        let row = g.ints("eca.row", &[-1, 1, c]);
+        let mean = g.node("Reshape", name, &[&mean.name, &row], &[], vec![n, 1, c]);
+        let weight = g.weight(&format!("{name}.weight"), &[1, 1, k], &values(&self.ws));
+        let attrs = [
+            ("kernel_shape", Attr::Ints(vec![k])),
+            ("pads", Attr::Ints(vec![(k - 1) / 2; 2])),
+        ];
+        let conv = g.node("Conv", name, &[&mean.name, &weight], &attrs, vec![n, 1, c]);
+        let gates = g.node("Sigmoid", name, &[&conv.name], &[], vec![n, 1, c]);
+        let column = g.ints("eca.column", &[-1, c, 1, 1]);
+        let gates = g.node(
+            "Reshape",
+            name,
+            &[&gates.name, &column],
+            &[],
+            vec![n, c, 1, 1],
+        );
+        g.node("Mul", name, &[&x.name, &gates.name], &[], x.shape.clone())
     }
 }
 
@@ -263,6 +328,24 @@ impl nn::Module for Eca {
 struct DownsampleAvg {
     pool: bool,
     conv: ScaledStdConv2d,
+}
+
+impl DownsampleAvg {
+    fn emit(&self, g: &mut Graph, x: &Value) -> Value {
+        if !self.pool {
+            return self.conv.emit(g, x);
+        }
+        let [n, c, h, w] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+        let attrs = [
+            ("kernel_shape", Attr::Ints(vec![2, 2])),
+            ("strides", Attr::Ints(vec![2, 2])),
+            ("ceil_mode", Attr::Int(1)),
+        ];
+        let name = format!("{}.pool", self.conv.name);
+        let shape = vec![n, c, (h + 1) / 2, (w + 1) / 2];
+        let pooled = g.node("AveragePool", &name, &[&x.name], &attrs, shape);
+        self.conv.emit(g, &pooled)
+    }
 }
 
 impl nn::Module for DownsampleAvg {
@@ -334,6 +417,43 @@ impl NfBlock {
             attn_gain: cfg.attn_gain,
             drop_path: block.drop_path,
         }
+    }
+}
+
+/// `x · k` in an ONNX graph.
+fn emit_scale(g: &mut Graph, x: &Value, k: f64, what: &str) -> Value {
+    let k = g.scalar(what, k as f32);
+    let name = format!("{}.{what}", x.name);
+    g.node("Mul", &name, &[&x.name, &k], &[], x.shape.clone())
+}
+
+impl NfBlock {
+    fn emit(&self, g: &mut Graph, x: &Value) -> Value {
+        let act = self.act;
+        let out = act.emit(g, x);
+        let out = emit_scale(g, &out, self.beta, "beta");
+        let shortcut = match &self.downsample {
+            Some(downsample) => downsample.emit(g, &out),
+            None => x.clone(),
+        };
+        let out = self.conv1.emit(g, &out);
+        let out = act.emit(g, &out);
+        let out = self.conv2.emit(g, &out);
+        let out = act.emit(g, &out);
+        let out = self.conv2b.emit(g, &out);
+        let out = act.emit(g, &out);
+        let out = self.conv3.emit(g, &out);
+        let out = self.attn_last.emit(g, &out);
+        let out = emit_scale(g, &out, self.attn_gain, "attn_gain");
+        let out = emit_scale(g, &out, self.alpha, "alpha");
+        let name = format!("{}.residual", self.conv3.name);
+        g.node(
+            "Add",
+            &name,
+            &[&out.name, &shortcut.name],
+            &[],
+            out.shape.clone(),
+        )
     }
 }
 
@@ -461,10 +581,22 @@ impl Backbone for NfNet {
         self.stages.len() + 2
     }
 
-    /// Not written yet: the graph written from these layers did not reproduce libtorch's
-    /// features (onnxruntime and tract agreed with each other, not with libtorch).
-    fn emit(&self, _: &mut Graph, _: &Value) -> anyhow::Result<Value> {
-        anyhow::bail!("ECA-NFNets cannot be written to ONNX yet")
+    fn emit(&self, g: &mut Graph, x: &Value) -> anyhow::Result<Value> {
+        let last = self.stem.len() - 1;
+        let mut ys = x.clone();
+        for (i, conv) in self.stem.iter().enumerate() {
+            ys = conv.emit(g, &ys);
+            if i < last {
+                ys = self.act.emit(g, &ys);
+            }
+        }
+        let ys = self
+            .stages
+            .iter()
+            .flatten()
+            .fold(ys, |ys, b| b.emit(g, &ys));
+        let ys = self.final_conv.emit(g, &ys);
+        Ok(self.act.emit(g, &ys))
     }
 
     fn num_features(&self) -> i64 {
