@@ -2,7 +2,7 @@
 //! the embedding, and ArcFace (with sub-centers and per-class dynamic margins) for training.
 
 use super::layers::values;
-use crate::onnx::{Graph, Value};
+use crate::onnx::{Attr, Graph, Value};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
 
@@ -47,7 +47,7 @@ impl Gem {
             vec![n, c, 1, 1],
         );
         let ys = g.node("Pow", name, &[&ys.name, &inv], &[], vec![n, c, 1, 1]);
-        let flat = [("axis", crate::onnx::Attr::Int(1))];
+        let flat = [("axis", Attr::Int(1))];
         g.node("Flatten", name, &[&ys.name], &flat, vec![n, c])
     }
 }

@@ -7,7 +7,7 @@
 //! port name the same layers differently.
 
 use super::Backbone;
-use crate::onnx::{Attr, Graph, Value};
+use crate::onnx::{Conv, Graph, Value};
 use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
@@ -190,48 +190,29 @@ pub fn values(t: &Tensor) -> Vec<f32> {
         .expect("a float tensor converts to a vector")
 }
 
-/// `[N, C, H, W]` of a feature map in the graph.
-fn nchw(x: &Value) -> [i64; 4] {
-    match x.shape[..] {
-        [n, c, h, w] => [n, c, h, w],
-        _ => panic!("{}: shape {:?} is not [N, C, H, W]", x.name, x.shape),
-    }
-}
-
 impl Conv2d {
     /// ONNX `Conv` of `x` with this geometry and weights `ws`, bias `bs`, under the
     /// convolution's checkpoint name (the padding of TF "SAME" fixed by `x`'s size).
     fn emit_with(&self, g: &mut Graph, x: &Value, ws: &Tensor, bs: Option<&Tensor>) -> Value {
-        let [n, _, h, w] = nchw(x);
-        let span = self.dilation * (self.kernel - 1);
-        let axis = |size: i64| {
-            let (begin, end) = match self.pad {
-                Pad::Fixed(p) => (p, p),
-                Pad::Same => {
-                    let total = same_padding(size, self.kernel, self.stride, self.dilation);
-                    (total / 2, total - total / 2)
-                }
-            };
-            (
-                begin,
-                end,
-                (size + begin + end - span - 1) / self.stride + 1,
-            )
+        let [_, _, h, w] = x.nchw();
+        let axis = |size: i64| match self.pad {
+            Pad::Fixed(p) => (p, p),
+            Pad::Same => {
+                let total = same_padding(size, self.kernel, self.stride, self.dilation);
+                (total / 2, total - total / 2)
+            }
         };
-        let ((top, bottom, oh), (left, right, ow)) = (axis(h), axis(w));
-        let weight = g.weight(&format!("{}.weight", self.name), &ws.size(), &values(ws));
-        let bias = bs.map(|b| g.weight(&format!("{}.bias", self.name), &b.size(), &values(b)));
-        let mut inputs = vec![x.name.as_str(), weight.as_str()];
-        inputs.extend(bias.as_deref());
-        let attrs = [
-            ("kernel_shape", Attr::Ints(vec![self.kernel; 2])),
-            ("strides", Attr::Ints(vec![self.stride; 2])),
-            ("dilations", Attr::Ints(vec![self.dilation; 2])),
-            ("pads", Attr::Ints(vec![top, left, bottom, right])),
-            ("group", Attr::Int(self.groups)),
-        ];
-        let c_out = ws.size()[0];
-        g.node("Conv", &self.name, &inputs, &attrs, vec![n, c_out, oh, ow])
+        let ((top, bottom), (left, right)) = (axis(h), axis(w));
+        let geometry = Conv {
+            kernel: self.kernel,
+            stride: self.stride,
+            dilation: self.dilation,
+            groups: self.groups,
+            pads: [top, left, bottom, right],
+        };
+        let bias = bs.map(values);
+        let weights = (&ws.size()[..], &values(ws)[..]);
+        g.conv2d(&self.name, x, weights, bias.as_deref(), geometry)
     }
 
     /// This convolution in an ONNX graph.
@@ -398,7 +379,7 @@ fn residual(mut ys: Tensor, xs: &Tensor, rate: f64, train: bool) -> Tensor {
 }
 
 /// A block's output plus its input, in an ONNX graph.
-fn emit_residual(g: &mut Graph, ys: Value, xs: &Value) -> Value {
+pub fn emit_residual(g: &mut Graph, ys: Value, xs: &Value) -> Value {
     let name = format!("{}.residual", ys.name);
     g.node("Add", &name, &[&ys.name, &xs.name], &[], ys.shape.clone())
 }
@@ -519,7 +500,7 @@ impl SqueezeExcite {
 
 impl SqueezeExcite {
     pub fn emit(&self, g: &mut Graph, x: &Value) -> Value {
-        let [n, c, _, _] = nchw(x);
+        let [n, c, _, _] = x.nchw();
         let name = format!("{}.squeeze", self.reduce.name);
         let mean = g.node(
             "GlobalAveragePool",

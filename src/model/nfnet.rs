@@ -11,9 +11,9 @@
 //! variance grows by `α²` a block, and is back to 1 after each stage's first block, whose shortcut
 //! is a convolution of `act(x) · β`.
 
-use super::layers::{drop_path, make_divisible, path_name, values, Act};
+use super::layers::{drop_path, emit_residual, make_divisible, path_name, values, Act};
 use super::Backbone;
-use crate::onnx::{Attr, Graph, Value};
+use crate::onnx::{Attr, Conv, Graph, Value};
 use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
@@ -207,33 +207,16 @@ impl ScaledStdConv2d {
 impl ScaledStdConv2d {
     /// This convolution in an ONNX graph, its standardised weights computed once.
     fn emit(&self, g: &mut Graph, x: &Value) -> Value {
-        let &[n, _, h, w] = &x.shape[..] else {
-            panic!("{}: shape {:?} is not [N, C, H, W]", x.name, x.shape)
-        };
         let ws = tch::no_grad(|| self.weight());
-        let size = ws.size();
-        let (k, p, s) = (size[2], self.padding, self.stride);
-        let out = |n: i64| (n + 2 * p - k) / s + 1;
-        let weight = g.weight(&format!("{}.weight", self.name), &size, &values(&ws));
-        let bias = g.weight(
-            &format!("{}.bias", self.name),
-            &[size[0]],
-            &values(&self.bs),
-        );
-        let attrs = [
-            ("kernel_shape", Attr::Ints(vec![k; 2])),
-            ("strides", Attr::Ints(vec![s; 2])),
-            ("pads", Attr::Ints(vec![p; 4])),
-            ("group", Attr::Int(self.groups)),
-        ];
-        let shape = vec![n, size[0], out(h), out(w)];
-        g.node(
-            "Conv",
-            &self.name,
-            &[&x.name, &weight, &bias],
-            &attrs,
-            shape,
-        )
+        let geometry = Conv {
+            kernel: ws.size()[2],
+            stride: self.stride,
+            dilation: 1,
+            groups: self.groups,
+            pads: [self.padding; 4],
+        };
+        let weights = (&ws.size()[..], &values(&ws)[..]);
+        g.conv2d(&self.name, x, weights, Some(&values(&self.bs)), geometry)
     }
 }
 
@@ -335,7 +318,7 @@ impl DownsampleAvg {
         if !self.pool {
             return self.conv.emit(g, x);
         }
-        let [n, c, h, w] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+        let [n, c, h, w] = x.nchw();
         let attrs = [
             ("kernel_shape", Attr::Ints(vec![2, 2])),
             ("strides", Attr::Ints(vec![2, 2])),
@@ -446,14 +429,7 @@ impl NfBlock {
         let out = self.attn_last.emit(g, &out);
         let out = emit_scale(g, &out, self.attn_gain, "attn_gain");
         let out = emit_scale(g, &out, self.alpha, "alpha");
-        let name = format!("{}.residual", self.conv3.name);
-        g.node(
-            "Add",
-            &name,
-            &[&out.name, &shortcut.name],
-            &[],
-            out.shape.clone(),
-        )
+        emit_residual(g, out, &shortcut)
     }
 }
 

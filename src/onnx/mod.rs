@@ -29,6 +29,27 @@ pub struct Value {
     pub shape: Vec<i64>,
 }
 
+impl Value {
+    /// `[N, C, H, W]` of a feature map.
+    pub fn nchw(&self) -> [i64; 4] {
+        match self.shape[..] {
+            [n, c, h, w] => [n, c, h, w],
+            _ => panic!("{}: shape {:?} is not [N, C, H, W]", self.name, self.shape),
+        }
+    }
+}
+
+/// The geometry of a square 2-D convolution ([`Graph::conv2d`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Conv {
+    pub kernel: i64,
+    pub stride: i64,
+    pub dilation: i64,
+    pub groups: i64,
+    /// Padding at the top, left, bottom and right.
+    pub pads: [i64; 4],
+}
+
 /// A node attribute.
 #[derive(Clone, Debug)]
 pub enum Attr {
@@ -170,6 +191,35 @@ impl Graph {
         }
         self.nodes.push(node);
         Value { name: out, shape }
+    }
+
+    /// A `Conv` node named `name` on the feature map `x`: weights `[C_out, C_in / groups, k, k]`
+    /// and an optional bias, written as `NAME.weight` and `NAME.bias`.
+    pub fn conv2d(
+        &mut self,
+        name: &str,
+        x: &Value,
+        (dims, weights): (&[i64], &[f32]),
+        bias: Option<&[f32]>,
+        c: Conv,
+    ) -> Value {
+        let [n, _, h, w] = x.nchw();
+        let span = c.dilation * (c.kernel - 1);
+        let [top, left, bottom, right] = c.pads;
+        let out = |size: i64, pad: i64| (size + pad - span - 1) / c.stride + 1;
+        let weight = self.weight(&format!("{name}.weight"), dims, weights);
+        let bias = bias.map(|b| self.weight(&format!("{name}.bias"), &[dims[0]], b));
+        let mut inputs = vec![x.name.as_str(), weight.as_str()];
+        inputs.extend(bias.as_deref());
+        let attrs = [
+            ("kernel_shape", Attr::Ints(vec![c.kernel; 2])),
+            ("strides", Attr::Ints(vec![c.stride; 2])),
+            ("dilations", Attr::Ints(vec![c.dilation; 2])),
+            ("pads", Attr::Ints(c.pads.to_vec())),
+            ("group", Attr::Int(c.groups)),
+        ];
+        let shape = vec![n, dims[0], out(h, top + bottom), out(w, left + right)];
+        self.node("Conv", name, &inputs, &attrs, shape)
     }
 
     /// The model file: `ModelProto` bytes.
