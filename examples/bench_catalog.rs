@@ -20,6 +20,7 @@ use anyhow::Context;
 use clap::Parser;
 use common::catalogue;
 use finprint::catalog::{to_blob, Catalog};
+use finprint::network::Engine;
 use finprint::runs::ModelSpec;
 use rusqlite::{params, Connection};
 use serde_json::json;
@@ -49,9 +50,9 @@ fn main() -> anyhow::Result<()> {
         args.catalog.display()
     );
     let start = Instant::now();
-    let spec = ModelSpec::Runs(vec![args.models.clone()]);
+    let spec = ModelSpec::Runs(vec![args.models.clone()], Engine::default());
     let model = spec.identity()?;
-    let dim = spec.load(None, tch::Device::Cpu)?.dim();
+    let dim = spec.load(None)?.dim();
     drop(Catalog::open(&args.catalog)?);
     let cat = catalogue(args.n, dim, args.seed);
 

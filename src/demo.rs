@@ -9,6 +9,7 @@ use crate::data::stats::Stats;
 use crate::data::{write_submission, KaggleDir};
 use crate::embed::EmbedOptions;
 use crate::metrics::{score, ScoreArgs};
+use crate::network::Engine;
 use crate::predict::{predict_submission, NewRule};
 use crate::runs::{validation_crops, Ensemble};
 use crate::search::IndexSpec;
@@ -94,7 +95,7 @@ pub fn run(args: &DemoArgs, say: &mut dyn FnMut(String)) -> Result<()> {
         run.join("report.md").display()
     ));
 
-    let ensemble = Ensemble::load(std::slice::from_ref(&run), crate::runtime::device())?;
+    let ensemble = Ensemble::load(std::slice::from_ref(&run), Engine::Libtorch)?;
     let options = EmbedOptions {
         flip_tta: false,
         batch_size: 32,

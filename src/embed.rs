@@ -7,17 +7,17 @@
 use crate::crops::CropSet;
 use crate::crops::LoadedCropSet;
 use crate::data::image::load_rgb;
-use crate::model::happywhale::HappyWhaleModel;
-use crate::model::heads::normalize;
+use crate::fsio::{f32_safetensors, read_f32};
+use crate::linalg::normalize_row;
+use crate::network::BatchEmbedder;
 use crate::runs::{Ensemble, ModelArgs, ModelSpec, Whitened};
 use crate::runtime::prefetched;
-use crate::transforms::{batch_views, Flips, Pipeline};
+use crate::transforms::{batch_views, Pipeline};
 use anyhow::{bail, Context, Result};
 use image::RgbImage;
 use indicatif::ProgressBar;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use tch::{Kind, Tensor};
 
 /// Row-major `[names.len(), dim]` unit vectors.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,15 +33,9 @@ impl Embeddings {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let bytes: Vec<u8> = self.vectors.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let view = safetensors::tensor::TensorView::new(
-            safetensors::Dtype::F32,
-            vec![self.names.len(), self.dim],
-            &bytes,
-        )
-        .context("embedding tensor")?;
         let metadata = HashMap::from([("names".to_string(), serde_json::to_string(&self.names)?)]);
-        let data = safetensors::serialize([("embeddings", view)], &Some(metadata))
+        let shape = vec![self.names.len(), self.dim];
+        let data = f32_safetensors(&[("embeddings", shape, &self.vectors)], Some(metadata))
             .context("serialising embeddings")?;
         crate::fsio::write_bytes_atomic(path, &data)
     }
@@ -64,79 +58,22 @@ impl Embeddings {
             .and_then(|n| serde_json::from_str(n).ok())
             .ok_or_else(|| bad("no names"))?;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|_| bad("tensors"))?;
-        let t = st
-            .tensor("embeddings")
-            .map_err(|_| bad("no 'embeddings' tensor"))?;
-        if t.dtype() != safetensors::Dtype::F32
-            || t.shape().len() != 2
-            || t.shape()[0] != names.len()
-        {
+        let (shape, vectors) = read_f32(&st, "embeddings", path)?;
+        if shape.len() != 2 || shape[0] != names.len() {
             bail!(bad("shape"));
         }
-        let vectors = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
         Ok(Self {
             names,
-            dim: t.shape()[1],
+            dim: shape[1],
             vectors,
         })
     }
 }
 
-/// Tensor `[N, D]` → row-major vector.
-pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
-    Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous().view(-1)).context("tensor to vector")
-}
-
-/// A batch of CHW images `[n, 3, h, w]` as the model's input tensor, laid out channels-last
-/// (NHWC strides), which libtorch's CPU convolutions keep through the network and run faster.
-pub fn input_tensor(model: &HappyWhaleModel, chw: &[f32], n: usize) -> Tensor {
-    let s = model.config.img_size;
-    Tensor::from_slice(chw)
-        .view([n as i64, 3, i64::from(s.height), i64::from(s.width)])
-        .to_device(model.vs.device())
-        .permute([0, 2, 3, 1])
-        .contiguous()
-        .permute([0, 3, 1, 2])
-}
-
-/// Unit embeddings `[N, E]` of an input batch: with `flip_tta`, the mean over the photo and the
-/// mirror images that show the same animal (the model's [`Flips`]).
-pub fn embed_batch(model: &HappyWhaleModel, xs: &Tensor, flip_tta: bool) -> Tensor {
-    let flips = if flip_tta {
-        model.config.flips
-    } else {
-        Flips::None
-    };
-    unit_with_flips(xs, flips, |x| model.embed(x, false))
-}
-
-/// `normalize(f(xs))` without gradients, averaged (unit vectors summed, then normalised) with
-/// `f` of each mirror image of `xs` that `flips` allows.
-pub fn unit_with_flips(xs: &Tensor, flips: Flips, f: impl Fn(&Tensor) -> Tensor) -> Tensor {
-    tch::no_grad(|| {
-        let mut views = flips.views().into_iter();
-        let first = normalize(&f(xs));
-        match views.len() {
-            1 => first,
-            _ => {
-                let sum = views
-                    .by_ref()
-                    .skip(1)
-                    .fold(first, |acc, dims| acc + normalize(&f(&xs.flip(dims))));
-                normalize(&sum)
-            }
-        }
-    })
-}
-
 /// Embed `count` photos, `load(i)` giving photo i, in batches of `batch`, decoding the next
 /// batch while the model works.
-pub fn embed_images<F>(
-    model: &HappyWhaleModel,
+pub fn embed_images<M: BatchEmbedder, F>(
+    model: &M,
     count: usize,
     load: F,
     batch: usize,
@@ -160,8 +97,8 @@ where
 /// [`embed_images`] by several models at once: `parts[m]` is model m's `[count, E_m]`. Each
 /// photo is decoded once for all of them, and resized once for the models that take the same
 /// input (size, fit, mean and std).
-pub fn embed_by_each<F>(
-    models: &[HappyWhaleModel],
+pub fn embed_by_each<M: BatchEmbedder, F>(
+    models: &[M],
     count: usize,
     load: F,
     batch: usize,
@@ -171,8 +108,8 @@ pub fn embed_by_each<F>(
 where
     F: Fn(usize) -> Result<RgbImage> + Sync,
 {
-    let input = |m: &HappyWhaleModel| {
-        let c = &m.config;
+    let input = |m: &M| {
+        let c = m.config();
         (
             c.img_size,
             c.fit,
@@ -199,7 +136,7 @@ where
     let batches = count.div_ceil(batch);
     let mut parts: Vec<Vec<f32>> = models
         .iter()
-        .map(|m| Vec::with_capacity(count * m.config.embedding_size as usize))
+        .map(|m| Vec::with_capacity(count * m.config().embedding_size as usize))
         .collect();
     progress.set_length(count as u64);
     prefetched(
@@ -212,8 +149,7 @@ where
         },
         |_, (views, n)| {
             for ((model, part), &view) in models.iter().zip(&mut parts).zip(&view_of) {
-                let xs = input_tensor(model, &views[view], n);
-                part.extend(to_vec(&embed_batch(model, &xs, flip_tta))?);
+                part.extend(model.embed_unit(&views[view], n, flip_tta)?);
             }
             progress.inc(n as u64);
             Ok(())
@@ -306,7 +242,7 @@ pub struct EmbedArgs {
 /// Embed every photo of `args.images` and write the embeddings file; returns what was written.
 pub fn run(args: &EmbedArgs, progress: &ProgressBar) -> Result<Embeddings> {
     let spec = args.model.spec();
-    let ensemble = spec.load(None, crate::runtime::device())?;
+    let ensemble = spec.load(None)?;
     let sets = args.options.crop_sets(&spec)?;
     let names = crate::data::image::list_photos(&args.images)?;
     let vectors = args
@@ -327,28 +263,44 @@ pub struct ExportOnnxArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Folder to write the networks to: one `M-BACKBONE-SIZE.onnx` per network of the models
-    /// (M counts from 0 in the order embeddings are fused).
+    /// (M counts from 0 in the order embeddings are fused), its config beside it in
+    /// `M-BACKBONE-SIZE.json`. A checkpoint's `onnx/` folder is what `--engine tract` reads.
     #[arg(long)]
     pub out: PathBuf,
 }
 
-/// Write each network of the models to ONNX from finprint's own layers: input `input`
-/// `[N, 3, H, W]` (the photo resized and normalised as the run's config says), output the
-/// embedding before L2 normalisation. Returns the files written.
+/// Write each network of the models to ONNX from finprint's own layers (see [`write_onnx`]).
+/// Returns the files written.
+#[cfg(feature = "torch")]
 pub fn export_onnx(args: &ExportOnnxArgs) -> Result<Vec<PathBuf>> {
-    let ensemble = args.model.spec().load(None, tch::Device::Cpu)?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let ensemble = match args.model.spec() {
+        ModelSpec::Runs(runs, _) => Ensemble::load(&runs, crate::network::Engine::Libtorch)?,
+        spec => spec.load(None)?,
+    };
+    write_onnx(&ensemble, &args.out)
+}
+
+/// Write network `M` of `ensemble` into `out` as `M-BACKBONE-SIZE.onnx` (input `input`
+/// `[N, 3, H, W]`, the photo resized and normalised as its config says; output the embedding
+/// before L2 normalisation) and its config beside it as `M-BACKBONE-SIZE.json`: what the tract
+/// engine reads. Returns the ONNX files.
+#[cfg(feature = "torch")]
+pub fn write_onnx(ensemble: &Ensemble, out: &Path) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     ensemble
         .models
         .iter()
         .enumerate()
-        .map(|(i, model)| {
-            let c = &model.config;
-            let path = args
-                .out
-                .join(format!("{i}-{}-{}.onnx", c.backbone, c.img_size));
+        .map(|(i, network)| {
+            let c = &network.config;
+            let model = network
+                .model()
+                .context("only networks libtorch runs can be written to ONNX")?;
+            let stem = out.join(crate::network::onnx_name(i, &c.backbone, c.img_size));
+            let path = stem.with_extension("onnx");
             crate::fsio::write_bytes_atomic(&path, &model.to_onnx()?)?;
+            let config = serde_json::to_vec_pretty(c)?;
+            crate::fsio::write_bytes_atomic(&stem.with_extension("json"), &config)?;
             Ok(path)
         })
         .collect()
@@ -418,13 +370,7 @@ pub fn fuse(parts: &[Vec<f32>], weights: &[f32], count: usize) -> Vec<f32> {
         for ((p, &d), &w) in parts.iter().zip(&dims).zip(weights) {
             out.extend(p[i * d..(i + 1) * d].iter().map(|v| v * w));
         }
-        let norm = out[start..]
-            .iter()
-            .map(|v| v * v)
-            .sum::<f32>()
-            .sqrt()
-            .max(1e-12);
-        out[start..].iter_mut().for_each(|v| *v /= norm);
+        normalize_row(&mut out[start..]);
     }
     out
 }
@@ -434,9 +380,11 @@ mod tests {
     use super::*;
     use crate::model::whitening::Whitening;
 
+    #[cfg(feature = "torch")]
     #[test]
     fn members_share_each_decoded_photo_and_embed_as_alone() {
-        use crate::model::happywhale::ModelConfig;
+        use crate::model::config::ModelConfig;
+        use crate::model::happywhale::HappyWhaleModel;
         use crate::transforms::{Fit, ImgSize};
         use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
         let model = |size: ImgSize, fit: Fit| {
@@ -482,20 +430,6 @@ mod tests {
             assert_eq!(part, &alone);
         }
         assert_ne!(parts[0], parts[1], "two models, two embeddings");
-    }
-
-    #[test]
-    fn flip_tta_averages_exactly_the_allowed_mirror_images() {
-        // One 2×2 single-channel photo with its only bright pixel top-left; f flattens it.
-        let xs = Tensor::from_slice(&[1f32, 0., 0., 0.]).view([1, 1, 2, 2]);
-        let f = |x: &Tensor| x.view([1, 4]);
-        let at = |flips| to_vec(&unit_with_flips(&xs, flips, f)).unwrap();
-        let r = std::f32::consts::FRAC_1_SQRT_2;
-        let close = |a: Vec<f32>, b: [f32; 4]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6);
-        assert!(close(at(Flips::None), [1., 0., 0., 0.]));
-        assert!(close(at(Flips::Horizontal), [r, r, 0., 0.]));
-        assert!(close(at(Flips::Vertical), [r, 0., r, 0.]));
-        assert!(close(at(Flips::Both), [0.5; 4]));
     }
 
     #[test]

@@ -220,7 +220,7 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
         args.local.identity_score
     );
     let spec = args.model.spec();
-    let ensemble = spec.load(args.threshold, crate::runtime::device())?;
+    let ensemble = spec.load(args.threshold)?;
     let labelled = read_labels(args, &args.labels)?;
     let sets = args.options.crop_sets(&spec)?;
     let local = match args.local.enabled() {
@@ -298,11 +298,10 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
     // The baseline is loaded before any photo is embedded: a wrong name fails at once.
     let other = match &args.baseline {
         Some(backbone) => {
-            let device = crate::runtime::device();
             let run = Path::new(backbone).is_dir();
             let other = match run {
-                true => Ensemble::load(&[backbone.into()], device)?,
-                false => Ensemble::zero_shot(&ZeroShot::new(backbone), 0.0, device)?,
+                true => Ensemble::load(&[backbone.into()], args.model.engine)?,
+                false => ModelSpec::ZeroShot(ZeroShot::new(backbone)).load(Some(0.0))?,
             };
             Some((other, run))
         }

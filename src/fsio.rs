@@ -106,6 +106,52 @@ pub fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
     })
 }
 
+/// f32 tensors `(name, shape, values)` as the bytes of a safetensors file with `metadata`.
+pub fn f32_safetensors(
+    tensors: &[(&str, Vec<usize>, &[f32])],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), b)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                    .with_context(|| format!("tensor '{name}'"))?;
+            Ok((*name, view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(views, &metadata).context("serialising tensors")
+}
+
+/// The shape and values of the f32 tensor `name` of a safetensors file (`path` names it in
+/// errors).
+pub fn read_f32(
+    file: &safetensors::SafeTensors,
+    name: &str,
+    path: &Path,
+) -> Result<(Vec<usize>, Vec<f32>)> {
+    let t = file
+        .tensor(name)
+        .with_context(|| format!("{}: no '{name}' tensor", path.display()))?;
+    anyhow::ensure!(
+        t.dtype() == safetensors::Dtype::F32,
+        "{}: '{name}' is {:?}, not f32",
+        path.display(),
+        t.dtype()
+    );
+    let values = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok((t.shape().to_vec(), values))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

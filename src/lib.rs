@@ -4,12 +4,13 @@
 //!
 //! | stage | module | holds |
 //! |---|---|---|
-//! | plumbing | [`fsio`], [`runtime`], [`args`] | atomic writes and fingerprints; device and threads; argument plumbing and progress bars |
+//! | plumbing | [`fsio`], [`runtime`], [`args`], [`linalg`] | atomic writes, fingerprints and f32 safetensors; device and threads; argument plumbing and progress bars; f32 matrix products |
 //! | data | [`data`] | Kaggle CSVs, images, species names, folds, statistics |
 //! | transforms | [`transforms`] | the photo as a network sees it: resize, normalise, batches |
 //! | crops | [`crops`] | boxes, the saliency crop, the ONNX detector, crop sets |
 //! | synthetic data | [`synth`] | a generated Kaggle-format catalogue of rendered fin photos |
 //! | model | [`model`] | backbones (registry), GeM, neck, ArcFace, whitening; checkpoints |
+//! | networks | [`network`] | a network as an engine runs it (libtorch, or tract from ONNX), its heads as f32 classifiers |
 //! | run folders | [`runs`] | config, metrics, checkpoints and state of a run; loading runs as an [`runs::Ensemble`] |
 //! | embeddings | [`embed`] | photos (and their crops) to unit vectors, flip TTA, model fusion |
 //! | search | [`search`] | the `Index` trait: exact (f32/f16) and HNSW, chosen by an [`search::IndexSpec`] |
@@ -36,14 +37,17 @@ pub mod crops;
 pub mod crossval;
 pub mod data;
 pub mod decide;
+#[cfg(feature = "torch")]
 pub mod demo;
 pub mod embed;
 pub mod evaluate;
 pub mod fsio;
 pub mod fusion;
+pub mod linalg;
 pub mod local;
 pub mod metrics;
 pub mod model;
+pub mod network;
 pub mod onnx;
 pub mod predict;
 pub mod runs;
@@ -51,5 +55,6 @@ pub mod runtime;
 pub mod search;
 pub mod service;
 pub mod synth;
+#[cfg(feature = "torch")]
 pub mod train;
 pub mod transforms;

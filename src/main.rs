@@ -9,16 +9,21 @@ use finprint::compare::CompareArgs;
 use finprint::crops::CropArgs;
 use finprint::data::folds::{self, FoldsArgs};
 use finprint::data::stats::{Stats, StatsArgs};
+#[cfg(feature = "torch")]
 use finprint::demo::DemoArgs;
-use finprint::embed::{EmbedArgs, ExportOnnxArgs};
+use finprint::embed::EmbedArgs;
+#[cfg(feature = "torch")]
+use finprint::embed::ExportOnnxArgs;
 use finprint::evaluate::EvaluateArgs;
 use finprint::metrics::ScoreArgs;
 use finprint::predict::PredictArgs;
 use finprint::runtime::configure_threads;
 use finprint::service::ServeArgs;
 use finprint::synth::SynthArgs;
+#[cfg(feature = "torch")]
 use finprint::train::config::TrainArgs;
 use std::io::Write;
+#[cfg(feature = "torch")]
 use std::path::PathBuf;
 
 /// Print a line on stdout; a closed pipe (`finprint stats | head`) ends the program quietly.
@@ -57,10 +62,12 @@ enum Command {
     Folds(FoldsArgs),
     /// Crop photos to their fin boxes (from a community box file, or found with --auto).
     Crop(CropArgs),
+    #[cfg(feature = "torch")]
     /// Train a model on a Kaggle-format catalogue, validating MAP@5 on a held-out fold.
     Train(Box<TrainArgs>),
     /// Write L2-normalised embeddings of a folder of photos (safetensors, names in metadata).
     Embed(EmbedArgs),
+    #[cfg(feature = "torch")]
     /// Write the networks that embed photos to ONNX, from finprint's own layers (for
     /// onnxruntime, tract or other runtimes): one file per network.
     ExportOnnx(ExportOnnxArgs),
@@ -71,11 +78,13 @@ enum Command {
     /// Pool the per-query tables of `evaluate --queries` (cross-validation folds) and compare
     /// systems on them: intervals over animals and paired gains over the first.
     Compare(CompareArgs),
+    #[cfg(feature = "torch")]
     /// Draw a run's loss and MAP@5 curves (PNG) and write its Markdown summary.
     Report {
         /// The run folder written by `finprint train`.
         run: PathBuf,
     },
+    #[cfg(feature = "torch")]
     /// The main job on the synthetic default: synthesise a catalogue, show its statistics,
     /// train a model (fast mode), predict the test photos and score the submission.
     Demo(DemoArgs),
@@ -108,6 +117,8 @@ fn main() {
     }
 }
 
+/// `matches` holds where each flag's value came from (only `train` asks).
+#[cfg_attr(not(feature = "torch"), allow(unused_variables))]
 fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
     finprint::data::image::set_max_pixels(cli.max_pixels);
     match cli.command {
@@ -129,6 +140,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
             say(format!("wrote {}", a.out.display()));
         }
         Command::Crop(a) => say(finprint::crops::run(&a)?),
+        #[cfg(feature = "torch")]
         Command::Train(a) => {
             let train_matches = matches.subcommand_matches("train").expect("train matches");
             let config = a.resolve(train_matches)?;
@@ -147,6 +159,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
                 a.out.display()
             ));
         }
+        #[cfg(feature = "torch")]
         Command::ExportOnnx(a) => {
             for path in finprint::embed::export_onnx(&a)? {
                 say(format!("wrote {}", path.display()));
@@ -169,7 +182,9 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
             say(evaluation);
         }
         Command::Compare(a) => say(finprint::compare::compare(&a)?),
+        #[cfg(feature = "torch")]
         Command::Report { run } => say(finprint::train::report::report(&run)?),
+        #[cfg(feature = "torch")]
         Command::Demo(a) => finprint::demo::run(&a, &mut |l| say(l))?,
         Command::Serve(a) => finprint::service::run(&a, &mut |l| say(l))?,
         Command::Catalog(CatalogCommand::Import(a)) => {

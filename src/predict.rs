@@ -12,8 +12,8 @@ use crate::fusion::{calibrate, LocalScores};
 use crate::local::calibration::Calibration;
 use crate::local::LocalArgs;
 use crate::metrics::{average_precision_at_5, K};
-use crate::model::happywhale::HappyWhaleModel;
-use crate::model::heads::ArcFace;
+use crate::model::config::ModelConfig;
+use crate::network::{ClassHead, Heads};
 use crate::runs::{Ensemble, ModelArgs};
 use crate::search::{rank_labels, Aggregation, Index, IndexSpec, Neighbor};
 use anyhow::Context;
@@ -22,7 +22,6 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use tch::Tensor;
 
 /// The best `top` individuals for each query (row-major `queries`), best first, from a catalogue
 /// index whose row `i` shows individual `ids[labels[i]]`.
@@ -102,6 +101,10 @@ impl From<&Ensemble> for Thresholds {
     }
 }
 
+/// A model of an ensemble as its heads see it: its config (embedding size and class lists)
+/// and its heads.
+pub type Member<'a> = (&'a ModelConfig, &'a Heads);
+
 /// The cosines `[count, classes]` of the rows of `fused` (row-major `[count, Σ dims]`, the
 /// ensemble's fused unit embeddings) to the classes of the heads that `head` picks from
 /// `models`, averaged with the squared model weights `weights` (as the fused cosine averages
@@ -109,104 +112,105 @@ impl From<&Ensemble> for Thresholds {
 /// crop sets), which are ignored, as are members without such a head. `None` when no model has
 /// one or those with one do not share one class list.
 fn head_cosines<'a>(
-    models: &[&'a HappyWhaleModel],
+    models: &[Member<'a>],
     weights: &[f32],
     fused: &[f32],
     count: usize,
-    head: impl Fn(&'a HappyWhaleModel) -> Option<(&'a ArcFace, &'a [String])>,
-) -> anyhow::Result<Option<(Tensor, &'a [String])>> {
-    let Some((_, first)) = models.iter().find_map(|m| head(m)) else {
-        return Ok(None);
-    };
+    head: impl Fn(&Member<'a>) -> Option<(&'a ClassHead, &'a [String])>,
+) -> Option<(Vec<f32>, &'a [String])> {
+    let (_, first) = models.iter().find_map(&head)?;
     if count == 0
         || models
             .iter()
             .any(|m| head(m).is_some_and(|(_, c)| c != first))
     {
-        return Ok(None);
+        return None;
     }
     let dim = fused.len() / count;
-    let rows = Tensor::from_slice(fused).view([count as i64, dim as i64]);
     let norm: f32 = models
         .iter()
         .zip(weights)
         .filter(|(m, _)| head(m).is_some())
         .map(|(_, w)| w * w)
         .sum();
-    let mut total: Option<Tensor> = None;
+    let mut total = vec![0.0f32; count * first.len()];
     let mut offset = 0;
     for (m, &w) in models.iter().zip(weights) {
-        let d = m.config.embedding_size;
-        let part = rows.narrow(1, offset, d).to_device(m.vs.device());
+        let d = m.0.embedding_size as usize;
+        let start = offset;
         offset += d;
         let Some((h, _)) = head(m) else {
             continue;
         };
-        let cos =
-            tch::no_grad(|| h.cosine(&part)).to_device(tch::Device::Cpu) * f64::from(w * w / norm);
-        total = Some(match total {
-            Some(t) => t + cos,
-            None => cos,
-        });
+        let part: Vec<f32> = fused
+            .chunks(dim)
+            .flat_map(|row| &row[start..start + d])
+            .copied()
+            .collect();
+        let scale = w * w / norm;
+        for (t, c) in total.iter_mut().zip(h.cosines(&part, count)) {
+            *t += c * scale;
+        }
     }
-    Ok(total.map(|t| (t, first)))
+    Some((total, first))
 }
 
 /// The `top` best classes of the models' ArcFace heads for each row of `fused` (see
 /// [`head_cosines`]); `None` when no model has a head or those with one do not share one
 /// class list.
 pub fn head_candidates(
-    models: &[&HappyWhaleModel],
+    models: &[Member],
     weights: &[f32],
     fused: &[f32],
     count: usize,
     top: usize,
-) -> anyhow::Result<Option<Vec<Vec<Candidate>>>> {
-    fn identities(m: &HappyWhaleModel) -> Option<(&ArcFace, &[String])> {
-        m.has_head().then(|| (m.head(), &m.config.classes[..]))
+) -> Option<Vec<Vec<Candidate>>> {
+    fn identities<'a>(&(c, h): &Member<'a>) -> Option<(&'a ClassHead, &'a [String])> {
+        h.identities.as_ref().map(|h| (h, &c.classes[..]))
     }
-    let Some((total, first)) = head_cosines(models, weights, fused, count, identities)? else {
-        return Ok(None);
-    };
-    let k = (top as i64).min(first.len() as i64);
-    let (values, indices) = total.topk(k, 1, true, true);
-    let values = Vec::<f32>::try_from(values.contiguous().view([-1]))?;
-    let indices = Vec::<i64>::try_from(indices.contiguous().view([-1]))?;
-    let k = k as usize;
-    Ok(Some(
-        (0..count)
-            .map(|q| {
-                (0..k)
+    let (total, first) = head_cosines(models, weights, fused, count, identities)?;
+    Some(
+        total
+            .chunks(first.len())
+            .map(|row| {
+                let mut order: Vec<usize> = (0..row.len()).collect();
+                order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                order
+                    .into_iter()
+                    .take(top)
                     .map(|j| Candidate {
-                        id: first[indices[q * k + j] as usize].clone(),
-                        score: values[q * k + j],
+                        id: first[j].clone(),
+                        score: row[j],
                     })
                     .collect()
             })
             .collect(),
-    ))
+    )
 }
 
 /// The species of each row of `fused` by the models' species heads (see [`head_cosines`]);
 /// `None` when no model has one.
 pub fn species_predictions(
-    models: &[&HappyWhaleModel],
+    models: &[Member],
     weights: &[f32],
     fused: &[f32],
     count: usize,
-) -> anyhow::Result<Option<Vec<String>>> {
-    fn species(m: &HappyWhaleModel) -> Option<(&ArcFace, &[String])> {
-        m.species_head().map(|h| (h, &m.config.species[..]))
+) -> Option<Vec<String>> {
+    fn species<'a>(&(c, h): &Member<'a>) -> Option<(&'a ClassHead, &'a [String])> {
+        h.species.as_ref().map(|h| (h, &c.species[..]))
     }
-    let Some((total, names)) = head_cosines(models, weights, fused, count, species)? else {
-        return Ok(None);
-    };
-    let best = Vec::<i64>::try_from(total.argmax(1, false))?;
-    Ok(Some(
-        best.into_iter()
-            .map(|i| names[i as usize].clone())
+    let (total, names) = head_cosines(models, weights, fused, count, species)?;
+    Some(
+        total
+            .chunks(names.len())
+            .map(|row| {
+                let best = (0..row.len())
+                    .reduce(|a, b| if row[b] > row[a] { b } else { a })
+                    .unwrap_or(0);
+                names[best].clone()
+            })
             .collect(),
-    ))
+    )
 }
 
 /// Each query's candidates of `ranked` with those of another species than its `species`
@@ -464,7 +468,7 @@ pub const CALIBRATION_PHOTOS: usize = 1000;
 /// placed new_individual and the number of predictions.
 pub fn run(args: &PredictArgs, progress: &ProgressBar) -> anyhow::Result<Predicted> {
     let spec = args.model.spec();
-    let mut ensemble = spec.load(None, crate::runtime::device())?;
+    let mut ensemble = spec.load(None)?;
     if let Some(w) = args.fusion_weight {
         ensemble.fusion_weight = w;
     }
@@ -572,7 +576,11 @@ pub fn predict_submission(
         .collect();
     let index = index.build_with(gallery.len() / names.len(), &gallery)?;
     let encounters: Vec<Option<String>> = train.rows.iter().map(|r| r.encounter.clone()).collect();
-    let models: Vec<&HappyWhaleModel> = ensemble.models.iter().collect();
+    let models: Vec<Member> = ensemble
+        .models
+        .iter()
+        .map(|m| (&m.config, &m.heads))
+        .collect();
     let (ranked, calibrated) = match local {
         Some(plan) => {
             let dim = gallery.len() / names.len();
@@ -609,7 +617,7 @@ pub fn predict_submission(
                     &queries,
                     tests.len(),
                     FUSION_DEPTH,
-                )?
+                )
             } else {
                 None
             };
@@ -624,7 +632,7 @@ pub fn predict_submission(
         .iter()
         .map(|r| (r.individual_id.clone(), r.species.clone()))
         .collect();
-    let ranked = match species_predictions(&models, &ensemble.weights, &queries, tests.len())? {
+    let ranked = match species_predictions(&models, &ensemble.weights, &queries, tests.len()) {
         Some(species) => prefer_species(ranked, &species, &species_of),
         None => ranked,
     };
@@ -874,9 +882,11 @@ mod tests {
         assert_eq!(ids(&preferred[1]), ["b", "x", "d", "a", "c"]);
     }
 
+    #[cfg(feature = "torch")]
     #[test]
     fn the_species_head_names_the_species_nearest_each_embedding() {
-        use crate::model::happywhale::ModelConfig;
+        use crate::model::happywhale::HappyWhaleModel;
+        use tch::Tensor;
         let mut config =
             ModelConfig::for_backbone("efficientnet_lite0", vec!["w1".into()], vec![1]).unwrap();
         config.embedding_size = 3;
@@ -893,14 +903,14 @@ mod tests {
         });
         // Rows of 3 + 2 values: the model's 3, then another crop set's, ignored.
         let fused = [0.1f32, 0.9, 0.1, 9.0, 9.0, 0.0, -0.2, 0.8, 9.0, 9.0];
-        let predicted = species_predictions(&[&model], &[1.0], &fused, 2).unwrap();
+        let heads = Heads::of(&model).unwrap();
+        let predicted = species_predictions(&[(&config, &heads)], &[1.0], &fused, 2);
         assert_eq!(predicted.unwrap(), ["beluga", "dolphin"]);
         config.species.clear();
-        let plain = HappyWhaleModel::new(config, tch::Device::Cpu).unwrap();
-        assert!(plain.species_head().is_none());
-        assert!(species_predictions(&[&plain], &[1.0], &fused, 2)
-            .unwrap()
-            .is_none());
+        let plain = HappyWhaleModel::new(config.clone(), tch::Device::Cpu).unwrap();
+        let heads = Heads::of(&plain).unwrap();
+        assert!(heads.species.is_none());
+        assert!(species_predictions(&[(&config, &heads)], &[1.0], &fused, 2).is_none());
     }
 
     #[test]

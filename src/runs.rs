@@ -16,8 +16,11 @@
 
 use crate::crops::CropSet;
 use crate::fsio::{self, fnv1a};
-use crate::model::happywhale::{self, pretrained_weights, HappyWhaleModel};
+use crate::model::config::{ModelConfig, CONFIG_FILE as MODEL_CONFIG_FILE, WEIGHTS_FILE};
+#[cfg(feature = "torch")]
+use crate::model::happywhale::{pretrained_weights, HappyWhaleModel};
 use crate::model::whitening::Whitening;
+use crate::network::{onnx_name, Engine, Network, ONNX_DIR};
 use crate::transforms::{Fit, Flips, ImgSize};
 use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
@@ -262,7 +265,7 @@ pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>> {
 /// run's `best/`, else its `last/`.
 pub fn checkpoint_dir(path: &Path) -> Result<PathBuf> {
     let holds_model =
-        |d: &Path| d.join(happywhale::CONFIG_FILE).is_file() || d.join(MEMBERS_FILE).is_file();
+        |d: &Path| d.join(MODEL_CONFIG_FILE).is_file() || d.join(MEMBERS_FILE).is_file();
     if holds_model(path) {
         return Ok(path.to_path_buf());
     }
@@ -311,50 +314,94 @@ pub fn validation_crops(run: &Path) -> Result<Vec<CropSet>> {
     })
 }
 
-/// The pretrained members and the whitening of the frozen checkpoint in `dir`, or `None` when
-/// `dir` holds a trained model instead.
-pub fn load_frozen(
-    dir: &Path,
-    device: tch::Device,
-) -> Result<Option<(Vec<HappyWhaleModel>, Whitening)>> {
+/// The frozen-mode checkpoint in `dir` (its members and whitening), or `None` when `dir` holds
+/// a trained model instead.
+pub fn load_frozen(dir: &Path) -> Result<Option<(Frozen, Whitening)>> {
     let path = dir.join(MEMBERS_FILE);
     if !path.is_file() {
         return Ok(None);
     }
     let frozen: Frozen = read_json(&path, "frozen-mode checkpoint")?;
-    let models = frozen
-        .members
-        .iter()
-        .map(|m| {
-            let features = ZeroShot {
-                backbone: m.backbone.clone(),
-                img_size: Some(m.img_size),
-                fit: m.fit,
-                flips: m.flips,
-            };
-            features.load(device)
-        })
-        .collect::<Result<Vec<_>>>()?;
     let whitening = Whitening::load(&dir.join(WHITENING_FILE))?;
-    let dims: usize = models
-        .iter()
-        .map(|m| m.config.embedding_size as usize)
-        .sum();
-    if dims != whitening.dim_in {
-        bail!(
-            "{}: the members' features have {dims} dimensions, the whitening takes {}",
-            dir.display(),
-            whitening.dim_in
-        );
+    Ok(Some((frozen, whitening)))
+}
+
+/// A network of an ensemble before it is loaded: the trained model of checkpoint `dir`, or a
+/// pretrained backbone's features; `index` is its place in the ensemble of `dir` alone (which
+/// names its ONNX file).
+struct Part {
+    dir: PathBuf,
+    index: usize,
+    features: Option<ZeroShot>,
+}
+
+impl Part {
+    fn load(&self, engine: Engine) -> Result<Network> {
+        match engine {
+            Engine::Libtorch => self.libtorch(),
+            Engine::Tract => self.tract(),
+        }
     }
-    Ok(Some((models, whitening)))
+
+    #[cfg(feature = "torch")]
+    fn libtorch(&self) -> Result<Network> {
+        let device = crate::runtime::device();
+        Network::libtorch(match &self.features {
+            Some(features) => features.load(device)?,
+            None => HappyWhaleModel::load(&self.dir, device)?,
+        })
+    }
+
+    #[cfg(not(feature = "torch"))]
+    fn libtorch(&self) -> Result<Network> {
+        bail!("this finprint was built without libtorch: use --engine tract")
+    }
+
+    /// From the ONNX file in the checkpoint's [`ONNX_DIR`], with the config written beside it.
+    #[cfg(feature = "onnx")]
+    fn tract(&self) -> Result<Network> {
+        let (backbone, size, weights) = match &self.features {
+            Some(f) => {
+                let size = f
+                    .img_size
+                    .context("pretrained features need an input size")?;
+                (f.backbone.clone(), size, None)
+            }
+            None => {
+                let c = read_model_config(&self.dir)?;
+                (c.backbone, c.img_size, Some(self.dir.join(WEIGHTS_FILE)))
+            }
+        };
+        let stem = self
+            .dir
+            .join(ONNX_DIR)
+            .join(onnx_name(self.index, &backbone, size));
+        let config = read_json(&stem.with_extension("json"), "finprint model config")
+            .context(TRAIN_OR_EXPORT)?;
+        Network::tract(&stem.with_extension("onnx"), config, weights.as_deref())
+    }
+
+    #[cfg(not(feature = "onnx"))]
+    fn tract(&self) -> Result<Network> {
+        bail!("this finprint was built without ONNX support: use --engine libtorch")
+    }
+}
+
+/// How a checkpoint without its networks in ONNX gets them.
+#[cfg(feature = "onnx")]
+const TRAIN_OR_EXPORT: &str = "a checkpoint trained before finprint wrote its networks to ONNX \
+     gets them from `finprint export-onnx --models RUN --out CHECKPOINT/onnx` (with libtorch)";
+
+/// The model config saved in checkpoint `dir`.
+pub fn read_model_config(dir: &Path) -> Result<ModelConfig> {
+    read_json(&dir.join(MODEL_CONFIG_FILE), "finprint model config")
 }
 
 /// Trained models whose embeddings are fused: each L2-normalised and weighted, concatenated,
 /// and normalised again, so the fused cosine is the weighted mean of the models' cosines
 /// (`Ensemble::embed`, in [`crate::embed`]).
 pub struct Ensemble {
-    pub models: Vec<HappyWhaleModel>,
+    pub models: Vec<Network>,
     pub weights: Vec<f32>,
     /// The new_individual threshold: the mean of the models' own thresholds.
     pub threshold: f32,
@@ -377,51 +424,84 @@ pub struct Whitened {
 }
 
 impl Ensemble {
-    /// Load run folders (or checkpoint folders) with equal weights; a run whose validation
-    /// chose to fuse the pretrained backbone's features brings them as a member of its own, at
-    /// the chosen weight (one member for runs sharing a backbone and size); a frozen-mode run
-    /// brings its backbones and their whitening.
-    pub fn load(runs: &[PathBuf], device: tch::Device) -> Result<Self> {
+    /// Load run folders (or checkpoint folders) with equal weights, run by `engine`; a run
+    /// whose validation chose to fuse the pretrained backbone's features brings them as a
+    /// member of its own, at the chosen weight (one member for runs sharing a backbone and
+    /// size); a frozen-mode run brings its backbones and their whitening.
+    pub fn load(runs: &[PathBuf], engine: Engine) -> Result<Self> {
         anyhow::ensure!(!runs.is_empty(), "no model given");
-        let mut models = Vec::new();
+        let mut parts = Vec::new();
         let mut saved = Vec::new();
         let mut whitened = Vec::new();
-        let mut pretrained: Vec<(ZeroShot, f32)> = Vec::new();
+        let mut pretrained: Vec<(ZeroShot, f32, PathBuf)> = Vec::new();
         for run in runs {
             let dir = checkpoint_dir(run)?;
             let state = saved_state(&dir)?;
-            if let Some((members, whitening)) = load_frozen(&dir, device)? {
+            if let Some((frozen, whitening)) = load_frozen(&dir)? {
                 whitened.push(Whitened {
-                    first: models.len(),
-                    count: members.len(),
+                    first: parts.len(),
+                    count: frozen.members.len(),
                     whitening,
                 });
-                models.extend(members);
+                parts.extend(frozen.members.iter().enumerate().map(|(index, m)| Part {
+                    dir: dir.clone(),
+                    index,
+                    features: Some(ZeroShot {
+                        backbone: m.backbone.clone(),
+                        img_size: Some(m.img_size),
+                        fit: m.fit,
+                        flips: m.flips,
+                    }),
+                }));
                 saved.push(state);
                 continue;
             }
-            let model = HappyWhaleModel::load(&dir, device)?;
             if state.pretrained_weight > 0.0 {
-                let c = &model.config;
+                let c = read_model_config(&dir)?;
                 let key = ZeroShot {
                     backbone: c.backbone.clone(),
                     img_size: Some(c.img_size),
                     fit: c.fit,
                     flips: c.flips,
                 };
-                match pretrained.iter_mut().find(|(k, _)| *k == key) {
+                match pretrained.iter_mut().find(|(k, _, _)| *k == key) {
                     // Fused cosines add as squared weights.
-                    Some((_, w)) => *w = w.hypot(state.pretrained_weight),
-                    None => pretrained.push((key, state.pretrained_weight)),
+                    Some((_, w, _)) => *w = w.hypot(state.pretrained_weight),
+                    None => pretrained.push((key, state.pretrained_weight, dir.clone())),
                 }
             }
-            models.push(model);
+            parts.push(Part {
+                dir,
+                index: 0,
+                features: None,
+            });
             saved.push(state);
         }
-        let mut weights = vec![1.0; models.len()];
-        for (features, w) in pretrained {
-            models.push(features.load(device)?);
+        let mut weights = vec![1.0; parts.len()];
+        for (features, w, dir) in pretrained {
+            parts.push(Part {
+                dir,
+                index: 1,
+                features: Some(features),
+            });
             weights.push(w);
+        }
+        let models = parts
+            .iter()
+            .map(|p| p.load(engine))
+            .collect::<Result<Vec<_>>>()?;
+        for g in &whitened {
+            let dims: usize = models[g.first..g.first + g.count]
+                .iter()
+                .map(|m| m.config.embedding_size as usize)
+                .sum();
+            if dims != g.whitening.dim_in {
+                bail!(
+                    "{}: the members' features have {dims} dimensions, the whitening takes {}",
+                    parts[g.first].dir.display(),
+                    g.whitening.dim_in
+                );
+            }
         }
         let n = saved.len() as f32;
         let species: BTreeSet<&String> = saved
@@ -446,9 +526,10 @@ impl Ensemble {
     }
 
     /// A pretrained backbone's GeM-pooled features, with a given new_individual threshold.
-    pub fn zero_shot(features: &ZeroShot, threshold: f32, device: tch::Device) -> Result<Self> {
+    #[cfg(feature = "torch")]
+    pub fn zero_shot(features: &ZeroShot, threshold: f32) -> Result<Self> {
         Ok(Self {
-            models: vec![features.load(device)?],
+            models: vec![Network::libtorch(features.load(crate::runtime::device())?)?],
             weights: vec![1.0],
             threshold,
             species_thresholds: BTreeMap::new(),
@@ -476,8 +557,8 @@ impl Ensemble {
 /// The models that embed photos: trained runs, or a pretrained backbone's features.
 #[derive(Clone, Debug)]
 pub enum ModelSpec {
-    /// Trained run (or checkpoint) folders, fused.
-    Runs(Vec<PathBuf>),
+    /// Trained run (or checkpoint) folders, fused, run by an engine.
+    Runs(Vec<PathBuf>, Engine),
     /// A pretrained backbone's pooled features.
     ZeroShot(ZeroShot),
 }
@@ -504,6 +585,7 @@ impl ZeroShot {
         }
     }
 
+    #[cfg(feature = "torch")]
     pub fn load(&self, device: tch::Device) -> Result<HappyWhaleModel> {
         let mut model =
             HappyWhaleModel::zero_shot(&self.backbone, self.img_size, self.fit, device)?;
@@ -512,6 +594,7 @@ impl ZeroShot {
     }
 
     /// A name that changes whenever the weights or the input change.
+    #[cfg(feature = "torch")]
     fn identity(&self) -> Result<String> {
         let weights = pretrained_weights(&self.backbone)?;
         let bytes = std::fs::read(&weights)
@@ -549,6 +632,10 @@ pub struct ModelArgs {
     /// The mirror images that show the same animal, for --zero-shot's --flip-tta.
     #[arg(long, value_enum, default_value_t = Flips::Horizontal, requires = "zero_shot")]
     pub flips: Flips,
+    /// What runs the --models networks: libtorch (from their weights) or tract (from the ONNX
+    /// files training writes into each checkpoint's onnx/; no libtorch needed).
+    #[arg(long, value_enum, default_value_t = Engine::default(), conflicts_with = "zero_shot")]
+    pub engine: Engine,
 }
 
 impl ModelArgs {
@@ -560,10 +647,15 @@ impl ModelArgs {
                 fit: self.fit,
                 flips: self.flips,
             }),
-            None => ModelSpec::Runs(self.models.clone()),
+            None => ModelSpec::Runs(self.models.clone(), self.engine),
         }
     }
 }
+
+/// Why a build without libtorch has no zero-shot features.
+#[cfg(not(feature = "torch"))]
+const NO_ZERO_SHOT: &str = "--zero-shot needs libtorch (the full build): it loads the \
+     pretrained weights; a build without it runs trained --models";
 
 /// The fingerprint of every file of a folder (names and bytes, in name order).
 fn folder_fingerprint(dir: &Path) -> Result<u64> {
@@ -587,7 +679,7 @@ impl ModelSpec {
     /// A name that changes whenever the model's weights or input size change.
     pub fn identity(&self) -> Result<String> {
         match self {
-            ModelSpec::Runs(runs) => {
+            ModelSpec::Runs(runs, _) => {
                 let parts = runs
                     .iter()
                     .map(|run| {
@@ -597,24 +689,30 @@ impl ModelSpec {
                     .collect::<Result<Vec<_>>>()?;
                 Ok(format!("runs:{}", parts.join("+")))
             }
+            #[cfg(feature = "torch")]
             ModelSpec::ZeroShot(z) => z.identity(),
+            #[cfg(not(feature = "torch"))]
+            ModelSpec::ZeroShot(_) => bail!(NO_ZERO_SHOT),
         }
     }
 
     /// The crop set the models validated on (the first run's; none for zero-shot features).
     pub fn validation_crops(&self) -> Result<Vec<CropSet>> {
         match self {
-            ModelSpec::Runs(runs) => validation_crops(&runs[0]),
+            ModelSpec::Runs(runs, _) => validation_crops(&runs[0]),
             ModelSpec::ZeroShot(_) => Ok(Vec::new()),
         }
     }
 
     /// Load the models; `threshold` replaces the saved new_individual threshold when given
     /// (zero-shot features have none: 0 then).
-    pub fn load(&self, threshold: Option<f32>, device: tch::Device) -> Result<Ensemble> {
+    pub fn load(&self, threshold: Option<f32>) -> Result<Ensemble> {
         let mut ensemble = match self {
-            ModelSpec::Runs(runs) => Ensemble::load(runs, device)?,
-            ModelSpec::ZeroShot(z) => Ensemble::zero_shot(z, 0.0, device)?,
+            ModelSpec::Runs(runs, engine) => Ensemble::load(runs, *engine)?,
+            #[cfg(feature = "torch")]
+            ModelSpec::ZeroShot(z) => Ensemble::zero_shot(z, 0.0)?,
+            #[cfg(not(feature = "torch"))]
+            ModelSpec::ZeroShot(_) => bail!(NO_ZERO_SHOT),
         };
         if let Some(t) = threshold {
             ensemble.threshold = t;

@@ -35,8 +35,11 @@ pub fn free_cores() -> usize {
 /// threads slow down sharply when they outnumber the cores that are free.
 pub fn configure_threads(requested: Option<usize>) -> usize {
     let n = requested.unwrap_or_else(free_cores).max(1);
-    tch::set_num_threads(n as i32);
-    tch::set_num_interop_threads(1);
+    #[cfg(feature = "torch")]
+    {
+        tch::set_num_threads(n as i32);
+        tch::set_num_interop_threads(1);
+    }
     n
 }
 
@@ -89,6 +92,7 @@ where
 }
 
 /// Where models run: the GPU when built with the `cuda` feature and libtorch finds one, else
+#[cfg(feature = "torch")]
 /// the CPU.
 pub fn device() -> tch::Device {
     if cfg!(feature = "cuda") {

@@ -3,9 +3,10 @@
 
 mod common;
 
-use finprint::embed::input_tensor;
-use finprint::model::happywhale::{HappyWhaleModel, ModelConfig};
+use finprint::model::config::ModelConfig;
+use finprint::model::happywhale::HappyWhaleModel;
 use finprint::model::layers::pad_same;
+use finprint::network::input_tensor;
 use finprint::train::optim::{AdamW, Group};
 use tch::{Device, Kind, Tensor};
 

@@ -3,6 +3,7 @@
 
 mod common;
 
+use finprint::network::Engine;
 use finprint::predict::head_candidates;
 use finprint::runs::{read_metrics, Ensemble, TrainSummary};
 use finprint::train::PRETRAINED_WEIGHTS;
@@ -135,11 +136,17 @@ fn pretrained_weights_present() -> bool {
     present
 }
 
-/// `finprint predict` with `run` on the catalogue `data` into `sub`, then `finprint score`
-/// against its test solution: the test MAP@5.
-fn predict_and_score(run: &Path, data: &Path, sub: &Path) -> f64 {
+/// `finprint predict` with `run` (networks run by `engine`) on the catalogue `data` into `sub`,
+/// then `finprint score` against its test solution: the test MAP@5.
+fn predict_and_score(run: &Path, data: &Path, sub: &Path, engine: &str) -> f64 {
     let o = finprint()
-        .args(["predict", "--models", run.to_str().unwrap()])
+        .args([
+            "predict",
+            "--models",
+            run.to_str().unwrap(),
+            "--engine",
+            engine,
+        ])
         .args([
             "--data",
             data.to_str().unwrap(),
@@ -209,7 +216,8 @@ fn a_short_fast_run_beats_zero_shot_features_and_predict_agrees_with_validation(
         summary.best_map5
     );
 
-    let test_map = predict_and_score(&run, &data, &dir.path().join("sub.csv"));
+    let test_map = predict_and_score(&run, &data, &dir.path().join("sub.csv"), "libtorch");
+    tract_runs_what_libtorch_runs(&run, &data, test_map);
     assert!(
         test_map > zero_shot + 0.05,
         "test MAP@5 {test_map:.4}, zero-shot validation {zero_shot:.4}"
@@ -220,6 +228,54 @@ fn a_short_fast_run_beats_zero_shot_features_and_predict_agrees_with_validation(
         summary.best_map5
     );
     pretrained_features_join_the_ensemble_at_the_saved_weight(&run);
+}
+
+/// The networks training wrote to ONNX in each checkpoint, run by tract, embed photos as
+/// libtorch does (within 1e-4 with the flip TTA, the pretrained features and the whitening
+/// that the run fuses), their heads are libtorch's, and `predict --engine tract` scores as
+/// libtorch's `predict` did (`libtorch_map`).
+fn tract_runs_what_libtorch_runs(run: &Path, data: &Path, libtorch_map: f64) {
+    let onnx = run.join("best/onnx");
+    let written = std::fs::read_dir(&onnx).unwrap().count();
+    let torch = Ensemble::load(&[run.to_path_buf()], Engine::Libtorch).unwrap();
+    let tract = Ensemble::load(&[run.to_path_buf()], Engine::Tract).unwrap();
+    assert_eq!(
+        written,
+        2 * torch.models.len(),
+        "an .onnx and a .json per network"
+    );
+    let mut photos: Vec<_> = std::fs::read_dir(data.join("test_images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    photos.sort();
+    photos.truncate(6);
+    let load = |i: usize| Ok(finprint::data::image::load_rgb(&photos[i])?);
+    let hidden = indicatif::ProgressBar::hidden();
+    // Batches of 4: tract plans for 4, then for the last 2.
+    let a = torch.embed(photos.len(), load, 4, true, &hidden).unwrap();
+    let b = tract.embed(photos.len(), load, 4, true, &hidden).unwrap();
+    assert_eq!(a.len(), b.len());
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    eprintln!(
+        "tract against libtorch: max |diff| {diff:.2e} over {} values",
+        a.len()
+    );
+    assert!(diff <= 1e-4, "max |diff| {diff}");
+    for (t, r) in torch.models.iter().zip(&tract.models) {
+        assert_eq!(t.heads.identities, r.heads.identities);
+        assert_eq!(t.heads.species, r.heads.species);
+    }
+    let sub = run.parent().unwrap().join("sub-tract.csv");
+    let tract_map = predict_and_score(run, data, &sub, "tract");
+    assert!(
+        (tract_map - libtorch_map).abs() < 0.01,
+        "tract {tract_map:.4}, libtorch {libtorch_map:.4}"
+    );
 }
 
 /// A checkpoint whose validation chose to fuse the pretrained features loads them as a member
@@ -239,18 +295,20 @@ fn pretrained_features_join_the_ensemble_at_the_saved_weight(run: &Path) {
     for (w, members) in [(0.0, 1), (0.75, 2)] {
         state["pretrained_weight"] = serde_json::json!(w);
         std::fs::write(copy.join("state.json"), state.to_string()).unwrap();
-        let e = Ensemble::load(std::slice::from_ref(&copy), tch::Device::Cpu).unwrap();
+        let e = Ensemble::load(std::slice::from_ref(&copy), Engine::Libtorch).unwrap();
         assert_eq!(e.models.len(), members);
         assert_eq!(e.dim(), 512 + 1280 * (members - 1));
         if members == 2 {
             assert_eq!(e.weights, [1.0, 0.75]);
-            assert!(e.models[0].has_head() && !e.models[1].has_head());
+            assert!(
+                e.models[0].heads.identities.is_some() && e.models[1].heads.identities.is_none()
+            );
         }
-        let models: Vec<_> = e.models.iter().collect();
+        let models: Vec<_> = e.models.iter().map(|m| (&m.config, &m.heads)).collect();
         let rows: Vec<f32> = (0..e.dim())
             .map(|i| ((i % 7) as f32 - 3.0) / 50.0)
             .collect();
-        let heads = head_candidates(&models, &e.weights, &rows, 1, 3).unwrap();
+        let heads = head_candidates(&models, &e.weights, &rows, 1, 3);
         assert_eq!(heads.map(|h| h[0].len()), Some(3), "{members} members");
     }
 }
@@ -295,11 +353,12 @@ fn the_frozen_mode_whitens_pretrained_features_beyond_zero_shot_and_predict_uses
 
     let frozen: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("best/frozen.json")).unwrap()).unwrap();
-    let e = Ensemble::load(std::slice::from_ref(&run), tch::Device::Cpu).unwrap();
+    let e = Ensemble::load(std::slice::from_ref(&run), Engine::Libtorch).unwrap();
     assert_eq!(e.models.len(), 2);
     assert_eq!(e.dim() as u64, frozen["dim"].as_u64().unwrap());
 
-    let test_map = predict_and_score(&run, &data, &dir.path().join("sub.csv"));
+    let test_map = predict_and_score(&run, &data, &dir.path().join("sub.csv"), "libtorch");
+    tract_runs_what_libtorch_runs(&run, &data, test_map);
     assert!(
         (test_map - summary.best_map5).abs() < 0.12,
         "test MAP@5 {test_map:.4} far from validation {:.4}",
@@ -470,10 +529,10 @@ fn a_species_head_learns_the_species_and_predict_uses_it() {
     let accuracy = metrics.last().unwrap().val_species_accuracy.unwrap();
     // The most common of the 5 species is 40% of the animals.
     assert!(accuracy > 0.6, "species accuracy {accuracy:.3}");
-    let e = Ensemble::load(std::slice::from_ref(&run), tch::Device::Cpu).unwrap();
+    let e = Ensemble::load(std::slice::from_ref(&run), Engine::Libtorch).unwrap();
     let species = &e.models[0].config.species;
     assert!(
-        species.len() >= 4 && e.models[0].species_head().is_some(),
+        species.len() >= 4 && e.models[0].heads.species.is_some(),
         "{species:?}"
     );
     let o = finprint()
@@ -484,7 +543,7 @@ fn a_species_head_learns_the_species_and_predict_uses_it() {
     assert!(std::fs::read_to_string(run.join("report.md"))
         .unwrap()
         .contains("species accuracy"));
-    predict_and_score(&run, &data, &dir.path().join("sub.csv"));
+    predict_and_score(&run, &data, &dir.path().join("sub.csv"), "libtorch");
 
     let o = finprint()
         .args(["train", "--data", data.to_str().unwrap()])

@@ -33,7 +33,7 @@ impl Embedder {
         std::thread::Builder::new()
             .name("finprint-embedder".into())
             .spawn(move || {
-                let ensemble = match spec.load(threshold, crate::runtime::device()) {
+                let ensemble = match spec.load(threshold) {
                     Ok(e) => e,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));

@@ -7,12 +7,14 @@
 
 pub mod calibration;
 mod gray;
+#[cfg(feature = "torch")]
 pub mod lighterglue;
 pub mod lnbnn;
 pub mod pairwise;
 pub mod ransac;
 pub mod sift;
 pub mod store;
+#[cfg(feature = "torch")]
 pub mod xfeat;
 
 pub use gray::Gray;
@@ -21,6 +23,7 @@ use anyhow::{bail, ensure, Context, Result};
 use image::RgbImage;
 use std::fmt;
 use std::str::FromStr;
+#[cfg(feature = "torch")]
 use std::sync::{Arc, Mutex};
 
 /// Where keypoints are kept, as fractions of the photo (or its crop): the box `x0,y0,x1,y1`,
@@ -281,10 +284,13 @@ impl LocalArgs {
             self.local
         );
         let glue = match self.local_score {
-            Score::Lighterglue => Some(Glue::load(&lighterglue::weights_path())?),
+            Score::Lighterglue => Some(Glue::load()?),
             _ => None,
         };
         let method = match self.local.as_str() {
+            #[cfg(not(feature = "torch"))]
+            "xfeat" => bail!("--local xfeat needs libtorch (the full build)"),
+            #[cfg(feature = "torch")]
             "xfeat" => {
                 let path = xfeat::weights_path();
                 let nets = (0..rayon::current_num_threads().max(1))
@@ -339,7 +345,7 @@ fn extraction(
         size,
         keypoints,
         contrast: match xfeat {
-            true => xfeat::DETECTION_THRESHOLD as f32,
+            true => XFEAT_THRESHOLD as f32,
             false => contrast,
         },
         region: region.bounds,
@@ -385,24 +391,36 @@ pub struct MatchScore {
 pub enum Method {
     /// Upright SIFT keypoints with RootSIFT descriptors ([`sift`]).
     RootSift,
-    /// XFeat's keypoints and descriptors ([`xfeat`]): a copy of the network per rayon thread,
-    /// so that photos extracted in parallel do not wait for one another (at least one).
+    /// XFeat's keypoints and descriptors (`xfeat`, with libtorch): a copy of the network per
+    /// rayon thread, so that photos extracted in parallel do not wait for one another (at
+    /// least one).
+    #[cfg(feature = "torch")]
     XFeat(Arc<Vec<Mutex<xfeat::XFeat>>>),
 }
+
+/// XFeat's detection threshold, which its extraction records as its contrast.
+const XFEAT_THRESHOLD: f64 = 0.05;
 
 impl fmt::Debug for Method {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Method::RootSift => "RootSift",
+            #[cfg(feature = "torch")]
             Method::XFeat(_) => "XFeat",
         })
     }
 }
 
-/// The LighterGlue network ([`lighterglue`]), a copy per rayon thread (at least one), as
-/// XFeat's: a tch module is not used from two threads at once.
+/// The LighterGlue network (`lighterglue`, with libtorch), a copy per rayon thread (at least
+/// one), as XFeat's: a tch module is not used from two threads at once.
+#[cfg(feature = "torch")]
 #[derive(Clone)]
 pub struct Glue(Arc<Vec<Mutex<lighterglue::LighterGlue>>>);
+
+/// Without libtorch there is no LighterGlue: no value of this type exists.
+#[cfg(not(feature = "torch"))]
+#[derive(Clone)]
+pub enum Glue {}
 
 impl fmt::Debug for Glue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -410,11 +428,25 @@ impl fmt::Debug for Glue {
     }
 }
 
+#[cfg(not(feature = "torch"))]
 impl Glue {
-    /// The network with the weights of `path`, once per rayon thread.
-    pub fn load(path: &std::path::Path) -> Result<Glue> {
+    pub fn load() -> Result<Glue> {
+        bail!("--local-score lighterglue needs libtorch (the full build)")
+    }
+
+    pub fn correspondences(&self, _: &Features, _: &Features) -> Vec<ransac::Correspondence> {
+        match *self {}
+    }
+}
+
+#[cfg(feature = "torch")]
+impl Glue {
+    /// The network with the converted weights ([`lighterglue::weights_path`]), once per
+    /// rayon thread.
+    pub fn load() -> Result<Glue> {
+        let path = lighterglue::weights_path();
         let nets = (0..rayon::current_num_threads().max(1))
-            .map(|_| Ok(Mutex::new(lighterglue::LighterGlue::load(path)?)))
+            .map(|_| Ok(Mutex::new(lighterglue::LighterGlue::load(&path)?)))
             .collect::<Result<_>>()
             .context("--local-score lighterglue")?;
         Ok(Glue(Arc::new(nets)))
@@ -456,7 +488,7 @@ impl Matcher {
     /// How this matcher extracts features (what a stored file must have been made with).
     pub fn extraction(&self) -> store::Extraction {
         extraction(
-            matches!(self.method, Method::XFeat(_)),
+            !matches!(self.method, Method::RootSift),
             self.size,
             self.sift.max_keypoints,
             self.sift.contrast_threshold,
@@ -468,6 +500,7 @@ impl Matcher {
     pub fn dim(&self) -> usize {
         match self.method {
             Method::RootSift => sift::DESC_LEN,
+            #[cfg(feature = "torch")]
             Method::XFeat(_) => xfeat::DESC_LEN,
         }
     }
@@ -478,9 +511,10 @@ impl Matcher {
             Method::RootSift => {
                 let gray = Gray::from_rgb_longest(image, self.size);
                 let (keypoints, descriptors) = sift::detect_and_describe(&gray, &self.sift);
-                let points = keypoints.iter().map(|kp| [kp.x, kp.y]).collect();
+                let points: Vec<[f32; 2]> = keypoints.iter().map(|kp| [kp.x, kp.y]).collect();
                 ([gray.width, gray.height], points, descriptors)
             }
+            #[cfg(feature = "torch")]
             Method::XFeat(nets) => {
                 let resized = gray::resize_longest(image, self.size);
                 let slot = rayon::current_thread_index().unwrap_or(0) % nets.len();

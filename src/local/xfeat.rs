@@ -13,7 +13,7 @@ use tch::{nn, Device, Kind, Tensor};
 pub const DESC_LEN: usize = 64;
 /// The reference's detection threshold: keypoints whose heatmap value is at most this are
 /// dropped.
-pub const DETECTION_THRESHOLD: f64 = 0.05;
+pub const DETECTION_THRESHOLD: f64 = super::XFEAT_THRESHOLD;
 /// Side of the heatmap's non-maximum suppression window.
 const NMS_KERNEL: i64 = 5;
 /// The network's cell: keypoint logits are per 8×8 cell, 64 positions and a "no keypoint" bin.

@@ -6,74 +6,16 @@
 //! (BatchNorm1d), `neck.1.*` (Linear), `fc.weight` (ArcFace). The optional species head is
 //! `species.*`: a cosine classifier of the species on the same embedding.
 
-use super::heads::{normalize, ArcFace, ArcFaceConfig, Gem};
+use super::config::{ArcFaceConfig, ModelConfig, CONFIG_FILE, WEIGHTS_FILE};
+use super::heads::{normalize, ArcFace, Gem};
 use super::layers::values;
 use super::{build_backbone, variant, Backbone};
 use crate::fsio;
 use crate::onnx::{Attr, Graph};
-use crate::transforms::{Fit, Flips, ImgSize};
+use crate::transforms::{Fit, ImgSize};
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
-
-/// Everything needed to rebuild a model before its weights are loaded.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ModelConfig {
-    /// A backbone variant of the registry, e.g. `efficientnet_lite0`.
-    pub backbone: String,
-    /// Input size in pixels (a number for a square, `WxH` otherwise).
-    pub img_size: ImgSize,
-    /// How a photo fits the input size (older checkpoints: squashed).
-    #[serde(default)]
-    pub fit: Fit,
-    /// The mirror images that show the same animal, for the flip TTA (older checkpoints:
-    /// left–right).
-    #[serde(default)]
-    pub flips: Flips,
-    /// Normalisation of 0..1 pixel values: `(x − mean) / std` per channel.
-    pub mean: [f64; 3],
-    pub std: [f64; 3],
-    pub embedding_size: i64,
-    /// Initial GeM exponent.
-    pub gem_p: f64,
-    pub arcface: ArcFaceConfig,
-    /// Individual ids; a class is an index into this list.
-    pub classes: Vec<String>,
-    /// Training images per class (sets dynamic margins).
-    pub class_counts: Vec<usize>,
-    /// The species head's classes (empty: no species head).
-    #[serde(default)]
-    pub species: Vec<String>,
-}
-
-impl ModelConfig {
-    /// A config with the backbone's own input size and normalisation.
-    pub fn for_backbone(
-        backbone: &str,
-        classes: Vec<String>,
-        class_counts: Vec<usize>,
-    ) -> Result<Self> {
-        let v = variant(backbone).with_context(|| format!("unknown backbone {backbone:?}"))?;
-        Ok(Self {
-            backbone: backbone.to_string(),
-            img_size: ImgSize::square(v.input_size as u32),
-            fit: Fit::Squash,
-            flips: Flips::Horizontal,
-            mean: v.mean,
-            std: v.std,
-            embedding_size: 512,
-            gem_p: 3.0,
-            arcface: ArcFaceConfig::default(),
-            classes,
-            class_counts,
-            species: Vec::new(),
-        })
-    }
-}
-
-pub const CONFIG_FILE: &str = "config.json";
-pub const WEIGHTS_FILE: &str = "model.safetensors";
 
 #[derive(Debug)]
 pub struct HappyWhaleModel {

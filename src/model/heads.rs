@@ -1,9 +1,9 @@
 //! The heads on a backbone's feature map: GeM pooling, the BatchNorm1d + Linear neck that gives
 //! the embedding, and ArcFace (with sub-centers and per-class dynamic margins) for training.
 
+use super::config::ArcFaceConfig;
 use super::layers::values;
 use crate::onnx::{Attr, Graph, Value};
-use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
 
 /// Generalised-mean pooling, `(mean(clamp(x, eps)^p))^(1/p)` over H×W, with a learnable `p`.
@@ -49,83 +49,6 @@ impl Gem {
         let ys = g.node("Pow", name, &[&ys.name, &inv], &[], vec![n, c, 1, 1]);
         let flat = [("axis", Attr::Int(1))];
         g.node("Flatten", name, &[&ys.name], &flat, vec![n, c])
-    }
-}
-
-/// The margin of each class: a constant, or the winners' dynamic margin `a·n^(−λ) + b` from the
-/// class's image count `n` (rare classes get larger margins).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DynamicMargin {
-    pub a: f64,
-    pub lambda: f64,
-    pub b: f64,
-}
-
-impl Default for DynamicMargin {
-    fn default() -> Self {
-        Self {
-            a: 0.271,
-            lambda: 0.364,
-            b: 0.05,
-        }
-    }
-}
-
-impl DynamicMargin {
-    pub fn margin(&self, count: usize) -> f64 {
-        self.a * (count.max(1) as f64).powf(-self.lambda) + self.b
-    }
-}
-
-/// ArcFace exactly as the seed's `ArcMarginProduct` defines it, plus sub-centers and dynamic
-/// margins.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, clap::Args)]
-#[serde(default)]
-pub struct ArcFaceConfig {
-    /// ArcFace: scale of the logits.
-    #[arg(
-        long = "arc-s",
-        id = "arcface.s",
-        value_name = "S",
-        default_value_t = 30.0
-    )]
-    pub s: f64,
-    /// ArcFace: additive angular margin (when no dynamic margins are configured).
-    #[arg(
-        long = "arc-m",
-        id = "arcface.m",
-        value_name = "M",
-        default_value_t = 0.5
-    )]
-    pub m: f64,
-    /// ArcFace: apply the margin only where cos θ > 0 (else: the seed's `cos θ − sin(π−m)·m`
-    /// beyond π−m).
-    #[arg(long = "arc-easy-margin", id = "arcface.easy_margin", value_name = "BOOL", default_value_t = false, action = clap::ArgAction::Set)]
-    pub easy_margin: bool,
-    /// ArcFace: label smoothing of the one-hot target.
-    #[arg(
-        long = "arc-ls-eps",
-        id = "arcface.ls_eps",
-        value_name = "EPS",
-        default_value_t = 0.0
-    )]
-    pub ls_eps: f64,
-    /// ArcFace: centers per class; the class cosine is the best of its centers.
-    #[arg(
-        long = "arc-subcenters",
-        id = "arcface.subcenters",
-        value_name = "N",
-        default_value_t = 1
-    )]
-    pub subcenters: i64,
-    /// Per-class margins from image counts, replacing `m` (config file only).
-    #[arg(skip)]
-    pub dynamic: Option<DynamicMargin>,
-}
-
-impl Default for ArcFaceConfig {
-    fn default() -> Self {
-        crate::args::defaults_of()
     }
 }
 
@@ -239,6 +162,7 @@ pub fn normalize(xs: &Tensor) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::config::DynamicMargin;
     use std::f64::consts::PI;
 
     fn close(a: &Tensor, b: &[f64], tol: f64) {

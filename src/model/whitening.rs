@@ -12,12 +12,19 @@
 //!
 //! Both eigen-decompositions are of n×n Gram matrices (n rows, usually fewer than D), in f64.
 
-use anyhow::{bail, ensure, Context, Result};
-use std::collections::HashMap;
+use crate::fsio::{f32_safetensors, read_f32, write_bytes_atomic};
+use crate::linalg::{matmul, normalize_rows};
+use anyhow::{ensure, Context, Result};
 use std::path::Path;
-use tch::{Kind, Tensor};
+#[cfg(feature = "torch")]
+use {
+    anyhow::bail,
+    std::collections::HashMap,
+    tch::{Kind, Tensor},
+};
 
 /// Relative size under which an eigenvalue counts as zero.
+#[cfg(feature = "torch")]
 const EPS: f64 = 1e-9;
 
 /// A fitted map from `dim_in` to `dim_out` dimensions (see the module doc).
@@ -30,6 +37,7 @@ pub struct Whitening {
     pub dim_out: usize,
 }
 
+#[cfg(feature = "torch")]
 fn matrix(rows: &[f32], dim: usize) -> Tensor {
     Tensor::from_slice(rows)
         .to_kind(Kind::Double)
@@ -38,6 +46,7 @@ fn matrix(rows: &[f32], dim: usize) -> Tensor {
 
 /// Eigenvalues (descending) and eigenvectors (columns) of the symmetric `m`, the zero ones
 /// dropped.
+#[cfg(feature = "torch")]
 fn eigen(m: &Tensor) -> (Tensor, Tensor) {
     let (values, vectors) = m.linalg_eigh("L");
     let (values, vectors) = (values.flip([0]), vectors.flip([1]));
@@ -52,6 +61,7 @@ fn eigen(m: &Tensor) -> (Tensor, Tensor) {
 
 /// Fit on `rows` (row-major, `dim` columns) labelled by identity, with shrinkage `shrink` in
 /// (0, 1] and at most `out_dim` output dimensions (fewer when the rows span fewer).
+#[cfg(feature = "torch")]
 pub fn fit(
     rows: &[f32],
     dim: usize,
@@ -116,6 +126,7 @@ pub fn fit(
     })
 }
 
+#[cfg(feature = "torch")]
 fn to_f32(t: &Tensor) -> Result<Vec<f32>> {
     Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous().view(-1)).context("tensor to vector")
 }
@@ -129,51 +140,50 @@ impl Whitening {
             rows.len(),
             self.dim_in
         );
-        let x = Tensor::from_slice(rows).view([-1, self.dim_in as i64]);
-        let mean = Tensor::from_slice(&self.mean);
-        let proj = Tensor::from_slice(&self.proj).view([self.dim_in as i64, self.dim_out as i64]);
-        let y = (x - mean).matmul(&proj);
-        let norm = y.norm_scalaropt_dim(2.0, [1], true).clamp_min(1e-12);
-        to_f32(&(y / norm))
+        let n = rows.len() / self.dim_in;
+        let (d, k) = (self.dim_in, self.dim_out);
+        let centred: Vec<f32> = rows
+            .chunks(d)
+            .flat_map(|r| r.iter().zip(&self.mean).map(|(x, m)| x - m))
+            .collect();
+        let mut out = matmul(&centred, &self.proj, n, d, k, false);
+        normalize_rows(&mut out, k);
+        Ok(out)
     }
 
     /// Write `mean` and `proj` as a safetensors file, atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mean = Tensor::from_slice(&self.mean);
-        let proj = Tensor::from_slice(&self.proj).view([self.dim_in as i64, self.dim_out as i64]);
-        let tmp = path.with_extension(format!("{}.tmp.safetensors", std::process::id()));
-        Tensor::write_safetensors(&[("mean", &mean), ("proj", &proj)], &tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+        let tensors = [
+            ("mean", vec![self.dim_in], &self.mean[..]),
+            ("proj", vec![self.dim_in, self.dim_out], &self.proj[..]),
+        ];
+        let bytes = f32_safetensors(&tensors, None)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_bytes_atomic(path, &bytes)
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let tensors = Tensor::read_safetensors(path)
+        let bytes = std::fs::read(path)
             .with_context(|| format!("cannot read whitening {}", path.display()))?;
-        let get = |name: &str| {
-            tensors
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, t)| t.shallow_clone())
-                .with_context(|| format!("{}: no '{name}' tensor", path.display()))
-        };
-        let (mean, proj) = (get("mean")?, get("proj")?);
-        let shape = proj.size();
+        let file = safetensors::SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("cannot read whitening {}", path.display()))?;
+        let (mean_shape, mean) = read_f32(&file, "mean", path)?;
+        let (shape, proj) = read_f32(&file, "proj", path)?;
         ensure!(
-            shape.len() == 2 && mean.size() == [shape[0]],
+            shape.len() == 2 && mean_shape == [shape[0]],
             "{}: mean and proj shapes disagree",
             path.display()
         );
         Ok(Self {
-            mean: to_f32(&mean)?,
-            proj: to_f32(&proj)?,
-            dim_in: shape[0] as usize,
-            dim_out: shape[1] as usize,
+            mean,
+            proj,
+            dim_in: shape[0],
+            dim_out: shape[1],
         })
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "torch"))]
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};

@@ -5,7 +5,7 @@ use super::augment::AugmentConfig;
 use crate::args::{defaults_of, merge_flags};
 use crate::crops::CropSet;
 use crate::data::DataFolders;
-use crate::model::heads::ArcFaceConfig;
+use crate::model::config::ArcFaceConfig;
 use crate::model::Variant;
 use crate::transforms::{Fit, Flips, ImgSize};
 use anyhow::{Context, Result};

@@ -19,8 +19,10 @@ use super::validate::{
 };
 use crate::args::bar;
 use crate::decide::Candidate;
-use crate::embed::{embed_images, input_tensor, to_vec, unit_with_flips};
-use crate::model::happywhale::{pretrained_weights, HappyWhaleModel, ModelConfig};
+use crate::embed::embed_images;
+use crate::model::config::ModelConfig;
+use crate::model::happywhale::{pretrained_weights, HappyWhaleModel};
+use crate::network::{input_tensor, to_vec, unit_with_flips};
 use crate::runs::{saved_state, EpochMetrics, RunDir, RunState, TrainSummary};
 use crate::runtime::prefetched;
 use crate::transforms::{batch_with, item_rng, mean_colour, Pipeline};
@@ -99,7 +101,7 @@ pub(super) fn fit(
             .with_context(|| format!("{} has no checkpoint to resume", out.display()))?;
         model
             .vs
-            .load(dir.join(crate::model::happywhale::WEIGHTS_FILE))
+            .load(dir.join(crate::model::config::WEIGHTS_FILE))
             .with_context(|| format!("cannot load {}", dir.display()))?;
         opt.load(&dir.join(OPTIMIZER_FILE))?;
         state = saved_state(&dir)?;

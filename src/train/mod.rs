@@ -24,14 +24,17 @@ mod validate;
 pub use config::{Mode, TrainConfig};
 pub use validate::PRETRAINED_WEIGHTS;
 
-use crate::runs::{RunDir, TrainSummary};
+use crate::embed::write_onnx;
+use crate::network::{Engine, ONNX_DIR};
+use crate::runs::{Ensemble, RunDir, TrainSummary};
 use crate::runtime::configure_threads;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::time::Instant;
 
 /// Train as `cfg` says into the run folder `out`; with `resume`, continue the run there from its
-/// last checkpoint (its saved config wins over `cfg`). `log` gets a line for each step (the
+/// last checkpoint (its saved config wins over `cfg`). The checkpoints get their networks in
+/// ONNX too. `log` gets a line for each step (the
 /// photos, the zero-shot baseline, each epoch).
 pub fn train(
     cfg: &TrainConfig,
@@ -57,8 +60,23 @@ pub fn train(
     let threads = configure_threads(cfg.threads);
     run.create()?;
     run.write_config(&cfg)?;
-    match cfg.mode {
-        Mode::Frozen => frozen::fit(&cfg, &run, started, log),
-        Mode::Full | Mode::Fast => gradient::fit(&cfg, &run, resume, threads, started, log),
+    let summary = match cfg.mode {
+        Mode::Frozen => frozen::fit(&cfg, &run, started, log)?,
+        Mode::Full | Mode::Fast => gradient::fit(&cfg, &run, resume, threads, started, log)?,
+    };
+    write_networks(&run)?;
+    Ok(summary)
+}
+
+/// Each checkpoint's networks written to ONNX into its [`ONNX_DIR`], for the engine that runs
+/// without libtorch.
+fn write_networks(run: &RunDir) -> Result<()> {
+    for name in ["best", "last"] {
+        if let Some(dir) = run.find_checkpoint(name) {
+            let ensemble = Ensemble::load(std::slice::from_ref(&dir), Engine::Libtorch)?;
+            write_onnx(&ensemble, &dir.join(ONNX_DIR))
+                .with_context(|| format!("writing the networks of {}", dir.display()))?;
+        }
     }
+    Ok(())
 }

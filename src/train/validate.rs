@@ -7,6 +7,7 @@ use crate::args::bar;
 use crate::decide::{best_threshold, Candidate};
 use crate::embed::{embed_images, fuse};
 use crate::model::happywhale::HappyWhaleModel;
+use crate::network::Heads;
 use crate::predict::{
     best_thresholds, choose_fusion_weight, fuse_all, head_candidates, prefer_species,
     rank_candidates, species_predictions, Thresholds, FUSION_DEPTH, MIN_SPECIES_QUERIES,
@@ -69,8 +70,14 @@ pub(super) fn validation(
     knn: Vec<Vec<Candidate>>,
 ) -> Result<Validation> {
     let truths: Vec<String> = photos.val.iter().map(|(_, t)| t.clone()).collect();
-    let heads = match head {
-        Some((m, queries)) => head_candidates(&[m], &[1.0], queries, truths.len(), FUSION_DEPTH)?,
+    let classifier = match head {
+        Some((m, queries)) => Some((&m.config, Heads::of(m)?, queries)),
+        None => None,
+    };
+    let heads = match &classifier {
+        Some((c, h, queries)) => {
+            head_candidates(&[(c, h)], &[1.0], queries, truths.len(), FUSION_DEPTH)
+        }
         None => None,
     };
     let (fusion_weight, tried) = match &heads {
@@ -78,8 +85,8 @@ pub(super) fn validation(
         None => (0.0, Vec::new()),
     };
     let mut ranked = fuse_all(knn, heads.as_deref(), fusion_weight);
-    let species = match head {
-        Some((m, queries)) => species_predictions(&[m], &[1.0], queries, truths.len())?,
+    let species = match &classifier {
+        Some((c, h, queries)) => species_predictions(&[(c, h)], &[1.0], queries, truths.len()),
         None => None,
     };
     let mut species_accuracy = None;
