@@ -377,7 +377,14 @@ impl Part {
             .join(ONNX_DIR)
             .join(onnx_name(self.index, &backbone, size));
         let config = read_json(&stem.with_extension("json"), "finprint model config")
-            .context(TRAIN_OR_EXPORT)?;
+            .with_context(|| {
+                let dir = self.dir.display();
+                format!(
+                    "{dir} has no networks in ONNX (checkpoints trained before finprint wrote \
+                     them get them from `finprint export-onnx --models {dir} --out {dir}/onnx`, \
+                     with libtorch)"
+                )
+            })?;
         Network::tract(&stem.with_extension("onnx"), config, weights.as_deref())
     }
 
@@ -386,11 +393,6 @@ impl Part {
         bail!("this finprint was built without ONNX support: use --engine libtorch")
     }
 }
-
-/// How a checkpoint without its networks in ONNX gets them.
-#[cfg(feature = "onnx")]
-const TRAIN_OR_EXPORT: &str = "a checkpoint trained before finprint wrote its networks to ONNX \
-     gets them from `finprint export-onnx --models RUN --out CHECKPOINT/onnx` (with libtorch)";
 
 /// The model config saved in checkpoint `dir`.
 pub fn read_model_config(dir: &Path) -> Result<ModelConfig> {
