@@ -30,6 +30,11 @@
 //! `src/main.rs` is the command line: each command is a function of these modules taking its
 //! typed arguments.
 
+#[cfg(not(any(feature = "torch", feature = "onnx")))]
+compile_error!(
+    "finprint runs its networks with libtorch (feature `torch`) or tract (`onnx`): enable one"
+);
+
 pub mod args;
 pub mod catalog;
 pub mod compare;

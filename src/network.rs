@@ -79,10 +79,6 @@ impl ClassHead {
         })
     }
 
-    pub fn classes(&self) -> usize {
-        self.classes
-    }
-
     /// Cosines `[count, classes]` of `count` rows of `dim` values (any length: normalised here).
     pub fn cosines(&self, rows: &[f32], count: usize) -> Vec<f32> {
         let (k, d) = (self.subcenters, self.dim);
