@@ -1100,11 +1100,11 @@ async fn identify_with_local_features_ranks_the_spotted_animal_first() {
 
     // A calibration for this model and these settings: the fused probability ranks and its
     // threshold decides; reopened, nothing is extracted again.
-    let extraction = LocalArgs {
+    let settings = LocalArgs {
         local: "rootsift".into(),
         ..Default::default()
-    }
-    .extraction();
+    };
+    let extraction = settings.extraction();
     let calibration = |model: &str| Calibration {
         model: model.to_string(),
         extraction: extraction.clone(),
@@ -1113,7 +1113,7 @@ async fn identify_with_local_features_ranks_the_spotted_animal_first() {
         score: Default::default(),
         identity_score: Default::default(),
         geometry: Default::default(),
-        max_rotation: 180.0,
+        max_rotation: settings.local_max_rotation,
         fusion: Fusion {
             embedding: Logistic { a: 0.0, b: 0.0 },
             local: Logistic { a: 3.0, b: -6.0 },

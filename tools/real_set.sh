@@ -12,7 +12,7 @@
 # fusion with local features), train_labels.csv (all training animals: the untrained features'
 # calibration) and val_labels.csv.
 # - Nyala: the identity is the animal and its flank (`--group view`), repeated files dropped,
-#   no mirror in training, keypoints in the body band.
+#   no mirror in training, keypoints in the ellipse of the body band.
 # - Belugas: one photo per encounter of the val whales, each query's gallery without its own
 #   encounter (`--exclude-same encounter`); the photos are tall and narrow, so the input keeps
 #   their aspect (EVAL_FLAGS, default `--img-size 128x384 --fit pad`).
@@ -77,8 +77,9 @@ case $SET in
     EXCLUDE=(--group view)
     read -r -a SIZE <<< "${EVAL_FLAGS:-}"
     FLIPS=(--flips none)
-    # Keypoints in the body band only: animals photographed at one waterhole share its ground.
-    read -r -a LOCAL <<< "${LOCAL_FLAGS---local-region 0.1,0.2,0.9,0.8}"
+    # Keypoints in the ellipse of the body band only: animals photographed at one waterhole
+    # share its ground.
+    read -r -a LOCAL <<< "${LOCAL_FLAGS---local-region ellipse:0.1,0.2,0.9,0.8}"
     ;;
   beluga)
     # labels.csv: image,individual_id,species,encounter,date
@@ -86,7 +87,8 @@ case $SET in
     EXCLUDE=(--exclude-same encounter)
     read -r -a SIZE <<< "${EVAL_FLAGS:---img-size 128x384 --fit pad}"
     # Scars on the back are small and faint: match at about the photos' own 460 px (the
-    # default contrast threshold, 0.01, finds about 770 keypoints on a back; OpenCV's 0.04, 90).
+    # default contrast threshold, 0.005, finds about 1,090 keypoints in a back's ellipse;
+    # OpenCV's 0.04, about 90).
     read -r -a LOCAL <<< "${LOCAL_FLAGS---local-size 512}"
     ;;
   rightwhale)
