@@ -1,4 +1,4 @@
-//! Row-major f32 matrices: their product, and rows scaled to unit length.
+//! Row-major f32 matrices: their product, rows scaled to unit length, a row's largest values.
 
 /// `a · b` for `a` `[m, k]` and `b` `[k, n]`, or `a · bᵀ` for `b` `[n, k]` when `transposed`;
 /// row-major `[m, n]`.
@@ -46,6 +46,25 @@ pub fn normalize_rows(rows: &mut [f32], dim: usize) {
     rows.chunks_mut(dim.max(1)).for_each(normalize_row);
 }
 
+/// The `n` largest values of `row` as `(index, value)`, largest first (ties: lower
+/// index). Selection, not a sort: O(len · log n) comparisons, and an insertion only for a
+/// value among the best so far.
+pub fn top_k(row: &[f32], n: usize) -> Vec<(usize, f32)> {
+    let mut best: Vec<(usize, f32)> = Vec::with_capacity(n + 1);
+    if n == 0 {
+        return best;
+    }
+    for (i, &v) in row.iter().enumerate() {
+        if best.len() == n && v <= best[n - 1].1 {
+            continue;
+        }
+        let at = best.partition_point(|&(_, b)| b >= v);
+        best.insert(at, (i, v));
+        best.truncate(n);
+    }
+    best
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +79,15 @@ mod tests {
         let mut rows = [3.0, 4.0, 0.0, 0.0];
         normalize_rows(&mut rows, 2);
         assert_eq!(rows, [0.6, 0.8, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn top_k_keeps_the_largest_in_order() {
+        assert_eq!(
+            top_k(&[0.1, 0.9, 0.5, 0.9, 0.3], 3),
+            [(1, 0.9), (3, 0.9), (2, 0.5)]
+        );
+        assert_eq!(top_k(&[0.1, 0.9], 5), [(1, 0.9), (0, 0.1)]);
+        assert!(top_k(&[0.1, 0.9], 0).is_empty());
     }
 }

@@ -9,6 +9,7 @@ use crate::data::{read_solution, read_train_csv, write_submission, KaggleDir, Pr
 use crate::decide::{answers, best_threshold, threshold_for_new_share, Candidate};
 use crate::embed::EmbedOptions;
 use crate::fusion::{calibrate, LocalScores};
+use crate::linalg::top_k;
 use crate::local::calibration::Calibration;
 use crate::local::LocalArgs;
 use crate::metrics::{average_precision_at_5, K};
@@ -173,14 +174,11 @@ pub fn head_candidates(
         total
             .chunks(first.len())
             .map(|row| {
-                let mut order: Vec<usize> = (0..row.len()).collect();
-                order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-                order
+                top_k(row, top)
                     .into_iter()
-                    .take(top)
-                    .map(|j| Candidate {
+                    .map(|(j, score)| Candidate {
                         id: first[j].clone(),
-                        score: row[j],
+                        score,
                     })
                     .collect()
             })
@@ -203,12 +201,7 @@ pub fn species_predictions(
     Some(
         total
             .chunks(names.len())
-            .map(|row| {
-                let best = (0..row.len())
-                    .reduce(|a, b| if row[b] > row[a] { b } else { a })
-                    .unwrap_or(0);
-                names[best].clone()
-            })
+            .map(|row| names[top_k(row, 1).first().map_or(0, |&(j, _)| j)].clone())
             .collect(),
     )
 }

@@ -5,6 +5,7 @@
 //! the others. A photo takes one vote per query descriptor, its best.
 
 use super::Features;
+use crate::linalg::top_k;
 
 /// One query descriptor's vote for a photo, with the gallery keypoint it matched.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -105,20 +106,6 @@ pub(super) fn similarities(a: &[f32], b: &[f32], dim: usize, out: &mut [f32]) {
     }
 }
 
-/// The `n` largest values of `row` as `(index, value)`, largest first (ties: lower index).
-fn top_k(row: &[f32], n: usize) -> Vec<(usize, f32)> {
-    let mut best: Vec<(usize, f32)> = Vec::with_capacity(n + 1);
-    for (i, &v) in row.iter().enumerate() {
-        if best.len() == n && v <= best[n - 1].1 {
-            continue;
-        }
-        let at = best.partition_point(|&(_, b)| b >= v);
-        best.insert(at, (i, v));
-        best.truncate(n);
-    }
-    best
-}
-
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
@@ -139,14 +126,6 @@ pub(super) mod tests {
             descriptors: descs.concat(),
             ..Default::default()
         }
-    }
-
-    #[test]
-    fn top_k_keeps_the_largest_in_order() {
-        assert_eq!(
-            top_k(&[0.1, 0.9, 0.5, 0.9, 0.3], 3),
-            [(1, 0.9), (3, 0.9), (2, 0.5)]
-        );
     }
 
     #[test]
