@@ -75,6 +75,7 @@ fn main() -> anyhow::Result<()> {
     let matcher = Matcher {
         size: args.size,
         region: Region::default(),
+        clahe: 0.0,
         sift: cfg,
         method: Method::RootSift,
         k: 4,

@@ -134,6 +134,7 @@ fn a_shifted_photo_matches_through_the_shift() {
     let matcher = Matcher {
         size: 192,
         region: Region::default(),
+        clahe: 0.0,
         sift: Default::default(),
         method: Method::XFeat(Arc::new(vec![Mutex::new(net)])),
         k: 4,

@@ -21,6 +21,14 @@ pub struct Extraction {
     /// Features stored before regions had shapes were all extracted in a box.
     #[serde(default)]
     pub shape: crate::local::Shape,
+    /// CLAHE's clip limit before SIFT (0: none). Left out of the JSON when 0, so that features
+    /// stored before it keep their tag.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub clahe: f32,
+}
+
+fn is_zero(v: &f32) -> bool {
+    *v == 0.0
 }
 
 const HEADER: usize = 16;
@@ -289,6 +297,7 @@ mod tests {
             contrast: 0.04,
             region: [0.0, 0.0, 1.0, 1.0],
             shape: crate::local::Shape::Box,
+            clahe: 0.0,
         }
     }
 
@@ -356,6 +365,22 @@ mod tests {
         assert_eq!((n, again), (0, second));
         assert_eq!(cached(Some(&path), &other, &names, extract).unwrap().1, 0);
         assert_eq!(calls.into_inner(), 5);
+    }
+
+    /// Features stored before CLAHE keep their tag (catalogues and features files match on
+    /// it); with CLAHE the tag differs and says so.
+    #[test]
+    fn the_tag_without_clahe_is_the_tag_from_before_it() {
+        let before = r#"{"method":"rootsift","size":256,"keypoints":1000,"contrast":0.04,"region":[0.0,0.0,1.0,1.0],"shape":"box"}"#;
+        assert_eq!(serde_json::to_string(&extraction()).unwrap(), before);
+        let read: Extraction = serde_json::from_str(before).unwrap();
+        assert_eq!(read, extraction());
+        let equalised = Extraction {
+            clahe: 2.0,
+            ..extraction()
+        };
+        let tag = serde_json::to_string(&equalised).unwrap();
+        assert!(tag.ends_with(r#""clahe":2.0}"#), "{tag}");
     }
 
     #[test]
