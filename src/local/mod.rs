@@ -282,14 +282,19 @@ fn rotation_bound(s: &str) -> Result<f32> {
 impl Default for LocalArgs {
     /// The flags' defaults (local matching off).
     fn default() -> Self {
-        use clap::{Args, FromArgMatches};
-        let matches =
-            LocalArgs::augment_args(clap::Command::new("local")).get_matches_from(["local"]);
-        LocalArgs::from_arg_matches(&matches).expect("the flags' defaults parse")
+        LocalArgs::from_flags(&[]).expect("the flags' defaults parse")
     }
 }
 
 impl LocalArgs {
+    /// The settings these command-line flags give (the others at their defaults).
+    pub fn from_flags(flags: &[&str]) -> Result<Self> {
+        use clap::{Args, FromArgMatches};
+        let command = LocalArgs::augment_args(clap::Command::new("local"));
+        let matches = command.try_get_matches_from([&["local"], flags].concat())?;
+        Ok(LocalArgs::from_arg_matches(&matches)?)
+    }
+
     pub fn enabled(&self) -> bool {
         self.local != "none"
     }
@@ -720,13 +725,6 @@ mod tests {
         assert_ne!(read, ellipse);
     }
 
-    fn local_args(flags: &[&str]) -> Result<LocalArgs> {
-        use clap::{Args, FromArgMatches};
-        let command = LocalArgs::augment_args(clap::Command::new("local"));
-        let matches = command.try_get_matches_from([&["local"], flags].concat())?;
-        Ok(LocalArgs::from_arg_matches(&matches)?)
-    }
-
     /// Spots of one contrast on a photo whose right half lies in shadow (a fifth as bright):
     /// at OpenCV's contrast threshold SIFT loses most of the shaded spots; CLAHE first brings
     /// them back.
@@ -747,7 +745,8 @@ mod tests {
         });
         let shaded = |flags: &[&str]| {
             let base = ["--local", "rootsift", "--local-region", "0,0,1,1"];
-            let args = local_args(&[&base[..], &["--local-contrast", "0.04"], flags].concat());
+            let args =
+                LocalArgs::from_flags(&[&base[..], &["--local-contrast", "0.04"], flags].concat());
             let features = args.unwrap().matcher().unwrap().extract(&photo);
             let side = |right: bool| {
                 let p = features.points.iter();
@@ -775,7 +774,7 @@ mod tests {
         let err = |flags: &[&str]| {
             format!(
                 "{:#}",
-                local_args(flags)
+                LocalArgs::from_flags(flags)
                     .and_then(|a| a.matcher().map(|_| ()))
                     .unwrap_err()
             )
@@ -787,7 +786,7 @@ mod tests {
             xfeat.contains("--local-clahe") && xfeat.contains("rootsift"),
             "{xfeat}"
         );
-        let args = local_args(&["--local", "rootsift", "--local-clahe", "2"]).unwrap();
+        let args = LocalArgs::from_flags(&["--local", "rootsift", "--local-clahe", "2"]).unwrap();
         assert_eq!(args.extraction().clahe, 2.0);
         assert_eq!(LocalArgs::default().extraction().clahe, 0.0);
     }
