@@ -244,7 +244,16 @@ fn a_shifted_photo_scores_above_an_unrelated_one() {
             dx.hypot(dy)
         })
         .collect();
-    assert!(errors.iter().all(|&e| e < 8.0), "errors {errors:?}");
+    // Each line is within RANSAC's tolerance of the fitted map, and that map within a pixel
+    // or two of the true shift; most lines lie on it.
+    let tolerance = matcher.ransac.tolerance * 256.0;
+    assert!(
+        errors.iter().all(|&e| e < tolerance + 2.0),
+        "tolerance {tolerance}, errors {errors:?}"
+    );
+    let mut sorted = errors.clone();
+    sorted.sort_by(f32::total_cmp);
+    assert!(sorted[sorted.len() / 2] <= 2.0, "errors {sorted:?}");
 }
 
 /// Time per pair on one thread, at about 300 and 1000 keypoints:
