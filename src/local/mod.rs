@@ -17,7 +17,7 @@ pub mod store;
 #[cfg(feature = "torch")]
 pub mod xfeat;
 
-pub use gray::Gray;
+pub use gray::{resize_longest, Gray};
 
 use anyhow::{bail, ensure, Context, Result};
 use image::RgbImage;
