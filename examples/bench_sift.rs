@@ -79,6 +79,7 @@ fn main() -> anyhow::Result<()> {
         sift: cfg,
         method: Method::RootSift,
         k: 4,
+        position_weight: 0.0,
         score: Default::default(),
         glue: None,
         ransac: Default::default(),

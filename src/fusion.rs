@@ -234,6 +234,7 @@ pub fn calibrate(
         identity_score: identity,
         geometry: local.matcher.ransac.geometry,
         max_rotation: local.matcher.ransac.max_rotation,
+        position_weight: local.matcher.position_weight,
         fusion,
         threshold: report.best_threshold,
         photos: ids.len(),

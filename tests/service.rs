@@ -1114,6 +1114,7 @@ async fn identify_with_local_features_ranks_the_spotted_animal_first() {
         identity_score: Default::default(),
         geometry: Default::default(),
         max_rotation: settings.local_max_rotation,
+        position_weight: 0.0,
         fusion: Fusion {
             embedding: Logistic { a: 0.0, b: 0.0 },
             local: Logistic { a: 3.0, b: -6.0 },

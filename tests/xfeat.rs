@@ -138,6 +138,7 @@ fn a_shifted_photo_matches_through_the_shift() {
         sift: Default::default(),
         method: Method::XFeat(Arc::new(vec![Mutex::new(net)])),
         k: 4,
+        position_weight: 0.0,
         score: Default::default(),
         glue: None,
         ransac: Default::default(),

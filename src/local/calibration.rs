@@ -128,6 +128,9 @@ pub struct Calibration {
     /// The largest rotation of a verifying map, in degrees (older calibrations: any, 180).
     #[serde(default = "any_rotation")]
     pub max_rotation: f32,
+    /// LNBNN's weight of keypoint positions (older calibrations: none, 0).
+    #[serde(default)]
+    pub position_weight: f32,
     pub fusion: Fusion,
     pub threshold: f32,
     /// The calibration photos, and their queries' MAP@5 with `threshold`.
@@ -204,6 +207,13 @@ impl Calibration {
             path.display(),
             self.max_rotation,
             args.local_max_rotation
+        );
+        ensure!(
+            self.position_weight == args.local_position_weight,
+            "{} was fitted for --local-position-weight {}, not {}",
+            path.display(),
+            self.position_weight,
+            args.local_position_weight
         );
         Ok(())
     }

@@ -3,6 +3,11 @@
 //! its k+1 nearest, and each of the first k votes for its photo with the distance of the
 //! (k+1)-th minus its own: how much more it resembles that photo than the background of all
 //! the others. A photo takes one vote per query descriptor, its best.
+//!
+//! Where every photo frames the animal alike (crops aligned to the body), a mark sits near the
+//! same place in each: a position weight `w` adds `w` times the distance between two keypoints'
+//! positions (in fractions of each photo's width and height) to their descriptors' distance,
+//! as if each descriptor carried its position scaled by `w`.
 
 use super::Features;
 use crate::linalg::top_k;
@@ -26,9 +31,16 @@ pub struct PhotoVotes {
 /// Queries per block of the similarity matrix (bounds its memory at `BLOCK × pooled` floats).
 const BLOCK: usize = 128;
 
-/// The LNBNN votes of `query`'s descriptors for each photo of `gallery`, in gallery order.
-/// Photos whose descriptors are of another length than the query's get none.
-pub fn vote(query: &Features, gallery: &[&Features], k: usize) -> Vec<PhotoVotes> {
+/// The LNBNN votes of `query`'s descriptors for each photo of `gallery`, in gallery order,
+/// neighbours found by descriptor distance and `position_weight` times the positions' distance
+/// (0: wherever they are). Photos whose descriptors are of another length than the query's get
+/// none.
+pub fn vote(
+    query: &Features,
+    gallery: &[&Features],
+    k: usize,
+    position_weight: f32,
+) -> Vec<PhotoVotes> {
     let mut out: Vec<PhotoVotes> = (0..gallery.len())
         .map(|photo| PhotoVotes {
             photo,
@@ -37,13 +49,19 @@ pub fn vote(query: &Features, gallery: &[&Features], k: usize) -> Vec<PhotoVotes
         .collect();
     let mut owner = Vec::new();
     let mut pooled = Vec::new();
+    let mut positions = Vec::new();
     let dim = query.dim;
     for (photo, f) in gallery.iter().enumerate().filter(|(_, f)| f.dim == dim) {
         for point in 0..f.len() {
             owner.push((photo, point));
         }
         pooled.extend_from_slice(&f.descriptors);
+        positions.extend(relative_positions(f));
     }
+    let query_positions: Vec<[f32; 2]> = relative_positions(query).collect();
+    // ‖(a, w·p) − (b, w·q)‖² = 2 − 2a·b + w²‖p − q‖² for unit a and b: the similarity less
+    // half the weighted squared distance.
+    let half_w2 = 0.5 * position_weight * position_weight;
     let m = owner.len();
     let k = k.min(m.saturating_sub(1));
     if k == 0 || query.is_empty() {
@@ -54,6 +72,15 @@ pub fn vote(query: &Features, gallery: &[&Features], k: usize) -> Vec<PhotoVotes
         let rows = BLOCK.min(query.len() - start);
         let q = &query.descriptors[start * dim..(start + rows) * dim];
         similarities(q, &pooled, dim, &mut sims[..rows * m]);
+        if half_w2 > 0.0 {
+            for r in 0..rows {
+                let [x, y] = query_positions[start + r];
+                let row = &mut sims[r * m..(r + 1) * m];
+                for (s, &[px, py]) in row.iter_mut().zip(&positions) {
+                    *s -= half_w2 * ((x - px) * (x - px) + (y - py) * (y - py));
+                }
+            }
+        }
         for r in 0..rows {
             let nearest = top_k(&sims[r * m..(r + 1) * m], k + 1);
             // Unit vectors: ‖a − b‖ = √(2 − 2a·b).
@@ -77,6 +104,13 @@ pub fn vote(query: &Features, gallery: &[&Features], k: usize) -> Vec<PhotoVotes
         }
     }
     out
+}
+
+/// A photo's keypoints in fractions of its width and height (as they are where its size is
+/// unknown).
+fn relative_positions(f: &Features) -> impl Iterator<Item = [f32; 2]> + '_ {
+    let [w, h] = f.size.map(|s| s.max(1) as f32);
+    f.points.iter().map(move |&[x, y]| [x / w, y / h])
 }
 
 /// `out[r·m + j]` = the dot product of descriptor `r` of `a` with descriptor `j` of `b`
@@ -137,7 +171,7 @@ pub(super) mod tests {
         let g0 = features(&[unit(&[1.0])]);
         let g1 = features(&[unit(&[0.5, 0.75f32.sqrt()])]);
         let g2 = features(&[unit(&[0.0, 0.0, 1.0])]);
-        let v = vote(&q, &[&g0, &g1, &g2], 1);
+        let v = vote(&q, &[&g0, &g1, &g2], 1, 0.0);
         assert!((v[0].total - 1.0).abs() < 1e-5, "{v:?}");
         assert_eq!((v[1].total, v[2].total), (0.0, 0.0));
         assert_eq!(
@@ -149,9 +183,36 @@ pub(super) mod tests {
             }]
         );
         // With k = 2 photo 1 votes too, by √2 − 1, and photo 0 by √2 − 0.
-        let v = vote(&q, &[&g0, &g1, &g2], 2);
+        let v = vote(&q, &[&g0, &g1, &g2], 2, 0.0);
         let r2 = 2f32.sqrt();
         assert!((v[0].total - r2).abs() < 1e-5 && (v[1].total - (r2 - 1.0)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn a_position_weight_prefers_keypoints_at_the_same_place() {
+        // The query's e0 sits at the top left of a 10×10 photo. Photo 0 has e0 itself at the
+        // bottom right, photo 1 a vector at 60° at the top left, photo 2 one at 90° there.
+        // Unweighted, photo 0 is nearest (distance 0, normaliser photo 1's 1). With weight 1,
+        // photo 0's squared distance is 0 + 1·(1² + 1²) = 2, photo 1's 2 − 2·cos 60° = 1 and
+        // photo 2's 2: photo 1 votes √2 − 1.
+        let at = |d: Vec<f32>, x: f32, y: f32| Features {
+            size: [10, 10],
+            points: vec![[x, y]],
+            dim: d.len(),
+            descriptors: d,
+        };
+        let q = at(unit(&[1.0]), 0.0, 0.0);
+        let g0 = at(unit(&[1.0]), 10.0, 10.0);
+        let g1 = at(unit(&[0.5, 0.75f32.sqrt()]), 0.0, 0.0);
+        let g2 = at(unit(&[0.0, 0.0, 1.0]), 0.0, 0.0);
+        let v = vote(&q, &[&g0, &g1, &g2], 1, 0.0);
+        assert!(
+            (v[0].total - 1.0).abs() < 1e-5 && v[1].total == 0.0,
+            "{v:?}"
+        );
+        let v = vote(&q, &[&g0, &g1, &g2], 1, 1.0);
+        assert!(v[0].total == 0.0, "{v:?}");
+        assert!((v[1].total - (2f32.sqrt() - 1.0)).abs() < 1e-5, "{v:?}");
     }
 
     #[test]
@@ -162,7 +223,7 @@ pub(super) mod tests {
         let g1 = features(&[short(&[0.5, 0.75f32.sqrt()])]);
         let other = features(&[unit(&[1.0])]);
         assert_eq!((q.dim, other.dim), (64, DESC_LEN));
-        let v = vote(&q, &[&g0, &other, &g1], 1);
+        let v = vote(&q, &[&g0, &other, &g1], 1, 0.0);
         assert!((v[0].total - 1.0).abs() < 1e-5, "{v:?}");
         assert_eq!((v[1].total, v[2].total), (0.0, 0.0));
     }
@@ -173,7 +234,7 @@ pub(super) mod tests {
         let q = features(&[unit(&[1.0])]);
         let g0 = features(&[unit(&[1.0]), unit(&[1.0, 0.01])]);
         let g1 = features(&[unit(&[1.0, 1.0])]);
-        let v = vote(&q, &[&g0, &g1], 2);
+        let v = vote(&q, &[&g0, &g1], 2, 0.0);
         assert_eq!(v[0].matches.len(), 1);
         assert_eq!(
             v[1].matches.len(),

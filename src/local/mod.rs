@@ -233,6 +233,12 @@ pub struct LocalArgs {
     /// weighted by how much nearer each is than the (k+1)-th.
     #[arg(long, default_value_t = 4)]
     pub lnbnn_k: usize,
+    /// LNBNN: neighbours are nearest by descriptor distance plus this weight times the
+    /// distance between the keypoints' positions, in fractions of each photo's width and
+    /// height. For crops that frame every animal alike, where a mark sits near the same place
+    /// in every photo (0: anywhere).
+    #[arg(long, default_value_t = 0.0, value_parser = position_weight)]
+    pub local_position_weight: f32,
     /// How each shortlisted photo is scored: lnbnn (one-vs-many votes over the pooled
     /// descriptors of the shortlist, verified by RANSAC), pairwise (the query against
     /// each photo alone: verified mutual ratio-test matches, counted) or lighterglue (with
@@ -266,6 +272,17 @@ fn clip_limit(s: &str) -> Result<f32> {
         "--local-clahe {s}: expected a clip limit of 0 (off) or more"
     );
     Ok(clip)
+}
+
+fn position_weight(s: &str) -> Result<f32> {
+    let w: f32 = s
+        .parse()
+        .with_context(|| format!("--local-position-weight {s:?}: expected a weight"))?;
+    ensure!(
+        w.is_finite() && w >= 0.0,
+        "--local-position-weight {s}: expected a weight of 0 (off) or more"
+    );
+    Ok(w)
 }
 
 fn rotation_bound(s: &str) -> Result<f32> {
@@ -341,6 +358,7 @@ impl LocalArgs {
             },
             method,
             k: self.lnbnn_k.max(1),
+            position_weight: self.local_position_weight,
             score: self.local_score,
             ransac: ransac::RansacConfig {
                 max_rotation: self.local_max_rotation,
@@ -513,6 +531,8 @@ pub struct Matcher {
     pub sift: sift::SiftConfig,
     pub method: Method,
     pub k: usize,
+    /// LNBNN's weight of the keypoints' relative positions ([`lnbnn::vote`]).
+    pub position_weight: f32,
     pub score: Score,
     pub ransac: ransac::RansacConfig,
     /// LighterGlue, loaded when `score` is [`Score::Lighterglue`].
@@ -618,7 +638,7 @@ impl Matcher {
                 })
                 .collect();
         }
-        let votes = lnbnn::vote(query, gallery, self.k);
+        let votes = lnbnn::vote(query, gallery, self.k, self.position_weight);
         votes
             .into_iter()
             .map(|v| {

@@ -458,7 +458,7 @@ mod tests {
         let a = extract(&spots(200, 150, &marks));
         let b = extract(&spots(200, 150, &moved));
         assert!(a.len() > 40 && b.len() > 30, "{} and {}", a.len(), b.len());
-        let votes = lnbnn::vote(&a, &[&b], 1);
+        let votes = lnbnn::vote(&a, &[&b], 1, 0.0);
         let pairs: Vec<Correspondence> = votes[0]
             .matches
             .iter()
