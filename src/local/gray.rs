@@ -20,8 +20,79 @@ pub fn resize_longest(image: &RgbImage, longest: u32) -> RgbImage {
     );
     match (nw, nh) == (w, h) {
         true => image.clone(),
-        false => image::imageops::resize(image, nw, nh, image::imageops::FilterType::Triangle),
+        false => resize_triangle(image, nw, nh),
     }
+}
+
+/// `image::imageops::resize(image, width, height, FilterType::Triangle)`, pixel for pixel, in
+/// a fraction of its time: the same weights and the same sums in the same order (rows first,
+/// in f32, then columns, rounded), with each axis' weights computed once instead of per pixel
+/// and no alpha channel carried.
+pub fn resize_triangle(image: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let (w, h) = image.dimensions();
+    if w == 0 || h == 0 || width == 0 || height == 0 {
+        return RgbImage::new(width, height);
+    }
+    let (src_row, dst_row) = (w as usize * 3, width as usize * 3);
+    let src = image.as_raw();
+    let mut rows = vec![0f32; height as usize * src_row];
+    for ((first, weights), out) in triangle_taps(h, height)
+        .into_iter()
+        .zip(rows.chunks_exact_mut(src_row))
+    {
+        for (i, &weight) in weights.iter().enumerate() {
+            let row = &src[(first + i) * src_row..][..src_row];
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o += f32::from(v) * weight;
+            }
+        }
+    }
+    let columns = triangle_taps(w, width);
+    let mut out = vec![0u8; height as usize * dst_row];
+    for (row, dst) in rows
+        .chunks_exact(src_row)
+        .zip(out.chunks_exact_mut(dst_row))
+    {
+        for ((first, weights), pixel) in columns.iter().zip(dst.chunks_exact_mut(3)) {
+            let mut t = [0f32; 3];
+            for (i, &weight) in weights.iter().enumerate() {
+                let p = &row[(first + i) * 3..][..3];
+                for c in 0..3 {
+                    t[c] += p[c] * weight;
+                }
+            }
+            for c in 0..3 {
+                pixel[c] = t[c].clamp(0.0, 255.0).round() as u8;
+            }
+        }
+    }
+    RgbImage::from_raw(width, height, out).expect("a buffer of width × height pixels")
+}
+
+/// The image crate's triangle filter along one axis of `src` pixels resized to `dst`: each
+/// output pixel's first source pixel and normalised weights, computed as it does.
+fn triangle_taps(src: u32, dst: u32) -> Vec<(usize, Vec<f32>)> {
+    let ratio = src as f32 / dst as f32;
+    let stretch = ratio.max(1.0);
+    (0..dst)
+        .map(|o| {
+            let centre = (o as f32 + 0.5) * ratio;
+            let first = ((centre - stretch).floor() as i64).clamp(0, i64::from(src) - 1);
+            let end = ((centre + stretch).ceil() as i64).clamp(first + 1, i64::from(src));
+            let centre = centre - 0.5;
+            let mut weights: Vec<f32> = (first..end)
+                .map(|i| (1.0 - ((i as f32 - centre) / stretch).abs()).max(0.0))
+                .collect();
+            let mut sum = 0.0;
+            for w in &weights {
+                sum += w;
+            }
+            for w in &mut weights {
+                *w /= sum;
+            }
+            (first as usize, weights)
+        })
+        .collect()
 }
 
 impl Gray {
@@ -296,6 +367,30 @@ fn convolve(data: &[f32], w: usize, h: usize, kernel: &[f32], along_rows: bool, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_triangle_resize_is_the_image_crates_pixel_for_pixel() {
+        let mut state = 12345u32;
+        let mut noise = || {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 24) as u8
+        };
+        for (w, h, nw, nh) in [
+            (512, 341, 256, 171),
+            (144, 409, 180, 512),
+            (97, 61, 30, 19),
+            (40, 30, 41, 90),
+            (1, 7, 3, 2),
+        ] {
+            let image = RgbImage::from_fn(w, h, |_, _| image::Rgb([noise(), noise(), noise()]));
+            let want =
+                image::imageops::resize(&image, nw, nh, image::imageops::FilterType::Triangle);
+            assert!(
+                resize_triangle(&image, nw, nh) == want,
+                "{w}×{h} → {nw}×{nh}"
+            );
+        }
+    }
 
     #[test]
     fn blur_keeps_a_constant_image_and_spreads_an_impulse_as_a_gaussian() {
