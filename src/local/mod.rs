@@ -263,37 +263,44 @@ pub struct LocalArgs {
     pub local_max_rotation: f32,
 }
 
-fn clip_limit(s: &str) -> Result<f32> {
-    let clip: f32 = s
+/// A number flag's value, refused with a message naming the flag unless it is finite and in
+/// `range` (said in words by `expected`).
+fn number_flag(
+    flag: &str,
+    s: &str,
+    range: impl std::ops::RangeBounds<f32>,
+    expected: &str,
+) -> Result<f32> {
+    let v: f32 = s
         .parse()
-        .with_context(|| format!("--local-clahe {s:?}: expected a clip limit"))?;
+        .with_context(|| format!("{flag} {s:?}: expected {expected}"))?;
     ensure!(
-        clip.is_finite() && clip >= 0.0,
-        "--local-clahe {s}: expected a clip limit of 0 (off) or more"
+        v.is_finite() && range.contains(&v),
+        "{flag} {s}: expected {expected}"
     );
-    Ok(clip)
+    Ok(v)
+}
+
+fn clip_limit(s: &str) -> Result<f32> {
+    number_flag("--local-clahe", s, 0.0.., "a clip limit of 0 (off) or more")
 }
 
 fn position_weight(s: &str) -> Result<f32> {
-    let w: f32 = s
-        .parse()
-        .with_context(|| format!("--local-position-weight {s:?}: expected a weight"))?;
-    ensure!(
-        w.is_finite() && w >= 0.0,
-        "--local-position-weight {s}: expected a weight of 0 (off) or more"
-    );
-    Ok(w)
+    number_flag(
+        "--local-position-weight",
+        s,
+        0.0..,
+        "a weight of 0 (off) or more",
+    )
 }
 
 fn rotation_bound(s: &str) -> Result<f32> {
-    let deg: f32 = s
-        .parse()
-        .with_context(|| format!("--local-max-rotation {s:?}: expected degrees"))?;
-    ensure!(
-        (0.0..=180.0).contains(&deg),
-        "--local-max-rotation {s}: expected degrees from 0 to 180"
-    );
-    Ok(deg)
+    number_flag(
+        "--local-max-rotation",
+        s,
+        0.0..=180.0,
+        "degrees from 0 to 180",
+    )
 }
 
 impl Default for LocalArgs {
@@ -809,5 +816,25 @@ mod tests {
         let args = LocalArgs::from_flags(&["--local", "rootsift", "--local-clahe", "2"]).unwrap();
         assert_eq!(args.extraction().clahe, 2.0);
         assert_eq!(LocalArgs::default().extraction().clahe, 0.0);
+    }
+
+    #[test]
+    fn number_flags_out_of_range_are_errors_naming_the_flag() {
+        for (flag, bad) in [
+            ("--local-position-weight", "-0.5"),
+            ("--local-position-weight", "inf"),
+            ("--local-position-weight", "near"),
+            ("--local-max-rotation", "200"),
+            ("--local-clahe", "NaN"),
+        ] {
+            let err = format!(
+                "{:#}",
+                LocalArgs::from_flags(&[&format!("{flag}={bad}")]).unwrap_err()
+            );
+            assert!(err.contains(flag) && err.contains(bad), "{err}");
+        }
+        let args = LocalArgs::from_flags(&["--local-position-weight", "1.5"]).unwrap();
+        assert_eq!(args.matcher().unwrap().position_weight, 1.5);
+        assert_eq!(LocalArgs::default().local_position_weight, 0.0);
     }
 }
