@@ -336,6 +336,12 @@ impl LocalArgs {
             _ => None,
         };
         ensure!(
+            self.local_position_weight == 0.0 || self.local_score == Score::Lnbnn,
+            "--local-position-weight weighs LNBNN's neighbours: it needs --local-score lnbnn, \
+             not {}",
+            self.local_score
+        );
+        ensure!(
             self.local_clahe == 0.0 || self.local == "rootsift",
             "--local-clahe equalises SIFT's input: it needs --local rootsift, not --local {}",
             self.local
@@ -819,7 +825,7 @@ mod tests {
     }
 
     #[test]
-    fn number_flags_out_of_range_are_errors_naming_the_flag() {
+    fn flags_out_of_range_or_without_lnbnn_are_errors_naming_the_flag() {
         for (flag, bad) in [
             ("--local-position-weight", "-0.5"),
             ("--local-position-weight", "inf"),
@@ -833,6 +839,14 @@ mod tests {
             );
             assert!(err.contains(flag) && err.contains(bad), "{err}");
         }
+        let pairwise =
+            LocalArgs::from_flags(&["--local-position-weight", "1", "--local-score", "pairwise"])
+                .unwrap();
+        let err = format!("{:#}", pairwise.matcher().unwrap_err());
+        assert!(
+            err.contains("--local-position-weight") && err.contains("pairwise"),
+            "{err}"
+        );
         let args = LocalArgs::from_flags(&["--local-position-weight", "1.5"]).unwrap();
         assert_eq!(args.matcher().unwrap().position_weight, 1.5);
         assert_eq!(LocalArgs::default().local_position_weight, 0.0);
