@@ -47,6 +47,9 @@ pub fn vote(
             ..Default::default()
         })
         .collect();
+    // ‖(a, w·p) − (b, w·q)‖² = 2 − 2a·b + w²‖p − q‖² for unit a and b: the similarity less
+    // half the weighted squared distance. Positions are gathered only when weighed.
+    let half_w2 = 0.5 * position_weight * position_weight;
     let mut owner = Vec::new();
     let mut pooled = Vec::new();
     let mut positions = Vec::new();
@@ -56,12 +59,14 @@ pub fn vote(
             owner.push((photo, point));
         }
         pooled.extend_from_slice(&f.descriptors);
-        positions.extend(relative_positions(f));
+        if half_w2 > 0.0 {
+            positions.extend(relative_positions(f));
+        }
     }
-    let query_positions: Vec<[f32; 2]> = relative_positions(query).collect();
-    // ‖(a, w·p) − (b, w·q)‖² = 2 − 2a·b + w²‖p − q‖² for unit a and b: the similarity less
-    // half the weighted squared distance.
-    let half_w2 = 0.5 * position_weight * position_weight;
+    let query_positions: Vec<[f32; 2]> = match half_w2 > 0.0 {
+        true => relative_positions(query).collect(),
+        false => Vec::new(),
+    };
     let m = owner.len();
     let k = k.min(m.saturating_sub(1));
     if k == 0 || query.is_empty() {

@@ -393,18 +393,13 @@ fn nms(heatmap: &Tensor, threshold: f64, kernel: i64) -> Tensor {
     for (line, out) in values.chunks_exact(w).zip(rows.chunks_exact_mut(w)) {
         window_max(line, out);
     }
-    let (mut column, mut column_max) = (vec![0f32; h], vec![0f32; h]);
-    let mut local_max = vec![0f32; h * w];
-    for x in 0..w {
-        column
-            .iter_mut()
-            .enumerate()
-            .for_each(|(y, c)| *c = rows[y * w + x]);
-        window_max(&column, &mut column_max);
-        column_max
-            .iter()
-            .enumerate()
-            .for_each(|(y, &m)| local_max[y * w + x] = m);
+    let mut local_max = vec![f32::NEG_INFINITY; h * w];
+    for (y, out) in local_max.chunks_exact_mut(w).enumerate() {
+        for row in rows[y.saturating_sub(pad) * w..((y + pad + 1).min(h)) * w].chunks_exact(w) {
+            for (m, &v) in out.iter_mut().zip(row) {
+                *m = m.max(v);
+            }
+        }
     }
     let threshold = threshold as f32;
     let kept: Vec<i64> = (0..h * w)
