@@ -2,39 +2,60 @@
 its paired gain over the untrained features (epoch 0) with 95% bootstrap intervals over animals.
 
 Usage: python3 tools/gpu_screen/analyse.py results.jsonl
+
+A recipe's rows pool only the folds that reached that epoch, against the same folds untrained.
 """
-import json, collections, random, sys
-L = [json.loads(l) for l in open(sys.argv[1])]
-R = collections.defaultdict(dict)  # (recipe, epoch, w) -> fold -> q
-for l in L:
-    R[(l["recipe"], l["epoch"], l["w"])][l["fold"]] = l["q"]
-def metrics(q):
-    n = len(q)
-    return (sum(r == 1 for _, r in q) / n, sum(r <= 5 for _, r in q) / n, sum(1 / r for _, r in q if r <= 5) / n)
-def boot(qa, qb, B=1000):
-    # paired over animals: top-1 difference
-    by = collections.defaultdict(list)
-    for (a, ra), (b, rb) in zip(qa, qb):
-        assert a == b
-        by[a].append(((ra == 1) - (rb == 1), (1 / ra if ra <= 5 else 0) - (1 / rb if rb <= 5 else 0)))
-    ids = sorted(by); rng = random.Random(0); d1 = []; dm = []
-    for _ in range(B):
-        s = [by[rng.choice(ids)] for _ in ids]
-        flat = [x for v in s for x in v]
-        d1.append(sum(x for x, _ in flat) / len(flat)); dm.append(sum(y for _, y in flat) / len(flat))
-    d1.sort(); dm.sort()
-    return d1[25], d1[974], dm[25], dm[974]
-recipes = sorted({k[0] for k in R})
-for rc in recipes:
-    base = R[(rc, 0, 0.0)]
-    folds = sorted(base)
-    for (r, e, w), byf in sorted(R.items()):
-        if r != rc: continue
-        fs = [f for f in folds if f in byf]
-        q = [x for f in fs for x in byf[f]]; qb = [x for f in fs for x in base[f]]
-        t1, t5, m = metrics(q); b1, b5, bm = metrics(qb)
-        extra = ""
-        if e:
-            lo1, hi1, lom, him = boot(q, qb)
-            extra = f"  vs untrained: top1 {t1-b1:+.3f} ({lo1:+.3f} to {hi1:+.3f})  MAP5 {m-bm:+.3f} ({lom:+.3f} to {him:+.3f})"
-        print(f"{rc:9s} ep{e:2d} w{w:.1f} folds{len(fs)} n{len(q)}  top1 {t1:.3f} top5 {t5:.3f} MAP5 {m:.3f}{extra}")
+import collections
+import json
+import random
+import sys
+
+
+def metrics(queries):
+    """top-1, top-5 and MAP@5 of (animal, rank) pairs."""
+    n = len(queries)
+    return (sum(r == 1 for _, r in queries) / n, sum(r <= 5 for _, r in queries) / n,
+            sum(1 / r for _, r in queries if r <= 5) / n)
+
+
+def paired_intervals(trained, untrained, resamples=1000):
+    """95% intervals of the gain in top-1 and in MAP@5, resampling animals for both at once."""
+    by_animal = collections.defaultdict(list)
+    for (a, ra), (b, rb) in zip(trained, untrained):
+        assert a == b, "the two measurements list their queries in different orders"
+        by_animal[a].append(((ra == 1) - (rb == 1), (1 / ra if ra <= 5 else 0) - (1 / rb if rb <= 5 else 0)))
+    animals = sorted(by_animal)
+    rng = random.Random(0)
+    top1, map5 = [], []
+    for _ in range(resamples):
+        drawn = [d for _ in animals for d in by_animal[rng.choice(animals)]]
+        top1.append(sum(d for d, _ in drawn) / len(drawn))
+        map5.append(sum(d for _, d in drawn) / len(drawn))
+    lo, hi = int(0.025 * resamples), int(0.975 * resamples) - 1
+    top1.sort()
+    map5.sort()
+    return top1[lo], top1[hi], map5[lo], map5[hi]
+
+
+def main():
+    runs = collections.defaultdict(dict)  # (recipe, epoch, w) -> fold -> [(animal, rank)]
+    for line in open(sys.argv[1]):
+        row = json.loads(line)
+        runs[(row["recipe"], row["epoch"], row["w"])][row["fold"]] = row["q"]
+    for (recipe, epoch, w), by_fold in sorted(runs.items()):
+        base = runs[(recipe, 0, 0.0)]
+        folds = [f for f in sorted(base) if f in by_fold]
+        q = [x for f in folds for x in by_fold[f]]
+        qb = [x for f in folds for x in base[f]]
+        t1, t5, m = metrics(q)
+        line = f"{recipe:9s} ep{epoch:2d} w{w:.1f} folds{len(folds)} n{len(q)}  top1 {t1:.3f} top5 {t5:.3f} MAP5 {m:.3f}"
+        if epoch:
+            b1, _, bm = metrics(qb)
+            lo1, hi1, lom, him = paired_intervals(q, qb)
+            line += (f"  vs untrained: top1 {t1 - b1:+.3f} ({lo1:+.3f} to {hi1:+.3f})"
+                     f"  MAP5 {m - bm:+.3f} ({lom:+.3f} to {him:+.3f})")
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
