@@ -12,7 +12,7 @@ As finprint's full mode: GeM (p = 3, learnt), BatchNorm1d + Linear to 512, ArcFa
 the seed's fallback beyond π − m), AdamW (backbone lr 3e-4, heads × 10, decay 1e-4), one epoch of
 linear warm-up then a cosine to 0.01, gradients clipped at norm 5. Not as finprint: batches of
 32 in bfloat16, weight decay on every parameter, and the augmentations below (flips both ways
-with p 0.5, the affine warp, brightness/contrast and grey; no blur, noise or grid shuffle).
+with p 0.5 where the set allows them, the affine warp, brightness/contrast and grey; no blur, noise or grid shuffle).
 """
 import csv
 import json
@@ -38,8 +38,13 @@ RECIPES = {
     "r_full": ("rw", "lite0", [0, 5, 10, 20, 30], {}),
     "r_fast": ("rw", "lite0", [0, 5, 10, 20, 30], {"freeze": 6}),
     "r_low": ("rw", "lite0", [0, 5, 10, 20, 30], {"lr": 1e-4, "m": 0.3, "subc": 3}),
+    # A flank's mirror image looks like the other flank: no flips.
+    "n_full": ("nyala", "lite0", [0, 5, 10, 20, 30], {"flips": False}),
+    "n_fast": ("nyala", "lite0", [0, 5, 10, 20, 30], {"flips": False, "freeze": 6}),
+    "n_low": ("nyala", "lite0", [0, 5, 10, 20, 30], {"flips": False, "lr": 1e-4, "m": 0.3, "subc": 3}),
 }
-BASE = dict(lr=3e-4, head_mult=10.0, wd=1e-4, m=0.5, s=30.0, subc=1, batch=32, freeze=0, aug=1.0)
+BASE = dict(lr=3e-4, head_mult=10.0, wd=1e-4, m=0.5, s=30.0, subc=1, batch=32, freeze=0, aug=1.0,
+            flips=True)
 WEIGHTS = [0.0, 0.5, 1.0, 2.0]  # fusion weights of the pretrained features' cosine
 
 
@@ -95,16 +100,17 @@ def normalise(x):  # uint8 → Lite's input
     return (x.float() - 127.0) / 128.0
 
 
-def augment(x, strength):
-    """GPU augmentations of a uint8 batch: flips both ways (a back seen from above, a head
-    cropped to its callosities), an affine warp, brightness/contrast, grey."""
+def augment(x, strength, flips):
+    """GPU augmentations of a uint8 batch: with `flips` mirrors both ways (a back seen from above,
+    a head cropped to its callosities), an affine warp, brightness/contrast, grey."""
     b = x.shape[0]
     dev = x.device
     x = normalise(x)
-    hf = torch.rand(b, device=dev) < 0.5
-    x = torch.where(hf[:, None, None, None], x.flip(-1), x)
-    vf = torch.rand(b, device=dev) < 0.5
-    x = torch.where(vf[:, None, None, None], x.flip(-2), x)
+    if flips:
+        hf = torch.rand(b, device=dev) < 0.5
+        x = torch.where(hf[:, None, None, None], x.flip(-1), x)
+        vf = torch.rand(b, device=dev) < 0.5
+        x = torch.where(vf[:, None, None, None], x.flip(-2), x)
     ang = (torch.rand(b, device=dev) * 2 - 1) * math.radians(15 * strength)
     sc = 1 + (torch.rand(b, device=dev) * 2 - 1) * 0.1 * strength
     tx, ty = [(torch.rand(b, device=dev) * 2 - 1) * 0.06 * strength for _ in range(2)]
@@ -137,9 +143,12 @@ def embed_all(net, x, fn, bs=256):
 
 
 def ranks(sim, rows, ids, protocol):
-    """Each query's (animal, rank of its animal among animals ranked by their best photo)."""
+    """Each query's (animal, rank of its animal among animals ranked by their best photo). A
+    query's gallery holds no photo of its own encounter and, where photos have a view (nyala's
+    flank), only photos of its own view."""
     n = len(rows)
     enc = [r["encounter"] for r in rows]
+    view = [r.get("view", "") for r in rows]
     uniq = sorted(set(ids))
     col = torch.tensor([uniq.index(i) for i in ids], device=sim.device)
     seen, out = set(), []
@@ -149,7 +158,7 @@ def ranks(sim, rows, ids, protocol):
             if enc[q] in seen:
                 continue
             seen.add(enc[q])
-        keep = torch.tensor([enc[g] != enc[q] for g in range(n)], device=sim.device)
+        keep = torch.tensor([enc[g] != enc[q] and view[g] == view[q] for g in range(n)], device=sim.device)
         if not any(ids[g] == ids[q] and enc[g] != enc[q] for g in range(n)):
             continue
         s = torch.where(keep, sim[q], torch.tensor(-9.0, device=sim.device))
@@ -222,7 +231,7 @@ def main():
             for g, lr in zip(opt.param_groups, base_lr):
                 g["lr"] = lr * f
             with torch.autocast(dev, dtype=torch.bfloat16):
-                e = net.embed(augment(xt[idx], cfg["aug"]))
+                e = net.embed(augment(xt[idx], cfg["aug"], cfg["flips"]))
             loss = F.cross_entropy(net.logits(e, y[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
