@@ -17,9 +17,10 @@
 #   encounter (`--exclude-same encounter`); the photos are tall and narrow, so the input keeps
 #   their aspect (EVAL_FLAGS, default `--img-size 128x384 --fit pad`).
 # Then the untrained features with local features fused (`--local rootsift`, calibrated on the
-# training animals). Without train flags it trains the frozen mode on the three pretrained Lite
-# backbones, and measures it alone and fused with local features (calibrated on the held-out
-# training animals). UNTRAINED=0 leaves out the untrained rows, TRAINED=0 the trained ones.
+# training animals). Without train flags it trains the set's default, and measures it alone and
+# fused with local features (calibrated on the held-out training animals): right whales the full
+# mode (Lite0, 10 epochs, mirrored either way with p .5, no grid shuffle, batches of 32; about 8
+# minutes on 2 cores), the others the frozen mode on the three pretrained Lite backbones. UNTRAINED=0 leaves out the untrained rows, TRAINED=0 the trained ones.
 # Every evaluation also writes its per-query table to OUT (untrained.csv, untrained_local.csv,
 # trained.csv, trained_local.csv) for `finprint compare`.
 #
@@ -69,6 +70,7 @@ split() {
     role[$2] == "val" && (!enc || !seen[$enc]++) { print $1 "," $2 e g > val }' "$SRC/labels.csv"
 }
 FLIPS=()
+TRAIN=(--mode frozen --model efficientnet_lite0,efficientnet_lite1,efficientnet_lite2)
 case $SET in
   nyala)
     # labels.csv: image,individual_id,species,original_split,view,width,height,md5,source.
@@ -100,6 +102,10 @@ case $SET in
     # in every photo of its whale: LNBNN weighs the keypoints' positions too (five folds fused:
     # top-1 +.026, +.016 to +.038; BENCHMARKS.md).
     read -r -a LOCAL <<< "${LOCAL_FLAGS---local-position-weight 1}"
+    # Full fine-tuning learns callosities that carry to whales it never saw (five folds, top-1
+    # over the untrained features: alone +.152, +.125 to +.181; both with local features, .742 →
+    # .788, +.046, +.026 to +.066; BENCHMARKS.md).
+    TRAIN=(--mode full --epochs 10 --flips both --hflip-p 0.5 --vflip-p 0.5 --grid-shuffle-p 0 --batch-size 32)
     ;;
   *) echo "unknown set $SET (nyala, beluga or rightwhale)" >&2; exit 2 ;;
 esac
@@ -127,7 +133,7 @@ if ((${UNTRAINED:-1})); then
 fi
 ((${TRAINED:-1})) || exit 0
 rm -rf "$OUT/run"
-(($#)) || set -- --mode frozen --model efficientnet_lite0,efficientnet_lite1,efficientnet_lite2 "${SIZE[@]}"
+(($#)) || set -- "${TRAIN[@]}" "${SIZE[@]}"
 echo "== finprint train $*"
 start=$(date +%s)
 "$FINPRINT" train --data "$OUT/data" --out "$OUT/run" "${FLIPS[@]}" "$@"
