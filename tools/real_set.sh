@@ -20,7 +20,8 @@
 # training animals). Without train flags it trains the set's default, and measures it alone and
 # fused with local features (calibrated on the held-out training animals): right whales the full
 # mode (Lite0, 10 epochs, mirrored either way with p .5, no grid shuffle, batches of 32; about 8
-# minutes on 2 cores), the others the frozen mode on the three pretrained Lite backbones. UNTRAINED=0 leaves out the untrained rows, TRAINED=0 the trained ones.
+# minutes on 2 cores), the others the frozen mode on the three pretrained Lite backbones.
+# UNTRAINED=0 leaves out the untrained rows, TRAINED=0 the trained ones.
 # Every evaluation also writes its per-query table to OUT (untrained.csv, untrained_local.csv,
 # trained.csv, trained_local.csv) for `finprint compare`.
 #
