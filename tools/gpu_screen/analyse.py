@@ -1,9 +1,11 @@
 """Pool the GPU screen's folds: top-1, top-5 and MAP@5 of each (recipe, epoch, fusion weight), and
 its paired gain over the untrained features (epoch 0) with 95% bootstrap intervals over animals.
 
-Usage: python3 tools/gpu_screen/analyse.py results.jsonl
+Usage: python3 tools/gpu_screen/analyse.py results.jsonl [more.jsonl ...] [--vs A=B ...]
 
 A recipe's rows pool only the folds that reached that epoch, against the same folds untrained.
+`--vs A=B` adds recipe A's paired gain over recipe B at each (epoch, weight) both reached, on the
+folds both reached (the same set's queries: for example `--vs m_br:beluga=b_full`).
 """
 import collections
 import json
@@ -38,10 +40,14 @@ def paired_intervals(trained, untrained, resamples=1000):
 
 
 def main():
+    args = sys.argv[1:]
+    pairs = [args[i + 1].split("=") for i, a in enumerate(args) if a == "--vs"]
+    files = [a for i, a in enumerate(args) if a != "--vs" and (i == 0 or args[i - 1] != "--vs")]
     runs = collections.defaultdict(dict)  # (recipe, epoch, w) -> fold -> [(animal, rank)]
-    for line in open(sys.argv[1]):
-        row = json.loads(line)
-        runs[(row["recipe"], row["epoch"], row["w"])][row["fold"]] = row["q"]
+    for path in files:
+        for line in open(path):
+            row = json.loads(line)
+            runs[(row["recipe"], row["epoch"], row["w"])][row["fold"]] = row["q"]
     for (recipe, epoch, w), by_fold in sorted(runs.items()):
         base = runs[(recipe, 0, 0.0)]
         folds = [f for f in sorted(base) if f in by_fold]
@@ -55,6 +61,18 @@ def main():
             line += (f"  vs untrained: top1 {t1 - b1:+.3f} ({lo1:+.3f} to {hi1:+.3f})"
                      f"  MAP5 {m - bm:+.3f} ({lom:+.3f} to {him:+.3f})")
         print(line)
+    for a, b in pairs:
+        for (recipe, epoch, w), by_fold in sorted(runs.items()):
+            other = runs.get((b, epoch, w))
+            if recipe != a or not epoch or not other:
+                continue
+            folds = [f for f in sorted(by_fold) if f in other]
+            q = [x for f in folds for x in by_fold[f]]
+            qb = [x for f in folds for x in other[f]]
+            (t1, _, m), (b1, _, bm) = metrics(q), metrics(qb)
+            lo1, hi1, lom, him = paired_intervals(q, qb)
+            print(f"{a} vs {b} ep{epoch:2d} w{w:.1f} folds{len(folds)} n{len(q)}  top1 {t1:.3f} vs {b1:.3f}: "
+                  f"{t1 - b1:+.3f} ({lo1:+.3f} to {hi1:+.3f})  MAP5 {m - bm:+.3f} ({lom:+.3f} to {him:+.3f})")
 
 
 if __name__ == "__main__":

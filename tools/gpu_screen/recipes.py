@@ -4,9 +4,11 @@ Usage: python3 tools/gpu_screen/recipes.py RECIPE FOLD OUT_DIR   (LIMIT=N: the f
 
 Trains on the other folds' animals and measures the fold's animals at several epochs: belugas
 with one query per encounter and no photo of its encounter in its gallery, right whales with
-every photo against the others; each animal scored by its best photo. Each measurement is alone
-and fused with the pretrained GeM features (cosine + w × pretrained cosine). Appends one JSON line
-per (epoch, w) to OUT_DIR/RECIPE_FOLD.jsonl, with each query's (animal, rank of its animal).
+every photo against the others; each animal scored by its best photo. A recipe over several sets
+("beluga+rw") trains one model on all their training animals and measures each set's fold on its
+own. Each measurement is alone and fused with the pretrained GeM features (cosine + w ×
+pretrained cosine). Appends one JSON line per (set, epoch, w) to OUT_DIR/RECIPE_FOLD.jsonl, with
+each query's (animal, rank of its animal).
 
 As finprint's full mode: GeM (p = 3, learnt), BatchNorm1d + Linear to 512, ArcFace (s 30, m 0.5,
 the seed's fallback beyond π − m), AdamW (backbone lr 3e-4, heads × 10, decay 1e-4), one epoch of
@@ -29,12 +31,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 RECIPES = {
-    # name: set, arch, epochs evaluated, overrides
+    # name: set (or sets joined by +), arch, epochs evaluated, overrides
     "b_full": ("beluga", "lite0", [0, 5, 10, 20, 30], {}),
     "b_fast": ("beluga", "lite0", [0, 5, 10, 20, 30], {"freeze": 6}),
     "b_low": ("beluga", "lite0", [0, 5, 10, 20, 30], {"lr": 1e-4, "m": 0.3, "subc": 3}),
     "b_lite2": ("beluga", "lite2", [0, 5, 10, 20, 30], {}),
     "b_strong": ("beluga", "lite0", [0, 10, 20, 40], {"lr": 1e-4, "m": 0.3, "aug": 2.0}),
+    # The backs' scars are a few pixels at 128x384: the network sees them larger, upsampled.
+    "b_x15": ("beluga", "lite0", [0, 5, 10, 20, 30], {"scale": 1.5}),
+    "b_x2": ("beluga", "lite0", [0, 5, 10, 20], {"scale": 2.0}),
     "r_full": ("rw", "lite0", [0, 5, 10, 20, 30], {}),
     "r_fast": ("rw", "lite0", [0, 5, 10, 20, 30], {"freeze": 6}),
     "r_low": ("rw", "lite0", [0, 5, 10, 20, 30], {"lr": 1e-4, "m": 0.3, "subc": 3}),
@@ -42,9 +47,12 @@ RECIPES = {
     "n_full": ("nyala", "lite0", [0, 5, 10, 20, 30], {"flips": False}),
     "n_fast": ("nyala", "lite0", [0, 5, 10, 20, 30], {"flips": False, "freeze": 6}),
     "n_low": ("nyala", "lite0", [0, 5, 10, 20, 30], {"flips": False, "lr": 1e-4, "m": 0.3, "subc": 3}),
+    "n_x15": ("nyala", "lite0", [0, 10, 20], {"flips": False, "scale": 1.5}),
+    # One model for belugas and right whales (issue 15 item 4), measured on each set's fold.
+    "m_br": ("beluga+rw", "lite0", [0, 5, 10, 20, 30], {}),
 }
 BASE = dict(lr=3e-4, head_mult=10.0, wd=1e-4, m=0.5, s=30.0, subc=1, batch=32, freeze=0, aug=1.0,
-            flips=True)
+            flips=True, scale=1.0)
 WEIGHTS = [0.0, 0.5, 1.0, 2.0]  # fusion weights of the pretrained features' cosine
 
 
@@ -100,6 +108,13 @@ def normalise(x):  # uint8 → Lite's input
     return (x.float() - 127.0) / 128.0
 
 
+def upsample(x, scale):
+    """A normalised batch enlarged `scale` times (bilinear), as finprint's larger `--img-size`."""
+    if scale == 1.0:
+        return x
+    return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+
+
 def augment(x, strength, flips):
     """GPU augmentations of a uint8 batch: with `flips` mirrors both ways (a back seen from above,
     a head cropped to its callosities), an affine warp, brightness/contrast, grey."""
@@ -135,7 +150,7 @@ def embed_all(net, x, fn, bs=256):
     net.eval()
     out = []
     for i in range(0, len(x), bs):
-        xb = normalise(x[i:i + bs]).contiguous(memory_format=torch.channels_last)
+        xb = upsample(normalise(x[i:i + bs]), net.cfg["scale"]).contiguous(memory_format=torch.channels_last)
         with torch.autocast(xb.device.type, dtype=torch.bfloat16):
             out.append(F.normalize(fn(xb).float()))
     net.train()
@@ -172,7 +187,7 @@ def ranks(sim, rows, ids, protocol):
 def main():
     name, fold = sys.argv[1], int(sys.argv[2])
     out_dir = sys.argv[3]
-    set_name, arch, evals, over = RECIPES[name]
+    set_names, arch, evals, over = RECIPES[name]
     cfg = {**BASE, **over}
     limit = int(os.environ.get("LIMIT", 0))
     if limit:
@@ -180,59 +195,74 @@ def main():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(fold)
     torch.backends.cudnn.benchmark = True
-    rows, x = load(set_name, limit)
-    tr = [i for i, r in enumerate(rows) if int(r["fold"]) != fold]
-    va = [i for i, r in enumerate(rows) if int(r["fold"]) == fold]
-    classes = sorted({rows[i]["id"] for i in tr})
-    y = torch.tensor([classes.index(rows[i]["id"]) for i in tr], device=dev)
-    xt, xv = x[tr].to(dev), x[va].to(dev)
-    vrows = [rows[i] for i in va]
-    vids = [r["id"] for r in vrows]
+    # Several sets ("beluga+rw") train one model on all their training animals (ids are already
+    # apart: each carries its set's prefix) and are measured each on its own fold's animals.
+    sets = []
+    for set_name in set_names.split("+"):
+        rows, x = load(set_name, limit)
+        tr = [i for i, r in enumerate(rows) if int(r["fold"]) != fold]
+        va = [i for i, r in enumerate(rows) if int(r["fold"]) == fold]
+        sets.append(dict(name=set_name, rows=[rows[i] for i in tr], xt=x[tr].to(dev), xv=x[va].to(dev),
+                         vrows=[rows[i] for i in va], flips=cfg["flips"] and set_name != "nyala"))
+    classes = sorted({r["id"] for s in sets for r in s["rows"]})
+    index = {c: k for k, c in enumerate(classes)}
+    for s in sets:
+        s["y"] = torch.tensor([index[r["id"]] for r in s["rows"]], device=dev)
     net = Net(arch, len(classes), cfg).to(dev).to(memory_format=torch.channels_last)
-    pre = embed_all(net, xv, net.features)
-    pre_sim = pre @ pre.T
+    for s in sets:
+        pre = embed_all(net, s["xv"], net.features)
+        s["pre_sim"] = pre @ pre.T
     if cfg["freeze"]:
         for p in [*net.backbone.conv_stem.parameters(), *net.backbone.bn1.parameters()]:
             p.requires_grad_(False)
-        for s in range(cfg["freeze"]):
-            for p in net.backbone.blocks[s].parameters():
+        for k in range(cfg["freeze"]):
+            for p in net.backbone.blocks[k].parameters():
                 p.requires_grad_(False)
     head = [*net.gem.parameters(), *net.neck.parameters(), net.arc]
     body = [p for p in net.backbone.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": body, "lr": cfg["lr"]},
                              {"params": head, "lr": cfg["lr"] * cfg["head_mult"]}], weight_decay=cfg["wd"])
     base_lr = [g["lr"] for g in opt.param_groups]
-    steps_per = max(1, len(tr) // cfg["batch"])
+    steps_per = sum(max(1, len(s["rows"]) // cfg["batch"]) for s in sets)
     total = steps_per * max(evals)
     warm = steps_per
     step, t0 = 0, time.time()
 
     def record(epoch):
-        sim = pre_sim if epoch == 0 else None
-        if epoch:
-            e = embed_all(net, xv, net.embed)
-            sim = e @ e.T
-        for w in (WEIGHTS if epoch else [0.0]):
-            s = sim + w * pre_sim if epoch else sim
-            r = ranks(s, vrows, vids, set_name)
-            top1 = sum(k == 1 for _, k in r) / len(r)
-            line = {"recipe": name, "fold": fold, "epoch": epoch, "w": w, "n": len(r), "top1": top1,
-                          "secs": round(time.time() - t0, 1), "q": r}
-            with open(f"{out_dir}/{name}_{fold}.jsonl", "a") as fh:
-                fh.write(json.dumps(line) + "\n")
-            print(name, fold, epoch, w, f"n {len(r)} top1 {top1:.3f}", f"{time.time() - t0:.0f}s", flush=True)
+        for s in sets:
+            sim = s["pre_sim"]
+            if epoch:
+                e = embed_all(net, s["xv"], net.embed)
+                sim = e @ e.T
+            tag = name if len(sets) == 1 else f"{name}:{s['name']}"
+            for w in (WEIGHTS if epoch else [0.0]):
+                r = ranks(sim + w * s["pre_sim"] if epoch else sim, s["vrows"],
+                          [v["id"] for v in s["vrows"]], s["name"])
+                top1 = sum(k == 1 for _, k in r) / len(r)
+                line = {"recipe": tag, "fold": fold, "epoch": epoch, "w": w, "n": len(r), "top1": top1,
+                        "secs": round(time.time() - t0, 1), "q": r}
+                with open(f"{out_dir}/{name}_{fold}.jsonl", "a") as fh:
+                    fh.write(json.dumps(line) + "\n")
+                print(tag, fold, epoch, w, f"n {len(r)} top1 {top1:.3f}", f"{time.time() - t0:.0f}s", flush=True)
 
     record(0)
     for epoch in range(1, max(evals) + 1):
-        perm = torch.randperm(len(tr), device=dev)
-        for b in range(steps_per):
-            idx = perm[b * cfg["batch"]:(b + 1) * cfg["batch"]]
+        # Each set's photos in batches of its own (their sizes differ), the batches shuffled together.
+        batches = []
+        for k, s in enumerate(sets):
+            perm = torch.randperm(len(s["rows"]), device=dev)
+            batches += [(k, perm[b * cfg["batch"]:(b + 1) * cfg["batch"]])
+                        for b in range(max(1, len(s["rows"]) // cfg["batch"]))]
+        for j in torch.randperm(len(batches)).tolist():
+            k, idx = batches[j]
+            s = sets[k]
             f = step / warm if step < warm else 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
             for g, lr in zip(opt.param_groups, base_lr):
                 g["lr"] = lr * f
             with torch.autocast(dev, dtype=torch.bfloat16):
-                e = net.embed(augment(xt[idx], cfg["aug"], cfg["flips"]))
-            loss = F.cross_entropy(net.logits(e, y[idx]), y[idx])
+                xa = augment(s["xt"][idx], cfg["aug"], s["flips"])
+                e = net.embed(upsample(xa, cfg["scale"]).contiguous(memory_format=torch.channels_last))
+            loss = F.cross_entropy(net.logits(e, s["y"][idx]), s["y"][idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
