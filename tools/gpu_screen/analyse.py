@@ -39,6 +39,13 @@ def paired_intervals(trained, untrained, resamples=1000):
     return top1[lo], top1[hi], map5[lo], map5[hi]
 
 
+def gain(q, qb):
+    """q's paired gain over qb (the same queries) in top-1 and MAP@5, with 95% intervals."""
+    (t1, _, m), (b1, _, bm) = metrics(q), metrics(qb)
+    lo1, hi1, lom, him = paired_intervals(q, qb)
+    return f"top1 {t1 - b1:+.3f} ({lo1:+.3f} to {hi1:+.3f})  MAP5 {m - bm:+.3f} ({lom:+.3f} to {him:+.3f})"
+
+
 def main():
     args = sys.argv[1:]
     pairs = [args[i + 1].split("=") for i, a in enumerate(args) if a == "--vs"]
@@ -56,10 +63,7 @@ def main():
         t1, t5, m = metrics(q)
         line = f"{recipe:9s} ep{epoch:2d} w{w:.1f} folds{len(folds)} n{len(q)}  top1 {t1:.3f} top5 {t5:.3f} MAP5 {m:.3f}"
         if epoch:
-            b1, _, bm = metrics(qb)
-            lo1, hi1, lom, him = paired_intervals(q, qb)
-            line += (f"  vs untrained: top1 {t1 - b1:+.3f} ({lo1:+.3f} to {hi1:+.3f})"
-                     f"  MAP5 {m - bm:+.3f} ({lom:+.3f} to {him:+.3f})")
+            line += f"  vs untrained: {gain(q, qb)}"
         print(line)
     for a, b in pairs:
         for (recipe, epoch, w), by_fold in sorted(runs.items()):
@@ -69,10 +73,8 @@ def main():
             folds = [f for f in sorted(by_fold) if f in other]
             q = [x for f in folds for x in by_fold[f]]
             qb = [x for f in folds for x in other[f]]
-            (t1, _, m), (b1, _, bm) = metrics(q), metrics(qb)
-            lo1, hi1, lom, him = paired_intervals(q, qb)
-            print(f"{a} vs {b} ep{epoch:2d} w{w:.1f} folds{len(folds)} n{len(q)}  top1 {t1:.3f} vs {b1:.3f}: "
-                  f"{t1 - b1:+.3f} ({lo1:+.3f} to {hi1:+.3f})  MAP5 {m - bm:+.3f} ({lom:+.3f} to {him:+.3f})")
+            print(f"{a} vs {b} ep{epoch:2d} w{w:.1f} folds{len(folds)} n{len(q)}  top1 {metrics(q)[0]:.3f} "
+                  f"vs {metrics(qb)[0]:.3f}; gain {gain(q, qb)}")
 
 
 if __name__ == "__main__":

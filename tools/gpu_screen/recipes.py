@@ -43,16 +43,19 @@ RECIPES = {
     "r_full": ("rw", "lite0", [0, 5, 10, 20, 30], {}),
     "r_fast": ("rw", "lite0", [0, 5, 10, 20, 30], {"freeze": 6}),
     "r_low": ("rw", "lite0", [0, 5, 10, 20, 30], {"lr": 1e-4, "m": 0.3, "subc": 3}),
-    # A flank's mirror image looks like the other flank: no flips.
-    "n_full": ("nyala", "lite0", [0, 5, 10, 20, 30], {"flips": False}),
-    "n_fast": ("nyala", "lite0", [0, 5, 10, 20, 30], {"flips": False, "freeze": 6}),
-    "n_low": ("nyala", "lite0", [0, 5, 10, 20, 30], {"flips": False, "lr": 1e-4, "m": 0.3, "subc": 3}),
-    "n_x15": ("nyala", "lite0", [0, 10, 20], {"flips": False, "scale": 1.5}),
+    # A flank's mirror image looks like the other flank: no flips (MIRRORS).
+    "n_full": ("nyala", "lite0", [0, 5, 10, 20, 30], {}),
+    "n_fast": ("nyala", "lite0", [0, 5, 10, 20, 30], {"freeze": 6}),
+    "n_low": ("nyala", "lite0", [0, 5, 10, 20, 30], {"lr": 1e-4, "m": 0.3, "subc": 3}),
+    "n_x15": ("nyala", "lite0", [0, 10, 20], {"scale": 1.5}),
     # One model for belugas and right whales (issue 15 item 4), measured on each set's fold.
     "m_br": ("beluga+rw", "lite0", [0, 5, 10, 20, 30], {}),
 }
 BASE = dict(lr=3e-4, head_mult=10.0, wd=1e-4, m=0.5, s=30.0, subc=1, batch=32, freeze=0, aug=1.0,
             flips=True, scale=1.0)
+# Whether a set's mirror images keep the identity (`flips` applies only where they do): a
+# nyala's mirrored flank looks like its other flank.
+MIRRORS = {"beluga": True, "rw": True, "nyala": False}
 WEIGHTS = [0.0, 0.5, 1.0, 2.0]  # fusion weights of the pretrained features' cosine
 
 
@@ -203,7 +206,8 @@ def main():
         tr = [i for i, r in enumerate(rows) if int(r["fold"]) != fold]
         va = [i for i, r in enumerate(rows) if int(r["fold"]) == fold]
         sets.append(dict(name=set_name, rows=[rows[i] for i in tr], xt=x[tr].to(dev), xv=x[va].to(dev),
-                         vrows=[rows[i] for i in va], flips=cfg["flips"] and set_name != "nyala"))
+                         vrows=[rows[i] for i in va], flips=cfg["flips"] and MIRRORS[set_name],
+                         batches=max(1, len(tr) // cfg["batch"])))
     classes = sorted({r["id"] for s in sets for r in s["rows"]})
     index = {c: k for k, c in enumerate(classes)}
     for s in sets:
@@ -223,7 +227,7 @@ def main():
     opt = torch.optim.AdamW([{"params": body, "lr": cfg["lr"]},
                              {"params": head, "lr": cfg["lr"] * cfg["head_mult"]}], weight_decay=cfg["wd"])
     base_lr = [g["lr"] for g in opt.param_groups]
-    steps_per = sum(max(1, len(s["rows"]) // cfg["batch"]) for s in sets)
+    steps_per = sum(s["batches"] for s in sets)
     total = steps_per * max(evals)
     warm = steps_per
     step, t0 = 0, time.time()
@@ -252,7 +256,7 @@ def main():
         for k, s in enumerate(sets):
             perm = torch.randperm(len(s["rows"]), device=dev)
             batches += [(k, perm[b * cfg["batch"]:(b + 1) * cfg["batch"]])
-                        for b in range(max(1, len(s["rows"]) // cfg["batch"]))]
+                        for b in range(s["batches"])]
         for j in torch.randperm(len(batches)).tolist():
             k, idx = batches[j]
             s = sets[k]
