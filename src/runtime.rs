@@ -4,31 +4,44 @@
 use anyhow::Result;
 use std::sync::mpsc;
 
-/// Cores not busy with other processes, from two readings of `/proc/stat` 200 ms apart
-/// (all cores when that cannot be read).
+/// Cores not busy with other processes, from two readings of `/proc/stat` 200 ms apart, less
+/// this process's own CPU time over them (so its threads do not count as load); all cores when
+/// that cannot be read.
 pub fn free_cores() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let read = || -> Option<(u64, u64)> {
+    let read = || -> Option<(u64, u64, u64)> {
         let text = std::fs::read_to_string("/proc/stat").ok()?;
-        let line = text.lines().next()?;
-        let v: Vec<u64> = line
+        let v: Vec<u64> = text
+            .lines()
+            .next()?
             .split_whitespace()
             .skip(1)
             .filter_map(|x| x.parse().ok())
             .collect();
         let idle = v.get(3)? + v.get(4).unwrap_or(&0);
-        Some((v.iter().sum(), idle))
+        Some((v.iter().sum(), idle, own_cpu_ticks().unwrap_or(0)))
     };
-    let Some((t0, i0)) = read() else {
+    let Some((t0, i0, s0)) = read() else {
         return cores;
     };
     std::thread::sleep(std::time::Duration::from_millis(200));
-    let Some((t1, i1)) = read() else {
+    let Some((t1, i1, s1)) = read() else {
         return cores;
     };
-    let busy = 1.0 - (i1 - i0) as f64 / (t1 - t0).max(1) as f64;
-    let free = cores as f64 - (busy * cores as f64).round();
-    (free as usize).clamp(1, cores)
+    let total = (t1 - t0).max(1) as f64;
+    let others = (t1 - t0).saturating_sub(i1 - i0).saturating_sub(s1 - s0) as f64 / total;
+    let free = cores as f64 - (others * cores as f64).round();
+    (free.max(0.0) as usize).clamp(1, cores)
+}
+
+/// This process's user and system time in clock ticks (`/proc/self/stat` fields 14 and 15, the
+/// unit of `/proc/stat`).
+fn own_cpu_ticks() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces; the fields after it start past its `)`.
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    Some(fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?)
 }
 
 /// Give libtorch `requested` threads, or the free cores; returns the count. libtorch's OpenMP
@@ -151,5 +164,31 @@ mod tests {
     fn free_cores_is_within_the_machine() {
         let n = free_cores();
         assert!(n >= 1 && n <= std::thread::available_parallelism().unwrap().get());
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn own_cpu_time_is_the_process_user_and_system_ticks() {
+        let spin = std::time::Instant::now();
+        let mut x = 0u64;
+        while spin.elapsed() < std::time::Duration::from_millis(150) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        // times(2) reports the same counts in the same unit.
+        let mut tms = libc::tms {
+            tms_utime: 0,
+            tms_stime: 0,
+            tms_cutime: 0,
+            tms_cstime: 0,
+        };
+        // SAFETY: times only writes the struct it is given.
+        unsafe { libc::times(&mut tms) };
+        let ours = own_cpu_ticks().unwrap();
+        let theirs = (tms.tms_utime + tms.tms_stime) as u64;
+        assert!(ours > 0, "150 ms of spinning read as no time");
+        assert!(
+            ours.abs_diff(theirs) <= 2,
+            "{ours} ticks, times(2) {theirs}"
+        );
     }
 }

@@ -110,7 +110,7 @@ pub struct TrainConfig {
     /// Seeds every random draw (folds, augmentations, initialisation).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// libtorch threads [default: the free cores].
+    /// libtorch threads [default: the free cores, read again at each epoch].
     #[arg(long)]
     pub threads: Option<usize>,
     /// Validate every this many epochs (and after the last).

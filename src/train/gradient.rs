@@ -24,7 +24,7 @@ use crate::model::config::ModelConfig;
 use crate::model::happywhale::{pretrained_weights, HappyWhaleModel};
 use crate::network::{input_tensor, to_vec, unit_with_flips};
 use crate::runs::{saved_state, EpochMetrics, RunDir, RunState, TrainSummary};
-use crate::runtime::prefetched;
+use crate::runtime::{configure_threads, prefetched};
 use crate::transforms::{batch_with, item_rng, mean_colour, Pipeline};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -41,7 +41,7 @@ pub(super) fn fit(
     cfg: &TrainConfig,
     run: &RunDir,
     resume: bool,
-    threads: usize,
+    mut threads: usize,
     started: Instant,
     log: &mut dyn FnMut(String),
 ) -> Result<TrainSummary> {
@@ -155,7 +155,18 @@ pub(super) fn fit(
     let steps_per_epoch = photos.train.len().div_ceil(cfg.batch_size);
     let total_steps = steps_per_epoch * cfg.epochs;
     let warmup = (cfg.warmup_epochs * steps_per_epoch as f64).round() as usize;
-    for epoch in state.epoch + 1..=cfg.epochs {
+    let first = state.epoch + 1;
+    for epoch in first..=cfg.epochs {
+        // Without --threads, follow the free cores: other jobs start and stop during a long run.
+        if cfg.threads.is_none() && epoch > first {
+            let now = configure_threads(None);
+            if now != threads {
+                log(format!(
+                    "epoch {epoch}: {now} cores free, {now} threads (were {threads})"
+                ));
+                threads = now;
+            }
+        }
         let t = Instant::now();
         tch::manual_seed(
             (cfg.seed as i64)
