@@ -45,13 +45,16 @@ fn own_cpu_ticks() -> Option<u64> {
 }
 
 /// Give libtorch `requested` threads, or the free cores; returns the count. libtorch's OpenMP
-/// threads slow down sharply when they outnumber the cores that are free.
+/// threads slow down sharply when they outnumber the cores that are free. Safe to call again
+/// at any time: libtorch takes its inter-op thread count only once, before any work.
 pub fn configure_threads(requested: Option<usize>) -> usize {
     let n = requested.unwrap_or_else(free_cores).max(1);
     #[cfg(feature = "torch")]
     {
         tch::set_num_threads(n as i32);
-        tch::set_num_interop_threads(1);
+        if tch::get_num_interop_threads() != 1 {
+            tch::set_num_interop_threads(1);
+        }
     }
     n
 }
@@ -158,6 +161,17 @@ mod tests {
             }
         });
         assert_eq!(err.unwrap_err().to_string(), "stop");
+    }
+
+    #[cfg(feature = "torch")]
+    #[test]
+    fn threads_can_be_set_again_after_work_has_run() {
+        configure_threads(Some(1));
+        let x = tch::Tensor::ones([64, 64], (tch::Kind::Float, tch::Device::Cpu));
+        let _ = x.matmul(&x).sum(tch::Kind::Float).double_value(&[]);
+        assert_eq!(configure_threads(Some(2)), 2);
+        assert_eq!(tch::get_num_threads(), 2);
+        assert_eq!(tch::get_num_interop_threads(), 1);
     }
 
     #[test]

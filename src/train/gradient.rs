@@ -162,7 +162,7 @@ pub(super) fn fit(
             let now = configure_threads(None);
             if now != threads {
                 log(format!(
-                    "epoch {epoch}: {now} cores free, {now} threads (were {threads})"
+                    "epoch {epoch}: libtorch threads {threads} → {now}, the cores free now"
                 ));
                 threads = now;
             }
