@@ -4,12 +4,32 @@
 use anyhow::Result;
 use std::sync::mpsc;
 
-/// Cores not busy with other processes, from two readings of `/proc/stat` 200 ms apart, less
-/// this process's own CPU time over them (so its threads do not count as load); all cores when
-/// that cannot be read.
+/// Cores not busy with other processes, over 200 ms from now; all cores when that cannot be
+/// read.
 pub fn free_cores() -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let read = || -> Option<(u64, u64, u64)> {
+    let Some(start) = CpuReading::now() else {
+        return cores();
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    start.free_cores_since().unwrap_or_else(cores)
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The machine's CPU time (`/proc/stat`) and this process's at one moment: from it, the cores
+/// other processes left free over any span that follows, this process's own threads not
+/// counted as load.
+pub struct CpuReading {
+    total: u64,
+    idle: u64,
+    own: u64,
+}
+
+impl CpuReading {
+    /// `None` where `/proc` cannot be read.
+    pub fn now() -> Option<Self> {
         let text = std::fs::read_to_string("/proc/stat").ok()?;
         let v: Vec<u64> = text
             .lines()
@@ -18,18 +38,29 @@ pub fn free_cores() -> usize {
             .skip(1)
             .filter_map(|x| x.parse().ok())
             .collect();
-        let idle = v.get(3)? + v.get(4).unwrap_or(&0);
-        Some((v.iter().sum(), idle, own_cpu_ticks().unwrap_or(0)))
-    };
-    let Some((t0, i0, s0)) = read() else {
-        return cores;
-    };
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let Some((t1, i1, s1)) = read() else {
-        return cores;
-    };
-    let total = (t1 - t0).max(1) as f64;
-    let others = (t1 - t0).saturating_sub(i1 - i0).saturating_sub(s1 - s0) as f64 / total;
+        Some(CpuReading {
+            total: v.iter().sum(),
+            idle: v.get(3)? + v.get(4).unwrap_or(&0),
+            own: own_cpu_ticks()?,
+        })
+    }
+
+    /// The cores other processes left free since this reading, on average (at least one).
+    pub fn free_cores_since(&self) -> Option<usize> {
+        let now = CpuReading::now()?;
+        Some(free_of(
+            cores(),
+            now.total.saturating_sub(self.total),
+            now.idle.saturating_sub(self.idle),
+            now.own.saturating_sub(self.own),
+        ))
+    }
+}
+
+/// The cores of `cores` free of other processes, from the ticks that passed on all of them
+/// (`total`), idle, and spent by this process (at least one).
+fn free_of(cores: usize, total: u64, idle: u64, own: u64) -> usize {
+    let others = total.saturating_sub(idle).saturating_sub(own) as f64 / total.max(1) as f64;
     let free = cores as f64 - (others * cores as f64).round();
     (free.max(0.0) as usize).clamp(1, cores)
 }
@@ -172,6 +203,19 @@ mod tests {
         assert_eq!(configure_threads(Some(2)), 2);
         assert_eq!(tch::get_num_threads(), 2);
         assert_eq!(tch::get_num_interop_threads(), 1);
+    }
+
+    #[test]
+    fn free_cores_leave_out_this_process() {
+        // 2 cores over 1 s (200 ticks): busy with this process only, half with another job,
+        // all with others, idle.
+        assert_eq!(free_of(2, 200, 20, 180), 2);
+        assert_eq!(free_of(2, 200, 0, 100), 1);
+        assert_eq!(free_of(2, 200, 0, 0), 1);
+        assert_eq!(free_of(2, 200, 200, 0), 2);
+        // 16 cores, a quarter busy with others: 12 free; no time passed: all.
+        assert_eq!(free_of(16, 1600, 1000, 200), 12);
+        assert_eq!(free_of(4, 0, 0, 0), 4);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::model::config::ModelConfig;
 use crate::model::happywhale::{pretrained_weights, HappyWhaleModel};
 use crate::network::{input_tensor, to_vec, unit_with_flips};
 use crate::runs::{saved_state, EpochMetrics, RunDir, RunState, TrainSummary};
-use crate::runtime::{configure_threads, prefetched};
+use crate::runtime::{configure_threads, prefetched, CpuReading};
 use crate::transforms::{batch_with, item_rng, mean_colour, Pipeline};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -156,16 +156,21 @@ pub(super) fn fit(
     let total_steps = steps_per_epoch * cfg.epochs;
     let warmup = (cfg.warmup_epochs * steps_per_epoch as f64).round() as usize;
     let first = state.epoch + 1;
+    let mut load = CpuReading::now();
     for epoch in first..=cfg.epochs {
-        // Without --threads, follow the free cores: other jobs start and stop during a long run.
+        // Without --threads, follow the cores other jobs left free over the last epoch: they
+        // start and stop during a long run.
         if cfg.threads.is_none() && epoch > first {
-            let now = configure_threads(None);
-            if now != threads {
-                log(format!(
-                    "epoch {epoch}: libtorch threads {threads} → {now}, the cores free now"
-                ));
-                threads = now;
+            if let Some(free) = load.as_ref().and_then(CpuReading::free_cores_since) {
+                if free != threads {
+                    configure_threads(Some(free));
+                    log(format!(
+                        "epoch {epoch}: libtorch threads {threads} → {free}, the cores other jobs left free over the last epoch"
+                    ));
+                    threads = free;
+                }
             }
+            load = CpuReading::now();
         }
         let t = Instant::now();
         tch::manual_seed(
