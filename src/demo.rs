@@ -87,8 +87,8 @@ pub fn run(args: &DemoArgs, say: &mut dyn FnMut(String)) -> Result<()> {
     let summary = train::train(&train_cfg, &run, false, &mut *say)?;
     train::report::report(&run)?;
     say(format!(
-        "trained: validation MAP@5 {:.4} (zero-shot {}), report in {}",
-        summary.best_map5,
+        "trained: {} (zero-shot {}), report in {}",
+        summary.kept(),
         summary
             .zero_shot_map5
             .map_or("-".into(), |z| format!("{z:.4}")),

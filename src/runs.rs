@@ -104,7 +104,13 @@ pub struct TrainSummary {
     pub epochs: usize,
     pub best_epoch: usize,
     pub best_map5: f64,
-    /// The new_individual threshold chosen on the validation fold at the best epoch.
+    /// The epoch whose model the run keeps in `best/` (`--keep`), and its validation MAP@5
+    /// (0: a summary written before `--keep`, which kept the best epoch).
+    #[serde(default)]
+    pub kept_epoch: usize,
+    #[serde(default)]
+    pub kept_map5: f64,
+    /// The new_individual threshold chosen on the validation fold at the kept epoch.
     pub threshold: f32,
     pub zero_shot_map5: Option<f64>,
     pub train_images: usize,
@@ -117,13 +123,25 @@ impl std::fmt::Display for TrainSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "best validation MAP@5 {:.4} at epoch {} of {} (zero-shot {}), new_individual threshold {:.3}",
+            "{}, best validation MAP@5 {:.4} at epoch {} of {} (zero-shot {}), new_individual threshold {:.3}",
+            self.kept(),
             self.best_map5,
             self.best_epoch,
             self.epochs,
             self.zero_shot_map5.map_or("-".into(), |z| format!("{z:.4}")),
             self.threshold
         )
+    }
+}
+
+impl TrainSummary {
+    /// Which model the run kept, in words.
+    pub fn kept(&self) -> String {
+        let (epoch, map5) = match self.kept_epoch {
+            0 => (self.best_epoch, self.best_map5),
+            e => (e, self.kept_map5),
+        };
+        format!("kept the model of epoch {epoch} (validation MAP@5 {map5:.4})")
     }
 }
 

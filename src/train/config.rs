@@ -28,6 +28,16 @@ pub enum Mode {
     Frozen,
 }
 
+/// Which epoch's model a gradient-mode run keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Keep {
+    /// The last epoch's.
+    Last,
+    /// The epoch with the best validation MAP@5.
+    Best,
+}
+
 /// Everything a run needs: the `finprint train` flags, the form of `--config FILE.json` and of
 /// a run's `train_config.json` (missing keys: defaults). Each option is defined here once; its
 /// default is the one its flag shows.
@@ -116,6 +126,12 @@ pub struct TrainConfig {
     /// Validate every this many epochs (and after the last).
     #[arg(long, default_value_t = 1)]
     pub val_every: usize,
+    /// The model a gradient-mode run keeps in `best/`: the last epoch's, with its validation's
+    /// threshold and weights, or the best-validated epoch's. A few dozen validation queries
+    /// pick an epoch by noise: over five folds of each real set the last epoch lost on none
+    /// and found more right whales (BENCHMARKS.md).
+    #[arg(long, value_enum, default_value_t = Keep::Last)]
+    pub keep: Keep,
     /// Validate with the mean embedding of each photo and its mirror image.
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub flip_tta: bool,

@@ -149,7 +149,7 @@ pub(super) fn fit(
     for name in ["best", "last"] {
         run.save_checkpoint(name, &state, |dir| save_frozen(dir, &frozen, &w))?;
     }
-    let summary = photos.summary(1, &state, started);
+    let summary = photos.summary(1, &state, (1, v.map5), started);
     run.write_summary(&summary)?;
     Ok(summary)
 }

@@ -11,7 +11,7 @@
 //! weights as an uninterrupted run.
 
 use super::augment::train_pipeline;
-use super::config::{Mode, TrainConfig};
+use super::config::{Keep, Mode, TrainConfig};
 use super::optim::{lr_at, AdamW, Group};
 use super::photos::{load_photos, Photos};
 use super::validate::{
@@ -222,22 +222,41 @@ pub(super) fn fit(
         metrics.push(line);
         state.epoch = epoch;
         let improved = map.is_some_and(|m| m > state.best_map5 || state.best_epoch == 0);
-        if let (true, Some(v)) = (improved, v) {
-            state.best_map5 = v.map5;
+        if let (true, Some(m)) = (improved, map) {
+            state.best_map5 = m;
             state.best_epoch = epoch;
+        }
+        // The decisions saved with the checkpoints are those of the model kept.
+        let keep_this = match cfg.keep {
+            Keep::Last => true,
+            Keep::Best => improved,
+        };
+        if let (true, Some(v)) = (keep_this, v) {
             state.threshold = v.thresholds.global;
             state.species_thresholds = v.thresholds.by_species;
             state.fusion_weight = v.fusion_weight;
             state.pretrained_weight = v.pretrained_weight;
         }
         run.write_metrics(&metrics)?;
-        if improved {
+        if improved && cfg.keep == Keep::Best {
             save(run, "best", &model, &opt, &state)?;
         }
         save(run, "last", &model, &opt, &state)?;
     }
+    if cfg.keep == Keep::Last {
+        save(run, "best", &model, &opt, &state)?;
+    }
 
-    let summary = photos.summary(cfg.epochs, &state, started);
+    let kept_epoch = match cfg.keep {
+        Keep::Last => state.epoch,
+        Keep::Best => state.best_epoch,
+    };
+    let kept_map5 = metrics
+        .iter()
+        .find(|m| m.epoch == kept_epoch)
+        .and_then(|m| m.val_map5)
+        .unwrap_or(state.best_map5);
+    let summary = photos.summary(cfg.epochs, &state, (kept_epoch, kept_map5), started);
     run.write_summary(&summary)?;
     Ok(summary)
 }

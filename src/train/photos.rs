@@ -64,12 +64,21 @@ impl Photos {
         )
     }
 
-    /// The run's outcome from its final `state`, `started` when the run did.
-    pub fn summary(&self, epochs: usize, state: &RunState, started: Instant) -> TrainSummary {
+    /// The run's outcome from its final `state`, the epoch it kept and that epoch's validation
+    /// MAP@5, `started` when the run did.
+    pub fn summary(
+        &self,
+        epochs: usize,
+        state: &RunState,
+        (kept_epoch, kept_map5): (usize, f64),
+        started: Instant,
+    ) -> TrainSummary {
         TrainSummary {
             epochs,
             best_epoch: state.best_epoch,
             best_map5: state.best_map5,
+            kept_epoch,
+            kept_map5,
             threshold: state.threshold,
             zero_shot_map5: state.zero_shot_map5,
             train_images: self.train.len(),

@@ -206,10 +206,11 @@ pub fn report(run: &Path) -> Result<ReportFiles> {
     if let Some(s) = &summary {
         writeln!(
             md,
-            "Best validation MAP@5 **{:.4}** at epoch {} (zero-shot {}); new_individual threshold {:.3}; {} training and {} validation photos, {} individuals trained on; {:.0} s.\n",
+            "Best validation MAP@5 **{:.4}** at epoch {} (zero-shot {}); {}; new_individual threshold {:.3}; {} training and {} validation photos, {} individuals trained on; {:.0} s.\n",
             s.best_map5,
             s.best_epoch,
             s.zero_shot_map5.map_or("-".to_string(), |z| format!("{z:.4}")),
+            s.kept(),
             s.threshold,
             s.train_images,
             s.val_images,
