@@ -87,7 +87,7 @@ pub fn run(args: &DemoArgs, say: &mut dyn FnMut(String)) -> Result<()> {
     let summary = train::train(&train_cfg, &run, false, &mut *say)?;
     train::report::report(&run)?;
     say(format!(
-        "trained: {} (zero-shot {}), report in {}",
+        "trained: {}; zero-shot features {}; report in {}",
         summary.kept(),
         summary
             .zero_shot_map5

@@ -123,7 +123,7 @@ impl std::fmt::Display for TrainSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}, best validation MAP@5 {:.4} at epoch {} of {} (zero-shot {}), new_individual threshold {:.3}",
+            "{}; best validation MAP@5 {:.4} at epoch {} of {} (zero-shot {}); new_individual threshold {:.3}",
             self.kept(),
             self.best_map5,
             self.best_epoch,
