@@ -31,6 +31,18 @@ fn weights(run: &Path) -> Vec<(String, Tensor)> {
     w
 }
 
+/// `finprint train` in fast mode, without pretrained weights, at 64 px on one thread: a few
+/// epochs of a small synthetic catalogue take seconds.
+fn tiny_fast_run(data: &Path, out: &Path, epochs: usize) -> std::process::Command {
+    let mut c = finprint();
+    c.args(["train", "--data", data.to_str().unwrap()]);
+    c.args(["--out", out.to_str().unwrap()]);
+    c.args(["--mode", "fast", "--img-size", "64", "--batch-size", "8"]);
+    c.args(["--pretrained", "false", "--threads", "1", "--folds", "3"]);
+    c.args(["--epochs", &epochs.to_string()]);
+    c
+}
+
 #[test]
 fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -38,26 +50,8 @@ fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
     synth(&data, 60, 96, 64, 4);
     let epochs = 6;
     let args = |out: &Path| {
-        let mut c = finprint();
-        c.args([
-            "train",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        c.args([
-            "--mode",
-            "fast",
-            "--img-size",
-            "64",
-            "--batch-size",
-            "8",
-            "--aug-passes",
-            "2",
-        ]);
-        c.args(["--pretrained", "false", "--threads", "1", "--folds", "3"]);
-        c.args(["--epochs", &epochs.to_string()]);
+        let mut c = tiny_fast_run(&data, out, epochs);
+        c.args(["--aug-passes", "2"]);
         c
     };
     let straight = dir.path().join("straight");
@@ -136,12 +130,8 @@ fn the_run_keeps_the_last_epochs_model_or_the_best_validated() {
     let epochs = 4;
     for keep in ["last", "best"] {
         let run = dir.path().join(keep);
-        let o = finprint()
-            .args(["train", "--data", data.to_str().unwrap()])
-            .args(["--out", run.to_str().unwrap(), "--keep", keep])
-            .args(["--mode", "fast", "--img-size", "64", "--batch-size", "8"])
-            .args(["--pretrained", "false", "--threads", "1", "--folds", "3"])
-            .args(["--epochs", &epochs.to_string(), "--lr", "1e-2"])
+        let o = tiny_fast_run(&data, &run, epochs)
+            .args(["--keep", keep, "--lr", "1e-2"])
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
