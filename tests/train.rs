@@ -7,11 +7,13 @@ use finprint::network::Engine;
 use finprint::predict::head_candidates;
 use finprint::runs::{read_metrics, Ensemble, TrainSummary};
 use finprint::train::PRETRAINED_WEIGHTS;
+use std::ffi::OsStr;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tch::Tensor;
 
-use common::finprint;
+use common::{fails_with, finprint, succeeds};
 
 fn synth(dir: &Path, individuals: usize, width: u32, height: u32, seed: u64) {
     common::synth(dir, individuals, width, height, seed);
@@ -31,12 +33,17 @@ fn weights(run: &Path) -> Vec<(String, Tensor)> {
     w
 }
 
+/// `finprint train --data DATA --out OUT`, for the flags each test adds.
+fn train_cmd(data: impl AsRef<OsStr>, out: &Path) -> Command {
+    let mut c = finprint();
+    c.arg("train").arg("--data").arg(data).arg("--out").arg(out);
+    c
+}
+
 /// `finprint train` in fast mode, without pretrained weights, at 64 px on one thread: a few
 /// epochs of a small synthetic catalogue take seconds.
-fn tiny_fast_run(data: &Path, out: &Path, epochs: usize) -> std::process::Command {
-    let mut c = finprint();
-    c.args(["train", "--data", data.to_str().unwrap()]);
-    c.args(["--out", out.to_str().unwrap()]);
+fn tiny_fast_run(data: &Path, out: &Path, epochs: usize) -> Command {
+    let mut c = train_cmd(data, out);
     c.args(["--mode", "fast", "--img-size", "64", "--batch-size", "8"]);
     c.args(["--pretrained", "false", "--threads", "1", "--folds", "3"]);
     c.args(["--epochs", &epochs.to_string()]);
@@ -55,8 +62,7 @@ fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
         c
     };
     let straight = dir.path().join("straight");
-    let o = args(&straight).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    succeeds(&mut args(&straight));
 
     let killed = dir.path().join("killed");
     let mut child = args(&killed)
@@ -76,14 +82,9 @@ fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
     );
 
     // Without --resume the run folder is protected.
-    let o = args(&killed).output().unwrap();
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
+    fails_with(&mut args(&killed), "--resume");
 
-    let mut resume = args(&killed);
-    resume.arg("--resume");
-    let o = resume.output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = succeeds(args(&killed).arg("--resume"));
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
         stderr.contains(&format!("resuming after epoch {at_kill}")),
@@ -110,11 +111,7 @@ fn a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
     };
     assert_eq!(losses(&ma), losses(&mb));
 
-    let o = finprint()
-        .args(["report", killed.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    succeeds(finprint().args(["report", killed.to_str().unwrap()]));
     for f in ["report.md", "loss.png", "map5.png"] {
         assert!(killed.join(f).is_file(), "{f} missing");
     }
@@ -130,11 +127,7 @@ fn the_run_keeps_the_last_epochs_model_or_the_best_validated() {
     let epochs = 4;
     for keep in ["last", "best"] {
         let run = dir.path().join(keep);
-        let o = tiny_fast_run(&data, &run, epochs)
-            .args(["--keep", keep, "--lr", "1e-2"])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        succeeds(tiny_fast_run(&data, &run, epochs).args(["--keep", keep, "--lr", "1e-2"]));
         let metrics = read_metrics(&run.join("metrics.jsonl")).unwrap();
         let best = metrics.iter().fold(
             &metrics[0],
@@ -188,23 +181,22 @@ fn pretrained_weights_present() -> bool {
 /// `finprint predict` with `run` (networks run by `engine`) on the catalogue `data` into `sub`,
 /// then `finprint score` against its test solution: the test MAP@5.
 fn predict_and_score(run: &Path, data: &Path, sub: &Path, engine: &str) -> f64 {
-    let o = finprint()
-        .args([
-            "predict",
-            "--models",
-            run.to_str().unwrap(),
-            "--engine",
-            engine,
-        ])
-        .args([
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            sub.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    succeeds(
+        finprint()
+            .args([
+                "predict",
+                "--models",
+                run.to_str().unwrap(),
+                "--engine",
+                engine,
+            ])
+            .args([
+                "--data",
+                data.to_str().unwrap(),
+                "--out",
+                sub.to_str().unwrap(),
+            ]),
+    );
     let o = finprint()
         .args([
             "score",
@@ -230,28 +222,20 @@ fn a_short_fast_run_beats_zero_shot_features_and_predict_agrees_with_validation(
     let data = dir.path().join("cat");
     synth(&data, 300, 256, 192, 11);
     let run = dir.path().join("run");
-    let o = finprint()
-        .args([
-            "train",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            run.to_str().unwrap(),
-        ])
-        .args([
-            "--mode",
-            "fast",
-            "--img-size",
-            "128",
-            "--epochs",
-            "10",
-            "--lr",
-            "1e-3",
-        ])
-        .args(["--aug-passes", "3", "--folds", "3", "--threads", "2"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    succeeds(
+        train_cmd(&data, &run)
+            .args([
+                "--mode",
+                "fast",
+                "--img-size",
+                "128",
+                "--epochs",
+                "10",
+                "--lr",
+                "1e-3",
+            ])
+            .args(["--aug-passes", "3", "--folds", "3", "--threads", "2"]),
+    );
     let summary: TrainSummary =
         serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
     let zero_shot = summary.zero_shot_map5.unwrap();
@@ -371,19 +355,11 @@ fn the_frozen_mode_whitens_pretrained_features_beyond_zero_shot_and_predict_uses
     let data = dir.path().join("cat");
     synth(&data, 300, 256, 192, 11);
     let run = dir.path().join("run");
-    let o = finprint()
-        .args([
-            "train",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            run.to_str().unwrap(),
-        ])
-        .args(["--mode", "frozen", "--img-size", "128", "--folds", "3"])
-        .args(["--model", "efficientnet_lite0,efficientnet_lite1"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    succeeds(
+        train_cmd(&data, &run)
+            .args(["--mode", "frozen", "--img-size", "128", "--folds", "3"])
+            .args(["--model", "efficientnet_lite0,efficientnet_lite1"]),
+    );
     let summary: TrainSummary =
         serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
     let zero_shot = summary.zero_shot_map5.unwrap();
@@ -430,19 +406,12 @@ fn a_config_file_is_overridden_by_the_flags_given_and_saved_whole() {
     )
     .unwrap();
     let run = dir.path().join("run");
-    let o = finprint()
-        .args(["train", "--data", data.to_str().unwrap()])
-        .args([
-            "--out",
-            run.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-        ])
-        .args(["--mode", "frozen", "--img-size", "32", "--threads", "2"])
-        .args(["--new-share", "0.25", "--arc-m", "0.4", "--fit", "pad"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    succeeds(
+        train_cmd(&data, &run)
+            .args(["--config", config.to_str().unwrap()])
+            .args(["--mode", "frozen", "--img-size", "32", "--threads", "2"])
+            .args(["--new-share", "0.25", "--arc-m", "0.4", "--fit", "pad"]),
+    );
     let saved: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("train_config.json")).unwrap()).unwrap();
     // From the file where no flag was given, from the flags where one was, defaults elsewhere.
@@ -470,12 +439,7 @@ fn several_data_folders_train_one_model_with_their_animals_kept_apart() {
     synth(&b, 30, 96, 64, 4);
     let run = dir.path().join("run");
     let both = format!("{},{}", a.display(), b.display());
-    let o = finprint()
-        .args(["train", "--data", &both, "--out", run.to_str().unwrap()])
-        .args(["--mode", "frozen", "--img-size", "32", "--folds", "3"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    succeeds(train_cmd(&both, &run).args(["--mode", "frozen", "--img-size", "32", "--folds", "3"]));
     let summary: TrainSummary =
         serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
     let ids = |d: &Path| {
@@ -507,16 +471,15 @@ fn several_data_folders_train_one_model_with_their_animals_kept_apart() {
 
     // The run against itself as the baseline: the same figures, a gain of exactly zero.
     let json = dir.path().join("eval.json");
-    let o = finprint()
-        .args(["evaluate", "--models", run.to_str().unwrap()])
-        .args(["--labels", a.join("train.csv").to_str().unwrap()])
-        .args(["--images", a.join("train_images").to_str().unwrap()])
-        .args(["--baseline", run.to_str().unwrap(), "--bootstrap", "20"])
-        .args(["--json", json.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let o = succeeds(
+        finprint()
+            .args(["evaluate", "--models", run.to_str().unwrap()])
+            .args(["--labels", a.join("train.csv").to_str().unwrap()])
+            .args(["--images", a.join("train_images").to_str().unwrap()])
+            .args(["--baseline", run.to_str().unwrap(), "--bootstrap", "20"])
+            .args(["--json", json.to_str().unwrap()]),
+    );
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("gain over the run"), "{out}");
     let e: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(e["baseline"]["report"]["top1"], e["report"]["top1"]);
@@ -525,31 +488,23 @@ fn several_data_folders_train_one_model_with_their_animals_kept_apart() {
     }
     assert_eq!(e["baseline"]["run"], true);
     // A baseline that is neither a run folder nor a backbone is named.
-    let o = finprint()
-        .args(["evaluate", "--models", run.to_str().unwrap()])
-        .args(["--labels", a.join("train.csv").to_str().unwrap()])
-        .args(["--images", a.join("train_images").to_str().unwrap()])
-        .args(["--baseline", "runs/no_such_run"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("no_such_run"), "{err}");
+    fails_with(
+        finprint()
+            .args(["evaluate", "--models", run.to_str().unwrap()])
+            .args(["--labels", a.join("train.csv").to_str().unwrap()])
+            .args(["--images", a.join("train_images").to_str().unwrap()])
+            .args(["--baseline", "runs/no_such_run"]),
+        "no_such_run",
+    );
 
     let missing = dir.path().join("nowhere");
-    let o = finprint()
-        .args([
-            "train",
-            "--data",
-            &format!("{},{}", a.display(), missing.display()),
-        ])
-        .args(["--out", dir.path().join("run2").to_str().unwrap()])
-        .args(["--mode", "frozen", "--img-size", "32"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("nowhere/train.csv"),
-        "{err}"
+    fails_with(
+        train_cmd(
+            format!("{},{}", a.display(), missing.display()),
+            &dir.path().join("run2"),
+        )
+        .args(["--mode", "frozen", "--img-size", "32"]),
+        "nowhere/train.csv",
     );
 }
 
@@ -562,14 +517,12 @@ fn a_species_head_learns_the_species_and_predict_uses_it() {
     let data = dir.path().join("cat");
     synth(&data, 80, 160, 120, 21);
     let run = dir.path().join("run");
-    let o = finprint()
-        .args(["train", "--data", data.to_str().unwrap()])
-        .args(["--out", run.to_str().unwrap(), "--mode", "fast"])
-        .args(["--img-size", "96", "--epochs", "4", "--lr", "1e-3"])
-        .args(["--aug-passes", "2", "--folds", "3", "--species-weight", "1"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    succeeds(
+        train_cmd(&data, &run)
+            .args(["--mode", "fast"])
+            .args(["--img-size", "96", "--epochs", "4", "--lr", "1e-3"])
+            .args(["--aug-passes", "2", "--folds", "3", "--species-weight", "1"]),
+    );
     let metrics = read_metrics(&run.join("metrics.jsonl")).unwrap();
     assert_eq!(
         metrics[0].val_species_accuracy, None,
@@ -584,33 +537,22 @@ fn a_species_head_learns_the_species_and_predict_uses_it() {
         species.len() >= 4 && e.models[0].heads.species.is_some(),
         "{species:?}"
     );
-    let o = finprint()
-        .args(["report", run.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    succeeds(finprint().args(["report", run.to_str().unwrap()]));
     assert!(std::fs::read_to_string(run.join("report.md"))
         .unwrap()
         .contains("species accuracy"));
     predict_and_score(&run, &data, &dir.path().join("sub.csv"), "libtorch");
 
-    let o = finprint()
-        .args(["train", "--data", data.to_str().unwrap()])
-        .args(["--out", dir.path().join("frozen").to_str().unwrap()])
-        .args([
+    fails_with(
+        train_cmd(&data, &dir.path().join("frozen")).args([
             "--mode",
             "frozen",
             "--img-size",
             "32",
             "--species-weight",
             "1",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("--species-weight"),
-        "{err}"
+        ]),
+        "--species-weight",
     );
 }
 
@@ -623,27 +565,27 @@ fn pseudo_labels_grow_the_catalogue_for_a_second_round() {
     let data = dir.path().join("cat");
     synth(&data, 60, 128, 96, 8);
     let train = |data: &Path, run: &Path| {
-        let o = finprint()
-            .args(["train", "--data", data.to_str().unwrap()])
-            .args(["--out", run.to_str().unwrap()])
-            .args(["--mode", "frozen", "--img-size", "64", "--folds", "3"])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        succeeds(train_cmd(data, run).args([
+            "--mode",
+            "frozen",
+            "--img-size",
+            "64",
+            "--folds",
+            "3",
+        ]));
     };
     let run = dir.path().join("run");
     train(&data, &run);
     let round2 = dir.path().join("round2");
-    let o = finprint()
-        .args(["predict", "--models", run.to_str().unwrap()])
-        .args(["--data", data.to_str().unwrap()])
-        .args(["--out", dir.path().join("sub.csv").to_str().unwrap()])
-        .args(["--pseudo-labels", round2.to_str().unwrap()])
-        .args(["--pseudo-min-score", "0.5"])
-        .output()
-        .unwrap();
+    let o = succeeds(
+        finprint()
+            .args(["predict", "--models", run.to_str().unwrap()])
+            .args(["--data", data.to_str().unwrap()])
+            .args(["--out", dir.path().join("sub.csv").to_str().unwrap()])
+            .args(["--pseudo-labels", round2.to_str().unwrap()])
+            .args(["--pseudo-min-score", "0.5"]),
+    );
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let added: usize = out
         .split("pseudo-labels: ")
         .nth(1)

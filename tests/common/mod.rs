@@ -30,6 +30,23 @@ pub fn run(args: &[&str]) -> Output {
     finprint().args(args).output().expect("finprint runs")
 }
 
+/// Runs `cmd` to its end and asserts that it succeeded (showing its stderr if not).
+pub fn succeeds(cmd: &mut Command) -> Output {
+    let o = cmd.output().expect("finprint runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+/// Runs `cmd` to its end and asserts that it failed with a message holding `needle`.
+pub fn fails_with(cmd: &mut Command, needle: &str) {
+    let o = cmd.output().expect("finprint runs");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains(needle),
+        "expected a failure naming {needle:?}: {err}"
+    );
+}
+
 /// A synthetic catalogue of `individuals` animals in `dir`.
 pub fn synth(dir: &Path, individuals: usize, width: u32, height: u32, seed: u64) -> KaggleDir {
     let kaggle = KaggleDir::new(dir);
