@@ -2,7 +2,7 @@
 
 use super::kernels::{dot_fn, DotFn};
 use super::topk::TopK;
-use super::{check_capacity, rows_of, Index, Neighbor, SearchError};
+use super::{check_capacity, reserve_huge, rows_of, Index, Neighbor, SearchError};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
@@ -167,9 +167,13 @@ impl Index for FlatIndex {
         let n = rows_of(vectors.len(), self.dim)?;
         check_capacity(self.len(), n)?;
         match &mut self.rows {
-            Rows::F32(v) => v.extend_from_slice(vectors),
+            Rows::F32(v) => {
+                reserve_huge(v, vectors.len());
+                v.extend_from_slice(vectors);
+            }
             Rows::F16(v) => {
                 let start = v.len();
+                reserve_huge(v, vectors.len());
                 v.resize(start + vectors.len(), f16::ZERO);
                 v[start..].convert_from_f32_slice(vectors);
             }

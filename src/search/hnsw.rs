@@ -2,7 +2,7 @@
 
 use super::kernels::{dot4_fn, dot_fn, Dot4Fn, DotFn};
 use super::topk::TopK;
-use super::{check_capacity, rows_of, Index, Neighbor, SearchError};
+use super::{check_capacity, reserve_huge, rows_of, Index, Neighbor, SearchError};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -384,8 +384,10 @@ impl Index for HnswIndex {
         let n = rows_of(vectors.len(), self.dim)?;
         let old = self.len();
         check_capacity(old, n)?;
+        reserve_huge(&mut self.vectors, vectors.len());
         self.vectors.extend_from_slice(vectors);
         let width = 1 + 2 * self.params.m;
+        reserve_huge(&mut self.base, n * width);
         self.base
             .resize_with((old + n) * width, || AtomicU32::new(0));
         for _ in 0..n {

@@ -203,6 +203,26 @@ fn check_capacity(len: usize, adding: usize) -> Result<(), SearchError> {
     }
 }
 
+/// Grows `v` for `more` elements, backed by 2 MB pages where Linux gives them (transparent huge
+/// pages in `madvise` mode): a graph search jumps between rows at random, and with 4 KB pages
+/// nearly every jump into a large index also misses the TLB; and a gigabyte of rows faults in
+/// 512 times fewer pages. Elsewhere it only reserves.
+fn reserve_huge<T>(v: &mut Vec<T>, more: usize) {
+    v.reserve(more);
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = v.as_ptr() as usize;
+        let end = start + v.capacity() * std::mem::size_of::<T>();
+        let (lo, hi) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
+        if hi > lo {
+            // SAFETY: advice on whole pages inside the allocation `v` owns; it changes no
+            // contents, and a refusal (an old kernel, THP off) leaves ordinary pages.
+            unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE) };
+        }
+    }
+}
+
 /// How the scores of one individual's photos among a query's neighbours combine into its score.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Aggregation {
