@@ -988,9 +988,10 @@ def markdown(res, out, md_path):
 
 
 def equal_recall(sizes):
-    """The HNSW build times of the two libraries at about the same recall: over the largest
-    catalogue built at several construction widths, the finprint and faiss graphs (of any widths)
-    whose recalls at the first search width are nearest each other."""
+    """The HNSW build times of the two libraries at equal recall, over the largest catalogue built
+    at several construction widths: for each faiss graph whose recall (at the first search width)
+    lies within the range of finprint's graphs, finprint's build time at that recall, interpolated
+    linearly between its two graphs on either side."""
     built = [e for e in sizes if e["hnsw_n"] and "ef_construction" in e and e.get("faiss")]
     if not built:
         return ""
@@ -1000,15 +1001,23 @@ def equal_recall(sizes):
         return ""
 
     def graphs(side):
-        return [(e["ef_construction"], next(r for r in e[side] if r["index"] == "hnsw")) for e in largest]
+        rows = [(e["ef_construction"], next(r for r in e[side] if r["index"] == "hnsw")) for e in largest]
+        return sorted((r["recall"], med(r["build_s"]), efc) for efc, r in rows)
 
     ours, theirs = graphs("finprint"), graphs("faiss")
-    (a, o), (b, t) = min(((x, y) for x in ours for y in theirs),
-                         key=lambda p: abs(p[0][1]["recall"] - p[1][1]["recall"]))
-    return (f"At about equal recall over {n:,} rows: finprint's graph at efConstruction {a} (recall@10 "
-            f"{o['recall']:.3f}, built in {med(o['build_s']):.1f} s) against faiss's at {b} ({t['recall']:.3f}, "
-            f"{med(t['build_s']):.1f} s): finprint builds in {med(o['build_s']) / med(t['build_s']):.2f}× faiss's "
-            "time.\n")
+    parts = []
+    for recall, seconds, efc in theirs:
+        for (r0, s0, _), (r1, s1, _) in zip(ours, ours[1:]):
+            if r0 <= recall <= r1 and r1 > r0:
+                at = s0 + (recall - r0) / (r1 - r0) * (s1 - s0)
+                parts.append(f"faiss at efConstruction {efc} (recall@10 {recall:.3f}, built in {seconds:.1f} s) "
+                             f"against finprint's {at:.1f} s at that recall, **{at / seconds:.2f}×**")
+                break
+    if not parts:
+        return ""
+    curve = ", ".join(f"{r:.3f} in {s:.1f} s at {efc}" for r, s, efc in ours)
+    return (f"At equal recall over {n:,} rows, finprint's build time interpolated between its graphs "
+            f"({curve}): " + "; ".join(parts) + ".\n")
 
 
 def main():
