@@ -62,6 +62,10 @@ fn features(fx: &HashMap<String, Tensor>, i: usize) -> Features {
     }
 }
 
+/// How far a matching score (a probability) may move from the reference's: its own runs on two
+/// x86 CPUs differ by 1e-4 (see the log-assignment's bound below).
+const MSCORE_TOL: f32 = 1e-3;
+
 #[test]
 fn the_network_gives_the_reference_assignment_and_matches() {
     let _serial = common::serial();
@@ -95,7 +99,14 @@ fn the_network_gives_the_reference_assignment_and_matches() {
         "log-assignment {:?}: max |Δ| {diff:.2e} (max |reference| {scale:.2})",
         want.size()
     );
-    assert!(diff <= 1e-4, "log-assignment: max |Δ| {diff} > 1e-4");
+    // On the CPU that wrote the fixture finprint gives the reference's matrix exactly (|Δ| 0); on
+    // another x86 CPU libtorch's kernels sum in another order, and the reference itself moves by
+    // up to 1e-4 of the matrix's scale (6e-3 at 134 between AVX-512 and AVX2 machines) through
+    // its nine attention layers. A wrong layer moves it by whole units.
+    assert!(
+        diff <= 5e-4 * scale,
+        "log-assignment: max |Δ| {diff} > 5e-4 × {scale}"
+    );
 
     let matches0 = ints(&fx["matches0"]);
     assert!(
@@ -114,7 +125,7 @@ fn the_network_gives_the_reference_assignment_and_matches() {
         "{} matches, matching scores max |Δ| {worst:.2e}",
         matches0.iter().filter(|&&j| j >= 0).count()
     );
-    assert!(worst <= 1e-5, "matching scores: max |Δ| {worst}");
+    assert!(worst <= MSCORE_TOL, "matching scores: max |Δ| {worst}");
 
     // The same through `matches`, on `Features`.
     let (a, b) = (features(&fx, 0), features(&fx, 1));
@@ -131,7 +142,7 @@ fn the_network_gives_the_reference_assignment_and_matches() {
     );
     assert!(found
         .iter()
-        .all(|&(i, _, s)| (s - mscores0[i]).abs() <= 1e-5));
+        .all(|&(i, _, s)| (s - mscores0[i]).abs() <= MSCORE_TOL));
 }
 
 #[test]
