@@ -369,18 +369,20 @@ class Bench:
         return rows
 
     def model_speed(self, section="model"):
+        if section not in self.cfg:
+            return self.left_out(section)
         c, t = self.cfg[section], self.cfg["threads"]
         flags = ["--size", c["size"], "--batch", c["batch"], "--threads", t, "--steps", c["steps"]]
         return {"rows": self.model_rows(section, flags, c["backbones"]), **c, "threads": t}
 
-    def large(self, section):
-        """`section` for the large backbones, which the smoke run leaves out."""
-        if section not in self.cfg:
-            self.skip(section, "the smoke run measures Lite0 alone")
-            return {}
-        return self.model_speed(section) if section == "model_large" else self.e2e(section)
+    def left_out(self, section):
+        """A section the smoke run has no configuration for (the large backbones)."""
+        self.skip(section, "the smoke run measures Lite0 alone")
+        return {}
 
     def e2e(self, section="e2e"):
+        if section not in self.cfg:
+            return self.left_out(section)
         c, m, t = self.cfg[section], self.cfg["model"], self.cfg["threads"]
         root, names, count, what = self.photo_list(c["photos"])
         flags = ["--size", m["size"], "--batch", m["batch"], "--threads", t, "--images", root, "--list", names,
@@ -388,7 +390,6 @@ class Bench:
         backbones = c.get("backbones", m["backbones"]) + c.get("ensembles", [])
         return {"rows": self.model_rows(section, flags, backbones), "photos": count, "what": what, "size": m["size"],
                 "batch": m["batch"], "threads": t, "runs": c["runs"]}
-
 
     def knn(self):
         c, t = self.cfg["knn"], self.cfg["threads"]
@@ -547,7 +548,7 @@ class Bench:
 
     def main(self):
         sections = {"synth": self.synth, "nyala": self.nyala, "model": self.model_speed, "e2e": self.e2e,
-                    "model_large": lambda: self.large("model_large"), "e2e_large": lambda: self.large("e2e_large"),
+                    "model_large": lambda: self.model_speed("model_large"), "e2e_large": lambda: self.e2e("e2e_large"),
                     "knn": self.knn, "identify": self.identify, "local": self.local, "xfeat": self.xfeat,
                     "serve": self.serve,
                     "plots": self.plots}
