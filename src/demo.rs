@@ -95,7 +95,7 @@ pub fn run(args: &DemoArgs, say: &mut dyn FnMut(String)) -> Result<()> {
         run.join("report.md").display()
     ));
 
-    let ensemble = Ensemble::load(std::slice::from_ref(&run), Engine::Libtorch)?;
+    let ensemble = Ensemble::load(std::slice::from_ref(&run), Engine::default())?;
     let options = EmbedOptions {
         flip_tta: false,
         batch_size: 32,

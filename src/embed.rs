@@ -264,7 +264,7 @@ pub struct ExportOnnxArgs {
     pub model: ModelArgs,
     /// Folder to write the networks to: one `M-BACKBONE-SIZE.onnx` per network of the models
     /// (M counts from 0 in the order embeddings are fused), its config beside it in
-    /// `M-BACKBONE-SIZE.json`. A checkpoint's `onnx/` folder is what `--engine tract` reads.
+    /// `M-BACKBONE-SIZE.json`. A checkpoint's `onnx/` folder is what `--engine tract` and `onnxruntime` read.
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -273,17 +273,19 @@ pub struct ExportOnnxArgs {
 /// Returns the files written.
 #[cfg(feature = "torch")]
 pub fn export_onnx(args: &ExportOnnxArgs) -> Result<Vec<PathBuf>> {
+    // Written from libtorch's modules, whichever engine --engine names.
+    let libtorch = crate::network::Engine::Libtorch;
     let ensemble = match args.model.spec() {
-        ModelSpec::Runs(runs, _) => Ensemble::load(&runs, crate::network::Engine::Libtorch)?,
-        spec => spec.load(None)?,
+        ModelSpec::Runs(runs, _) => Ensemble::load(&runs, libtorch)?,
+        ModelSpec::ZeroShot(z, _) => Ensemble::zero_shot(&z, libtorch)?,
     };
     write_onnx(&ensemble, &args.out)
 }
 
 /// Write network `M` of `ensemble` into `out` as `M-BACKBONE-SIZE.onnx` (input `input`
 /// `[N, 3, H, W]`, the photo resized and normalised as its config says; output the embedding
-/// before L2 normalisation) and its config beside it as `M-BACKBONE-SIZE.json`: what the tract
-/// engine reads. Returns the ONNX files.
+/// before L2 normalisation) and its config beside it as `M-BACKBONE-SIZE.json`: what the ONNX
+/// engines read. Returns the ONNX files.
 #[cfg(feature = "torch")]
 pub fn write_onnx(ensemble: &Ensemble, out: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;

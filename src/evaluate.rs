@@ -301,7 +301,8 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
             let run = Path::new(backbone).is_dir();
             let other = match run {
                 true => Ensemble::load(&[backbone.into()], args.model.engine)?,
-                false => ModelSpec::ZeroShot(ZeroShot::new(backbone)).load(Some(0.0))?,
+                false => ModelSpec::ZeroShot(ZeroShot::new(backbone), args.model.engine)
+                    .load(Some(0.0))?,
             };
             Some((other, run))
         }

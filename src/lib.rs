@@ -10,7 +10,7 @@
 //! | crops | [`crops`] | boxes, the saliency crop, the ONNX detector, crop sets |
 //! | synthetic data | [`synth`] | a generated Kaggle-format catalogue of rendered fin photos |
 //! | model | [`model`] | backbones (registry), GeM, neck, ArcFace, whitening; checkpoints |
-//! | networks | [`network`] | a network as an engine runs it (libtorch, or tract from ONNX), its heads as f32 classifiers |
+//! | networks | [`network`] | a network as an engine runs it (libtorch, or onnxruntime or tract from ONNX), its heads as f32 classifiers |
 //! | run folders | [`runs`] | config, metrics, checkpoints and state of a run; loading runs as an [`runs::Ensemble`] |
 //! | embeddings | [`embed`] | photos (and their crops) to unit vectors, flip TTA, model fusion |
 //! | search | [`search`] | the `Index` trait: exact (f32/f16) and HNSW, chosen by an [`search::IndexSpec`] |

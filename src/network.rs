@@ -1,8 +1,8 @@
 //! One network of an ensemble, as an engine runs it. libtorch runs the model finprint trains;
-//! tract runs the same network from the ONNX files that training writes into each checkpoint
-//! ([`ONNX_DIR`]), which is how `embed`, `evaluate`, `predict` and `serve` run without libtorch.
-//! Both give the same unit embeddings (within 1e-4, tested), and the ArcFace heads score from
-//! the same f32 weights ([`ClassHead`]) whichever engine embeds.
+//! tract and onnxruntime run the same network from the ONNX files that training writes into
+//! each checkpoint ([`ONNX_DIR`]), which is how `embed`, `evaluate`, `predict` and `serve` run
+//! without libtorch. The engines give the same unit embeddings (within 1e-4, tested), and the
+//! ArcFace heads score from the same f32 weights ([`ClassHead`]) whichever engine embeds.
 
 use crate::linalg::{matmul, normalize_rows};
 use crate::model::config::ModelConfig;
@@ -27,14 +27,21 @@ pub enum Engine {
     Libtorch,
     /// tract, from the ONNX files in the checkpoint's `onnx/` folder (no libtorch needed).
     Tract,
+    /// onnxruntime, from the same ONNX files (its library from the PyPI wheel): the fastest on
+    /// a CPU.
+    Onnxruntime,
 }
 
 impl Default for Engine {
-    /// libtorch where the build has it.
+    /// onnxruntime where the build has it, as it embeds fastest on a CPU (BENCHMARKS.md);
+    /// libtorch where the build may run on a GPU (`cuda`) or has no onnxruntime; else tract.
     fn default() -> Self {
-        match cfg!(feature = "torch") {
-            true => Engine::Libtorch,
-            false => Engine::Tract,
+        if cfg!(feature = "onnxruntime") && !cfg!(feature = "cuda") {
+            Engine::Onnxruntime
+        } else if cfg!(feature = "torch") {
+            Engine::Libtorch
+        } else {
+            Engine::Tract
         }
     }
 }
@@ -226,6 +233,8 @@ enum Runner {
     Libtorch(Box<crate::model::happywhale::HappyWhaleModel>),
     #[cfg(feature = "onnx")]
     Tract(tract::Plans),
+    #[cfg(feature = "onnxruntime")]
+    Onnxruntime(crate::onnx::OrtNet),
 }
 
 impl Network {
@@ -240,36 +249,74 @@ impl Network {
     }
 
     /// The network of the ONNX file `path` (input `[N, 3, H, W]` at `config`'s size, output
-    /// the embedding before L2 normalisation), run by tract. `weights`: the checkpoint's
-    /// weights file, whose ArcFace heads are read; `None` for pooled features.
-    #[cfg(feature = "onnx")]
-    pub fn tract(path: &Path, config: ModelConfig, weights: Option<&Path>) -> Result<Self> {
-        let plans = tract::Plans::read(path)?;
-        let dim = plans.dim;
+    /// the embedding before L2 normalisation), run by `engine` (tract or onnxruntime).
+    /// `weights`: the checkpoint's weights file, whose ArcFace heads are read; `None` for
+    /// pooled features.
+    #[cfg(any(feature = "onnx", feature = "onnxruntime"))]
+    pub fn from_onnx(
+        path: &Path,
+        config: ModelConfig,
+        weights: Option<&Path>,
+        engine: Engine,
+    ) -> Result<Self> {
+        let what = path.display().to_string();
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read the network {what}"))?;
         let heads = match weights {
             Some(w) => heads_from_weights(w, &config)?,
             None => Heads::default(),
         };
+        Self::from_onnx_bytes(bytes, &what, config, heads, engine)
+    }
+
+    /// [`Network::from_onnx`] of a model in memory (`what` names it in errors).
+    #[cfg(any(feature = "onnx", feature = "onnxruntime"))]
+    pub fn from_onnx_bytes(
+        bytes: Vec<u8>,
+        what: &str,
+        config: ModelConfig,
+        heads: Heads,
+        engine: Engine,
+    ) -> Result<Self> {
+        let runner = Runner::of_onnx(bytes, what, engine)?;
+        let (chw, dim) = runner.onnx_shape();
         ensure!(
             dim == config.embedding_size as usize,
-            "{}: the network gives {dim} values, its config says {}",
-            path.display(),
+            "{what}: the network gives {dim} values, its config says {}",
             config.embedding_size
         );
         let s = config.img_size;
         ensure!(
-            plans.chw == [3, s.height as usize, s.width as usize],
-            "{}: the network takes {:?}, its config says 3×{}×{}",
-            path.display(),
-            plans.chw,
+            chw == [3, s.height as usize, s.width as usize],
+            "{what}: the network takes {chw:?}, its config says 3×{}×{}",
             s.height,
             s.width
         );
         Ok(Self {
             config,
             heads,
-            runner: Runner::Tract(plans),
+            runner,
         })
+    }
+
+    /// `model` run by `engine`: by libtorch itself, or written to ONNX in memory for the
+    /// others.
+    #[cfg(feature = "torch")]
+    pub fn of_model(
+        model: crate::model::happywhale::HappyWhaleModel,
+        engine: Engine,
+    ) -> Result<Self> {
+        match engine {
+            Engine::Libtorch => Self::libtorch(model),
+            #[cfg(any(feature = "onnx", feature = "onnxruntime"))]
+            _ => {
+                let heads = Heads::of(&model)?;
+                let what = format!("{} (written to ONNX in memory)", model.config.backbone);
+                Self::from_onnx_bytes(model.to_onnx()?, &what, model.config, heads, engine)
+            }
+            #[cfg(not(any(feature = "onnx", feature = "onnxruntime")))]
+            _ => anyhow::bail!("this finprint was built without the {engine} engine"),
+        }
     }
 
     /// The libtorch model, when libtorch runs this network.
@@ -293,35 +340,76 @@ impl BatchEmbedder for Network {
             #[cfg(feature = "torch")]
             Runner::Libtorch(m) => m.embed_unit(chw, n, flip_tta),
             #[cfg(feature = "onnx")]
-            Runner::Tract(plans) => {
-                let flips = match flip_tta {
-                    true => self.config.flips,
-                    false => Flips::None,
-                };
-                let s = self.config.img_size;
-                let (h, w) = (s.height as usize, s.width as usize);
-                let dim = self.config.embedding_size as usize;
-                let mut sum = vec![0.0f32; n * dim];
-                let views = flips.views();
-                for axes in &views {
-                    let mut rows = match axes.is_empty() {
-                        true => plans.run(chw, n)?,
-                        false => plans.run(&flipped(chw, n * 3, h, w, axes), n)?,
-                    };
-                    normalize_rows(&mut rows, dim);
-                    sum.iter_mut().zip(&rows).for_each(|(s, r)| *s += r);
-                }
-                if views.len() > 1 {
-                    normalize_rows(&mut sum, dim);
-                }
-                Ok(sum)
-            }
+            Runner::Tract(plans) => self.unit_with_flips(chw, n, flip_tta, |x| plans.run(x, n)),
+            #[cfg(feature = "onnxruntime")]
+            Runner::Onnxruntime(net) => self.unit_with_flips(chw, n, flip_tta, |x| net.run(x, n)),
+        }
+    }
+}
+
+impl Network {
+    /// Unit rows of `n` images through `run` (embeddings before normalisation): with
+    /// `flip_tta`, the mean of the photo's and its allowed mirror images' unit rows.
+    #[cfg(any(feature = "onnx", feature = "onnxruntime"))]
+    fn unit_with_flips(
+        &self,
+        chw: &[f32],
+        n: usize,
+        flip_tta: bool,
+        run: impl Fn(&[f32]) -> Result<Vec<f32>>,
+    ) -> Result<Vec<f32>> {
+        let flips = match flip_tta {
+            true => self.config.flips,
+            false => Flips::None,
+        };
+        let s = self.config.img_size;
+        let (h, w) = (s.height as usize, s.width as usize);
+        let dim = self.config.embedding_size as usize;
+        let mut sum = vec![0.0f32; n * dim];
+        let views = flips.views();
+        for axes in &views {
+            let mut rows = match axes.is_empty() {
+                true => run(chw)?,
+                false => run(&flipped(chw, n * 3, h, w, axes))?,
+            };
+            normalize_rows(&mut rows, dim);
+            sum.iter_mut().zip(&rows).for_each(|(s, r)| *s += r);
+        }
+        if views.len() > 1 {
+            normalize_rows(&mut sum, dim);
+        }
+        Ok(sum)
+    }
+}
+
+#[cfg(any(feature = "onnx", feature = "onnxruntime"))]
+impl Runner {
+    /// The runner of the ONNX model in `bytes` (`what` names it in errors) for `engine`.
+    fn of_onnx(bytes: Vec<u8>, what: &str, engine: Engine) -> Result<Self> {
+        match engine {
+            #[cfg(feature = "onnx")]
+            Engine::Tract => Ok(Runner::Tract(tract::Plans::new(bytes, what)?)),
+            #[cfg(feature = "onnxruntime")]
+            Engine::Onnxruntime => Ok(Runner::Onnxruntime(crate::onnx::OrtNet::new(&bytes, what)?)),
+            other => anyhow::bail!("{what}: this finprint was built without the {other} engine"),
+        }
+    }
+
+    /// The input `[C, H, W]` and output width of an ONNX runner.
+    fn onnx_shape(&self) -> ([usize; 3], usize) {
+        match self {
+            #[cfg(feature = "onnx")]
+            Runner::Tract(plans) => (plans.chw, plans.dim),
+            #[cfg(feature = "onnxruntime")]
+            Runner::Onnxruntime(net) => (net.input_chw(), net.dim()),
+            #[allow(unreachable_patterns)]
+            _ => unreachable!("only ONNX runners"),
         }
     }
 }
 
 /// `planes` images `[h, w]` each mirrored along `axes` (2: rows, 3: columns, as NCHW axes).
-#[cfg(feature = "onnx")]
+#[cfg(any(feature = "onnx", feature = "onnxruntime"))]
 fn flipped(xs: &[f32], planes: usize, h: usize, w: usize, axes: &[i64]) -> Vec<f32> {
     let (rows, cols) = (axes.contains(&2), axes.contains(&3));
     let mut out = Vec::with_capacity(xs.len());
@@ -340,7 +428,7 @@ fn flipped(xs: &[f32], planes: usize, h: usize, w: usize, axes: &[i64]) -> Vec<f
 
 /// The identities' and species' ArcFace heads of a checkpoint's weights file (`fc.weight` and
 /// `species.weight`, as the model's variables are named), read without libtorch.
-#[cfg(feature = "onnx")]
+#[cfg(any(feature = "onnx", feature = "onnxruntime"))]
 fn heads_from_weights(path: &Path, config: &ModelConfig) -> Result<Heads> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let file = safetensors::SafeTensors::deserialize(&bytes)
@@ -368,8 +456,7 @@ fn heads_from_weights(path: &Path, config: &ModelConfig) -> Result<Heads> {
 #[cfg(feature = "onnx")]
 mod tract {
     use crate::onnx::OnnxNet;
-    use anyhow::{Context, Result};
-    use std::path::Path;
+    use anyhow::Result;
     use std::sync::Mutex;
 
     /// An ONNX network and tract's plans of it, one per batch size met (planned when first
@@ -383,10 +470,9 @@ mod tract {
     }
 
     impl Plans {
-        pub fn read(path: &Path) -> Result<Self> {
-            let bytes = std::fs::read(path)
-                .with_context(|| format!("cannot read the network {}", path.display()))?;
-            let what = path.display().to_string();
+        /// Plans of the ONNX model in `bytes` (`what` names it in errors).
+        pub fn new(bytes: Vec<u8>, what: &str) -> Result<Self> {
+            let what = what.to_string();
             let first = OnnxNet::new(&bytes, &what, 1)?;
             let (chw, dim) = (first.input_chw(), first.dim());
             Ok(Self {
@@ -453,7 +539,7 @@ mod tests {
         assert!(close(at(Flips::Both), [0.5; 4]));
     }
 
-    #[cfg(feature = "onnx")]
+    #[cfg(any(feature = "onnx", feature = "onnxruntime"))]
     #[test]
     fn flips_mirror_rows_columns_or_both() {
         // One plane of 2×3.

@@ -354,30 +354,50 @@ struct Part {
 }
 
 impl Part {
+    /// The part run by `engine`. An ONNX engine reads the network training wrote into the
+    /// checkpoint's [`ONNX_DIR`]; where a checkpoint has none (trained before finprint wrote
+    /// them, or not finished), a build with libtorch writes it in memory from the weights.
     fn load(&self, engine: Engine) -> Result<Network> {
-        match engine {
-            Engine::Libtorch => self.libtorch(),
-            Engine::Tract => self.tract(),
+        #[cfg(any(feature = "onnx", feature = "onnxruntime"))]
+        if engine != Engine::Libtorch {
+            if let Some((path, config, weights)) = self.onnx_files()? {
+                return Network::from_onnx(&path, config, weights.as_deref(), engine);
+            }
         }
+        self.by_weights(engine)
     }
 
+    /// The model of the checkpoint's weights (or the pretrained features), run by `engine`.
     #[cfg(feature = "torch")]
-    fn libtorch(&self) -> Result<Network> {
+    fn by_weights(&self, engine: Engine) -> Result<Network> {
         let device = crate::runtime::device();
-        Network::libtorch(match &self.features {
+        let model = match &self.features {
             Some(features) => features.load(device)?,
             None => HappyWhaleModel::load(&self.dir, device)?,
-        })
+        };
+        Network::of_model(model, engine)
     }
 
     #[cfg(not(feature = "torch"))]
-    fn libtorch(&self) -> Result<Network> {
-        bail!("this finprint was built without libtorch: use --engine tract")
+    fn by_weights(&self, engine: Engine) -> Result<Network> {
+        let dir = self.dir.display();
+        match engine {
+            Engine::Libtorch => {
+                bail!("this finprint was built without libtorch: use --engine tract or onnxruntime")
+            }
+            _ => bail!(
+                "{dir} has no networks in ONNX (checkpoints trained before finprint wrote them \
+                 get them from `finprint export-onnx --models {dir} --out {dir}/onnx`, with \
+                 libtorch)"
+            ),
+        }
     }
 
-    /// From the ONNX file in the checkpoint's [`ONNX_DIR`], with the config written beside it.
-    #[cfg(feature = "onnx")]
-    fn tract(&self) -> Result<Network> {
+    /// The network's ONNX file in the checkpoint's [`ONNX_DIR`], the config written beside it
+    /// and the weights file holding its heads (none for pretrained features); `None` when the
+    /// checkpoint has none.
+    #[cfg(any(feature = "onnx", feature = "onnxruntime"))]
+    fn onnx_files(&self) -> Result<Option<(PathBuf, ModelConfig, Option<PathBuf>)>> {
         let (backbone, size, weights) = match &self.features {
             Some(f) => {
                 let size = f
@@ -394,21 +414,12 @@ impl Part {
             .dir
             .join(ONNX_DIR)
             .join(onnx_name(self.index, &backbone, size));
-        let config = read_json(&stem.with_extension("json"), "finprint model config")
-            .with_context(|| {
-                let dir = self.dir.display();
-                format!(
-                    "{dir} has no networks in ONNX (checkpoints trained before finprint wrote \
-                     them get them from `finprint export-onnx --models {dir} --out {dir}/onnx`, \
-                     with libtorch)"
-                )
-            })?;
-        Network::tract(&stem.with_extension("onnx"), config, weights.as_deref())
-    }
-
-    #[cfg(not(feature = "onnx"))]
-    fn tract(&self) -> Result<Network> {
-        bail!("this finprint was built without ONNX support: use --engine libtorch")
+        let (path, config) = (stem.with_extension("onnx"), stem.with_extension("json"));
+        if !path.is_file() || !config.is_file() {
+            return Ok(None);
+        }
+        let config = read_json(&config, "finprint model config")?;
+        Ok(Some((path, config, weights)))
     }
 }
 
@@ -545,13 +556,14 @@ impl Ensemble {
         })
     }
 
-    /// A pretrained backbone's GeM-pooled features, with a given new_individual threshold.
+    /// A pretrained backbone's GeM-pooled features run by `engine` (new_individual threshold 0).
     #[cfg(feature = "torch")]
-    pub fn zero_shot(features: &ZeroShot, threshold: f32) -> Result<Self> {
+    pub fn zero_shot(features: &ZeroShot, engine: Engine) -> Result<Self> {
+        let model = features.load(crate::runtime::device())?;
         Ok(Self {
-            models: vec![Network::libtorch(features.load(crate::runtime::device())?)?],
+            models: vec![Network::of_model(model, engine)?],
             weights: vec![1.0],
-            threshold,
+            threshold: 0.0,
             species_thresholds: BTreeMap::new(),
             fusion_weight: 0.0,
             whitened: Vec::new(),
@@ -579,8 +591,8 @@ impl Ensemble {
 pub enum ModelSpec {
     /// Trained run (or checkpoint) folders, fused, run by an engine.
     Runs(Vec<PathBuf>, Engine),
-    /// A pretrained backbone's pooled features.
-    ZeroShot(ZeroShot),
+    /// A pretrained backbone's pooled features, run by an engine.
+    ZeroShot(ZeroShot, Engine),
 }
 
 /// A pretrained backbone's GeM-pooled features as an embedding, untrained.
@@ -652,21 +664,25 @@ pub struct ModelArgs {
     /// The mirror images that show the same animal, for --zero-shot's --flip-tta.
     #[arg(long, value_enum, default_value_t = Flips::Horizontal, requires = "zero_shot")]
     pub flips: Flips,
-    /// What runs the --models networks: libtorch (from their weights) or tract (from the ONNX
-    /// files training writes into each checkpoint's onnx/; no libtorch needed).
-    #[arg(long, value_enum, default_value_t = Engine::default(), conflicts_with = "zero_shot")]
+    /// What runs the networks: libtorch (from their weights), or tract or onnxruntime (from
+    /// the ONNX files training writes into each checkpoint's onnx/, or that a build with
+    /// libtorch writes in memory where there are none; no libtorch needed where there are).
+    #[arg(long, value_enum, default_value_t = Engine::default())]
     pub engine: Engine,
 }
 
 impl ModelArgs {
     pub fn spec(&self) -> ModelSpec {
         match &self.zero_shot {
-            Some(backbone) => ModelSpec::ZeroShot(ZeroShot {
-                backbone: backbone.clone(),
-                img_size: self.img_size,
-                fit: self.fit,
-                flips: self.flips,
-            }),
+            Some(backbone) => ModelSpec::ZeroShot(
+                ZeroShot {
+                    backbone: backbone.clone(),
+                    img_size: self.img_size,
+                    fit: self.fit,
+                    flips: self.flips,
+                },
+                self.engine,
+            ),
             None => ModelSpec::Runs(self.models.clone(), self.engine),
         }
     }
@@ -710,9 +726,9 @@ impl ModelSpec {
                 Ok(format!("runs:{}", parts.join("+")))
             }
             #[cfg(feature = "torch")]
-            ModelSpec::ZeroShot(z) => z.identity(),
+            ModelSpec::ZeroShot(z, _) => z.identity(),
             #[cfg(not(feature = "torch"))]
-            ModelSpec::ZeroShot(_) => bail!(NO_ZERO_SHOT),
+            ModelSpec::ZeroShot(..) => bail!(NO_ZERO_SHOT),
         }
     }
 
@@ -720,7 +736,7 @@ impl ModelSpec {
     pub fn validation_crops(&self) -> Result<Vec<CropSet>> {
         match self {
             ModelSpec::Runs(runs, _) => validation_crops(&runs[0]),
-            ModelSpec::ZeroShot(_) => Ok(Vec::new()),
+            ModelSpec::ZeroShot(..) => Ok(Vec::new()),
         }
     }
 
@@ -730,9 +746,9 @@ impl ModelSpec {
         let mut ensemble = match self {
             ModelSpec::Runs(runs, engine) => Ensemble::load(runs, *engine)?,
             #[cfg(feature = "torch")]
-            ModelSpec::ZeroShot(z) => Ensemble::zero_shot(z, 0.0)?,
+            ModelSpec::ZeroShot(z, engine) => Ensemble::zero_shot(z, *engine)?,
             #[cfg(not(feature = "torch"))]
-            ModelSpec::ZeroShot(_) => bail!(NO_ZERO_SHOT),
+            ModelSpec::ZeroShot(..) => bail!(NO_ZERO_SHOT),
         };
         if let Some(t) = threshold {
             ensemble.threshold = t;

@@ -2,6 +2,7 @@
 //! other cores while the model works on the current one.
 
 use anyhow::Result;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 
 /// Cores not busy with other processes, over 200 ms from now; all cores when that cannot be
@@ -12,6 +13,14 @@ pub fn free_cores() -> usize {
     };
     std::thread::sleep(std::time::Duration::from_millis(200));
     start.free_cores_since().unwrap_or_else(cores)
+}
+
+/// The threads an engine runs on: what [`configure_threads`] gave, else every core.
+pub fn threads() -> usize {
+    match THREADS.load(Ordering::Relaxed) {
+        0 => cores(),
+        n => n,
+    }
 }
 
 fn cores() -> usize {
@@ -75,11 +84,16 @@ fn own_cpu_ticks() -> Option<u64> {
     Some(fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?)
 }
 
-/// Give libtorch `requested` threads, or the free cores; returns the count. libtorch's OpenMP
-/// threads slow down sharply when they outnumber the cores that are free. Safe to call again
-/// at any time: libtorch takes its inter-op thread count only once, before any work.
+/// The threads [`configure_threads`] last gave; 0 before it is called.
+static THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Give libtorch `requested` threads, or the free cores; returns the count, which engines
+/// started later (onnxruntime's sessions) take too ([`threads`]). libtorch's OpenMP threads
+/// slow down sharply when they outnumber the cores that are free. Safe to call again at any
+/// time: libtorch takes its inter-op thread count only once, before any work.
 pub fn configure_threads(requested: Option<usize>) -> usize {
     let n = requested.unwrap_or_else(free_cores).max(1);
+    THREADS.store(n, Ordering::Relaxed);
     #[cfg(feature = "torch")]
     {
         tch::set_num_threads(n as i32);

@@ -243,10 +243,11 @@ fn perturb(model: &HappyWhaleModel) {
     });
 }
 
-/// The model written to ONNX and run by tract gives its embeddings: max |difference| of the
-/// L2-normalised rows over a batch of 3 (tract planned for 2: a padded last batch too).
-#[cfg(feature = "onnx")]
-fn onnx_difference(model: &HappyWhaleModel) -> f64 {
+/// The model written to ONNX and run by each ONNX engine gives its embeddings: the largest
+/// |difference| of the L2-normalised rows over a batch of 3 (tract planned for 2: a padded last
+/// batch too), by engine.
+#[cfg(any(feature = "onnx", feature = "onnxruntime"))]
+fn onnx_differences(model: &HappyWhaleModel) -> Vec<(&'static str, f64)> {
     let s = model.config.img_size;
     let (h, w) = (i64::from(s.height), i64::from(s.width));
     let xs = Tensor::randn([3, 3, h, w], (Kind::Float, Device::Cpu));
@@ -258,21 +259,25 @@ fn onnx_difference(model: &HappyWhaleModel) -> f64 {
     );
     assert!(spread > 1e-3, "inputs that differ embed alike: {spread}");
     let bytes = model.to_onnx().unwrap();
-    let net = finprint::onnx::OnnxNet::new(&bytes, "test model", 2).unwrap();
-    assert_eq!(net.input_chw(), [3, h as usize, w as usize]);
     let input = Vec::<f32>::try_from(xs.contiguous().view(-1)).unwrap();
-    let rows = net.run(&input, 3).unwrap();
-    let got = Tensor::from_slice(&rows).view([3, net.dim() as i64]);
-    let got = finprint::model::heads::normalize(&got);
-    assert_eq!(got.size(), want.size());
-    (got - want).abs().max().double_value(&[])
+    let runs = common::onnx_engines(&bytes, &input, 3);
+    assert!(!runs.is_empty());
+    runs.into_iter()
+        .map(|run| {
+            assert_eq!(run.chw, [3, h as usize, w as usize], "{}", run.engine);
+            let got = Tensor::from_slice(&run.rows).view([3, run.dim as i64]);
+            let got = finprint::model::heads::normalize(&got);
+            assert_eq!(got.size(), want.size(), "{}", run.engine);
+            (run.engine, (got - &want).abs().max().double_value(&[]))
+        })
+        .collect()
 }
 
 /// Each architecture of the registry (MBConv with ReLU6 and TF "SAME" padding; SiLU,
 /// squeeze-excitation and symmetric padding; fused MBConv and conv blocks; NFNet's
 /// standardised convolutions, ECA and average-pooled shortcuts), at odd non-square sizes, with
 /// the trained neck and as zero-shot features.
-#[cfg(feature = "onnx")]
+#[cfg(any(feature = "onnx", feature = "onnxruntime"))]
 #[test]
 fn networks_written_to_onnx_give_the_embeddings_libtorch_gives() {
     let _guard = common::serial();
@@ -296,8 +301,10 @@ fn networks_written_to_onnx_give_the_embeddings_libtorch_gives() {
         if !neck {
             model = model.pooled_features();
         }
-        let diff = onnx_difference(&model);
-        eprintln!("{backbone} {w}×{h} neck {neck}: ONNX differs by up to {diff:.2e}");
-        assert!(diff <= 1e-4, "{backbone} {w}×{h} neck {neck}: {diff}");
+        for (engine, diff) in onnx_differences(&model) {
+            let case = format!("{backbone} {w}×{h} neck {neck}, {engine}");
+            eprintln!("{case}: ONNX differs by up to {diff:.2e}");
+            assert!(diff <= 1e-4, "{case}: {diff}");
+        }
     }
 }

@@ -184,9 +184,9 @@ fn lite0_gives_the_reference_logits() {
 }
 
 /// `finprint export-onnx --zero-shot efficientnet_lite0` writes the pretrained network, and
-/// tract running that file gives libtorch's features of the sample photos (after L2
-/// normalisation, within 1e-4).
-#[cfg(feature = "onnx")]
+/// tract and onnxruntime running that file give libtorch's features of the sample photos
+/// (after L2 normalisation, within 1e-4).
+#[cfg(any(feature = "onnx", feature = "onnxruntime"))]
 #[test]
 fn lite0_exported_to_onnx_gives_libtorch_features() {
     let Some(dir) = weights_dir() else { return };
@@ -201,7 +201,6 @@ fn lite0_exported_to_onnx_gives_libtorch_features() {
     assert!(status.success());
     let file = out.path().join("0-efficientnet_lite0-224.onnx");
     let bytes = std::fs::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-    let net = finprint::onnx::OnnxNet::new(&bytes, "lite0", 4).unwrap();
     let model = finprint::model::happywhale::HappyWhaleModel::zero_shot(
         "efficientnet_lite0",
         None,
@@ -214,12 +213,16 @@ fn lite0_exported_to_onnx_gives_libtorch_features() {
         .normalize(&photos(&dir, 224));
     let want = model.extract(&xs);
     let input = Vec::<f32>::try_from(xs.contiguous().view(-1)).unwrap();
-    let rows = net.run(&input, PHOTOS.len()).unwrap();
-    let got = Tensor::from_slice(&rows).view([PHOTOS.len() as i64, 1280]);
-    let got = finprint::model::heads::normalize(&got);
-    let diff = (&got - &want).abs().max().double_value(&[]);
-    eprintln!("lite0 through ONNX and tract: max |diff| {diff:.2e} of unit features");
-    assert!(diff <= 1e-4, "max |diff| {diff}");
+    let runs = common::onnx_engines(&bytes, &input, PHOTOS.len());
+    assert!(!runs.is_empty());
+    for run in runs {
+        let got = Tensor::from_slice(&run.rows).view([PHOTOS.len() as i64, 1280]);
+        let got = finprint::model::heads::normalize(&got);
+        let diff = (&got - &want).abs().max().double_value(&[]);
+        let engine = run.engine;
+        eprintln!("lite0 through ONNX and {engine}: max |diff| {diff:.2e} of unit features");
+        assert!(diff <= 1e-4, "{engine}: max |diff| {diff}");
+    }
 }
 
 /// Eval throughput of Lite0 at 224×224, batch 16, in NCHW and in channels-last memory layout
@@ -248,4 +251,51 @@ fn lite0_inference_speed() {
             tch::get_num_threads()
         );
     }
+}
+
+/// `finprint embed --zero-shot` by its default engine (onnxruntime, the network written in
+/// memory) writes libtorch's embeddings of the sample photos within 1e-4, and an
+/// `ORT_DYLIB_PATH` that names no onnxruntime library is an error naming it.
+#[cfg(feature = "onnxruntime")]
+#[test]
+fn embed_by_the_default_engine_gives_libtorchs_embeddings() {
+    use common::{fails_with, finprint, succeeds};
+    use finprint::embed::Embeddings;
+    let Some(dir) = weights_dir() else { return };
+    let _serial = serial();
+    let out = tempfile::tempdir().unwrap();
+    let embed = |engine: Option<&str>, file: &str| {
+        let mut cmd = finprint();
+        cmd.args(["embed", "--zero-shot", "efficientnet_lite0", "--images"])
+            .arg(dir.join("samples"))
+            .arg("--out")
+            .arg(out.path().join(file))
+            .env("FINPRINT_WEIGHTS", &dir)
+            .env_remove(finprint::onnx::LIBRARY_VAR);
+        if let Some(engine) = engine {
+            cmd.args(["--engine", engine]);
+        }
+        cmd
+    };
+    succeeds(&mut embed(None, "default.safetensors"));
+    succeeds(&mut embed(Some("libtorch"), "libtorch.safetensors"));
+    let read = |f: &str| Embeddings::load(&out.path().join(f)).unwrap();
+    let (got, want) = (read("default.safetensors"), read("libtorch.safetensors"));
+    assert_eq!(got.names, want.names);
+    assert_eq!(got.names.len(), PHOTOS.len());
+    let diff = got
+        .vectors
+        .iter()
+        .zip(&want.vectors)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    eprintln!("embed by onnxruntime against libtorch: max |diff| {diff:.2e}");
+    assert!(diff <= 1e-4, "max |diff| {diff}");
+
+    let fake = out.path().join("libonnxruntime.so");
+    std::fs::write(&fake, "not a library").unwrap();
+    let mut cmd = embed(None, "fake.safetensors");
+    let named = format!("onnxruntime library {}", fake.display());
+    fails_with(cmd.env(finprint::onnx::LIBRARY_VAR, &fake), &named);
+    assert!(!out.path().join("fake.safetensors").exists());
 }

@@ -9,6 +9,7 @@ use finprint::catalog::{Catalog, Decision, Embedder, Sighting};
 use finprint::data::{read_solution, KaggleDir, NEW_INDIVIDUAL};
 use finprint::local::calibration::{Calibration, Fusion, Logistic};
 use finprint::local::LocalArgs;
+use finprint::network::Engine;
 use finprint::runs::{ModelSpec, ZeroShot};
 use finprint::search::IndexSpec;
 use finprint::service::{open_catalog, router, AppState, ServeArgs};
@@ -27,10 +28,13 @@ mod common;
 const TOKEN: &str = "test-token";
 
 fn model() -> ModelSpec {
-    ModelSpec::ZeroShot(ZeroShot {
-        img_size: Some(ImgSize::square(128)),
-        ..ZeroShot::new("efficientnet_lite0")
-    })
+    ModelSpec::ZeroShot(
+        ZeroShot {
+            img_size: Some(ImgSize::square(128)),
+            ..ZeroShot::new("efficientnet_lite0")
+        },
+        Engine::default(),
+    )
 }
 
 /// A synthetic Kaggle folder and a catalogue imported from it and embedded, made once.

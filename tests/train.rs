@@ -250,7 +250,7 @@ fn a_short_fast_run_beats_zero_shot_features_and_predict_agrees_with_validation(
     );
 
     let test_map = predict_and_score(&run, &data, &dir.path().join("sub.csv"), "libtorch");
-    tract_runs_what_libtorch_runs(&run, &data, test_map);
+    onnx_engines_run_what_libtorch_runs(&run, &data, test_map);
     assert!(
         test_map > zero_shot + 0.05,
         "test MAP@5 {test_map:.4}, zero-shot validation {zero_shot:.4}"
@@ -263,15 +263,15 @@ fn a_short_fast_run_beats_zero_shot_features_and_predict_agrees_with_validation(
     pretrained_features_join_the_ensemble_at_the_saved_weight(&run);
 }
 
-/// The networks training wrote to ONNX in each checkpoint, run by tract, embed photos as
-/// libtorch does (within 1e-4 with the flip TTA, the pretrained features and the whitening
-/// that the run fuses), their heads are libtorch's, and `predict --engine tract` scores as
-/// libtorch's `predict` did (`libtorch_map`).
-fn tract_runs_what_libtorch_runs(run: &Path, data: &Path, libtorch_map: f64) {
+/// The networks training wrote to ONNX in each checkpoint, run by tract and by onnxruntime,
+/// embed photos as libtorch does (within 1e-4 with the flip TTA, the pretrained features and
+/// the whitening that the run fuses), their heads are libtorch's, and `predict --engine E`
+/// scores as libtorch's `predict` did (`libtorch_map`). A checkpoint without its ONNX files
+/// is run by onnxruntime all the same, from networks written in memory.
+fn onnx_engines_run_what_libtorch_runs(run: &Path, data: &Path, libtorch_map: f64) {
     let onnx = run.join("best/onnx");
     let written = std::fs::read_dir(&onnx).unwrap().count();
     let torch = Ensemble::load(&[run.to_path_buf()], Engine::Libtorch).unwrap();
-    let tract = Ensemble::load(&[run.to_path_buf()], Engine::Tract).unwrap();
     assert_eq!(
         written,
         2 * torch.models.len(),
@@ -286,29 +286,52 @@ fn tract_runs_what_libtorch_runs(run: &Path, data: &Path, libtorch_map: f64) {
     let load = |i: usize| Ok(finprint::data::image::load_rgb(&photos[i])?);
     let hidden = indicatif::ProgressBar::hidden();
     // Batches of 4: tract plans for 4, then for the last 2.
-    let a = torch.embed(photos.len(), load, 4, true, &hidden).unwrap();
-    let b = tract.embed(photos.len(), load, 4, true, &hidden).unwrap();
-    assert_eq!(a.len(), b.len());
-    let diff = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
-    eprintln!(
-        "tract against libtorch: max |diff| {diff:.2e} over {} values",
-        a.len()
-    );
-    assert!(diff <= 1e-4, "max |diff| {diff}");
-    for (t, r) in torch.models.iter().zip(&tract.models) {
-        assert_eq!(t.heads.identities, r.heads.identities);
-        assert_eq!(t.heads.species, r.heads.species);
+    let embed = |e: &Ensemble| e.embed(photos.len(), load, 4, true, &hidden).unwrap();
+    let want = embed(&torch);
+    let max_diff = |got: &[f32]| {
+        assert_eq!(want.len(), got.len());
+        want.iter()
+            .zip(got)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    };
+    let mut by_file = Vec::new();
+    for (engine, name) in [
+        (Engine::Tract, "tract"),
+        (Engine::Onnxruntime, "onnxruntime"),
+    ] {
+        let other = Ensemble::load(&[run.to_path_buf()], engine).unwrap();
+        let got = embed(&other);
+        let diff = max_diff(&got);
+        eprintln!(
+            "{name} against libtorch: max |diff| {diff:.2e} over {} values",
+            got.len()
+        );
+        assert!(diff <= 1e-4, "{name}: max |diff| {diff}");
+        for (t, r) in torch.models.iter().zip(&other.models) {
+            assert_eq!(t.heads.identities, r.heads.identities, "{name}");
+            assert_eq!(t.heads.species, r.heads.species, "{name}");
+        }
+        let sub = run.parent().unwrap().join(format!("sub-{name}.csv"));
+        let map = predict_and_score(run, data, &sub, name);
+        assert!(
+            (map - libtorch_map).abs() < 0.01,
+            "{name} {map:.4}, libtorch {libtorch_map:.4}"
+        );
+        by_file = got;
     }
-    let sub = run.parent().unwrap().join("sub-tract.csv");
-    let tract_map = predict_and_score(run, data, &sub, "tract");
-    assert!(
-        (tract_map - libtorch_map).abs() < 0.01,
-        "tract {tract_map:.4}, libtorch {libtorch_map:.4}"
-    );
+    let bare = run.parent().unwrap().join("no-onnx");
+    std::fs::create_dir_all(&bare).unwrap();
+    for entry in std::fs::read_dir(run.join("best")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, bare.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let in_memory = Ensemble::load(&[bare], Engine::Onnxruntime).unwrap();
+    let got = embed(&in_memory);
+    let same = by_file.iter().zip(&got).all(|(a, b)| (a - b).abs() <= 1e-6);
+    assert!(same, "the networks written in memory embed as the files do");
 }
 
 /// A checkpoint whose validation chose to fuse the pretrained features loads them as a member
@@ -383,7 +406,7 @@ fn the_frozen_mode_whitens_pretrained_features_beyond_zero_shot_and_predict_uses
     assert_eq!(e.dim() as u64, frozen["dim"].as_u64().unwrap());
 
     let test_map = predict_and_score(&run, &data, &dir.path().join("sub.csv"), "libtorch");
-    tract_runs_what_libtorch_runs(&run, &data, test_map);
+    onnx_engines_run_what_libtorch_runs(&run, &data, test_map);
     assert!(
         (test_map - summary.kept_map5).abs() < 0.12,
         "test MAP@5 {test_map:.4} far from the kept model's validation {:.4}",

@@ -183,8 +183,7 @@ pub fn stats(values: &[f64]) -> Value {
 /// thread, rayon `threads`, and libtorch's seed 0; freed memory reused as `finprint` does.
 pub fn fix_threads(threads: usize) -> anyhow::Result<()> {
     finprint::runtime::reuse_freed_memory();
-    tch::set_num_threads(threads as i32);
-    tch::set_num_interop_threads(1);
+    finprint::runtime::configure_threads(Some(threads));
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()?;

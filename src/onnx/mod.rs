@@ -1,14 +1,19 @@
 //! ONNX: finprint writes its networks to ONNX from its own module graph (the model files emit
-//! their layers into a [`Graph`]) and runs them with tract ([`OnnxNet`], pure Rust), so that
-//! a trained run identifies photos without libtorch.
+//! their layers into a [`Graph`]) and runs them with tract (`OnnxNet`, pure Rust), so that
+//! a trained run identifies photos without libtorch, or with onnxruntime (`OrtNet`), whose
+//! convolutions are the fastest on a CPU for the large backbones.
 //!
 //! Only what the networks need is written: float tensors, opset 17, a batch dimension `N` and
 //! fixed channels and pixels (the run's input size).
 
+#[cfg(feature = "onnxruntime")]
+mod onnxruntime;
 pub mod proto;
 #[cfg(feature = "onnx")]
 mod run;
 
+#[cfg(feature = "onnxruntime")]
+pub use onnxruntime::{OrtNet, LIBRARY_VAR};
 use proto::Message;
 #[cfg(feature = "onnx")]
 pub use run::OnnxNet;

@@ -149,3 +149,39 @@ pub fn reference(name: &str) -> std::collections::HashMap<String, tch::Tensor> {
 pub fn floats(t: &tch::Tensor) -> Vec<f32> {
     Vec::<f32>::try_from(t.to_kind(tch::Kind::Float).flatten(0, -1)).unwrap()
 }
+
+/// One ONNX engine's run of a network: its name, the input `[C, H, W]` it takes, the width of
+/// its output rows, and the rows.
+pub struct OnnxRun {
+    pub engine: &'static str,
+    pub chw: [usize; 3],
+    pub rows: Vec<f32>,
+    pub dim: usize,
+}
+
+/// The `n` inputs `[n, C, H, W]` through the ONNX model `bytes` by each ONNX engine of this
+/// build: tract (planned for batches of 2, so a last batch of 1 is padded) and onnxruntime.
+pub fn onnx_engines(bytes: &[u8], input: &[f32], n: usize) -> Vec<OnnxRun> {
+    let mut runs = Vec::new();
+    #[cfg(feature = "onnx")]
+    {
+        let net = finprint::onnx::OnnxNet::new(bytes, "test model", 2).unwrap();
+        runs.push(OnnxRun {
+            engine: "tract",
+            chw: net.input_chw(),
+            rows: net.run(input, n).unwrap(),
+            dim: net.dim(),
+        });
+    }
+    #[cfg(feature = "onnxruntime")]
+    {
+        let net = finprint::onnx::OrtNet::new(bytes, "test model").unwrap();
+        runs.push(OnnxRun {
+            engine: "onnxruntime",
+            chw: net.input_chw(),
+            rows: net.run(input, n).unwrap(),
+            dim: net.dim(),
+        });
+    }
+    runs
+}
