@@ -1,7 +1,8 @@
 //! Speed of the assembled model (a backbone of the registry, EfficientNet-Lite0 unless
-//! `--backbone` says otherwise → GeM → BN → Linear 512 → ArcFace) on this machine, one JSON
-//! line for `tools/bench.sh` to set beside PyTorch's and onnxruntime's figures for the same
-//! recipe (`tools/bench_model.py`).
+//! `--backbone` says otherwise → GeM → BN → Linear 512 → ArcFace) on this machine, a JSON
+//! line per engine of finprint's (libtorch; the network finprint writes to ONNX run by
+//! onnxruntime) for `tools/bench.sh` to set beside PyTorch's and onnxruntime's figures for the
+//! same recipe (`tools/bench_model.py`, whose ONNX is PyTorch's export).
 //!
 //! Without `--images`: inference and training-step images/s on a random batch, each timed per
 //! step (median, min, max over `--steps` after a warm-up). With `--images DIR --list FILE`:
@@ -22,7 +23,7 @@ use finprint::data::image::load_rgb;
 use finprint::embed::embed_by_each;
 use finprint::model::config::ModelConfig;
 use finprint::model::happywhale::HappyWhaleModel;
-use finprint::network::input_tensor;
+use finprint::network::{input_tensor, BatchEmbedder, Engine, Heads, Network};
 use finprint::train::optim::{AdamW, Group};
 use indicatif::ProgressBar;
 use serde_json::{json, Value};
@@ -69,25 +70,42 @@ fn main() -> anyhow::Result<()> {
             HappyWhaleModel::new(cfg, Device::Cpu)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let figures = match (&args.images, &args.list) {
-        (Some(dir), Some(list)) => end_to_end(&models, dir, list, &args)?,
+    let print = |engine: &str, figures: Vec<(&str, Value)>| {
+        let mut line = json!({
+            "impl": format!("finprint ({engine})"),
+            "backbone": args.backbone.join("+"),
+            "size": args.size,
+            "batch": args.batch,
+            "threads": args.threads,
+            "vm_hwm_mb": vm_hwm_mb(),
+        });
+        for (k, v) in figures {
+            line[k] = v;
+        }
+        println!("{line}");
+    };
+    match (&args.images, &args.list) {
+        (Some(dir), Some(list)) => {
+            print("tch", end_to_end(&models, dir, list, &args)?);
+            let networks = models
+                .iter()
+                .map(|m| {
+                    let (what, config) = (&m.config.backbone, m.config.clone());
+                    let heads = Heads::default();
+                    Network::from_onnx_bytes(m.to_onnx()?, what, config, heads, Engine::Onnxruntime)
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            print("onnxruntime", end_to_end(&networks, dir, list, &args)?);
+        }
         _ => match &models[..] {
-            [model] => model_speed(model, classes, &args)?,
+            [model] => {
+                let (tch, onnx) = model_speed(model, classes, &args)?;
+                print("tch", tch);
+                print("onnxruntime", onnx);
+            }
             _ => anyhow::bail!("--backbone names several models: only end to end (--images)"),
         },
-    };
-    let mut line = json!({
-        "impl": "finprint (tch)",
-        "backbone": args.backbone.join("+"),
-        "size": args.size,
-        "batch": args.batch,
-        "threads": args.threads,
-        "vm_hwm_mb": vm_hwm_mb(),
-    });
-    for (k, v) in figures {
-        line[k] = v;
     }
-    println!("{line}");
     Ok(())
 }
 
@@ -104,11 +122,14 @@ fn per_step(steps: usize, batch: usize, f: &mut dyn FnMut()) -> Value {
     stats(&rates)
 }
 
+type Figures = Vec<(&'static str, Value)>;
+
+/// libtorch's inference, tract's and training figures; onnxruntime's inference figures.
 fn model_speed(
     model: &HappyWhaleModel,
     classes: usize,
     args: &Args,
-) -> anyhow::Result<Vec<(&'static str, Value)>> {
+) -> anyhow::Result<(Figures, Figures)> {
     let (size, batch) = (args.size, args.batch);
     let chw: Vec<f32> = Tensor::randn(
         [(batch * 3 * size * size) as i64],
@@ -121,18 +142,19 @@ fn model_speed(
         let _ = model.extract(&xs);
     });
     let mut figures = vec![("inference_img_s", infer)];
-    // The same network written to ONNX and run by tract (the light install's engine), where
-    // the backbone can be written.
-    match model.to_onnx() {
-        Ok(bytes) => {
-            let net = finprint::onnx::OnnxNet::new(&bytes, "bench model", batch)?;
-            let tract = per_step(args.steps, batch, &mut || {
-                let _ = net.run(&chw, batch).expect("tract runs the model");
-            });
-            figures.push(("tract_inference_img_s", tract));
-        }
-        Err(e) => eprintln!("no tract figure: {e:#}"),
-    }
+    // The same network written to ONNX and run by tract (the light install's engine) and by
+    // onnxruntime.
+    let bytes = model.to_onnx()?;
+    let net = finprint::onnx::OnnxNet::new(&bytes, "bench model", batch)?;
+    let tract = per_step(args.steps, batch, &mut || {
+        let _ = net.run(&chw, batch).expect("tract runs the model");
+    });
+    figures.push(("tract_inference_img_s", tract));
+    let net = finprint::onnx::OrtNet::new(&bytes, "bench model")?;
+    let ort = per_step(args.steps, batch, &mut || {
+        let _ = net.run(&chw, batch).expect("onnxruntime runs the model");
+    });
+    let onnx = vec![("inference_img_s", ort), ("train_img_s", Value::Null)];
     let params = model.vs.trainable_variables();
     let mut opt = AdamW::new(vec![Group {
         params: params
@@ -152,15 +174,15 @@ fn model_speed(
         opt.step(1e-4);
     });
     figures.push(("train_img_s", train));
-    Ok(figures)
+    Ok((figures, onnx))
 }
 
 fn end_to_end(
-    models: &[HappyWhaleModel],
+    models: &[impl BatchEmbedder],
     dir: &std::path::Path,
     list: &std::path::Path,
     args: &Args,
-) -> anyhow::Result<Vec<(&'static str, Value)>> {
+) -> anyhow::Result<Figures> {
     let names: Vec<String> = std::fs::read_to_string(list)?
         .lines()
         .map(str::trim)

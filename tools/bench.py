@@ -666,12 +666,15 @@ def backbone(row):
     return row.get("backbone", "efficientnet_lite0")
 
 
-def per_backbone(rows):
-    """(finprint's row of the same backbone, row) for each row, in order."""
+def ours_by_backbone(rows, figure):
+    """finprint's row of each backbone that the ratios of `figure` compare with: its default engine's
+    (onnxruntime) where that row has the figure, else its first row that has it."""
     ours = {}
     for r in rows:
-        ours.setdefault(backbone(r), r)
-    return [(ours[backbone(r)], r) for r in rows]
+        if r["impl"].startswith("finprint") and r.get(figure) is not None:
+            if backbone(r) not in ours or r["impl"] == "finprint (onnxruntime)":
+                ours[backbone(r)] = r
+    return ours
 
 
 def table(header, rows):
@@ -683,10 +686,11 @@ def table(header, rows):
 def model_table(section):
     """The model section's inference and training images/s, each as a ratio to finprint's row of the
     same backbone, then its load."""
+    infer, train = (ours_by_backbone(section["rows"], k) for k in ["inference_img_s", "train_img_s"])
     rows = [[backbone(r), r["impl"], f(r["inference_img_s"]),
-             ratio(med(ours["inference_img_s"]), med(r["inference_img_s"])), f(r.get("train_img_s")),
-             ratio(med(ours["train_img_s"]), med(r["train_img_s"])) if r.get("train_img_s") else "–"]
-            for ours, r in per_backbone(section["rows"])]
+             ratio(med(infer[backbone(r)]["inference_img_s"]), med(r["inference_img_s"])), f(r.get("train_img_s")),
+             ratio(med(train[backbone(r)]["train_img_s"]), med(r["train_img_s"])) if r.get("train_img_s") else "–"]
+            for r in section["rows"]]
     return table(["backbone", "implementation", "inference img/s", "finprint ×", "training img/s", "finprint ×"],
                  rows) + "\n" + load(section) + "\n"
 
@@ -694,9 +698,10 @@ def model_table(section):
 def speed_table(section, figure):
     """A section's rows of images/s by backbone and implementation, each as a ratio to finprint's
     row of the same backbone, then the section's load."""
+    ours = ours_by_backbone(section["rows"], figure)
     return table(["backbone", "implementation", "images/s", "finprint ×"], [
-        [backbone(r), r["impl"], f(r[figure]), ratio(med(ours[figure]), med(r[figure]))]
-        for ours, r in per_backbone(section["rows"])]) + "\n" + load(section) + "\n"
+        [backbone(r), r["impl"], f(r[figure]), ratio(med(ours[backbone(r)][figure]), med(r[figure]))]
+        for r in section["rows"]]) + "\n" + load(section) + "\n"
 
 
 def load(section):
@@ -814,15 +819,17 @@ def markdown(res, out, md_path):
           f"Linear 512 (→ ArcFace when training), {mo['size']} px, batch {mo['batch']}, {mo['threads']} threads, "
           f"{mo['steps']} timed steps each. Inference = L2-normalised embeddings without gradients; training = one "
           "AdamW step (forward, ArcFace loss, backward, update). PyTorch runs timm's model of the same "
-          "architecture (random weights, as finprint's here); onnxruntime runs the exported embedding network; "
-          "finprint × compares with finprint's row of the same backbone.\n")
+          "architecture (random weights, as finprint's here); onnxruntime runs PyTorch's export of the embedding "
+          "network, finprint (onnxruntime) the network finprint writes to ONNX itself (its default engine on a "
+          "CPU); finprint × compares with that row of the same backbone (training: with libtorch's).\n")
         w(model_table(mo))
     e2 = s.get("e2e")
     if e2 and "rows" in e2:
         w(f"### Embedding end to end (decode → embed)\n\n{e2['photos']} {e2['what']} (JPEG) decoded, resized to "
           f"{e2['size']} px, normalised and embedded, batch {e2['batch']}, {e2['threads']} threads, "
           f"{e2['runs']} timed passes. finprint: `embed::embed_by_each` (what `finprint embed`, `predict` and "
-          "`evaluate` run), decoding the next batch on the other threads while the model works; PyTorch and "
+          "`evaluate` run) with libtorch (tch) and with onnxruntime (the default engine; finprint × compares with "
+          "it), decoding the next batch on the other threads while the model works; PyTorch and "
           "onnxruntime: PIL decoding in a `DataLoader` with one worker process. Backbones joined by + are an "
           "ensemble of one model each (as the frozen mode's members), every photo decoded once for all.\n")
         w(speed_table(e2, "e2e_img_s"))
@@ -986,8 +993,9 @@ def markdown(res, out, md_path):
                      f"{sy['train_photos']} catalogue + {sy['test_photos']} test photos", f(sy["predict_rss_mb"], 0)])
     if e2 and "rows" in e2:
         first = [r for r in e2["rows"] if backbone(r) == backbone(e2["rows"][0])]
-        ours, refs = first[0], first[1:]
-        rows.append([f"embedding end to end: {ours['impl']}, {backbone(ours)}",
+        ours, refs = first[0], [r for r in first if not r["impl"].startswith("finprint")]
+        engines = " then ".join(r["impl"] for r in first if r["impl"].startswith("finprint"))
+        rows.append([f"embedding end to end: {engines} (one process), {backbone(ours)}",
                      f"model + {e2['photos']} photos, batch {e2['batch']}",
                      f(ours["rss_mb"], 0)])
         if refs:
