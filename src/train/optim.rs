@@ -208,6 +208,31 @@ mod tests {
     }
 
     #[test]
+    fn a_second_adamw_step_mixes_the_moments_with_their_bias_corrections() {
+        // Gradients 3 then −1 of one parameter 1.0 at lr 0.1, weight decay 0.5.
+        let p = param(&[1.0]);
+        let mut opt = AdamW::new(vec![Group {
+            params: vec![("p".into(), p.shallow_clone())],
+            lr_mult: 1.0,
+            weight_decay: 0.5,
+        }]);
+        let mut want = 1.0f64;
+        let (mut m, mut v) = (0.0f64, 0.0f64);
+        for (t, grad) in [(1, 3.0f64), (2, -1.0)] {
+            opt.zero_grad();
+            (&p * grad).sum(Kind::Float).backward();
+            opt.step(0.1);
+            m = 0.9 * m + 0.1 * grad;
+            v = 0.999 * v + 0.001 * grad * grad;
+            let (m_hat, v_hat) = (m / (1.0 - 0.9f64.powi(t)), v / (1.0 - 0.999f64.powi(t)));
+            want = want * (1.0 - 0.1 * 0.5) - 0.1 * m_hat / (v_hat.sqrt() + 1e-8);
+        }
+        // m̂ = (0.27 − 0.1) / 0.19, v̂ = (0.008991 + 0.001) / 0.001999.
+        let got = f64::from(Vec::<f32>::try_from(&p).unwrap()[0]);
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    }
+
+    #[test]
     fn clipping_scales_the_global_norm() {
         let a = param(&[0.0, 0.0]);
         let b = param(&[0.0]);
