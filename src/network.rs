@@ -279,7 +279,7 @@ impl Network {
         engine: Engine,
     ) -> Result<Self> {
         let runner = Runner::of_onnx(bytes, what, engine)?;
-        let (chw, dim) = runner.onnx_shape();
+        let crate::onnx::NetShape { chw, dim } = runner.onnx_shape();
         ensure!(
             dim == config.embedding_size as usize,
             "{what}: the network gives {dim} values, its config says {}",
@@ -395,13 +395,13 @@ impl Runner {
         }
     }
 
-    /// The input `[C, H, W]` and output width of an ONNX runner.
-    fn onnx_shape(&self) -> ([usize; 3], usize) {
+    /// What an ONNX runner's network takes and gives.
+    fn onnx_shape(&self) -> crate::onnx::NetShape {
         match self {
             #[cfg(feature = "onnx")]
-            Runner::Tract(plans) => (plans.chw, plans.dim),
+            Runner::Tract(plans) => plans.shape,
             #[cfg(feature = "onnxruntime")]
-            Runner::Onnxruntime(net) => (net.input_chw(), net.dim()),
+            Runner::Onnxruntime(net) => net.shape(),
             #[allow(unreachable_patterns)]
             _ => unreachable!("only ONNX runners"),
         }
@@ -464,8 +464,7 @@ mod tract {
     pub struct Plans {
         bytes: Vec<u8>,
         what: String,
-        pub chw: [usize; 3],
-        pub dim: usize,
+        pub shape: crate::onnx::NetShape,
         plans: Mutex<Vec<(usize, std::sync::Arc<OnnxNet>)>>,
     }
 
@@ -474,12 +473,10 @@ mod tract {
         pub fn new(bytes: Vec<u8>, what: &str) -> Result<Self> {
             let what = what.to_string();
             let first = OnnxNet::new(&bytes, &what, 1)?;
-            let (chw, dim) = (first.input_chw(), first.dim());
             Ok(Self {
+                shape: first.shape(),
                 bytes,
                 what,
-                chw,
-                dim,
                 plans: Mutex::new(vec![(1, std::sync::Arc::new(first))]),
             })
         }

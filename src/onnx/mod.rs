@@ -19,6 +19,29 @@ use proto::Message;
 pub use run::OnnxNet;
 use std::collections::{HashMap, HashSet};
 
+/// What a written network takes and gives: one input `[N, C, H, W]` and one output `[N, D]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetShape {
+    /// Channels, height and width of one input.
+    pub chw: [usize; 3],
+    /// Width of one output row.
+    pub dim: usize,
+}
+
+impl NetShape {
+    /// The values of one input image, after checking that `inputs` holds `n` of them.
+    pub fn image_len(&self, inputs: &[f32], n: usize) -> anyhow::Result<usize> {
+        let one: usize = self.chw.iter().product();
+        anyhow::ensure!(
+            inputs.len() == n * one,
+            "{} input values for {n} images of {:?}",
+            inputs.len(),
+            self.chw
+        );
+        Ok(one)
+    }
+}
+
 /// The operator set the graphs are written in.
 pub const OPSET: i64 = 17;
 /// ONNX IR version 8 (ONNX 1.10 and later read it).

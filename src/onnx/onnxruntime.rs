@@ -2,6 +2,7 @@
 //! `onnxruntime` wheel carries) is opened at run time: from `ORT_DYLIB_PATH` when set, else the
 //! folder `tools/setup.sh` links at `.venv/onnxruntime`, as this build recorded it.
 
+use super::NetShape;
 use anyhow::{bail, ensure, Context, Result};
 use ort::session::{builder::GraphOptimizationLevel, Session};
 use ort::value::TensorRef;
@@ -105,8 +106,7 @@ fn check(path: &Path) -> Result<()> {
 pub struct OrtNet {
     /// `ort` runs a session through `&mut`: one batch at a time.
     session: Mutex<Session>,
-    chw: [usize; 3],
-    dim: usize,
+    shape: NetShape,
 }
 
 impl OrtNet {
@@ -133,34 +133,21 @@ impl OrtNet {
         };
         Ok(Self {
             session: Mutex::new(session),
-            chw,
-            dim,
+            shape: NetShape { chw, dim },
         })
     }
 
-    /// The input `[C, H, W]` of one image.
-    pub fn input_chw(&self) -> [usize; 3] {
-        self.chw
-    }
-
-    /// Width of one output row.
-    pub fn dim(&self) -> usize {
-        self.dim
+    pub fn shape(&self) -> NetShape {
+        self.shape
     }
 
     /// Rows `[n, D]` of `n` inputs laid out `[n, C, H, W]`.
     pub fn run(&self, inputs: &[f32], n: usize) -> Result<Vec<f32>> {
-        let one: usize = self.chw.iter().product();
-        ensure!(
-            inputs.len() == n * one,
-            "{} input values for {n} images of {:?}",
-            inputs.len(),
-            self.chw
-        );
+        self.shape.image_len(inputs, n)?;
         if n == 0 {
             return Ok(Vec::new());
         }
-        let [c, h, w] = self.chw;
+        let [c, h, w] = self.shape.chw;
         let input = TensorRef::from_array_view(([n, c, h, w], inputs))
             .map_err(|e| anyhow::anyhow!("input tensor: {e}"))?;
         let mut session = self.session.lock().expect("no panic while held");
@@ -171,7 +158,7 @@ impl OrtNet {
             .try_extract_tensor::<f32>()
             .map_err(|e| anyhow::anyhow!("onnxruntime's output: {e}"))?;
         ensure!(
-            shape[..] == [n as i64, self.dim as i64],
+            shape[..] == [n as i64, self.shape.dim as i64],
             "onnxruntime gave {shape:?} for {n} images"
         );
         Ok(rows.to_vec())

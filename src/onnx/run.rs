@@ -1,7 +1,8 @@
 //! Running a written network with tract, for batches of one fixed size (a shorter last batch is
 //! padded and its extra rows dropped).
 
-use anyhow::{ensure, Context, Result};
+use super::NetShape;
+use anyhow::{Context, Result};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
@@ -9,9 +10,7 @@ use tract_onnx::tract_hir::infer::Factoid;
 pub struct OnnxNet {
     plan: TypedRunnableModel<TypedModel>,
     batch: usize,
-    /// Channels, height and width of one input.
-    chw: [usize; 3],
-    dim: usize,
+    shape: NetShape,
 }
 
 impl OnnxNet {
@@ -51,31 +50,19 @@ impl OnnxNet {
         Ok(Self {
             plan: model.into_runnable()?,
             batch,
-            chw,
-            dim,
+            shape: NetShape { chw, dim },
         })
     }
 
-    /// The input `[C, H, W]` of one image.
-    pub fn input_chw(&self) -> [usize; 3] {
-        self.chw
-    }
-
-    /// Width of one output row.
-    pub fn dim(&self) -> usize {
-        self.dim
+    pub fn shape(&self) -> NetShape {
+        self.shape
     }
 
     /// Rows `[n, D]` of `n` inputs laid out `[n, C, H, W]`, any `n`.
     pub fn run(&self, inputs: &[f32], n: usize) -> Result<Vec<f32>> {
-        let one: usize = self.chw.iter().product();
-        ensure!(
-            inputs.len() == n * one,
-            "{} input values for {n} images of {:?}",
-            inputs.len(),
-            self.chw
-        );
-        let mut rows = Vec::with_capacity(n * self.dim);
+        let NetShape { chw, dim } = self.shape;
+        let one = self.shape.image_len(inputs, n)?;
+        let mut rows = Vec::with_capacity(n * dim);
         let mut padded = Vec::new();
         for chunk in inputs.chunks(self.batch * one) {
             let images = chunk.len() / one;
@@ -87,10 +74,10 @@ impl OnnxNet {
                 padded.resize(self.batch * one, 0.0);
                 &padded
             };
-            let shape = [self.batch, self.chw[0], self.chw[1], self.chw[2]];
+            let shape = [self.batch, chw[0], chw[1], chw[2]];
             let input = Tensor::from_shape(&shape, full)?;
             let out = self.plan.run(tvec!(input.into()))?;
-            rows.extend_from_slice(&out[0].as_slice::<f32>()?[..images * self.dim]);
+            rows.extend_from_slice(&out[0].as_slice::<f32>()?[..images * dim]);
         }
         Ok(rows)
     }

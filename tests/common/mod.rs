@@ -168,9 +168,9 @@ pub fn onnx_engines(bytes: &[u8], input: &[f32], n: usize) -> Vec<OnnxRun> {
         let net = finprint::onnx::OnnxNet::new(bytes, "test model", 2).unwrap();
         runs.push(OnnxRun {
             engine: "tract",
-            chw: net.input_chw(),
+            chw: net.shape().chw,
             rows: net.run(input, n).unwrap(),
-            dim: net.dim(),
+            dim: net.shape().dim,
         });
     }
     #[cfg(feature = "onnxruntime")]
@@ -178,9 +178,9 @@ pub fn onnx_engines(bytes: &[u8], input: &[f32], n: usize) -> Vec<OnnxRun> {
         let net = finprint::onnx::OrtNet::new(bytes, "test model").unwrap();
         runs.push(OnnxRun {
             engine: "onnxruntime",
-            chw: net.input_chw(),
+            chw: net.shape().chw,
             rows: net.run(input, n).unwrap(),
-            dim: net.dim(),
+            dim: net.shape().dim,
         });
     }
     runs
