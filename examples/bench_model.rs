@@ -23,7 +23,7 @@ use finprint::data::image::load_rgb;
 use finprint::embed::embed_by_each;
 use finprint::model::config::ModelConfig;
 use finprint::model::happywhale::HappyWhaleModel;
-use finprint::network::{input_tensor, BatchEmbedder, Engine, Heads, Network};
+use finprint::network::{input_tensor, BatchEmbedder, Engine, Network};
 use finprint::train::optim::{AdamW, Group};
 use indicatif::ProgressBar;
 use serde_json::{json, Value};
@@ -88,12 +88,8 @@ fn main() -> anyhow::Result<()> {
         (Some(dir), Some(list)) => {
             print("tch", end_to_end(&models, dir, list, &args)?);
             let networks = models
-                .iter()
-                .map(|m| {
-                    let (what, config) = (&m.config.backbone, m.config.clone());
-                    let heads = Heads::default();
-                    Network::from_onnx_bytes(m.to_onnx()?, what, config, heads, Engine::Onnxruntime)
-                })
+                .into_iter()
+                .map(|m| Network::of_model(m, Engine::Onnxruntime))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             print("onnxruntime", end_to_end(&networks, dir, list, &args)?);
         }

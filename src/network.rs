@@ -271,15 +271,15 @@ impl Network {
 
     /// [`Network::from_onnx`] of a model in memory (`what` names it in errors).
     #[cfg(any(feature = "onnx", feature = "onnxruntime"))]
-    pub fn from_onnx_bytes(
+    fn from_onnx_bytes(
         bytes: Vec<u8>,
         what: &str,
         config: ModelConfig,
         heads: Heads,
         engine: Engine,
     ) -> Result<Self> {
-        let runner = Runner::of_onnx(bytes, what, engine)?;
-        let crate::onnx::NetShape { chw, dim } = runner.onnx_shape();
+        let (runner, shape) = Runner::of_onnx(bytes, what, engine)?;
+        let crate::onnx::NetShape { chw, dim } = shape;
         ensure!(
             dim == config.embedding_size as usize,
             "{what}: the network gives {dim} values, its config says {}",
@@ -384,26 +384,27 @@ impl Network {
 
 #[cfg(any(feature = "onnx", feature = "onnxruntime"))]
 impl Runner {
-    /// The runner of the ONNX model in `bytes` (`what` names it in errors) for `engine`.
-    fn of_onnx(bytes: Vec<u8>, what: &str, engine: Engine) -> Result<Self> {
+    /// The runner of the ONNX model in `bytes` (`what` names it in errors) for `engine`, and
+    /// what its network takes and gives.
+    fn of_onnx(
+        bytes: Vec<u8>,
+        what: &str,
+        engine: Engine,
+    ) -> Result<(Self, crate::onnx::NetShape)> {
         match engine {
             #[cfg(feature = "onnx")]
-            Engine::Tract => Ok(Runner::Tract(tract::Plans::new(bytes, what)?)),
+            Engine::Tract => {
+                let plans = tract::Plans::new(bytes, what)?;
+                let shape = plans.shape;
+                Ok((Runner::Tract(plans), shape))
+            }
             #[cfg(feature = "onnxruntime")]
-            Engine::Onnxruntime => Ok(Runner::Onnxruntime(crate::onnx::OrtNet::new(&bytes, what)?)),
+            Engine::Onnxruntime => {
+                let net = crate::onnx::OrtNet::new(&bytes, what)?;
+                let shape = net.shape();
+                Ok((Runner::Onnxruntime(net), shape))
+            }
             other => anyhow::bail!("{what}: this finprint was built without the {other} engine"),
-        }
-    }
-
-    /// What an ONNX runner's network takes and gives.
-    fn onnx_shape(&self) -> crate::onnx::NetShape {
-        match self {
-            #[cfg(feature = "onnx")]
-            Runner::Tract(plans) => plans.shape,
-            #[cfg(feature = "onnxruntime")]
-            Runner::Onnxruntime(net) => net.shape(),
-            #[allow(unreachable_patterns)]
-            _ => unreachable!("only ONNX runners"),
         }
     }
 }

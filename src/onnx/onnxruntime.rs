@@ -15,19 +15,16 @@ pub const LIBRARY_VAR: &str = "ORT_DYLIB_PATH";
 /// The oldest onnxruntime whose C API serves what `ort` asks for (API 22).
 const OLDEST_MINOR: u32 = 22;
 
-/// onnxruntime's library, checked once per process: the path, or why none can be used.
-fn library() -> Result<&'static Path> {
-    static FOUND: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let found = FOUND.get_or_init(|| {
+/// Opens onnxruntime's library and sets up `ort`'s environment on it, once per process: later
+/// calls give the first one's answer.
+fn library() -> Result<()> {
+    static OPENED: OnceLock<Result<(), String>> = OnceLock::new();
+    let opened = OPENED.get_or_init(|| {
         let path = locate().map_err(|e| format!("{e:#}"))?;
         check(&path).map_err(|e| format!("{e:#}"))?;
-        environment(&path).map_err(|e| format!("onnxruntime at {}: {e}", path.display()))?;
-        Ok(path)
+        environment(&path).map_err(|e| format!("onnxruntime at {}: {e}", path.display()))
     });
-    match found {
-        Ok(path) => Ok(path),
-        Err(e) => bail!("{e}"),
-    }
+    opened.clone().map_err(|e| anyhow::anyhow!(e))
 }
 
 /// `ort`'s environment on the library at `path` (`ort` opens it by this path from now on; it
