@@ -11,9 +11,12 @@
 //! 3. `proj = Cs^-1/2 · A`, A the top d principal axes of the whitened rows.
 //!
 //! Both eigen-decompositions are of n×n Gram matrices (n rows, usually fewer than D), in f64.
+//!
+//! [`Whitening::principal`] is the unsupervised kind, for many rows of few dimensions (local
+//! descriptors): the principal axes of the rows, each scaled by its variance to a power.
 
 use crate::fsio::{f32_safetensors, read_f32, write_bytes_atomic};
-use crate::linalg::{matmul, normalize_rows};
+use crate::linalg::{matmul, normalize_rows, symmetric_eigen};
 use anyhow::{ensure, Context, Result};
 use std::path::Path;
 #[cfg(feature = "torch")]
@@ -28,7 +31,7 @@ use {
 const EPS: f64 = 1e-9;
 
 /// A fitted map from `dim_in` to `dim_out` dimensions (see the module doc).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Whitening {
     pub mean: Vec<f32>,
     /// Row-major `[dim_in, dim_out]`.
@@ -131,7 +134,64 @@ fn to_f32(t: &Tensor) -> Result<Vec<f32>> {
     Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous().view(-1)).context("tensor to vector")
 }
 
+/// Rows of the covariance are summed over blocks of this many rows (bounds the copy).
+const COVARIANCE_BLOCK: usize = 4096;
+
 impl Whitening {
+    /// PCA whitening fitted on `rows` (row-major, `dim` columns), unsupervised: `proj`'s
+    /// column `j` is the `j`-th principal axis scaled by `λⱼ^−power` (its variance λⱼ, floored
+    /// at 10⁻⁶ of the largest). Power 0.5 gives every direction unit variance; lower keeps some
+    /// of the leading directions' weight. All `dim` directions are kept.
+    pub fn principal(rows: &[f32], dim: usize, power: f64) -> Result<Whitening> {
+        ensure!(
+            dim > 0 && rows.len() % dim == 0 && rows.len() >= 2 * dim,
+            "whitening needs at least two rows of {dim} values, got {} values",
+            rows.len()
+        );
+        ensure!(
+            (0.0..=1.0).contains(&power),
+            "whitening power must lie in [0, 1], got {power}"
+        );
+        let n = rows.len() / dim;
+        let mut mean = vec![0.0f64; dim];
+        for r in rows.chunks(dim) {
+            mean.iter_mut()
+                .zip(r)
+                .for_each(|(m, &x)| *m += f64::from(x));
+        }
+        mean.iter_mut().for_each(|m| *m /= n as f64);
+        let mean32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+        // cov = Σ (x − μ)ᵀ(x − μ) / n, a block of centred rows at a time: (blockᵀ)·block.
+        let mut cov = vec![0.0f64; dim * dim];
+        for block in rows.chunks(COVARIANCE_BLOCK * dim) {
+            let m = block.len() / dim;
+            let mut t = vec![0.0f32; dim * m];
+            for (i, r) in block.chunks(dim).enumerate() {
+                for (j, (&x, &mu)) in r.iter().zip(&mean32).enumerate() {
+                    t[j * m + i] = x - mu;
+                }
+            }
+            let part = matmul(&t, &t, dim, m, dim, true);
+            cov.iter_mut()
+                .zip(part)
+                .for_each(|(c, p)| *c += f64::from(p));
+        }
+        cov.iter_mut().for_each(|c| *c /= n as f64);
+        let (values, vectors) = symmetric_eigen(&cov, dim);
+        let floor = values[0].max(0.0) * 1e-6;
+        ensure!(floor > 0.0, "whitening found no variation between the rows");
+        let scale: Vec<f64> = values.iter().map(|&v| v.max(floor).powf(-power)).collect();
+        let proj = (0..dim * dim)
+            .map(|k| (vectors[k] * scale[k % dim]) as f32)
+            .collect();
+        Ok(Whitening {
+            mean: mean32,
+            proj,
+            dim_in: dim,
+            dim_out: dim,
+        })
+    }
+
     /// Map `rows` (row-major, `dim_in` columns) to unit rows of `dim_out`.
     pub fn apply(&self, rows: &[f32]) -> Result<Vec<f32>> {
         ensure!(
@@ -187,6 +247,44 @@ impl Whitening {
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn principal_whitening_scales_each_axis_by_its_variance_to_the_power() {
+        // Rows (3, 1) ± (2, 0) and (3, 1) ± (0, 1): mean (3, 1), covariance diag(2, 0.5).
+        // Power 0.5 maps (2, 0) to (2/√2, 0) and (0, 1) to (0, 1/√0.5), both of length √2;
+        // power 0 leaves lengths alone; power 0.25 gives 2/2^¼ and 1/0.5^¼.
+        let rows = [5.0, 1.0, 1.0, 1.0, 3.0, 2.0, 3.0, 0.0];
+        let centred = |w: &Whitening, r: [f32; 2]| {
+            let x = [r[0] - w.mean[0], r[1] - w.mean[1]];
+            let y = matmul(&x, &w.proj, 1, 2, 2, false);
+            (y[0].hypot(y[1]), y[0].abs().max(y[1].abs()))
+        };
+        for (power, long, short) in [
+            (0.5, 2f32.sqrt(), 2f32.sqrt()),
+            (0.25, 2.0 / 2f32.powf(0.25), 1.0 / 0.5f32.powf(0.25)),
+            (0.0, 2.0, 1.0),
+        ] {
+            let w = Whitening::principal(&rows, 2, power).unwrap();
+            assert_eq!((w.mean.as_slice(), w.dim_out), ([3.0, 1.0].as_slice(), 2));
+            let (a, _) = centred(&w, [5.0, 1.0]);
+            let (b, _) = centred(&w, [3.0, 2.0]);
+            assert!(
+                (a - long).abs() < 1e-5 && (b - short).abs() < 1e-5,
+                "{power}: {a} {b}"
+            );
+            // Axes stay apart: (2, 0) lands on one axis only.
+            let (len, largest) = centred(&w, [5.0, 1.0]);
+            assert!((len - largest).abs() < 1e-5, "{power}");
+            // apply() gives unit rows.
+            let unit = w.apply(&rows).unwrap();
+            assert!(unit
+                .chunks(2)
+                .all(|r| (r[0].hypot(r[1]) - 1.0).abs() < 1e-5));
+        }
+        assert!(Whitening::principal(&rows[..2], 2, 0.5).is_err());
+        assert!(Whitening::principal(&[1.0; 8], 2, 0.5).is_err());
+        assert!(Whitening::principal(&rows, 2, 2.0).is_err());
+    }
 
     /// `ids` identities of `per` photos in `dim` dimensions: identity means spread with
     /// `between`, photos about them with per-axis spreads `within`.
