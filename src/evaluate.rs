@@ -219,6 +219,10 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
         "--identity-score {} combines fused probabilities: give --calibration-labels or --calibration",
         args.local.identity_score
     );
+    anyhow::ensure!(
+        args.local.local_whitening == 0.0 || calibrated,
+        "--local-whitening is fitted with the calibration: give --calibration-labels or --calibration"
+    );
     let spec = args.model.spec();
     let ensemble = spec.load(args.threshold)?;
     let labelled = read_labels(args, &args.labels)?;
@@ -247,6 +251,13 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
             Some(c)
         }
         _ => None,
+    };
+    let local = match (
+        local,
+        calibration.as_ref().and_then(|c| c.whitening.as_ref()),
+    ) {
+        (Some(l), Some(w)) => Some(l.whitened(w)?),
+        (local, _) => local,
     };
     let fusion = calibration.as_ref().map(|c| c.fusion);
     let local_score = local.as_ref().map(|l| {

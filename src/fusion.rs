@@ -6,9 +6,11 @@
 use crate::crossval::{leave_one_out, Protocol, Rescorer};
 use crate::local::calibration::{rank_score, Calibration, Fusion};
 use crate::local::{store, Features, LocalArgs, Matcher};
+use crate::model::whitening::Whitening;
 use crate::search::Aggregation;
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
+use rayon::prelude::*;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::Path;
@@ -80,6 +82,39 @@ impl LocalScores {
         }
     }
 
+    /// These photos with their descriptors whitened ([`Features::whitened`]).
+    pub fn whitened(mut self, whitening: &Whitening) -> Result<LocalScores> {
+        self.features
+            .par_iter_mut()
+            .try_for_each(|f| -> Result<()> {
+                *f = f.whitened(whitening)?;
+                Ok(())
+            })?;
+        Ok(self)
+    }
+
+    /// The PCA whitening of these photos' descriptors with `power` (`--local-whitening`;
+    /// `None` at 0), fitted on at most [`WHITENING_ROWS`] of them, spread evenly.
+    pub fn fit_whitening(&self, power: f32) -> Result<Option<Whitening>> {
+        if power == 0.0 {
+            return Ok(None);
+        }
+        let dim = self.matcher.dim();
+        let total: usize = self.features.iter().map(Features::len).sum();
+        let step = total.div_ceil(WHITENING_ROWS).max(1);
+        let rows: Vec<f32> = self
+            .features
+            .iter()
+            .flat_map(|f| f.descriptors.chunks(dim))
+            .step_by(step)
+            .flatten()
+            .copied()
+            .collect();
+        Whitening::principal(&rows, dim, f64::from(power))
+            .context("whitening the local descriptors of the calibration photos")
+            .map(Some)
+    }
+
     pub fn len(&self) -> usize {
         self.features.len()
     }
@@ -136,6 +171,10 @@ impl LocalScores {
     }
 }
 
+/// Descriptors a local whitening is fitted on, at most (the covariance of 128-d RootSIFT
+/// settles long before).
+pub const WHITENING_ROWS: usize = 200_000;
+
 /// What local features cost, on one core.
 #[derive(Clone, Debug, Serialize)]
 pub struct LocalCost {
@@ -156,8 +195,10 @@ pub struct LocalCost {
 /// animals: every photo queries the others as `protocol` says (its `rescore` is replaced),
 /// each shortlisted photo gives a pair (cosine, verified votes, same individual); then the
 /// `new_individual` threshold on the fused probability that is best on the same queries, for
-/// identities scored as `args.identity_score` says. `emb` and `local` hold the same photos,
-/// identities `ids`; `args` gives the shortlist's length.
+/// identities scored as `args.identity_score` says. With `--local-whitening`, the descriptors
+/// are whitened first by a whitening fitted on these photos, which the calibration keeps.
+/// `emb` and `local` hold the same photos, identities `ids`; `args` gives the shortlist's
+/// length.
 pub fn calibrate(
     local: &LocalScores,
     emb: &[f32],
@@ -168,6 +209,13 @@ pub fn calibrate(
     model: String,
 ) -> Result<Calibration> {
     let (shortlist, identity) = (args.shortlist, args.identity_score);
+    let whitening = local.fit_whitening(args.local_whitening)?;
+    let all: Vec<usize> = (0..local.len()).collect();
+    let whitened = whitening
+        .as_ref()
+        .map(|w| local.select(&all).whitened(w))
+        .transpose()?;
+    let local = whitened.as_ref().unwrap_or(local);
     let pairs = Mutex::new(Vec::new());
     let verified_of = Mutex::new(HashMap::new());
     let record = |query: usize, short: &[(usize, f32)]| {
@@ -235,6 +283,8 @@ pub fn calibrate(
         geometry: local.matcher.ransac.geometry,
         max_rotation: local.matcher.ransac.max_rotation,
         position_weight: local.matcher.position_weight,
+        whitening_power: args.local_whitening,
+        whitening,
         fusion,
         threshold: report.best_threshold,
         photos: ids.len(),

@@ -732,6 +732,9 @@ fn rank_with_local(
         tests,
         progress,
     )?);
+    if let Some(w) = &calibration.whitening {
+        local = local.whitened(w)?;
+    }
     progress.set_message("re-scoring the shortlists");
     let found = index.search(queries, a.shortlist.min(index.len()))?;
     let ranked = found

@@ -93,6 +93,52 @@ fn local_features_find_animals_by_their_spots_and_the_fusion_keeps_the_gain() {
         fused >= 0.9,
         "fused top-1 {fused}, embedding alone {embedding}"
     );
+    // Descriptors whitened by a whitening fitted with the calibration and saved in it; the
+    // saved calibration gives the same figures, and is refused without the setting.
+    let saved = dir.path().join("whitened.json");
+    let (whitened, _) = evaluate(
+        &[
+            "--calibration-labels",
+            calibration.to_str().unwrap(),
+            "--local-whitening",
+            "0.5",
+            "--save-calibration",
+            saved.to_str().unwrap(),
+        ],
+        "whitened.json.out",
+    );
+    assert!(
+        whitened >= 0.9,
+        "whitened top-1 {whitened}, embedding alone {embedding}"
+    );
+    let c: serde_json::Value = serde_json::from_slice(&std::fs::read(&saved).unwrap()).unwrap();
+    assert_eq!(c["whitening_power"], 0.5);
+    assert_eq!(c["whitening"]["dim_in"], 128);
+    assert_eq!(c["whitening"]["proj"].as_array().unwrap().len(), 128 * 128);
+    let (again, _) = evaluate(
+        &[
+            "--calibration",
+            saved.to_str().unwrap(),
+            "--local-whitening",
+            "0.5",
+        ],
+        "again.json",
+    );
+    assert_eq!(again, whitened);
+    for (extra, said) in [
+        (
+            &["--calibration", saved.to_str().unwrap()][..],
+            "fitted for --local-whitening 0.5, not 0",
+        ),
+        (
+            &["--local-whitening", "0.5"][..],
+            "--local-whitening is fitted with the calibration",
+        ),
+    ] {
+        let o = run(extra);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && stderr.contains(said), "{stderr}");
+    }
     // An identity scored by all its shortlisted photos' fused probabilities.
     let (noisy, _) = evaluate(
         &[
@@ -237,6 +283,38 @@ fn predict_with_local_features_calibrates_on_the_catalogue_and_reuses_what_it_sa
         submission,
         "the saved calibration and features give the same answers"
     );
+    // Descriptors whitened on the catalogue's calibration photos: the answers as good, and
+    // the same again from the saved calibration.
+    let (ok, _, stderr, whitened) = predict("whitened.csv", &["--local-whitening", "0.5"]);
+    assert!(ok, "{stderr}");
+    let whitened = std::fs::read_to_string(whitened).unwrap();
+    let first_right = |submission: &str| {
+        let firsts: std::collections::HashMap<&str, &str> = submission
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let (image, ids) = l.split_once(',').unwrap();
+                (image, ids.split(' ').next().unwrap())
+            })
+            .collect();
+        truth
+            .iter()
+            .filter(|(image, id)| firsts[image.as_str()] == id.as_str())
+            .count()
+    };
+    assert!(first_right(&whitened) * 10 >= truth.len() * 8, "{whitened}");
+    let whitened_saved = root.join("whitened.calibration.json");
+    let (ok, _, stderr, again) = predict(
+        "whitened_again.csv",
+        &[
+            "--local-whitening",
+            "0.5",
+            "--calibration",
+            whitened_saved.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert_eq!(std::fs::read_to_string(again).unwrap(), whitened);
     // The saved calibration refuses other settings, naming the file and the setting.
     let saved = saved.to_str().unwrap();
     for (out, flag, value, said) in [
@@ -263,6 +341,12 @@ fn predict_with_local_features_calibrates_on_the_catalogue_and_reuses_what_it_sa
             "--local-geometry",
             "homography",
             "fitted for --local-geometry affine, not homography",
+        ),
+        (
+            "seventh.csv",
+            "--local-whitening",
+            "0.5",
+            "fitted for --local-whitening 0, not 0.5",
         ),
     ] {
         let (ok, _, stderr, _) = predict(out, &["--calibration", saved, flag, value]);

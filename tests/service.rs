@@ -9,6 +9,7 @@ use finprint::catalog::{Catalog, Decision, Embedder, Sighting};
 use finprint::data::{read_solution, KaggleDir, NEW_INDIVIDUAL};
 use finprint::local::calibration::{Calibration, Fusion, Logistic};
 use finprint::local::LocalArgs;
+use finprint::model::whitening::Whitening;
 use finprint::network::Engine;
 use finprint::runs::{ModelSpec, ZeroShot};
 use finprint::search::IndexSpec;
@@ -1119,6 +1120,8 @@ async fn identify_with_local_features_ranks_the_spotted_animal_first() {
         geometry: Default::default(),
         max_rotation: settings.local_max_rotation,
         position_weight: 0.0,
+        whitening_power: 0.0,
+        whitening: None,
         fusion: Fusion {
             embedding: Logistic { a: 0.0, b: 0.0 },
             local: Logistic { a: 3.0, b: -6.0 },
@@ -1149,6 +1152,57 @@ async fn identify_with_local_features_ranks_the_spotted_animal_first() {
         "{found}"
     );
     drop(app);
+
+    // A calibration with a whitening that only permutes and negates the descriptors' axes
+    // (mean 0): distances are kept, so the same candidates with the same scores, which holds
+    // only if the upload and every catalogue photo pass through it alike.
+    let dim = 128;
+    let mut proj = vec![0.0f32; dim * dim];
+    for i in 0..dim {
+        proj[i * dim + (i * 37 + 5) % dim] = if i % 3 == 0 { -1.0 } else { 1.0 };
+    }
+    let rotated = Calibration {
+        whitening_power: 0.5,
+        whitening: Some(Whitening {
+            mean: vec![0.0; dim],
+            proj,
+            dim_in: dim,
+            dim_out: dim,
+        }),
+        ..calibration(&model)
+    };
+    let rotated_file = tmp.path().join("rotated.json");
+    rotated.save(&rotated_file).unwrap();
+    let args = base(&[
+        "--calibration",
+        rotated_file.to_str().unwrap(),
+        "--local-whitening",
+        "0.5",
+    ]);
+    let (cat, _) = open_catalog(&args, &ProgressBar::hidden()).unwrap();
+    let app = router(state(cat, 1_000_000));
+    let again = identify(app.clone(), queries[0].0.clone()).await;
+    let scored = |f: &Value| -> Vec<(String, f64)> {
+        f["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["individual_id"].to_string(), c["score"].as_f64().unwrap()))
+            .collect()
+    };
+    let (before, after) = (scored(&found), scored(&again));
+    assert_eq!(before.len(), after.len(), "{found}\n{again}");
+    for ((id, p), (id2, p2)) in before.iter().zip(&after) {
+        assert!(id == id2 && (p - p2).abs() < 1e-4, "{found}\n{again}");
+    }
+    drop(app);
+    let err = open_catalog(&base(&["--local-whitening", "0.5"]), &ProgressBar::hidden())
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("--local-whitening is fitted with the calibration"),
+        "{err:#}"
+    );
 
     let other = tmp.path().join("other-model.json");
     calibration("zero-shot:resnet50").save(&other).unwrap();

@@ -206,7 +206,22 @@ impl Catalog {
                     })
             })
             .collect();
-        let own = self.features_of(image, &local.matcher)?;
+        let mut own = self.features_of(image, &local.matcher)?;
+        // A calibration with a whitening: every matched photo's descriptors pass through it.
+        let whitening = local
+            .calibration
+            .as_ref()
+            .and_then(|c| c.whitening.as_ref());
+        let features = match whitening {
+            Some(w) => {
+                own = own.whitened(w)?;
+                features
+                    .iter()
+                    .map(|f| f.whitened(w))
+                    .collect::<Result<Vec<_>>>()?
+            }
+            None => features,
+        };
         let scores = local
             .matcher
             .rescore(&own, &features.iter().collect::<Vec<_>>());

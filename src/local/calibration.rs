@@ -6,6 +6,7 @@
 use super::ransac::Geometry;
 use super::store::Extraction;
 use super::{IdentityScore, LocalArgs, Score};
+use crate::model::whitening::Whitening;
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -131,6 +132,12 @@ pub struct Calibration {
     /// LNBNN's weight of keypoint positions (older calibrations: none, 0).
     #[serde(default)]
     pub position_weight: f32,
+    /// `--local-whitening`'s power (older calibrations: none, 0), and the whitening fitted on
+    /// the calibration photos' descriptors, which every matched photo's pass through.
+    #[serde(default)]
+    pub whitening_power: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whitening: Option<Whitening>,
     pub fusion: Fusion,
     pub threshold: f32,
     /// The calibration photos, and their queries' MAP@5 with `threshold`.
@@ -214,6 +221,14 @@ impl Calibration {
             path.display(),
             self.position_weight,
             args.local_position_weight
+        );
+        ensure!(
+            self.whitening_power == args.local_whitening
+                && self.whitening.is_some() == (self.whitening_power > 0.0),
+            "{} was fitted for --local-whitening {}, not {}",
+            path.display(),
+            self.whitening_power,
+            args.local_whitening
         );
         Ok(())
     }

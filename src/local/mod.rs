@@ -19,6 +19,7 @@ pub mod xfeat;
 
 pub use gray::{resize_longest, Gray};
 
+use crate::model::whitening::Whitening;
 use anyhow::{bail, ensure, Context, Result};
 use image::RgbImage;
 use std::fmt;
@@ -251,6 +252,14 @@ pub struct LocalArgs {
     /// calibration: 1 − Π(1 − p) over its photos' fused probabilities).
     #[arg(long, value_enum, default_value_t = IdentityScore::Best)]
     pub identity_score: IdentityScore,
+    /// Whiten the descriptors before matching: the principal axes of the calibration
+    /// animals' descriptors, each scaled by its variance to the power −POWER (0.5: every
+    /// direction alike; 0: off), fitted with the calibration and saved in it. Matching then
+    /// weighs the rare directions of the marks above the common ones of skin, glare and water.
+    /// Needs a calibration (--calibration-labels or --calibration; predict fits one on the
+    /// catalogue).
+    #[arg(long, default_value_t = 0.0, value_parser = whitening_power)]
+    pub local_whitening: f32,
     /// The map RANSAC verifies matches with: affine (the default; a pattern seen roughly face
     /// on) or homography (also perspective: a flat pattern, such as a flank or a fluke, seen
     /// at an angle).
@@ -291,6 +300,15 @@ fn position_weight(s: &str) -> Result<f32> {
         s,
         0.0..,
         "a weight of 0 (off) or more",
+    )
+}
+
+fn whitening_power(s: &str) -> Result<f32> {
+    number_flag(
+        "--local-whitening",
+        s,
+        0.0..=1.0,
+        "a power from 0 (off) to 1",
     )
 }
 
@@ -432,6 +450,24 @@ pub struct Features {
 impl Features {
     pub fn len(&self) -> usize {
         self.points.len()
+    }
+
+    /// The same keypoints with their descriptors mapped by `whitening` (unit rows again).
+    pub fn whitened(&self, whitening: &Whitening) -> Result<Features> {
+        ensure!(
+            self.dim == whitening.dim_in,
+            "descriptors of {} values, a whitening of {}",
+            self.dim,
+            whitening.dim_in
+        );
+        Ok(Features {
+            dim: whitening.dim_out,
+            descriptors: match self.is_empty() {
+                true => Vec::new(),
+                false => whitening.apply(&self.descriptors)?,
+            },
+            ..self.clone()
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -832,6 +868,7 @@ mod tests {
             ("--local-position-weight", "near"),
             ("--local-max-rotation", "200"),
             ("--local-clahe", "NaN"),
+            ("--local-whitening", "1.5"),
         ] {
             let err = format!(
                 "{:#}",

@@ -777,7 +777,13 @@ fn local_search(opts: &ServeArgs) -> anyhow::Result<Option<crate::catalog::Local
             c.check(path, &model, &opts.local)?;
             Some(c)
         }
-        None => None,
+        None => {
+            anyhow::ensure!(
+                opts.local.local_whitening == 0.0,
+                "--local-whitening is fitted with the calibration: give --calibration"
+            );
+            None
+        }
     };
     Ok(Some(crate::catalog::LocalSearch {
         matcher,
