@@ -461,12 +461,13 @@ impl Features {
             whitening.dim_in
         );
         Ok(Features {
+            size: self.size,
+            points: self.points.clone(),
             dim: whitening.dim_out,
             descriptors: match self.is_empty() {
                 true => Vec::new(),
                 false => whitening.apply(&self.descriptors)?,
             },
-            ..self.clone()
         })
     }
 
