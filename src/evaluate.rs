@@ -119,7 +119,7 @@ fn fit_calibration(
     };
     let model = spec.identity()?;
     fusion::calibrate(
-        &local,
+        local,
         &emb,
         ensemble.dim(),
         &labelled.ids,

@@ -196,11 +196,12 @@ pub struct LocalCost {
 /// each shortlisted photo gives a pair (cosine, verified votes, same individual); then the
 /// `new_individual` threshold on the fused probability that is best on the same queries, for
 /// identities scored as `args.identity_score` says. With `--local-whitening`, the descriptors
-/// are whitened first by a whitening fitted on these photos, which the calibration keeps.
+/// are whitened first (in place: `local` is taken) by a whitening fitted on these photos,
+/// which the calibration keeps.
 /// `emb` and `local` hold the same photos, identities `ids`; `args` gives the shortlist's
 /// length.
 pub fn calibrate(
-    local: &LocalScores,
+    local: LocalScores,
     emb: &[f32],
     dim: usize,
     ids: &[String],
@@ -210,12 +211,11 @@ pub fn calibrate(
 ) -> Result<Calibration> {
     let (shortlist, identity) = (args.shortlist, args.identity_score);
     let whitening = local.fit_whitening(args.local_whitening)?;
-    let all: Vec<usize> = (0..local.len()).collect();
-    let whitened = whitening
-        .as_ref()
-        .map(|w| local.select(&all).whitened(w))
-        .transpose()?;
-    let local = whitened.as_ref().unwrap_or(local);
+    let local = match &whitening {
+        Some(w) => local.whitened(w)?,
+        None => local,
+    };
+    let local = &local;
     let pairs = Mutex::new(Vec::new());
     let verified_of = Mutex::new(HashMap::new());
     let record = |query: usize, short: &[(usize, f32)]| {

@@ -712,7 +712,7 @@ fn rank_with_local(
                 ..Default::default()
             };
             let c = calibrate(
-                &local.select(&rows),
+                local.select(&rows),
                 &emb,
                 dim,
                 &sample_ids,
