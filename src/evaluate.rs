@@ -147,6 +147,8 @@ pub struct LocalGain {
     pub gain: Difference,
     /// Whether the local score was fused with the embedding (else it ranks the shortlist alone).
     pub fused: bool,
+    /// Whether the descriptors were whitened (`--local-whitening`).
+    pub whitened: bool,
     pub cost: LocalCost,
 }
 
@@ -219,10 +221,6 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
         "--identity-score {} combines fused probabilities: give --calibration-labels or --calibration",
         args.local.identity_score
     );
-    anyhow::ensure!(
-        args.local.local_whitening == 0.0 || calibrated,
-        "--local-whitening is fitted with the calibration: give --calibration-labels or --calibration"
-    );
     let spec = args.model.spec();
     let ensemble = spec.load(args.threshold)?;
     let labelled = read_labels(args, &args.labels)?;
@@ -252,10 +250,14 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
         }
         _ => None,
     };
-    let local = match (
-        local,
-        calibration.as_ref().and_then(|c| c.whitening.as_ref()),
-    ) {
+    // The calibration's whitening; without one, a whitening fitted on the evaluated photos'
+    // own descriptors (no labels needed), as `serve` fits one on its catalogue.
+    let whitening = match (&calibration, &local) {
+        (Some(c), _) => c.whitening.clone(),
+        (None, Some(l)) => l.fit_whitening(args.local.local_whitening)?,
+        (None, None) => None,
+    };
+    let local = match (local, &whitening) {
         (Some(l), Some(w)) => Some(l.whitened(w)?),
         (local, _) => local,
     };
@@ -326,6 +328,7 @@ pub fn run(args: &EvaluateArgs, progress: &ProgressBar) -> Result<Evaluation> {
             gain: report.paired_bootstrap(&embedding, &labelled.animals, resamples, seed)?,
             embedding,
             fused: calibration.is_some(),
+            whitened: whitening.is_some(),
             cost: scores.cost(args.local.shortlist),
         }),
         _ => None,
@@ -454,10 +457,11 @@ impl fmt::Display for Evaluation {
             let e = &local.embedding;
             write!(
                 f,
-                "\nthe embedding alone: top-1 {:.4}  top-5 {:.4}  MAP@5 {:.4}; local re-scoring{} gains {}",
+                "\nthe embedding alone: top-1 {:.4}  top-5 {:.4}  MAP@5 {:.4}; local re-scoring{}{} gains {}",
                 e.top1,
                 e.top5,
                 e.map5_known,
+                if local.whitened { " (whitened)" } else { "" },
                 if local.fused { " (fused, calibrated)" } else { "" },
                 gains(&local.gain)
             )?;

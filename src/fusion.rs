@@ -5,7 +5,7 @@
 
 use crate::crossval::{leave_one_out, Protocol, Rescorer};
 use crate::local::calibration::{rank_score, Calibration, Fusion};
-use crate::local::{store, Features, LocalArgs, Matcher};
+use crate::local::{self, store, Features, LocalArgs, Matcher};
 use crate::model::whitening::Whitening;
 use crate::search::Aggregation;
 use anyhow::{Context, Result};
@@ -93,26 +93,9 @@ impl LocalScores {
         Ok(self)
     }
 
-    /// The PCA whitening of these photos' descriptors with `power` (`--local-whitening`;
-    /// `None` at 0), fitted on at most [`WHITENING_ROWS`] of them, spread evenly.
+    /// The PCA whitening of these photos' descriptors with `power` ([`local::fit_whitening`]).
     pub fn fit_whitening(&self, power: f32) -> Result<Option<Whitening>> {
-        if power == 0.0 {
-            return Ok(None);
-        }
-        let dim = self.matcher.dim();
-        let total: usize = self.features.iter().map(Features::len).sum();
-        let step = total.div_ceil(WHITENING_ROWS).max(1);
-        let rows: Vec<f32> = self
-            .features
-            .iter()
-            .flat_map(|f| f.descriptors.chunks(dim))
-            .step_by(step)
-            .flatten()
-            .copied()
-            .collect();
-        Whitening::principal(&rows, dim, f64::from(power))
-            .context("whitening the local descriptors of the calibration photos")
-            .map(Some)
+        local::fit_whitening(&self.features.iter().collect::<Vec<_>>(), power)
     }
 
     pub fn len(&self) -> usize {
@@ -170,10 +153,6 @@ impl LocalScores {
         }
     }
 }
-
-/// Descriptors a local whitening is fitted on, at most (the covariance of 128-d RootSIFT
-/// settles long before).
-pub const WHITENING_ROWS: usize = 200_000;
 
 /// What local features cost, on one core.
 #[derive(Clone, Debug, Serialize)]

@@ -67,6 +67,10 @@ fn local_features_find_animals_by_their_spots_and_the_fusion_keeps_the_gain() {
     };
     let queries = dir.path().join("queries.csv");
     let (local, embedding) = evaluate(&["--queries", queries.to_str().unwrap()], "local.json");
+    // Without a calibration, the default whitening is fitted on the evaluated photos.
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("local.json")).unwrap()).unwrap();
+    assert_eq!(v["local"]["whitened"], true, "{v}");
     // Each known query's rank, by local re-scoring and by the embedding alone: their shares
     // of first places are the two top-1 figures.
     let table = std::fs::read_to_string(&queries).unwrap();
@@ -85,23 +89,26 @@ fn local_features_find_animals_by_their_spots_and_the_fusion_keeps_the_gain() {
         "local re-scoring top-1 {local}, embedding alone {embedding}"
     );
     assert!(local > embedding, "local {local} vs embedding {embedding}");
-    let (fused, _) = evaluate(
-        &["--calibration-labels", calibration.to_str().unwrap()],
+    let (unwhitened, _) = evaluate(
+        &[
+            "--calibration-labels",
+            calibration.to_str().unwrap(),
+            "--local-whitening",
+            "0",
+        ],
         "fused.json",
     );
     assert!(
-        fused >= 0.9,
-        "fused top-1 {fused}, embedding alone {embedding}"
+        unwhitened >= 0.9,
+        "fused top-1 {unwhitened} unwhitened, embedding alone {embedding}"
     );
-    // Descriptors whitened by a whitening fitted with the calibration and saved in it; the
-    // saved calibration gives the same figures, and is refused without the setting.
+    // Descriptors whitened (the default) by a whitening fitted with the calibration and saved
+    // in it; the saved calibration gives the same figures, and is refused at another power.
     let saved = dir.path().join("whitened.json");
     let (whitened, _) = evaluate(
         &[
             "--calibration-labels",
             calibration.to_str().unwrap(),
-            "--local-whitening",
-            "0.5",
             "--save-calibration",
             saved.to_str().unwrap(),
         ],
@@ -115,30 +122,19 @@ fn local_features_find_animals_by_their_spots_and_the_fusion_keeps_the_gain() {
     assert_eq!(c["whitening_power"], 0.5);
     assert_eq!(c["whitening"]["dim_in"], 128);
     assert_eq!(c["whitening"]["proj"].as_array().unwrap().len(), 128 * 128);
-    let (again, _) = evaluate(
-        &[
-            "--calibration",
-            saved.to_str().unwrap(),
-            "--local-whitening",
-            "0.5",
-        ],
-        "again.json",
-    );
+    let (again, _) = evaluate(&["--calibration", saved.to_str().unwrap()], "again.json");
     assert_eq!(again, whitened);
-    for (extra, said) in [
-        (
-            &["--calibration", saved.to_str().unwrap()][..],
-            "fitted for --local-whitening 0.5, not 0",
-        ),
-        (
-            &["--local-whitening", "0.5"][..],
-            "--local-whitening is fitted with the calibration",
-        ),
-    ] {
-        let o = run(extra);
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && stderr.contains(said), "{stderr}");
-    }
+    let o = run(&[
+        "--calibration",
+        saved.to_str().unwrap(),
+        "--local-whitening",
+        "0",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("fitted for --local-whitening 0.5, not 0"),
+        "{stderr}"
+    );
     // An identity scored by all its shortlisted photos' fused probabilities.
     let (noisy, _) = evaluate(
         &[
@@ -283,11 +279,14 @@ fn predict_with_local_features_calibrates_on_the_catalogue_and_reuses_what_it_sa
         submission,
         "the saved calibration and features give the same answers"
     );
-    // Descriptors whitened on the catalogue's calibration photos: the answers as good, and
-    // the same again from the saved calibration.
-    let (ok, _, stderr, whitened) = predict("whitened.csv", &["--local-whitening", "0.5"]);
+    // The first run's descriptors were whitened (the default) by a whitening fitted on the
+    // catalogue's calibration photos. Unwhitened, the answers are as good, and the same again
+    // from the saved calibration.
+    let c: serde_json::Value = serde_json::from_slice(&std::fs::read(&saved).unwrap()).unwrap();
+    assert_eq!(c["whitening"]["dim_in"], 128, "{c}");
+    let (ok, _, stderr, unwhitened) = predict("unwhitened.csv", &["--local-whitening", "0"]);
     assert!(ok, "{stderr}");
-    let whitened = std::fs::read_to_string(whitened).unwrap();
+    let unwhitened = std::fs::read_to_string(unwhitened).unwrap();
     let first_right = |submission: &str| {
         let firsts: std::collections::HashMap<&str, &str> = submission
             .lines()
@@ -302,19 +301,22 @@ fn predict_with_local_features_calibrates_on_the_catalogue_and_reuses_what_it_sa
             .filter(|(image, id)| firsts[image.as_str()] == id.as_str())
             .count()
     };
-    assert!(first_right(&whitened) * 10 >= truth.len() * 8, "{whitened}");
-    let whitened_saved = root.join("whitened.calibration.json");
+    assert!(
+        first_right(&unwhitened) * 10 >= truth.len() * 8,
+        "{unwhitened}"
+    );
+    let unwhitened_saved = root.join("unwhitened.calibration.json");
     let (ok, _, stderr, again) = predict(
-        "whitened_again.csv",
+        "unwhitened_again.csv",
         &[
             "--local-whitening",
-            "0.5",
+            "0",
             "--calibration",
-            whitened_saved.to_str().unwrap(),
+            unwhitened_saved.to_str().unwrap(),
         ],
     );
     assert!(ok, "{stderr}");
-    assert_eq!(std::fs::read_to_string(again).unwrap(), whitened);
+    assert_eq!(std::fs::read_to_string(again).unwrap(), unwhitened);
     // The saved calibration refuses other settings, naming the file and the setting.
     let saved = saved.to_str().unwrap();
     for (out, flag, value, said) in [
@@ -345,8 +347,8 @@ fn predict_with_local_features_calibrates_on_the_catalogue_and_reuses_what_it_sa
         (
             "seventh.csv",
             "--local-whitening",
-            "0.5",
-            "fitted for --local-whitening 0, not 0.5",
+            "0",
+            "fitted for --local-whitening 0.5, not 0",
         ),
     ] {
         let (ok, _, stderr, _) = predict(out, &["--calibration", saved, flag, value]);

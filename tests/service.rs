@@ -1068,6 +1068,13 @@ async fn identify_with_local_features_ranks_the_spotted_animal_first() {
         said.contains("extracted the local features of 20 photos"),
         "{said}"
     );
+    // Without a calibration, the descriptors pass through a whitening fitted on the catalogue.
+    assert!(
+        said.contains(
+            "whitened (--local-whitening 0.5) by a whitening fitted on 20 catalogue photos"
+        ),
+        "{said}"
+    );
     let app = router(state(cat, 1_000_000));
     let (_, health) = get(&app, "/api/health").await;
     let model = health["model"].as_str().unwrap().to_string();
@@ -1132,10 +1139,15 @@ async fn identify_with_local_features_ranks_the_spotted_animal_first() {
     };
     let file = tmp.path().join("calibration.json");
     calibration(&model).save(&file).unwrap();
-    let args = base(&["--calibration", file.to_str().unwrap()]);
+    let args = base(&[
+        "--calibration",
+        file.to_str().unwrap(),
+        "--local-whitening",
+        "0",
+    ]);
     let (cat, said) = open_catalog(&args, &ProgressBar::hidden()).unwrap();
     assert!(
-        said.contains("extracted the local features of 0 photos"),
+        said.contains("extracted the local features of 0 photos") && !said.contains("whitened"),
         "{said}"
     );
     let app = router(state(cat, 1_000_000));
@@ -1196,11 +1208,14 @@ async fn identify_with_local_features_ranks_the_spotted_animal_first() {
         assert!(id == id2 && (p - p2).abs() < 1e-4, "{found}\n{again}");
     }
     drop(app);
-    let err = open_catalog(&base(&["--local-whitening", "0.5"]), &ProgressBar::hidden())
-        .err()
-        .unwrap();
+    let err = open_catalog(
+        &base(&["--calibration", file.to_str().unwrap()]),
+        &ProgressBar::hidden(),
+    )
+    .err()
+    .unwrap();
     assert!(
-        format!("{err:#}").contains("--local-whitening is fitted with the calibration"),
+        format!("{err:#}").contains("fitted for --local-whitening 0, not 0.5"),
         "{err:#}"
     );
 

@@ -8,6 +8,7 @@ use crate::decide::Candidate;
 use crate::local::calibration::{rank_score, Calibration};
 use crate::local::pairwise::Line;
 use crate::local::{Features, IdentityScore, LocalArgs, Matcher};
+use crate::model::whitening::Whitening;
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use rayon::prelude::*;
@@ -24,7 +25,37 @@ pub struct LocalSearch {
     /// With a calibration, individuals rank by the fused probability and its threshold decides
     /// `new_individual`; without, by verified votes, the embedding's threshold deciding.
     pub calibration: Option<Calibration>,
+    /// `--local-whitening`'s power, for a whitening fitted on the catalogue when no
+    /// calibration brings one.
+    pub whitening_power: f32,
+    /// The whitening every matched photo's descriptors pass through: the calibration's (its
+    /// scores were fitted through it), else one fitted on the catalogue's descriptors by
+    /// [`Catalog::attach_local`].
+    whitening: Option<Whitening>,
 }
+
+impl LocalSearch {
+    /// Local matching as `args` say, with `calibration` (checked by the caller) and its
+    /// whitening.
+    pub fn new(args: &LocalArgs, calibration: Option<Calibration>) -> Result<LocalSearch> {
+        Ok(LocalSearch {
+            matcher: args.matcher()?,
+            shortlist: args.shortlist,
+            whitening: calibration.as_ref().and_then(|c| c.whitening.clone()),
+            calibration,
+            whitening_power: args.local_whitening,
+        })
+    }
+
+    /// The whitening matched descriptors pass through, if any.
+    pub fn whitening(&self) -> Option<&Whitening> {
+        self.whitening.as_ref()
+    }
+}
+
+/// Catalogue photos a whitening is fitted on, at most, spread evenly over their names (about
+/// 1,000 keypoints each: [`crate::local::WHITENING_ROWS`] descriptors).
+const WHITENING_PHOTOS: usize = 200;
 
 /// What extracting a catalogue's missing local features did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -33,6 +64,8 @@ pub struct Extracted {
     pub extracted: usize,
     /// Photos that could not be decoded, as `NAME: why`; tried again on the next start.
     pub unusable: Vec<String>,
+    /// Photos a whitening was fitted on here (0: none fitted).
+    pub whitened_on: usize,
 }
 
 /// How a candidate's best photo matched the query's marks.
@@ -64,7 +97,12 @@ fn tag(matcher: &Matcher) -> Result<String> {
     Ok(serde_json::to_string(&matcher.extraction())?)
 }
 
-fn store_features(conn: &Connection, image: &str, tag: &str, f: &Features) -> Result<()> {
+pub(super) fn store_features(
+    conn: &Connection,
+    image: &str,
+    tag: &str,
+    f: &Features,
+) -> Result<()> {
     conn.execute(
         "INSERT OR REPLACE INTO local_features (image, extraction, features) VALUES (?1, ?2, ?3)",
         params![image, tag, f.to_bytes()],
@@ -118,11 +156,43 @@ impl Catalog {
             count += batch.len();
             Ok(())
         })?;
+        let mut local = local;
+        let mut whitened_on = 0;
+        if local.calibration.is_none() && local.whitening_power > 0.0 {
+            if let Some((w, photos)) = self.fit_whitening(&tag, local.whitening_power)? {
+                (local.whitening, whitened_on) = (Some(w), photos);
+            }
+        }
         self.local = Some(local);
         Ok(Extracted {
             extracted: count,
             unusable,
+            whitened_on,
         })
+    }
+
+    /// A whitening of `power` fitted on the stored features (`tag`) of at most
+    /// [`WHITENING_PHOTOS`] catalogue photos spread evenly, and how many; `None` for a
+    /// catalogue with too few keypoints ([`crate::local::fit_whitening`]; tried again at the
+    /// next start).
+    fn fit_whitening(&self, tag: &str, power: f32) -> Result<Option<(Whitening, usize)>> {
+        let names: Vec<String> = {
+            let conn = self.conn();
+            let mut st = conn
+                .prepare("SELECT image FROM local_features WHERE extraction = ?1 ORDER BY image")?;
+            let rows = st.query_map([tag], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let step = names.len().div_ceil(WHITENING_PHOTOS).max(1);
+        let mut photos = Vec::new();
+        for name in names.iter().step_by(step) {
+            if let Some(f) = stored_features(&self.conn(), name, tag)? {
+                photos.push(f);
+            }
+        }
+        let w = crate::local::fit_whitening(&photos.iter().collect::<Vec<_>>(), power)
+            .context("the catalogue's local features")?;
+        Ok(w.map(|w| (w, photos.len())))
     }
 
     pub fn local(&self) -> Option<&LocalSearch> {
@@ -207,12 +277,8 @@ impl Catalog {
             })
             .collect();
         let mut own = self.features_of(image, &local.matcher)?;
-        // A calibration with a whitening: every matched photo's descriptors pass through it.
-        let whitening = local
-            .calibration
-            .as_ref()
-            .and_then(|c| c.whitening.as_ref());
-        let features = match whitening {
+        // With a whitening, every matched photo's descriptors pass through it.
+        let features = match local.whitening() {
             Some(w) => {
                 own = own.whitened(w)?;
                 features

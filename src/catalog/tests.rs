@@ -393,11 +393,7 @@ fn local_at(size: u32) -> LocalSearch {
         local_size: size,
         ..Default::default()
     };
-    LocalSearch {
-        matcher: args.matcher().unwrap(),
-        shortlist: args.shortlist,
-        calibration: None,
-    }
+    LocalSearch::new(&args, None).unwrap()
 }
 
 fn stored_rows(cat: &Catalog) -> Vec<(String, String)> {
@@ -494,4 +490,98 @@ fn matches_name_the_photo_they_do_not_know() {
     let m = cat.matches("p0.jpg", "p0.jpg").unwrap();
     assert_eq!(m.verified, m.lines.len());
     assert_eq!(stored_rows(&cat).len(), 1);
+}
+
+/// Without a calibration, attaching local matching fits the whitening on the catalogue's
+/// stored descriptors (every photo's, in name order, when there are few); with one, the
+/// calibration's whitening (here none) is kept; too few keypoints fit nothing.
+#[test]
+fn the_whitening_is_fitted_on_the_catalogues_descriptors_unless_calibrated() {
+    use rand::{Rng, SeedableRng};
+    let (_tmp, mut cat) = imported();
+    let local = local_at(128);
+    // The six tiny gradient photos give too few keypoints to fit a whitening on.
+    let plain = cat
+        .attach_local(local.clone(), &ProgressBar::hidden())
+        .unwrap();
+    assert_eq!(plain.whitened_on, 0);
+    assert!(cat.local().unwrap().whitening().is_none());
+    // Stored descriptors of known spread: 400 unit rows a photo, axis k scaled by 1 + k/32.
+    let tag = serde_json::to_string(&local.matcher.extraction()).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    for p in 0..6 {
+        let mut descriptors = Vec::new();
+        for _ in 0..400 {
+            let row: Vec<f32> = (0..128)
+                .map(|k| rng.gen_range(-1.0f32..1.0) * (1.0 + k as f32 / 32.0))
+                .collect();
+            let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+            descriptors.extend(row.iter().map(|x| x / norm));
+        }
+        let f = crate::local::Features {
+            size: [128, 96],
+            points: vec![[1.0, 1.0]; 400],
+            dim: 128,
+            descriptors,
+        };
+        local::store_features(&cat.conn(), &format!("p{p}.jpg"), &tag, &f).unwrap();
+    }
+    let fitted = cat
+        .attach_local(local.clone(), &ProgressBar::hidden())
+        .unwrap();
+    assert_eq!((fitted.extracted, fitted.whitened_on), (0, 6));
+    // As stored (descriptors in f16), every photo's rows in name order.
+    let rows: Vec<f32> = (0..6)
+        .flat_map(|p| {
+            local::stored_features(&cat.conn(), &format!("p{p}.jpg"), &tag)
+                .unwrap()
+                .unwrap()
+                .descriptors
+        })
+        .collect();
+    let expected = crate::model::whitening::Whitening::principal(&rows, 128, 0.5).unwrap();
+    assert_eq!(cat.local().unwrap().whitening(), Some(&expected));
+    // The widest input axis (127, five times axis 0's spread) is scaled least.
+    let w = cat.local().unwrap().whitening().unwrap();
+    let gain = |i: usize| {
+        w.proj[i * 128..(i + 1) * 128]
+            .iter()
+            .map(|x| x * x)
+            .sum::<f32>()
+    };
+    assert!(gain(127) * 4.0 < gain(0), "{} vs {}", gain(127), gain(0));
+    // A calibration brings its own whitening (none here), and nothing is fitted.
+    let calibrated = LocalSearch::new(
+        &crate::local::LocalArgs {
+            local: "rootsift".into(),
+            local_size: 128,
+            ..Default::default()
+        },
+        Some(crate::local::calibration::Calibration {
+            model: "zero-shot:efficientnet_lite0".into(),
+            extraction: local.matcher.extraction(),
+            shortlist: 100,
+            lnbnn_k: 4,
+            score: Default::default(),
+            identity_score: Default::default(),
+            geometry: Default::default(),
+            max_rotation: 30.0,
+            position_weight: 0.0,
+            whitening_power: 0.5,
+            whitening: None,
+            fusion: crate::local::calibration::Fusion {
+                embedding: crate::local::calibration::Logistic { a: 1.0, b: 0.0 },
+                local: crate::local::calibration::Logistic { a: 1.0, b: 0.0 },
+            },
+            threshold: 0.5,
+            photos: 20,
+            map5: 1.0,
+        }),
+    )
+    .unwrap();
+    let kept = cat
+        .attach_local(calibrated, &ProgressBar::hidden())
+        .unwrap();
+    assert_eq!(kept.whitened_on, 0);
+    assert!(cat.local().unwrap().whitening().is_none());
 }

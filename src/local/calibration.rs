@@ -133,7 +133,8 @@ pub struct Calibration {
     #[serde(default)]
     pub position_weight: f32,
     /// `--local-whitening`'s power (older calibrations: none, 0), and the whitening fitted on
-    /// the calibration photos' descriptors, which every matched photo's pass through.
+    /// the calibration photos' descriptors, which every matched photo's pass through (none at
+    /// power 0, or when they had too few descriptors to fit one).
     #[serde(default)]
     pub whitening_power: f32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -223,8 +224,7 @@ impl Calibration {
             args.local_position_weight
         );
         ensure!(
-            self.whitening_power == args.local_whitening
-                && self.whitening.is_some() == (self.whitening_power > 0.0),
+            self.whitening_power == args.local_whitening,
             "{} was fitted for --local-whitening {}, not {}",
             path.display(),
             self.whitening_power,

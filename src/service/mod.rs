@@ -749,6 +749,12 @@ pub fn open_catalog(
                 "ranked by verified local votes"
             }
         ));
+        if extracted.whitened_on > 0 {
+            said.push(format!(
+                "local descriptors whitened (--local-whitening {}) by a whitening fitted on {} catalogue photos",
+                opts.local.local_whitening, extracted.whitened_on
+            ));
+        }
         if !extracted.unusable.is_empty() {
             said.push(format!(
                 "skipped {} unusable photos, left without local features: {}",
@@ -769,7 +775,6 @@ fn local_search(opts: &ServeArgs) -> anyhow::Result<Option<crate::catalog::Local
         );
         return Ok(None);
     }
-    let matcher = opts.local.matcher()?;
     let calibration = match &opts.calibration {
         Some(path) => {
             let c = crate::local::calibration::Calibration::load(path)?;
@@ -777,19 +782,9 @@ fn local_search(opts: &ServeArgs) -> anyhow::Result<Option<crate::catalog::Local
             c.check(path, &model, &opts.local)?;
             Some(c)
         }
-        None => {
-            anyhow::ensure!(
-                opts.local.local_whitening == 0.0,
-                "--local-whitening is fitted with the calibration: give --calibration"
-            );
-            None
-        }
+        None => None,
     };
-    Ok(Some(crate::catalog::LocalSearch {
-        matcher,
-        shortlist: opts.local.shortlist,
-        calibration,
-    }))
+    crate::catalog::LocalSearch::new(&opts.local, calibration).map(Some)
 }
 
 /// A random token for a service started without one.
