@@ -47,7 +47,12 @@ impl Conv {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let x = match &self.prelu {
+        self.gate(x).apply(&self.conv)
+    }
+
+    /// The block's input after its norm and gate: what its convolution sees.
+    fn gate(&self, x: &Tensor) -> Tensor {
+        match &self.prelu {
             Some(w) => x
                 .instance_norm(
                     None::<Tensor>,
@@ -61,8 +66,7 @@ impl Conv {
                 )
                 .prelu(w),
             None => x.shallow_clone(),
-        };
-        x.apply(&self.conv)
+        }
     }
 }
 
@@ -104,6 +108,15 @@ impl DiskNet {
     /// The U-Net's output `[B, 129, H, W]` (128 descriptor channels, then the heatmap) for
     /// RGB pixels in 0..1 whose sides are multiples of 16.
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.last_input(x).apply(&self.last().conv)
+    }
+
+    fn last(&self) -> &Conv {
+        self.up.last().expect("up blocks")
+    }
+
+    /// What the last convolution sees `[B, 80, H, W]`: the U-Net up to its last block's gate.
+    fn last_input(&self, x: &Tensor) -> Tensor {
         let mut features = vec![x.shallow_clone()];
         for (i, block) in self.down.iter().enumerate() {
             let last = &features[features.len() - 1];
@@ -114,11 +127,15 @@ impl DiskNet {
             features.push(block.forward(&input));
         }
         let mut bottom = features.pop().expect("the deepest features");
-        for block in &self.up {
+        for (i, block) in self.up.iter().enumerate() {
             let horizontal = features.pop().expect("a skip connection per up block");
             let (_, _, h, w) = horizontal.size4().expect("a 4-d map");
             let big = bottom.upsample_bilinear2d([h, w], false, None, None);
-            bottom = block.forward(&Tensor::cat(&[big, horizontal], 1));
+            let joined = Tensor::cat(&[big, horizontal], 1);
+            bottom = match i + 1 == self.up.len() {
+                true => block.gate(&joined),
+                false => block.forward(&joined),
+            };
         }
         bottom
     }
@@ -155,10 +172,18 @@ impl Disk {
         &self.net
     }
 
-    /// The dense descriptors `[1, 128, H', W']` of `image` (its pixels in 0..1, zero-padded at
-    /// the bottom and right to multiples of 16, as kornia's `pad_if_not_divisible`), not
-    /// normalised.
-    pub fn dense(&self, image: &RgbImage) -> Tensor {
+    /// The descriptors of `image` at `points` (x, y in its pixels, pixel centres at integers),
+    /// as the dense map (`image`'s pixels in 0..1, zero-padded at the bottom and right to
+    /// multiples of 16, as kornia's `pad_if_not_divisible`) sampled bilinearly and
+    /// L2-normalised: `[points.len() × 128]`.
+    ///
+    /// The last convolution, 80 → 129 channels at full resolution, is most of the U-Net's
+    /// work; only the four pixels around each point are needed, so it is computed there alone
+    /// (a 5×5 patch each, one product), not over the whole map.
+    pub fn describe(&self, image: &RgbImage, points: &[[f32; 2]]) -> Vec<f32> {
+        if points.is_empty() {
+            return Vec::new();
+        }
         let (w, h) = image.dimensions();
         let (w, h) = (i64::from(w), i64::from(h));
         let x = Tensor::from_slice(image.as_raw())
@@ -169,35 +194,54 @@ impl Disk {
             / 255.0;
         let pad = |n: i64| (n + MULTIPLE - 1) / MULTIPLE * MULTIPLE - n;
         let x = x.constant_pad_nd([0, pad(w), 0, pad(h)]);
-        tch::no_grad(|| self.net.forward(&x).narrow(1, 0, DESC_LEN as i64))
-    }
-
-    /// The descriptors of `image` at `points` (x, y in its pixels, pixel centres at integers),
-    /// sampled bilinearly from the dense map and L2-normalised: `[points.len() × 128]`.
-    pub fn describe(&self, image: &RgbImage, points: &[[f32; 2]]) -> Vec<f32> {
-        if points.is_empty() {
-            return Vec::new();
-        }
-        let dense = self.dense(image);
-        let (_, _, h, w) = dense.size4().expect("a 4-d map");
-        let grid: Vec<f32> = points
-            .iter()
-            .flat_map(|&[x, y]| {
-                [
-                    (x + 0.5) / w as f32 * 2.0 - 1.0,
-                    (y + 0.5) / h as f32 * 2.0 - 1.0,
-                ]
-            })
-            .collect();
-        let grid = Tensor::from_slice(&grid).view([1, 1, points.len() as i64, 2]);
-        let sampled = tch::no_grad(|| {
-            Tensor::grid_sampler(&dense, &grid, 0, 0, false)
+        tch::no_grad(|| {
+            let z = self.net.last_input(&x);
+            let (_, c, h, w) = z.size4().expect("a 4-d map");
+            let r = KERNEL / 2;
+            let stride = w + 2 * r;
+            let z = z
                 .squeeze_dim(0)
-                .squeeze_dim(1)
-                .transpose(0, 1)
-        });
-        let norm = sampled.norm_scalaropt_dim(2, [1], true).clamp_min(1e-12);
-        let unit = (sampled / norm).contiguous();
-        Vec::<f32>::try_from(unit.flatten(0, -1)).expect("f32 descriptors")
+                .constant_pad_nd([r, r, r, r])
+                .reshape([c, -1]);
+            // The four pixels around each point, and their bilinear weights (0 off the map,
+            // as grid_sample's zero padding).
+            let mut corners = Vec::with_capacity(4 * points.len());
+            let mut weights = Vec::with_capacity(4 * points.len());
+            for &[px, py] in points {
+                let (x0, y0) = (px.floor(), py.floor());
+                let (fx, fy) = (px - x0, py - y0);
+                for (dx, dy, wt) in [
+                    (0, 0, (1.0 - fx) * (1.0 - fy)),
+                    (1, 0, fx * (1.0 - fy)),
+                    (0, 1, (1.0 - fx) * fy),
+                    (1, 1, fx * fy),
+                ] {
+                    let (u, v) = (x0 as i64 + dx, y0 as i64 + dy);
+                    let inside = (0..w).contains(&u) && (0..h).contains(&v);
+                    corners.push(if inside { v * stride + u } else { 0 });
+                    weights.push(if inside { wt } else { 0.0 });
+                }
+            }
+            let corners = Tensor::from_slice(&corners);
+            // Each pixel's 5×5 patch of the padded input, laid out as the weight's
+            // (channel, row, column).
+            let taps: Vec<Tensor> = (0..KERNEL * KERNEL)
+                .map(|o| z.index_select(1, &(&corners + (o / KERNEL) * stride + o % KERNEL)))
+                .collect();
+            let patches = Tensor::stack(&taps, 1).reshape([c * KERNEL * KERNEL, -1]);
+            let conv = &self.net.last().conv;
+            let d = DESC_LEN as i64;
+            let weight = conv.ws.narrow(0, 0, d).reshape([d, -1]);
+            let bias = conv.bs.as_ref().expect("a bias").narrow(0, 0, d);
+            let at_corners = weight.matmul(&patches) + bias.unsqueeze(1);
+            let n = points.len() as i64;
+            let sampled = (at_corners.view([d, n, 4])
+                * Tensor::from_slice(&weights).view([1, n, 4]))
+            .sum_dim_intlist(2, false, Kind::Float)
+            .transpose(0, 1);
+            let norm = sampled.norm_scalaropt_dim(2, [1], true).clamp_min(1e-12);
+            let unit = (sampled / norm).contiguous();
+            Vec::<f32>::try_from(unit.flatten(0, -1)).expect("f32 descriptors")
+        })
     }
 }
