@@ -10,17 +10,10 @@ use finprint::local::disk::{self, Disk};
 use finprint::local::{LocalArgs, Method};
 use image::RgbImage;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
 fn load() -> Option<Disk> {
-    let path: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("weights")
-        .join(disk::WEIGHTS_FILE);
-    if !path.is_file() {
-        eprintln!("skipped: weights/disk.safetensors absent (run bash tools/setup.sh)");
-        return None;
-    }
+    let path = common::weights(disk::WEIGHTS_FILE)?;
     Some(Disk::load(&path).unwrap_or_else(|e| panic!("{e:#}")))
 }
 
@@ -28,12 +21,9 @@ fn fixture() -> HashMap<String, Tensor> {
     common::reference("disk_reference.safetensors")
 }
 
-/// The fixture's photo (`[H, W, 3]` u8).
+/// The fixture's photo.
 fn photo(fx: &HashMap<String, Tensor>) -> RgbImage {
-    let t = &fx["image"];
-    let (h, w) = (t.size()[0] as u32, t.size()[1] as u32);
-    let bytes = Vec::<u8>::try_from(t.flatten(0, -1)).unwrap();
-    RgbImage::from_raw(w, h, bytes).expect("an RGB image")
+    common::photo(&fx["image"])
 }
 
 #[test]

@@ -32,11 +32,7 @@ fn weights_present() -> bool {
 }
 
 fn load() -> Option<LighterGlue> {
-    let path = root().join("weights").join(lighterglue::WEIGHTS_FILE);
-    if !path.is_file() {
-        eprintln!("skipped: weights/lighterglue.safetensors absent (run bash tools/setup.sh)");
-        return None;
-    }
+    let path = common::weights(lighterglue::WEIGHTS_FILE)?;
     Some(LighterGlue::load(&path).unwrap_or_else(|e| panic!("{e:#}")))
 }
 

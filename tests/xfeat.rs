@@ -9,23 +9,14 @@ use finprint::local::xfeat::{self, XFeat};
 use finprint::local::{Matcher, Method, Region};
 use image::{Rgb, RgbImage};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tch::Tensor;
 
 /// The reference's top-k when it wrote the fixture.
 const TOP_K: usize = 100;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn load() -> Option<XFeat> {
-    let path: PathBuf = root().join("weights").join(xfeat::WEIGHTS_FILE);
-    if !path.is_file() {
-        eprintln!("skipped: weights/xfeat.safetensors absent (run bash tools/setup.sh)");
-        return None;
-    }
+    let path = common::weights(xfeat::WEIGHTS_FILE)?;
     Some(XFeat::load(&path).unwrap_or_else(|e| panic!("{e:#}")))
 }
 
@@ -33,12 +24,9 @@ fn fixture() -> HashMap<String, Tensor> {
     common::reference("xfeat_reference.safetensors")
 }
 
-/// The fixture's photo (`[H, W, 3]` u8).
+/// The fixture's photo.
 fn photo(fx: &HashMap<String, Tensor>) -> RgbImage {
-    let t = &fx["image"];
-    let (h, w) = (t.size()[0] as u32, t.size()[1] as u32);
-    let bytes = Vec::<u8>::try_from(t.flatten(0, -1)).unwrap();
-    RgbImage::from_raw(w, h, bytes).expect("an RGB image")
+    common::photo(&fx["image"])
 }
 
 #[test]

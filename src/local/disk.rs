@@ -6,10 +6,10 @@
 //! (`--local sift-disk`), so the faint blobs SIFT finds on smooth skin are described by a
 //! learned descriptor. Runs on the CPU.
 
-use anyhow::{ensure, Context, Result};
+use anyhow::Result;
 use image::RgbImage;
 use std::path::{Path, PathBuf};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 
 /// Descriptor length.
 pub const DESC_LEN: usize = 128;
@@ -155,16 +155,7 @@ pub fn weights_path() -> PathBuf {
 impl Disk {
     /// The network with the weights of `path` (a converted checkpoint).
     pub fn load(path: &Path) -> Result<Disk> {
-        ensure!(
-            path.is_file(),
-            "DISK weights {} not found: run `bash tools/setup.sh` (it fetches and converts them \
-             to weights/{WEIGHTS_FILE})",
-            path.display()
-        );
-        let mut vs = nn::VarStore::new(Device::Cpu);
-        let net = DiskNet::new(&vs.root());
-        vs.load(path)
-            .with_context(|| format!("loading DISK weights from {}", path.display()))?;
+        let (net, vs) = super::load_weights(path, "DISK", WEIGHTS_FILE, DiskNet::new)?;
         Ok(Disk { net, _vs: vs })
     }
 

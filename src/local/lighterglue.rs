@@ -7,7 +7,7 @@
 //! path: point pruning included, early stopping off as the configuration has it.
 
 use super::Features;
-use anyhow::{ensure, Context, Result};
+use anyhow::Result;
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -312,16 +312,9 @@ pub fn weights_path() -> PathBuf {
 impl LighterGlue {
     /// The network with the weights of `path` (a converted checkpoint).
     pub fn load(path: &Path) -> Result<LighterGlue> {
-        ensure!(
-            path.is_file(),
-            "LighterGlue weights {} not found: run `bash tools/setup.sh` (it fetches and \
-             converts them to weights/{WEIGHTS_FILE})",
-            path.display()
-        );
-        let mut vs = nn::VarStore::new(Device::Cpu);
-        let net = LighterGlueNet::new(&vs.root(), LighterGlueConfig::default());
-        vs.load(path)
-            .with_context(|| format!("loading LighterGlue weights from {}", path.display()))?;
+        let (net, vs) = super::load_weights(path, "LighterGlue", WEIGHTS_FILE, |p| {
+            LighterGlueNet::new(p, LighterGlueConfig::default())
+        })?;
         Ok(LighterGlue { net, _vs: vs })
     }
 

@@ -29,6 +29,28 @@ use std::str::FromStr;
 #[cfg(feature = "torch")]
 use std::sync::{Arc, Mutex};
 
+/// A network's variables built by `build` and loaded from its converted checkpoint `path`
+/// (`what` names the network in errors, `file` its name in weights/), on the CPU.
+#[cfg(feature = "torch")]
+fn load_weights<T>(
+    path: &std::path::Path,
+    what: &str,
+    file: &str,
+    build: impl FnOnce(&tch::nn::Path) -> T,
+) -> Result<(T, tch::nn::VarStore)> {
+    ensure!(
+        path.is_file(),
+        "{what} weights {} not found: run `bash tools/setup.sh` (it fetches and converts them \
+         to weights/{file})",
+        path.display()
+    );
+    let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let net = build(&vs.root());
+    vs.load(path)
+        .with_context(|| format!("loading {what} weights from {}", path.display()))?;
+    Ok((net, vs))
+}
+
 /// Where keypoints are kept, as fractions of the photo (or its crop): the box `x0,y0,x1,y1`,
 /// or with `ellipse:` the ellipse inscribed in it. A band on the animal keeps the ground, the
 /// water and the frame edges, shared by different animals photographed at one place, from

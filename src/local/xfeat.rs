@@ -4,10 +4,10 @@
 //! the checkpoint's state dict, `tools/convert_xfeat.py` converts it), [`XFeat::detect`] its
 //! sparse `XFeat.detectAndCompute`, op for op. Runs on the CPU.
 
-use anyhow::{ensure, Context, Result};
+use anyhow::Result;
 use image::RgbImage;
 use std::path::{Path, PathBuf};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 
 /// Descriptor length.
 pub const DESC_LEN: usize = 64;
@@ -280,16 +280,7 @@ pub fn weights_path() -> PathBuf {
 impl XFeat {
     /// The network with the weights of `path` (a converted checkpoint).
     pub fn load(path: &Path) -> Result<XFeat> {
-        ensure!(
-            path.is_file(),
-            "XFeat weights {} not found: run `bash tools/setup.sh` (it fetches and converts them \
-             to weights/{WEIGHTS_FILE})",
-            path.display()
-        );
-        let mut vs = nn::VarStore::new(Device::Cpu);
-        let mut net = XFeatNet::new(&vs.root());
-        vs.load(path)
-            .with_context(|| format!("loading XFeat weights from {}", path.display()))?;
+        let (mut net, vs) = super::load_weights(path, "XFeat", WEIGHTS_FILE, XFeatNet::new)?;
         tch::no_grad(|| net.fold_batch_norms());
         Ok(XFeat { net, _vs: vs })
     }
@@ -432,6 +423,7 @@ fn vec_f32(t: &Tensor) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
 
     #[test]
     fn unfold2d_lays_each_window_out_as_channels_row_by_row() {

@@ -145,6 +145,26 @@ pub fn reference(name: &str) -> std::collections::HashMap<String, tch::Tensor> {
         .collect()
 }
 
+/// weights/`file`, or `None` (saying the test is skipped) when `tools/setup.sh` has not
+/// fetched it.
+pub fn weights(file: &str) -> Option<std::path::PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("weights")
+        .join(file);
+    if !path.is_file() {
+        eprintln!("skipped: weights/{file} absent (run bash tools/setup.sh)");
+        return None;
+    }
+    Some(path)
+}
+
+/// A fixture's photo, stored as a u8 tensor `[H, W, 3]`.
+pub fn photo(t: &tch::Tensor) -> RgbImage {
+    let (h, w) = (t.size()[0] as u32, t.size()[1] as u32);
+    let bytes = Vec::<u8>::try_from(t.flatten(0, -1)).unwrap();
+    RgbImage::from_raw(w, h, bytes).expect("an RGB image")
+}
+
 /// A tensor's values as f32, flattened.
 pub fn floats(t: &tch::Tensor) -> Vec<f32> {
     Vec::<f32>::try_from(t.to_kind(tch::Kind::Float).flatten(0, -1)).unwrap()
