@@ -93,9 +93,9 @@ case $SET in
     read -r -a SIZE <<< "${EVAL_FLAGS:---img-size 128x384 --fit pad}"
     # Scars on the back are small and faint: match at about the photos' own 460 px (the
     # default contrast threshold, 0.005, finds about 1,090 keypoints in a back's ellipse;
-    # OpenCV's 0.04, about 90). Descriptors whitened (the default; five folds fused: top-1
-    # +.039, +.000 to +.079).
-    read -r -a LOCAL <<< "${LOCAL_FLAGS---local-size 512}"
+    # OpenCV's 0.04, about 90), described by DISK (five folds fused, against RootSIFT: top-1
+    # .283 -> .343, +.060, +.009 to +.116; BENCHMARKS.md) and whitened (the default).
+    read -r -a LOCAL <<< "${LOCAL_FLAGS---local sift-disk --local-size 512}"
     ;;
   rightwhale)
     # labels.csv: image,individual_id,species
@@ -118,7 +118,9 @@ echo "$SET: $(($(wc -l < "$OUT/data/train.csv") - 1)) training photos, $(($(wc -
 [[ ${1:-} == --prepare-only ]] && exit 0
 
 EVAL=(--labels "$OUT/val_labels.csv" --images "$SRC" "${EXCLUDE[@]}" --bootstrap "$BOOT")
-LOCAL+=(--local rootsift --local-features "${FEATURES:-$OUT/local.features}")
+# RootSIFT unless the set's settings (or LOCAL_FLAGS) name another `--local` method.
+[[ " ${LOCAL[*]} " == *" --local "* ]] || LOCAL+=(--local rootsift)
+LOCAL+=(--local-features "${FEATURES:-$OUT/local.features}")
 # The untrained fusion's calibration: fitted on the training animals and saved, or with
 # CALIBRATIONS=DIR the one an earlier run into DIR saved (settings that change neither the
 # features nor the fits then cost only the val queries).
@@ -131,7 +133,7 @@ if ((${UNTRAINED:-1})); then
     echo "== untrained, ${SIZE[*]}"
     "$FINPRINT" evaluate --zero-shot efficientnet_lite0 "${SIZE[@]}" "${EVAL[@]}"
   fi
-  echo "== untrained Lite0 with local features (RootSIFT, LNBNN, affine RANSAC) re-scoring its shortlist,"
+  echo "== untrained Lite0 with local features (${LOCAL[*]}; LNBNN, affine RANSAC) re-scoring its shortlist,"
   echo "   fused by probabilities calibrated on the training animals"
   "$FINPRINT" evaluate --zero-shot efficientnet_lite0 "${SIZE[@]}" "${EVAL[@]}" \
     "${LOCAL[@]}" "${CALIBRATE[@]}" --queries "$OUT/untrained_local.csv"
