@@ -9,8 +9,8 @@ from weights/disk.safetensors (converted by tools/fetch_weights.sh from the scm-
 
 then `/tmp/disk-ref/bin/python -W ignore tools/make_disk_fixture.py`.
 
-The fixture holds, on the deterministic 77×45 RGB pattern of tools/make_xfeat_fixture.py's
-kind (not a multiple of 16, so it is zero-padded to 80×48 as kornia's `pad_if_not_divisible`):
+The fixture holds, on a deterministic 77×45 RGB pattern (tools/make_xfeat_fixture.py's, other
+parameters; not a multiple of 16, so it is zero-padded to 80×48 as kornia's `pad_if_not_divisible`):
 * `image`: the pattern, u8 `[H, W, 3]`;
 * `heatmap`: the U-Net's last channel `[1, 1, 48, 80]` for the padded pattern in 0..1;
 * `points` `[N, 2]` (x, y in the pattern's pixels) and `descriptors` `[N, 128]`: at the first
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from kornia.feature import DISK
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_xfeat_fixture import read_safetensors, write_safetensors  # noqa: E402
+from make_xfeat_fixture import pattern, read_safetensors, write_safetensors  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 OUT = os.path.join(ROOT, "tests", "fixtures", "disk_reference.safetensors")
@@ -35,28 +35,11 @@ WEIGHTS = os.path.join(ROOT, "weights", "disk.safetensors")
 WIDTH, HEIGHT, POINTS = 77, 45, 32
 
 
-def pattern():
-    """Seeded discs and bars of random colours on smooth colour gradients, u8 `[H, W, 3]`."""
-    g = torch.Generator().manual_seed(21)
-    y, x = torch.meshgrid(torch.arange(HEIGHT, dtype=torch.float32), torch.arange(WIDTH, dtype=torch.float32), indexing="ij")
-    img = torch.stack([60 + 0.9 * x, 90 + 1.2 * y, 140 - 0.6 * x + 0.4 * y], dim=-1)
-    for _ in range(25):
-        cx, cy = torch.rand(2, generator=g) * torch.tensor([WIDTH, HEIGHT])
-        r = 2 + torch.rand(1, generator=g) * 6
-        colour = torch.rand(3, generator=g) * 255
-        if torch.rand(1, generator=g) < 0.6:
-            mask = (x - cx) ** 2 + (y - cy) ** 2 < r**2
-        else:
-            mask = ((x - cx).abs() < r * 1.8) & ((y - cy).abs() < r / 2.5)
-        img[mask] = colour
-    return img.round().clamp(0, 255).to(torch.uint8)
-
-
 def main():
     torch.set_grad_enabled(False)
     disk = DISK(desc_dim=128).eval()
     disk.load_state_dict(read_safetensors(WEIGHTS))
-    image = pattern()
+    image = pattern(WIDTH, HEIGHT, seed=21, shapes=25, radius=6, slope=2.0)
     x = image.permute(2, 0, 1)[None].float() / 255
     x = F.pad(x, (0, (-WIDTH) % 16, 0, (-HEIGHT) % 16))
     heatmap, dense = disk.heatmap_and_dense_descriptors(x)

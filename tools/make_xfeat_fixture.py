@@ -82,14 +82,15 @@ def write_safetensors(tensors, path):
         f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
 
 
-def pattern():
-    """Seeded discs and bars of random colours on smooth colour gradients, u8 `[H, W, 3]`."""
-    g = torch.Generator().manual_seed(16)
-    y, x = torch.meshgrid(torch.arange(HEIGHT, dtype=torch.float32), torch.arange(WIDTH, dtype=torch.float32), indexing="ij")
-    img = torch.stack([60 + 0.5 * x, 90 + 0.6 * y, 140 - 0.3 * x + 0.2 * y], dim=-1)
-    for _ in range(40):
-        cx, cy = torch.rand(2, generator=g) * torch.tensor([WIDTH, HEIGHT])
-        r = 2 + torch.rand(1, generator=g) * 9
+def pattern(width=WIDTH, height=HEIGHT, seed=16, shapes=40, radius=9, slope=1.0):
+    """Seeded discs and bars of random colours (`shapes` of them, radii 2 to 2 + `radius`) on
+    smooth colour gradients (steeper by `slope`), u8 `[H, W, 3]`."""
+    g = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
+    img = torch.stack([60 + 0.5 * slope * x, 90 + 0.6 * slope * y, 140 - 0.3 * slope * x + 0.2 * slope * y], dim=-1)
+    for _ in range(shapes):
+        cx, cy = torch.rand(2, generator=g) * torch.tensor([width, height])
+        r = 2 + torch.rand(1, generator=g) * radius
         colour = torch.rand(3, generator=g) * 255
         if torch.rand(1, generator=g) < 0.6:
             mask = (x - cx) ** 2 + (y - cy) ** 2 < r**2
