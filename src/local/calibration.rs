@@ -62,7 +62,7 @@ impl Logistic {
             }
             let (mut da, mut db) = ((hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det);
             let mut next = loss(a - da, b - db);
-            while !(next <= current) && da.abs() + db.abs() > 1e-12 {
+            while (next.is_nan() || next > current) && da.abs() + db.abs() > 1e-12 {
                 (da, db) = (da / 2.0, db / 2.0);
                 next = loss(a - da, b - db);
             }
