@@ -10,7 +10,7 @@ use finprint::local::disk::{self, Disk};
 use finprint::local::{LocalArgs, Method};
 use image::RgbImage;
 use std::collections::HashMap;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 fn load() -> Option<Disk> {
     let path = common::weights(disk::WEIGHTS_FILE)?;
@@ -31,20 +31,7 @@ fn the_network_gives_the_reference_heatmap() {
     let _serial = common::serial();
     let Some(net) = load() else { return };
     let fx = fixture();
-    let image = photo(&fx);
-    let (w, h) = image.dimensions();
-    let x = Tensor::from_slice(image.as_raw())
-        .view([i64::from(h), i64::from(w), 3])
-        .permute([2, 0, 1])
-        .unsqueeze(0)
-        .to_kind(Kind::Float)
-        / 255.0;
-    let x = x.constant_pad_nd([
-        0,
-        (16 - i64::from(w) % 16) % 16,
-        0,
-        (16 - i64::from(h) % 16) % 16,
-    ]);
+    let x = disk::input(&photo(&fx));
     let out = tch::no_grad(|| net.net().forward(&x));
     let got = out.narrow(1, disk::DESC_LEN as i64, 1);
     let want = &fx["heatmap"];

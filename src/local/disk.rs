@@ -141,6 +141,15 @@ impl DiskNet {
     }
 }
 
+/// The network's input for `image`: its pixels in 0..1, `[1, 3, H', W']`, zero-padded at the
+/// bottom and right to multiples of 16 (kornia's `pad_if_not_divisible`).
+pub fn input(image: &RgbImage) -> Tensor {
+    let x = super::xfeat::image_tensor(image);
+    let (_, _, h, w) = x.size4().expect("a 4-d image");
+    let pad = |n: i64| (n + MULTIPLE - 1) / MULTIPLE * MULTIPLE - n;
+    x.constant_pad_nd([0, pad(w), 0, pad(h)])
+}
+
 /// DISK with its weights, ready to describe.
 pub struct Disk {
     net: DiskNet,
@@ -164,9 +173,8 @@ impl Disk {
     }
 
     /// The descriptors of `image` at `points` (x, y in its pixels, pixel centres at integers),
-    /// as the dense map (`image`'s pixels in 0..1, zero-padded at the bottom and right to
-    /// multiples of 16, as kornia's `pad_if_not_divisible`) sampled bilinearly and
-    /// L2-normalised: `[points.len() × 128]`.
+    /// as the dense map of its [`input`] sampled bilinearly and L2-normalised:
+    /// `[points.len() × 128]`.
     ///
     /// The last convolution, 80 → 129 channels at full resolution, is most of the U-Net's
     /// work; only the four pixels around each point are needed, so it is computed there alone
@@ -175,18 +183,8 @@ impl Disk {
         if points.is_empty() {
             return Vec::new();
         }
-        let (w, h) = image.dimensions();
-        let (w, h) = (i64::from(w), i64::from(h));
-        let x = Tensor::from_slice(image.as_raw())
-            .view([h, w, 3])
-            .permute([2, 0, 1])
-            .unsqueeze(0)
-            .to_kind(Kind::Float)
-            / 255.0;
-        let pad = |n: i64| (n + MULTIPLE - 1) / MULTIPLE * MULTIPLE - n;
-        let x = x.constant_pad_nd([0, pad(w), 0, pad(h)]);
         tch::no_grad(|| {
-            let z = self.net.last_input(&x);
+            let z = self.net.last_input(&input(image));
             let (_, c, h, w) = z.size4().expect("a 4-d map");
             let r = KERNEL / 2;
             let stride = w + 2 * r;

@@ -51,6 +51,25 @@ fn load_weights<T>(
     Ok((net, vs))
 }
 
+/// A network loaded once per rayon thread (at least one), so that photos handled in parallel
+/// do not wait for one another: a tch module is not used from two threads at once. `flag`
+/// names what asked for it in errors.
+#[cfg(feature = "torch")]
+fn per_thread<T>(flag: &str, load: impl Fn() -> Result<T>) -> Result<Arc<Vec<Mutex<T>>>> {
+    let nets = (0..rayon::current_num_threads().max(1))
+        .map(|_| Ok(Mutex::new(load()?)))
+        .collect::<Result<_>>()
+        .with_context(|| flag.to_string())?;
+    Ok(Arc::new(nets))
+}
+
+/// The copy of [`per_thread`]'s network that belongs to this rayon thread.
+#[cfg(feature = "torch")]
+fn this_threads<T>(nets: &[Mutex<T>]) -> std::sync::MutexGuard<'_, T> {
+    let slot = rayon::current_thread_index().unwrap_or(0) % nets.len();
+    nets[slot].lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Where keypoints are kept, as fractions of the photo (or its crop): the box `x0,y0,x1,y1`,
 /// or with `ellipse:` the ellipse inscribed in it. A band on the animal keeps the ground, the
 /// water and the frame edges, shared by different animals photographed at one place, from
@@ -396,23 +415,13 @@ impl LocalArgs {
                 bail!("--local {} needs libtorch (the full build)", self.local)
             }
             #[cfg(feature = "torch")]
-            "sift-disk" => {
-                let path = disk::weights_path();
-                let nets = (0..rayon::current_num_threads().max(1))
-                    .map(|_| Ok(Mutex::new(disk::Disk::load(&path)?)))
-                    .collect::<Result<_>>()
-                    .context("--local sift-disk")?;
-                Method::SiftDisk(Arc::new(nets))
-            }
+            "sift-disk" => Method::SiftDisk(per_thread("--local sift-disk", || {
+                disk::Disk::load(&disk::weights_path())
+            })?),
             #[cfg(feature = "torch")]
-            "xfeat" => {
-                let path = xfeat::weights_path();
-                let nets = (0..rayon::current_num_threads().max(1))
-                    .map(|_| Ok(Mutex::new(xfeat::XFeat::load(&path)?)))
-                    .collect::<Result<_>>()
-                    .context("--local xfeat")?;
-                Method::XFeat(Arc::new(nets))
-            }
+            "xfeat" => Method::XFeat(per_thread("--local xfeat", || {
+                xfeat::XFeat::load(&xfeat::weights_path())
+            })?),
             _ => Method::RootSift,
         };
         Ok(Matcher {
@@ -623,19 +632,16 @@ impl Glue {
     /// The network with the converted weights ([`lighterglue::weights_path`]), once per
     /// rayon thread.
     pub fn load() -> Result<Glue> {
-        let path = lighterglue::weights_path();
-        let nets = (0..rayon::current_num_threads().max(1))
-            .map(|_| Ok(Mutex::new(lighterglue::LighterGlue::load(&path)?)))
-            .collect::<Result<_>>()
-            .context("--local-score lighterglue")?;
-        Ok(Glue(Arc::new(nets)))
+        per_thread("--local-score lighterglue", || {
+            lighterglue::LighterGlue::load(&lighterglue::weights_path())
+        })
+        .map(Glue)
     }
 
     /// LighterGlue's matches of `a` and `b` above its filter threshold, as correspondences
     /// weighted by their confidence.
     pub fn correspondences(&self, a: &Features, b: &Features) -> Vec<ransac::Correspondence> {
-        let slot = rayon::current_thread_index().unwrap_or(0) % self.0.len();
-        let net = self.0[slot].lock().unwrap_or_else(|e| e.into_inner());
+        let net = this_threads(&self.0);
         let threshold = net.config().filter_threshold as f32;
         net.matches(a, b, threshold)
             .into_iter()
@@ -712,9 +718,7 @@ impl Matcher {
             #[cfg(feature = "torch")]
             Method::XFeat(nets) => {
                 let resized = gray::resize_longest(image, self.size);
-                let slot = rayon::current_thread_index().unwrap_or(0) % nets.len();
-                let net = nets[slot].lock().unwrap_or_else(|e| e.into_inner());
-                let found = net.detect(&resized, self.sift.max_keypoints);
+                let found = this_threads(nets).detect(&resized, self.sift.max_keypoints);
                 let (w, h) = resized.dimensions();
                 ([w as usize, h as usize], found.points, found.descriptors)
             }
@@ -723,18 +727,9 @@ impl Matcher {
                 let resized = gray::resize_longest(image, self.size);
                 let gray = Gray::from_rgb_longest(&resized, self.size);
                 let (keypoints, _) = sift::detect_and_describe(&gray, &self.sift);
-                let kept: Vec<[f32; 2]> = keypoints
-                    .iter()
-                    .map(|kp| [kp.x, kp.y])
-                    .filter(|&[x, y]| {
-                        self.region
-                            .contains(x / gray.width as f32, y / gray.height as f32)
-                    })
-                    .collect();
-                let slot = rayon::current_thread_index().unwrap_or(0) % nets.len();
-                let net = nets[slot].lock().unwrap_or_else(|e| e.into_inner());
-                let descriptors = net.describe(&resized, &kept);
-                ([gray.width, gray.height], kept, descriptors)
+                let points: Vec<[f32; 2]> = keypoints.iter().map(|kp| [kp.x, kp.y]).collect();
+                let descriptors = this_threads(nets).describe(&resized, &points);
+                ([gray.width, gray.height], points, descriptors)
             }
         };
         let dim = self.dim();
