@@ -186,8 +186,11 @@ impl Catalog {
         let step = names.len().div_ceil(WHITENING_PHOTOS).max(1);
         let mut photos = Vec::new();
         for name in names.iter().step_by(step) {
-            if let Some(f) = stored_features(&self.conn(), name, tag)? {
-                photos.push(f);
+            // Unreadable features are named and left out (extracted again when matched).
+            match stored_features(&self.conn(), name, tag) {
+                Ok(Some(f)) => photos.push(f),
+                Ok(None) => {}
+                Err(e) => eprintln!("finprint: {e:#}; left out of the whitening"),
             }
         }
         let w = crate::local::fit_whitening(&photos.iter().collect::<Vec<_>>(), power)

@@ -466,6 +466,15 @@ fn corrupt_local_features_are_named_and_extracted_again() {
     assert_eq!(cat.features_of("p1.jpg", &local.matcher).unwrap(), good);
     let fixed = local::stored_features(&cat.conn(), "p1.jpg", &tag).unwrap();
     assert_eq!(fixed, Some(good));
+    // Corrupt again: attaching (which reads stored features to fit the whitening) still
+    // succeeds.
+    cat.conn()
+        .execute(
+            "UPDATE local_features SET features = x'0102030405' WHERE image = 'p1.jpg'",
+            [],
+        )
+        .unwrap();
+    cat.attach_local(local, &ProgressBar::hidden()).unwrap();
 }
 
 #[test]
