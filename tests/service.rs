@@ -1132,6 +1132,7 @@ async fn identify_with_local_features_ranks_the_spotted_animal_first() {
         fusion: Fusion {
             embedding: Logistic { a: 0.0, b: 0.0 },
             local: Logistic { a: 3.0, b: -6.0 },
+            embedding_weight: 0.5,
         },
         threshold: 0.4,
         photos: 20,

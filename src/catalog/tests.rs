@@ -581,6 +581,7 @@ fn the_whitening_is_fitted_on_the_catalogues_descriptors_unless_calibrated() {
             fusion: crate::local::calibration::Fusion {
                 embedding: crate::local::calibration::Logistic { a: 1.0, b: 0.0 },
                 local: crate::local::calibration::Logistic { a: 1.0, b: 0.0 },
+                embedding_weight: 0.5,
             },
             threshold: 0.5,
             photos: 20,
