@@ -37,13 +37,15 @@ pub fn succeeds(cmd: &mut Command) -> Output {
     o
 }
 
-/// Runs `cmd` to its end and asserts that it failed with a message holding `needle`.
+/// Runs `cmd` to its end and asserts that it failed with a message holding `needle`. The
+/// assertion names how it ended (an exit code, or the signal that killed it with nothing said).
 pub fn fails_with(cmd: &mut Command, needle: &str) {
     let o = cmd.output().expect("finprint runs");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains(needle),
-        "expected a failure naming {needle:?}: {err}"
+        "expected a failure naming {needle:?}, got {} with stderr: {err}",
+        o.status
     );
 }
 
