@@ -13,22 +13,13 @@ use image::{Rgb, RgbImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
-use std::path::Path;
 use std::time::Instant;
 use tch::Tensor;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn weights_present() -> bool {
-    for file in [lighterglue::WEIGHTS_FILE, xfeat::WEIGHTS_FILE] {
-        if !root().join("weights").join(file).is_file() {
-            eprintln!("skipped: weights/{file} absent (run bash tools/setup.sh)");
-            return false;
-        }
-    }
-    true
+    [lighterglue::WEIGHTS_FILE, xfeat::WEIGHTS_FILE]
+        .iter()
+        .all(|file| common::weights(file).is_some())
 }
 
 fn load() -> Option<LighterGlue> {
@@ -273,7 +264,7 @@ fn time_per_pair() {
         return;
     }
     tch::set_num_threads(1);
-    let glue = LighterGlue::load(&root().join("weights").join(lighterglue::WEIGHTS_FILE)).unwrap();
+    let glue = load().expect("weights present");
     for (keypoints, size) in [(300, 384), (1000, 768)] {
         let args = LocalArgs {
             local: "xfeat".into(),

@@ -165,15 +165,7 @@ fn local_features_find_animals_by_their_spots_and_the_fusion_keeps_the_gain() {
 
 /// Skips (with the reason) where the Lite0 weights were not fetched.
 fn lite0_missing() -> bool {
-    let missing = !Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("weights/efficientnet_lite0.safetensors")
-        .is_file();
-    if missing {
-        eprintln!(
-            "skipped: weights/efficientnet_lite0.safetensors absent (run bash tools/setup.sh)"
-        );
-    }
-    missing
+    common::weights("efficientnet_lite0.safetensors").is_none()
 }
 
 #[test]
