@@ -198,8 +198,15 @@ impl Calibration {
     pub fn load(path: &Path) -> Result<Calibration> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a finprint calibration", path.display()))
+        let c: Calibration = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a finprint calibration", path.display()))?;
+        let w = c.fusion.embedding_weight;
+        ensure!(
+            (0.0..=1.0).contains(&w),
+            "{}: the embedding's weight {w} is not a share between 0 and 1",
+            path.display()
+        );
+        Ok(c)
     }
 
     /// Refuses a calibration fitted for another model or other local settings (extraction,
@@ -362,5 +369,52 @@ mod tests {
         // second (.5 + .5954 against .9526 + .5246), the light weight first.
         assert!(old.probability(0.5, 3.0) < old.probability(2.0, 2.0));
         assert!(light.probability(0.5, 3.0) > light.probability(2.0, 2.0));
+    }
+
+    #[test]
+    fn a_saved_calibration_with_a_weight_outside_0_to_1_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("calibration.json");
+        let saved = |w: f64| {
+            let c = Calibration {
+                model: "zero-shot:efficientnet_lite0".into(),
+                extraction: Extraction {
+                    method: "rootsift".into(),
+                    size: 256,
+                    keypoints: 2000,
+                    contrast: 0.005,
+                    region: [0.0, 0.0, 1.0, 1.0],
+                    shape: Default::default(),
+                    clahe: 0.0,
+                },
+                shortlist: 100,
+                lnbnn_k: 4,
+                score: Default::default(),
+                identity_score: Default::default(),
+                geometry: Default::default(),
+                max_rotation: 30.0,
+                position_weight: 0.0,
+                whitening_power: 0.0,
+                whitening: None,
+                fusion: Fusion {
+                    embedding: Logistic { a: 1.0, b: 0.0 },
+                    local: Logistic { a: 1.0, b: 0.0 },
+                    embedding_weight: w,
+                },
+                threshold: 0.5,
+                photos: 20,
+                map5: 1.0,
+            };
+            c.save(&path).unwrap();
+            c
+        };
+        let good = saved(0.05);
+        assert_eq!(Calibration::load(&path).unwrap(), good);
+        saved(1.5);
+        let err = format!("{:#}", Calibration::load(&path).unwrap_err());
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains("weight 1.5"),
+            "{err}"
+        );
     }
 }
